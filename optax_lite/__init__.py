@@ -1,0 +1,17 @@
+"""optax_lite: matrix-aware optimizers as composable optax transforms.
+
+Layers (each imports only the ones above it in this list):
+
+1. ``optax_lite.linalg``      pure matrix functions (polar factor, filters…)
+2. ``optax_lite.transforms``  one ``optax.GradientTransformation`` per idea
+3. ``optax_lite.optimizers``  named optimizers (chains + AdamW for the rest)
+"""
+
+__version__ = '0.1.0'
+
+from optax_lite.labels import LABELS, flax_matrix_dims, label_params
+from optax_lite.linalg import MatrixDims, polar_factor
+from optax_lite.transforms import (MomentumState, momentum, orthogonalize,
+                                   scale_by_shape)
+from optax_lite.optimizers import muon
+# Further exports are appended below, one line per module.

@@ -1,0 +1,100 @@
+"""Argument validation shared by every layer.
+
+Each helper raises a ``ValueError`` (or ``TypeError``) that names the offending
+parameter, so that bad hyperparameters fail at construction time instead of
+turning into NaNs inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+
+
+def is_static_number(x: Any) -> bool:
+  """True for Python / NumPy scalars whose value is known at trace time."""
+  if callable(x):
+    return False
+  try:
+    float(x)
+  except (TypeError, ValueError):
+    return False
+  except Exception:  # a traced value: cannot be checked statically
+    return False
+  return True
+
+
+def check_number(name: str, x: Any, *, low=None, high=None,
+                 low_open=False, high_open=False, allow_schedule=False):
+  """Checks that ``x`` lies in the given interval when it is a static number.
+
+  Schedules (callables) pass when ``allow_schedule``; traced values pass
+  unchecked (they come from ``inject_hyperparams``).
+  """
+  if callable(x):
+    if allow_schedule:
+      return
+    raise TypeError(f'{name} must be a number, got a callable {x!r}.')
+  if isinstance(x, bool):
+    raise TypeError(f'{name} must be a number, got bool {x!r}.')
+  if not is_static_number(x):
+    if hasattr(x, 'shape') or hasattr(x, 'dtype'):
+      return  # traced / array hyperparameter: checked at run time only
+    raise TypeError(f'{name} must be a number, got {type(x).__name__}.')
+  v = float(x)
+  if math.isnan(v):
+    raise ValueError(f'{name} must not be NaN.')
+  if low is not None and (v < low or (low_open and v == low)):
+    bracket = '(' if low_open else '['
+    raise ValueError(f'{name} must be {">" if low_open else ">="} {low} '
+                     f'(interval {bracket}{low}, {high}), got {x}.')
+  if high is not None and (v > high or (high_open and v == high)):
+    raise ValueError(f'{name} must be {"<" if high_open else "<="} {high}, '
+                     f'got {x}.')
+
+
+def check_decay(name: str, x: Any, *, allow_one: bool = False):
+  """A decay rate in [0, 1) (or [0, 1] with ``allow_one``)."""
+  check_number(name, x, low=0.0, high=1.0, high_open=not allow_one)
+
+
+def check_positive(name: str, x: Any, *, allow_zero=False, allow_schedule=False):
+  check_number(name, x, low=0.0, low_open=not allow_zero,
+               allow_schedule=allow_schedule)
+
+
+def check_int(name: str, x: Any, *, low: int = 1):
+  if isinstance(x, bool) or not isinstance(x, (int,)) and not (
+      hasattr(x, '__index__') and not hasattr(x, 'shape')):
+    raise TypeError(f'{name} must be an int, got {type(x).__name__} {x!r}.')
+  if int(x) < low:
+    raise ValueError(f'{name} must be >= {low}, got {x}.')
+
+
+def check_choice(name: str, x: Any, choices: Sequence[str]):
+  if x not in choices:
+    raise ValueError(f'{name} must be one of {tuple(choices)}, got {x!r}.')
+
+
+def check_learning_rate(name: str, x: Any):
+  """A learning rate: a non-negative float or an optax schedule."""
+  check_number(name, x, low=0.0, allow_schedule=True)
+
+
+def check_float_leaf(name: str, x: Any):
+  """Rejects integer / boolean leaves, which no optimizer can update."""
+  dtype = getattr(x, 'dtype', None)
+  if dtype is None:
+    return
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f'{name}: optax_lite transforms need floating-point leaves, got a '
+        f'leaf of dtype {dtype} and shape {getattr(x, "shape", "?")}. '
+        'Mark integer leaves as non-trainable or filter them out.')
+
+
+def resolve(x: Any | Callable[[Any], Any], count) -> Any:
+  """Evaluates a ``ScalarOrSchedule`` at ``count``."""
+  return x(count) if callable(x) else x

@@ -1,0 +1,7 @@
+"""Pure matrix functions (no optax): batched over leading dims, jit-safe."""
+
+from optax_lite.linalg.matrices import (MatrixDims, MatrixView, default_dims,
+                                        fan_in_out, matrix_view)
+from optax_lite.linalg.polar import (METHODS as POLAR_METHODS, coefficients,
+                                     newton_schulz, polar_factor, polar_svd)
+from optax_lite.linalg.roots import ROOT_METHODS, inverse_root, symmetrize

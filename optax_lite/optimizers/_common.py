@@ -1,0 +1,82 @@
+"""Shared plumbing of the named optimizers: labels -> transforms, AdamW."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import optax
+
+from optax_lite import _checks
+from optax_lite import labels as labels_lib
+
+# Labels produced by ``label_params`` plus "adam", a catch-all a user may use
+# in a hand-written label tree.
+ALL_LABELS = labels_lib.LABELS + ('adam',)
+
+
+def adamw(learning_rate, *, b1: float, b2: float, eps: float,
+          weight_decay: float, mu_dtype=None, nesterov: bool = False,
+          weight_decay_mask=None) -> optax.GradientTransformation:
+  """``optax.adamw`` with validated arguments (for the non-matrix leaves)."""
+  _checks.check_learning_rate('adam_learning_rate', learning_rate)
+  _checks.check_decay('adam_b1', b1)
+  _checks.check_decay('adam_b2', b2)
+  _checks.check_positive('adam_eps', eps)
+  _checks.check_positive('adam_weight_decay', weight_decay, allow_zero=True)
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                     weight_decay=weight_decay, mu_dtype=mu_dtype,
+                     nesterov=nesterov, mask=weight_decay_mask)
+
+
+def decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask=None
+                            ) -> list[optax.GradientTransformation]:
+  """Decoupled weight decay then ``−learning_rate`` (the optax way)."""
+  _checks.check_learning_rate('learning_rate', learning_rate)
+  _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
+  out = []
+  if not (_checks.is_static_number(weight_decay) and float(weight_decay) == 0):
+    out.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  out.append(optax.scale_by_learning_rate(learning_rate))
+  return out
+
+
+def resolve_labels(labels, params):
+  """``labels`` is None (``label_params``), a callable or a label tree."""
+  if labels is None:
+    tree = labels_lib.label_params(params)
+  elif callable(labels):
+    tree = labels(params)
+  else:
+    tree = labels
+  for lab in jax.tree.leaves(tree):
+    if lab not in ALL_LABELS:
+      raise ValueError(f'labels: {lab!r} is not one of {ALL_LABELS}.')
+  return tree
+
+
+def partition(by_label: Mapping[str, optax.GradientTransformation], labels
+              ) -> optax.GradientTransformation:
+  """``optax.partition`` over the label set, ``"adam"`` aliased to "other".
+
+  ``by_label`` must have a transform for every label in :data:`ALL_LABELS`
+  except ``"adam"``.
+  """
+  txs = dict(by_label)
+  txs.setdefault('adam', txs['other'])
+
+  def label_fn(params):
+    return resolve_labels(labels, params)
+
+  return optax.partition(txs, label_fn)
+
+
+def with_adamw(matrix_tx: optax.GradientTransformation, labels,
+               adam: optax.GradientTransformation,
+               overrides: Mapping[str, optax.GradientTransformation] | None = None
+               ) -> optax.GradientTransformation:
+  """``matrix_tx`` for "matrix" leaves, ``adam`` for the rest (or overrides)."""
+  by_label = {lab: adam for lab in labels_lib.LABELS}
+  by_label['matrix'] = matrix_tx
+  by_label.update(overrides or {})
+  return partition(by_label, labels)

@@ -1,0 +1,81 @@
+"""``muon``: Nesterov momentum -> polar factor -> RMS scaling -> decay -> lr."""
+
+from __future__ import annotations
+
+import optax
+
+from optax_lite import _checks
+from optax_lite.linalg import polar as polar_lib
+from optax_lite.optimizers import _common
+from optax_lite.transforms.momentum import momentum as momentum_tx
+from optax_lite.transforms.orthogonalize import orthogonalize
+from optax_lite.transforms.scaling import scale_by_shape
+
+
+def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
+         nesterov: bool = True, ema: bool = False,
+         bias_correction: bool = False, method: str = 'polar_express',
+         steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
+         weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
+         dims=None, labels=None, precision=None,
+         adam_learning_rate: optax.ScalarOrSchedule | None = None,
+         adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
+         adam_weight_decay: float | None = None, adam_nesterov: bool = False
+         ) -> optax.GradientTransformation:
+  r"""Muon: orthogonalised momentum for hidden matrices, AdamW elsewhere.
+
+  For each matrix leaf ``W`` (``fan_in × fan_out`` after the ``dims``
+  reshape) with gradient ``G``:
+
+  .. math::
+     M_k = μ M_{k-1} + G_k,\quad U_k = \mathrm{polar}(μ M_k + G_k),\quad
+     W_{k+1} = W_k - η_k\,(0.2\sqrt{\max(m,n)}\,U_k + λ W_k)
+
+  (LITE paper Algorithm 5 / Moonlight). Embeddings, the output head, norms,
+  biases and scalars (see :func:`optax_lite.label_params`) use AdamW.
+
+  Args:
+    learning_rate: float or optax schedule for the matrix leaves.
+    momentum: ``μ``, in ``[0, 1)``.
+    nesterov: Nesterov look-ahead (default) or plain heavy-ball momentum.
+    ema: EMA momentum ``μM + (1−μ)G`` (Keller Jordan / optax form) instead of
+      heavy-ball; identical direction after the polar factor up to the
+      weight of the Nesterov term when ``bias_correction`` is on.
+    bias_correction: optax.contrib.muon's bias-corrected Nesterov (needs
+      ``ema=True``).
+    method, steps: polar-factor method, see :func:`optax_lite.polar_factor`.
+    scaling: ``"rms"`` (``rms·sqrt(max(m, n))``), ``"width"``
+      (``sqrt(max(1, fan_out/fan_in))``) or ``"none"``.
+    rms: target RMS for ``scaling="rms"``.
+    weight_decay: decoupled weight decay ``λ`` for the matrix leaves
+      (multiplied by the learning rate, not by the shape factor).
+    weight_decay_mask: optional mask for it.
+    mu_dtype: momentum dtype (e.g. ``jnp.bfloat16``), also for AdamW's mu.
+    dims: matrix view of leaves, see :func:`optax_lite.orthogonalize`.
+    labels: ``None`` (:func:`optax_lite.label_params`), a callable
+      ``params -> label tree`` or a label tree.
+    precision: matmul precision of the polar iteration.
+    adam_*: AdamW settings for the non-matrix leaves;
+      ``adam_learning_rate=None`` uses ``learning_rate`` and
+      ``adam_weight_decay=None`` uses ``weight_decay``.
+
+  References:
+    Jordan et al., `Muon <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+
+    Liu et al., `Muon is Scalable for LLM Training
+    <https://arxiv.org/abs/2502.16982>`_, 2025.
+  """
+  polar_lib.check_method(method, steps)
+  matrix_tx = optax.chain(
+      momentum_tx(momentum, nesterov=nesterov, ema=ema,
+                  bias_correction=bias_correction, mu_dtype=mu_dtype),
+      orthogonalize(method, steps, dims, precision=precision),
+      scale_by_shape(scaling, rms, dims),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay,
+                                       weight_decay_mask))
+  adam = _common.adamw(
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=weight_decay if adam_weight_decay is None
+      else adam_weight_decay, mu_dtype=mu_dtype, nesterov=adam_nesterov)
+  return _common.with_adamw(matrix_tx, labels, adam)

@@ -1,0 +1,70 @@
+"""Tree plumbing shared by the transforms: per-leaf matrix dims and states."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from optax_lite import _checks
+from optax_lite.linalg.matrices import MatrixDims, MatrixView, matrix_view
+
+# ``dims`` accepted by every matrix transform:
+#   None                  -> the default rule of ``linalg.default_dims``;
+#   MatrixDims            -> the same spec for every leaf;
+#   a tree (or prefix)    -> per-leaf MatrixDims, ``None`` = leave untouched;
+#   a callable(params)    -> returns such a tree.
+DimsSpec = Any
+
+_DEFAULT = object()
+
+
+def _is_dims_leaf(x) -> bool:
+  return x is None or isinstance(x, MatrixDims)
+
+
+def resolve_dims(dims: DimsSpec, tree) -> Any:
+  """A tree shaped like ``tree`` whose leaves are MatrixDims, None or _DEFAULT.
+
+  Subtrees of ``tree`` without leaves (``optax.MaskedNode``) stay empty.
+  """
+  if callable(dims) and not isinstance(dims, MatrixDims):
+    dims = dims(tree)
+  if dims is None:
+    return jax.tree.map(lambda _: _DEFAULT, tree)
+  if isinstance(dims, MatrixDims):
+    return jax.tree.map(lambda _: dims, tree)
+  return jax.tree.map(
+      lambda d, sub: jax.tree.map(lambda _: d, sub, is_leaf=lambda z: False),
+      dims, tree, is_leaf=_is_dims_leaf)
+
+
+def leaf_view(x, d, name: str) -> MatrixView | None:
+  """The MatrixView of leaf ``x`` under resolved dims ``d`` (None: skip)."""
+  _checks.check_float_leaf(name, x)
+  if d is None:
+    return None
+  return matrix_view(x.shape, None if d is _DEFAULT else d)
+
+
+def map_leaves(fn: Callable, tree, *rest, dims: DimsSpec = _DEFAULT,
+               name: str = 'updates'):
+  """``fn(view, leaf, *rest_leaves)`` over every leaf of ``tree``.
+
+  ``view`` is the leaf's :class:`MatrixView` (``None`` where its dims are
+  ``None``). With ``dims=_DEFAULT`` no view is computed and ``view`` is None.
+  """
+  if dims is _DEFAULT:
+    return jax.tree.map(lambda x, *r: fn(None, x, *r), tree, *rest)
+  resolved = resolve_dims(dims, tree)
+  return jax.tree.map(lambda x, d, *r: fn(leaf_view(x, d, name), x, *r),
+                      tree, resolved, *rest,
+                      is_leaf=None)
+
+
+def unzip(tree, n: int, like):
+  """Splits a tree whose leaves (at ``like``'s leaf positions) are n-tuples."""
+  treedef = jax.tree.structure(like)
+  leaves = treedef.flatten_up_to(tree)
+  return tuple(treedef.unflatten([leaf[i] for leaf in leaves])
+               for i in range(n))

@@ -1,0 +1,35 @@
+"""Shared test helpers (small equivalents of optax's private test_utils)."""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import settings
+
+jax.config.update('jax_enable_x64', False)
+settings.register_profile('ci', max_examples=25, deadline=None,
+                          derandomize=True)
+settings.load_profile('ci')
+
+
+def assert_trees_close(actual, desired, rtol=1e-6, atol=0.0):
+  a_leaves, a_def = jax.tree.flatten(actual)
+  d_leaves, d_def = jax.tree.flatten(desired)
+  assert a_def == d_def, f'tree structures differ:\n{a_def}\n{d_def}'
+  for a, d in zip(a_leaves, d_leaves):
+    np.testing.assert_allclose(np.asarray(a, np.float64),
+                               np.asarray(d, np.float64), rtol=rtol, atol=atol)
+
+
+def assert_tree_finite(tree):
+  for leaf in jax.tree.leaves(tree):
+    assert np.all(np.isfinite(np.asarray(leaf, np.float64))), leaf
+
+
+@pytest.fixture(params=[False, True], ids=['nojit', 'jit'])
+def maybe_jit(request):
+  """Runs a test with and without ``jax.jit`` (chex-style variants)."""
+  return jax.jit if request.param else (lambda f, **kw: f)
