@@ -15,3 +15,14 @@ from optax_lite.transforms import (MomentumState, momentum, orthogonalize,
                                    scale_by_shape)
 from optax_lite.optimizers import muon
 # Further exports are appended below, one line per module.
+from optax_lite.linalg.distributed import PolarSharding, sharded_init, sharded_polar, state_shardings
+from optax_lite import linalg
+from optax_lite.transforms.lite import (diagonal_geometry, lite_flat_boost,
+                                        muon_geometry)
+from optax_lite.optimizers.lite import (adamw_lite, beta2_ramp, chi_schedule,
+                                        muon_lite)
+from optax_lite.transforms.row_normalize import row_normalize
+from optax_lite.transforms.fisher_whiten import FisherWhitenState, fisher_whiten
+from optax_lite.optimizers.rmnp import rmnp
+from optax_lite.optimizers.fismo import fismo
+from optax_lite.linalg.diagnostics import condition_number, diagonal_dominance, leaf_diagonal_dominance

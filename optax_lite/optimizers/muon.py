@@ -9,7 +9,7 @@ from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.transforms.momentum import momentum as momentum_tx
 from optax_lite.transforms.orthogonalize import orthogonalize
-from optax_lite.transforms.scaling import scale_by_shape
+from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 
 
 def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
@@ -66,6 +66,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     <https://arxiv.org/abs/2502.16982>`_, 2025.
   """
   polar_lib.check_method(method, steps)
+  _checks.check_decay('momentum', momentum)
+  _checks.check_choice('scaling', scaling, SCALING_MODES)
   matrix_tx = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema,
                   bias_correction=bias_correction, mu_dtype=mu_dtype),

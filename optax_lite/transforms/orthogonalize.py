@@ -18,8 +18,10 @@ References:
 
 from __future__ import annotations
 
+import jax
 import optax
 
+from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.transforms import _tree
 
@@ -39,9 +41,34 @@ def polar_of_leaf(view, x, method, steps, eps, precision):
   return view.from_matrix(out)
 
 
+def _sharded_update(updates, method, steps, dims, eps, precision, spec):
+  """``orthogonalize``'s update with the polar work spread over devices."""
+  x_leaves, treedef = jax.tree.flatten(updates)
+  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
+  view_leaves = [_tree.leaf_view(x, d, 'updates')
+                 for x, d in zip(x_leaves, dims_leaves)]
+  todo = [i for i, v in enumerate(view_leaves) if v is not None]
+  mats = [view_leaves[i].to_matrix(x_leaves[i]) for i in todo]
+
+  def polar_fn(x):
+    if method == 'svd':
+      return polar_lib.polar_svd(x)
+    return polar_lib.newton_schulz(
+        x, polar_lib.coefficients(method, steps),
+        norm_factor=polar_lib._NORM_FACTOR[method], eps=eps,
+        precision=precision)
+
+  outs = distributed_lib.sharded_polar(mats, polar_fn, spec) if mats else []
+  new = list(x_leaves)
+  for i, o in zip(todo, outs):
+    new[i] = view_leaves[i].from_matrix(o)
+  return jax.tree.unflatten(treedef, new)
+
+
 def orthogonalize(method: str = 'polar_express', steps: int | None = None,
                   dims: _tree.DimsSpec = None, *, eps: float = 1e-7,
-                  precision=None) -> optax.GradientTransformation:
+                  precision=None, shard_polar=None
+                  ) -> optax.GradientTransformation:
   """Maps each matrix leaf ``G`` to ``≈ polar(G) = U Vᵀ``.
 
   Args:
@@ -54,6 +81,12 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
       unchanged) or a callable returning such a tree.
     eps: Frobenius-norm regulariser; zero leaves map to zero.
     precision: ``jax.lax.Precision`` for the matrix products.
+    shard_polar: ``None`` (default: each leaf is orthogonalised where it
+      lives) or a :class:`optax_lite.linalg.distributed.PolarSharding` /
+      ``Mesh`` / ``(mesh, axes)``: same-shape matrices are stacked and the
+      stack is split over the mesh axes, so each device orthogonalises a
+      share, then the results are gathered back (see
+      :mod:`optax_lite.linalg.distributed`). Same math, up to round-off.
 
   Returns:
     A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``).
@@ -63,9 +96,13 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
       the default dims.
   """
   steps = polar_lib.check_method(method, steps)
+  shard_polar = distributed_lib.check_polar_sharding(shard_polar)
 
   def update_fn(updates, state, params=None):
     del params
+    if shard_polar is not None:
+      return _sharded_update(updates, method, steps, dims, eps, precision,
+                             shard_polar), state
     new = _tree.map_leaves(
         lambda v, x: polar_of_leaf(v, x, method, steps, eps, precision),
         updates, dims=dims)

@@ -1,0 +1,348 @@
+"""Language-model race: quality per step and per second on a byte-level LLaMA.
+
+For every optimizer in the registry (optax.adamw, optax.contrib.muon and all
+of optax_lite's named optimizers that the library exports) this script trains
+the LLaMA-style decoder of ``models.py`` on Python's own documentation text
+(``pydoc_data.topics``, fixed 90/10 split) with a fixed token budget:
+
+1. a small peak-LR sweep with the cosine schedule (seed 0; the grid is
+   recorded in the JSON),
+2. the best LR again with the warmup-stable-decay (WSD) schedule,
+3. (full mode) the best LR with further seeds, both schedules.
+
+``--quick`` (tiny model, 0.86M parameters, 120 steps of 8x64 bytes, LR grid
+{3e-3, 1e-2}, one seed) runs WSD only for adamw, muon and muon_lite to stay
+under 10 minutes on 2 CPU cores.
+
+Schedules follow the LITE paper C.2: ``cos`` = linear warm-up to ``lr_max``
+then cosine decay to ``0.1·lr_max``; ``wsd`` = warm-up, stable at ``lr_max``
+up to 80 % of the steps, linear decay to 0 over the last 20 %. Gradients are
+clipped to global norm 1 (as in the paper). Weight decay 0.1 everywhere.
+
+Reported per run: train loss per step, validation loss every ``eval_every``
+steps, seconds of training (compile excluded), tokens/s, final validation
+loss; per optimizer: steps and seconds to reach Muon's (ol.muon, best LR,
+cosine) final validation loss.
+
+  python benchmarks/lm.py --quick        # < 10 min on 2 CPU cores
+  python benchmarks/lm.py                # full: bigger model, grid, 2 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import _common  # noqa: E402
+import models  # noqa: E402
+
+REFERENCE = 'muon'  # the optimizer whose final loss defines "target"
+
+
+def make_schedule(kind: str, peak_lr, total_steps: int, warmup: int):
+  """LITE paper C.2 schedules as jnp functions of the step count."""
+  total = float(total_steps)
+  warm = float(max(warmup, 1))
+
+  def sched(count):
+    t = jnp.asarray(count, jnp.float32)
+    ramp = jnp.minimum((t + 1.0) / warm, 1.0)
+    if kind == 'cos':
+      frac = jnp.clip((t - warm) / max(total - warm, 1.0), 0.0, 1.0)
+      decay = 0.1 + 0.9 * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    elif kind == 'wsd':
+      start = 0.8 * total
+      decay = jnp.clip(1.0 - (t - start) / max(total - start, 1.0), 0.0, 1.0)
+    elif kind == 'const':
+      decay = 1.0
+    else:
+      raise ValueError(f'schedule: unknown kind {kind!r}')
+    return peak_lr * ramp * decay
+
+  return sched
+
+
+class Trainer:
+  """Compiled train chunks (lax.scan over steps) and evaluation."""
+
+  def __init__(self, cfg, factory, *, schedule: str, steps: int, warmup: int,
+               batch: int, chunk: int, seed: int, train, val_windows):
+    self.cfg, self.steps, self.batch, self.chunk = cfg, steps, batch, chunk
+    model = models.make_model(cfg, seed)
+    self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+    self.train = jnp.asarray(train)
+    self.val = val_windows
+    self.key = jax.random.key(1000 + seed)
+    graphdef, rest = self.graphdef, self.rest
+
+    def build_tx(peak_lr):
+      return optax.chain(optax.clip_by_global_norm(1.0),
+                         factory(make_schedule(schedule, peak_lr, steps,
+                                               warmup)))
+
+    def loss_of(params, tokens):
+      return models.loss_fn(nnx.merge(graphdef, params, rest), tokens)
+
+    def chunk_fn(params, opt_state, batches, peak_lr):
+      tx = build_tx(peak_lr)
+
+      def body(carry, tokens):
+        p, s = carry
+        loss, g = jax.value_and_grad(loss_of)(p, tokens)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), loss
+
+      (params, opt_state), losses = jax.lax.scan(body, (params, opt_state),
+                                                 batches)
+      return params, opt_state, losses
+
+    def eval_fn(params):
+      return jax.lax.map(lambda w: loss_of(params, w[None]), self.val).mean()
+
+    self.opt_state = build_tx(1.0).init(self.params)
+    batches = self._batches(0)
+    t0 = time.perf_counter()
+    self.chunk_fn = jax.jit(chunk_fn).lower(
+        self.params, self.opt_state, batches, jnp.float32(1.0)).compile()
+    self.eval_fn = jax.jit(eval_fn).lower(self.params).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def _batches(self, i):
+    key = jax.random.fold_in(self.key, i)
+    return models.sample_batches(key, self.train, self.chunk, self.batch,
+                                 self.cfg.seq_len)
+
+  def run(self, peak_lr: float, desc: str = '') -> dict:
+    params, opt_state = self.params, self.opt_state
+    n_chunks = self.steps // self.chunk
+    train_loss, val_steps, val_loss, val_time = [], [], [], []
+    elapsed = 0.0
+    v0 = float(self.eval_fn(params))
+    val_steps.append(0), val_loss.append(v0), val_time.append(0.0)
+    for i in _common.progress(range(n_chunks), desc=desc):
+      batches = jax.block_until_ready(self._batches(i))
+      t0 = time.perf_counter()
+      params, opt_state, losses = self.chunk_fn(params, opt_state, batches,
+                                                jnp.float32(peak_lr))
+      losses = jax.block_until_ready(losses)
+      elapsed += time.perf_counter() - t0
+      train_loss.extend(np.asarray(losses, np.float64).tolist())
+      v = float(self.eval_fn(params))
+      val_steps.append((i + 1) * self.chunk)
+      val_loss.append(v if math.isfinite(v) else float('nan'))
+      val_time.append(elapsed)
+      if not math.isfinite(v):
+        break
+    steps_done = val_steps[-1]
+    tokens = steps_done * self.batch * self.cfg.seq_len
+    return {
+        'peak_lr': peak_lr, 'steps': steps_done,
+        'final_val_loss': val_loss[-1], 'train_loss': train_loss,
+        'val_steps': val_steps, 'val_loss': val_loss, 'val_time_s': val_time,
+        'train_seconds': elapsed, 'compile_seconds': self.compile_s,
+        'tokens': tokens,
+        'tokens_per_s': tokens / elapsed if elapsed > 0 else None,
+        'diverged': not math.isfinite(val_loss[-1]),
+    }
+
+
+def _score(run):
+  v = run['final_val_loss']
+  return v if (v is not None and math.isfinite(v)) else float('inf')
+
+
+def reach(run, target):
+  """(steps, seconds) at which ``run``'s val loss first is ≤ ``target``."""
+  for s, v, t in zip(run['val_steps'], run['val_loss'], run['val_time_s']):
+    if v is not None and math.isfinite(v) and v <= target:
+      return s, t
+  return None, None
+
+
+def settings(args):
+  if args.quick:
+    return dict(model='tiny', seq_len=64, steps=120, warmup=12, batch=8,
+                chunk=12, grid=[3e-3, 1e-2], seeds=[0], val_windows=32,
+                wsd_for=['adamw', 'muon', 'muon_lite'])
+  return dict(model='small', seq_len=128, steps=1500, warmup=150, batch=16,
+              chunk=50, grid=[1e-3, 3e-3, 1e-2, 3e-2], seeds=[0, 1],
+              val_windows=128, wsd_for=None)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--quick', action='store_true')
+  p.add_argument('--optimizers', nargs='*', default=None,
+                 help='subset of registry names (default: all)')
+  p.add_argument('--model', default=None, help=f'one of {list(models.CONFIGS)}')
+  p.add_argument('--steps', type=int, default=None)
+  p.add_argument('--batch', type=int, default=None)
+  p.add_argument('--seq-len', type=int, default=None)
+  p.add_argument('--grid', type=float, nargs='*', default=None)
+  p.add_argument('--seeds', type=int, nargs='*', default=None)
+  p.add_argument('--schedules', nargs='*', default=['cos', 'wsd'])
+  p.add_argument('--out', default=None, help='results folder')
+  p.add_argument('--no-plot', action='store_true')
+  args = p.parse_args(argv)
+
+  s = settings(args)
+  for k in ('model', 'steps', 'batch', 'grid', 'seeds', 'seq_len'):
+    if getattr(args, k) is not None:
+      s[k] = getattr(args, k)
+  s['chunk'] = min(s['chunk'], s['steps'])
+  s['steps'] = (s['steps'] // s['chunk']) * s['chunk']
+  cfg = dataclasses.replace(models.CONFIGS[s['model']], seq_len=s['seq_len'])
+  reg = _common.registry(args.optimizers)
+  train, val = models.load_corpus()
+  val_w = models.val_windows(val, s['val_windows'], cfg.seq_len)
+  n_params = models.count_params(models.make_model(cfg, 0))
+  print(f'device {_common.device_kind()}; model {s["model"]} '
+        f'({n_params / 1e6:.2f}M params); {s["steps"]} steps x '
+        f'{s["batch"]}x{cfg.seq_len} tokens; LR grid {s["grid"]}')
+
+  def trainer(factory, schedule, seed):
+    return Trainer(cfg, factory, schedule=schedule, steps=s['steps'],
+                   warmup=s['warmup'], batch=s['batch'], chunk=s['chunk'],
+                   seed=seed, train=train, val_windows=val_w)
+
+  results = {}
+  for name, factory in reg.items():
+    entry = {'sweep': [], 'runs': []}
+    try:
+      tr = trainer(factory, 'cos', s['seeds'][0])
+      for lr in s['grid']:
+        run = tr.run(lr, desc=f'{name} cos lr={lr:g}')
+        run.update(schedule='cos', seed=s['seeds'][0])
+        entry['sweep'].append(run)
+        print(f'  {name:11s} cos lr={lr:<7g} val {run["final_val_loss"]:.4f} '
+              f'({run["tokens_per_s"] or 0:.0f} tok/s)')
+    except Exception as e:  # report and go on: one broken optimizer
+      print(f'[error] {name}: {type(e).__name__}: {e}')
+      entry['error'] = f'{type(e).__name__}: {e}'
+      results[name] = entry
+      continue
+    best = min(entry['sweep'], key=_score)
+    entry['best_lr'] = best['peak_lr']
+    entry['runs'].append(best)
+    for schedule in args.schedules:
+      if (schedule != 'cos' and s['wsd_for'] is not None and
+          name not in s['wsd_for']):
+        continue
+      for seed in s['seeds']:
+        if schedule == 'cos' and seed == s['seeds'][0]:
+          continue
+        run = trainer(factory, schedule, seed).run(
+            best['peak_lr'], desc=f'{name} {schedule} seed={seed}')
+        run.update(schedule=schedule, seed=seed)
+        entry['runs'].append(run)
+        print(f'  {name:11s} {schedule} lr={best["peak_lr"]:<7g} seed {seed} '
+              f'val {run["final_val_loss"]:.4f}')
+    results[name] = entry
+
+  summary = summarize(results, s)
+  out = {'meta': _common.metadata(args), 'settings': s, 'n_params': n_params,
+         'model_config': cfg.__dict__, 'reference': REFERENCE,
+         'summary': summary, 'results': results,
+         'skipped': _common.skipped(args.optimizers or
+                                    ('adamw', 'optax_muon') +
+                                    _common.OL_OPTIMIZERS)}
+  path = _common.result_path('lm', args.out, quick=args.quick)
+  _common.write_json(path, out)
+  if not args.no_plot:
+    plot(out, path[:-5] + '.png')
+  print_summary(summary)
+  return out
+
+
+def summarize(results, s):
+  """Per optimizer and schedule: mean/spread of final val loss, reach."""
+  ref = results.get(REFERENCE) or results.get('optax_muon')
+  target = None
+  if ref and ref.get('runs'):
+    target = ref['runs'][0]['final_val_loss']
+  rows = []
+  for name, entry in results.items():
+    for schedule in ('cos', 'wsd'):
+      runs = [r for r in entry.get('runs', []) if r['schedule'] == schedule]
+      if not runs:
+        continue
+      finals = [r['final_val_loss'] for r in runs]
+      row = {'optimizer': name, 'schedule': schedule,
+             'best_lr': entry.get('best_lr'), 'seeds': len(runs),
+             'final_val_loss': float(np.mean(finals)),
+             'final_val_spread': float(np.max(finals) - np.min(finals))
+             if len(finals) > 1 else None,
+             'tokens_per_s': float(np.mean([r['tokens_per_s'] or 0
+                                            for r in runs])),
+             'target_loss': target}
+      if target is not None:
+        st, sec = reach(runs[0], target)
+        row['steps_to_target'] = st
+        row['seconds_to_target'] = sec
+      rows.append(row)
+  return rows
+
+
+def print_summary(rows):
+  print(f'{"optimizer":12s} {"sched":5s} {"lr":>7s} {"val":>7s} '
+        f'{"tok/s":>8s} {"steps→muon":>10s} {"s→muon":>8s}')
+  for r in rows:
+    st = r.get('steps_to_target')
+    sec = r.get('seconds_to_target')
+    print(f'{r["optimizer"]:12s} {r["schedule"]:5s} {r["best_lr"]:7.0e} '
+          f'{r["final_val_loss"]:7.4f} {r["tokens_per_s"]:8.0f} '
+          f'{st if st is not None else "-":>10} '
+          f'{f"{sec:.1f}" if sec is not None else "-":>8}')
+
+
+def plot(out, path):
+  plt = _common.setup_matplotlib()
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+  for name, entry in out['results'].items():
+    runs = [r for r in entry.get('runs', []) if r['schedule'] == 'cos']
+    if not runs:
+      continue
+    r = runs[0]
+    tl = np.asarray(r['train_loss'], np.float64)
+    k = max(1, len(tl) // 40)
+    sm = np.convolve(tl, np.ones(k) / k, mode='valid')
+    ls = '--' if name in ('adamw', 'optax_muon') else '-'
+    axes[0].plot(np.arange(len(sm)) + k, sm, ls, label=name)
+    axes[1].plot(r['val_steps'], r['val_loss'], ls, label=name)
+    axes[2].plot(r['val_time_s'], r['val_loss'], ls, label=name)
+  axes[0].set(xlabel='step', ylabel='train loss (smoothed, nats/byte)',
+              title='train loss, cos, best LR')
+  axes[1].set(xlabel='step', ylabel='val loss', title='val loss per step')
+  axes[2].set(xlabel='training seconds', ylabel='val loss',
+              title=f'val loss per second ({out["meta"]["device_kind"]})')
+  for ax in axes:
+    vals = [v for e in out['results'].values() for r in e.get('runs', [])
+            for v in r['val_loss'][1:] if v is not None and math.isfinite(v)]
+    if vals:
+      ax.set_ylim(min(vals) - 0.05, min(max(vals), min(vals) + 1.5))
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=8)
+  fig.suptitle(f'byte-level LLaMA {out["settings"]["model"]} '
+               f'({out["n_params"] / 1e6:.2f}M), {out["settings"]["steps"]} '
+               'steps')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()

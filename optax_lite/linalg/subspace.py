@@ -1,0 +1,162 @@
+r"""Spectral subspace filters: which directions of a matrix are *sharp*.
+
+LITE (Zhu et al. 2026, Appendix B.1, eq. 12–15) finds the top singular
+subspace of the momentum ``M = U Σ Vᵀ`` with two polar factors and no SVD:
+
+.. math::
+   T = \tfrac12\,\mathrm{polar}(M) + \tfrac12\,\mathrm{polar}(M/τ - \mathrm{polar}(M))
+     = U\,\mathrm{diag}(\mathbb 1[σ_i > τ])\,V^\top,
+
+because ``M/τ − polar(M) = U diag(σᵢ/τ − 1) Vᵀ`` and the polar factor maps
+each ``σᵢ/τ − 1`` to its sign. ``Tᵀ T`` projects onto the right singular
+vectors with ``σᵢ > τ`` and ``T Tᵀ`` onto the left ones. With a finite-step
+polar iteration the cut is soft near ``σ ≈ τ``, which is why the filter needs
+a precise polar factor (Polar Express).
+
+Layout: in optax_lite a leaf is seen as ``X`` of shape ``(fan_in, fan_out)``,
+the transpose of PyTorch's ``(out, in)``. The LITE reference projects on the
+input side (right singular vectors of the torch weight), which is the *left*
+side of ``X``: :func:`sharp_projector` with ``side="left"`` (the default used
+by the LITE transforms) returns ``T Tᵀ`` of size ``fan_in × fan_in``.
+
+:func:`adapt_threshold` is the controller of eq. (13): the ratio ``l`` in
+``τ = l·‖M‖_F`` grows by ``rate`` when the filter keeps at least ``d_s``
+directions (``‖P‖_F ≥ √d_s``) and shrinks by ``1/rate``-ish (``2 − rate``)
+otherwise, so the rank settles at the target.
+
+:func:`soft_mask` is the element-wise soft mask of eq. (16) used by SOAP-LITE
+and AdamW-LITE, with its two-threshold controller (eq. 17–18).
+
+References:
+  Zhu et al., `Accelerating LLM Pre-Training through Flat-Direction Dynamics
+  Enhancement <https://arxiv.org/abs/2602.22681>`_, 2026.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optax_lite.linalg import polar as polar_lib
+
+
+def _polar(x, method, steps, precision):
+  if method == 'svd':
+    return polar_lib.polar_svd(x)
+  return polar_lib.newton_schulz(
+      x, polar_lib.coefficients(method, steps),
+      norm_factor=polar_lib._NORM_FACTOR[method], precision=precision)
+
+
+def filter_from_polar(m: jax.Array, polar_m: jax.Array, tau: jax.Array, *,
+                      method: str = 'polar_express', steps: int | None = None,
+                      precision=None) -> jax.Array:
+  """``T`` of eq. (12) given ``polar(M)`` already computed.
+
+  ``tau`` broadcasts against the leading (batch) dims of ``m``.
+  """
+  tau = jnp.asarray(tau, m.dtype)[..., None, None]
+  return 0.5 * (polar_m + _polar(m / tau - polar_m, method, steps, precision))
+
+
+def spectral_filter(m: jax.Array, tau, *, method: str = 'polar_express',
+                    steps: int | None = None, precision=None) -> jax.Array:
+  """``T ≈ U diag(1[σᵢ > τ]) Vᵀ`` for ``m = U Σ Vᵀ``, batched over ``(...)``.
+
+  Args:
+    m: ``(..., rows, cols)``.
+    tau: threshold(s), a scalar or an array of the batch shape. Must be > 0.
+    method, steps: the polar method (``"svd"`` gives the exact filter).
+  """
+  steps = polar_lib.check_method(method, steps)
+  m = jnp.asarray(m)
+  return filter_from_polar(m, _polar(m, method, steps, precision), tau,
+                           method=method, steps=steps, precision=precision)
+
+
+def sharp_projector(m: jax.Array, tau, *, side: str = 'left',
+                    method: str = 'polar_express', steps: int | None = None,
+                    precision=None) -> jax.Array:
+  """Projector onto the singular vectors of ``m`` with ``σ > τ``.
+
+  ``side="left"``: ``T Tᵀ`` (rows × rows, the column space); ``"right"``:
+  ``Tᵀ T`` (cols × cols, the paper's ``P_k`` in PyTorch layout).
+  """
+  if side not in ('left', 'right'):
+    raise ValueError(f'side must be "left" or "right", got {side!r}.')
+  t = spectral_filter(m, tau, method=method, steps=steps, precision=precision)
+  tt = jnp.swapaxes(t, -1, -2)
+  return t @ tt if side == 'left' else tt @ t
+
+
+def exact_sharp_projector(m: jax.Array, rank: int, side: str = 'left'
+                          ) -> jax.Array:
+  """The SVD projector onto the top-``rank`` singular vectors (reference)."""
+  u, _, vt = jnp.linalg.svd(m, full_matrices=False)
+  if side == 'left':
+    b = u[..., :, :rank]
+  else:
+    b = jnp.swapaxes(vt, -1, -2)[..., :, :rank]
+  return b @ jnp.swapaxes(b, -1, -2)
+
+
+def apply_left(t: jax.Array, x: jax.Array) -> jax.Array:
+  """``(T Tᵀ) X`` without forming the projector when that is cheaper."""
+  rows, cols = t.shape[-2:]
+  tt = jnp.swapaxes(t, -1, -2)
+  if cols < rows:
+    return t @ (tt @ x)  # 2·rows·cols·cols'
+  return (t @ tt) @ x
+
+
+def projector_rank(t: jax.Array) -> jax.Array:
+  """``‖T Tᵀ‖_F`` (= ``√rank`` for an exact filter), per batch element."""
+  rows, cols = t.shape[-2:]
+  tt = jnp.swapaxes(t, -1, -2)
+  gram = tt @ t if cols <= rows else t @ tt
+  return jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1)))
+
+
+def adapt_threshold(ratio: jax.Array, measure: jax.Array, target,
+                    rate: float = 1.05, cap: float | None = 1.0) -> jax.Array:
+  """Eq. (13): ``ratio·rate`` if ``measure ≥ target`` else ``ratio·(2−rate)``.
+
+  With the paper's ``rate = 1.05`` this is ×1.05 / ×0.95. ``cap`` bounds the
+  ratio from above (the reference caps it at 1).
+  """
+  new = jnp.where(measure >= target, ratio * rate, ratio * (2.0 - rate))
+  return new if cap is None else jnp.minimum(new, cap)
+
+
+def soft_mask(v: jax.Array, l_sharp: jax.Array, l_smooth: jax.Array,
+              axes=None) -> jax.Array:
+  """Eq. (16): 1 above ``l_s·mean(v)``, 0 below ``l_smooth·mean(v)``, linear
+  in between. ``axes`` are the axes the mean runs over (default: all);
+  ``l_*`` broadcast against the remaining (batch) axes."""
+  axes = tuple(range(v.ndim)) if axes is None else axes
+  mean = jnp.mean(v, axis=axes, keepdims=True)
+  keep = [i for i in range(v.ndim) if i not in tuple(a % v.ndim for a in axes)]
+  shape = [v.shape[i] if i in keep else 1 for i in range(v.ndim)]
+  ts = jnp.reshape(l_sharp, shape) * mean
+  tm = jnp.reshape(l_smooth, shape) * mean
+  width = jnp.maximum(ts - tm, jnp.finfo(v.dtype).tiny)
+  return jnp.clip((v - tm) / width, 0.0, 1.0)
+
+
+def adapt_mask_thresholds(v, l_sharp, l_smooth, d_sharp, d_smooth, axes=None,
+                          rate: float = 1.05):
+  """Eq. (17–18) and the ``l_smooth ≤ 0.95·l_s`` constraint.
+
+  Returns the new ``(l_sharp, l_smooth)``. ``d_sharp``/``d_smooth`` are
+  element counts per batch element.
+  """
+  axes = tuple(range(v.ndim)) if axes is None else axes
+  mean = jnp.mean(v, axis=axes, keepdims=True)
+  keep = [i for i in range(v.ndim) if i not in tuple(a % v.ndim for a in axes)]
+  shape = [v.shape[i] if i in keep else 1 for i in range(v.ndim)]
+  n_sharp = jnp.sum(v > jnp.reshape(l_sharp, shape) * mean, axis=axes)
+  n_smooth = jnp.sum(v > jnp.reshape(l_smooth, shape) * mean, axis=axes)
+  new_s = jnp.where(n_sharp >= d_sharp, l_sharp * rate, l_sharp * (2 - rate))
+  new_m = jnp.where(n_smooth >= d_sharp + d_smooth, l_smooth * rate,
+                    l_smooth * (2 - rate))
+  return new_s, jnp.minimum(new_m, 0.95 * new_s)

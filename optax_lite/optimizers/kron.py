@@ -1,0 +1,129 @@
+"""``soap`` and ``shampoo``: Kronecker preconditioners for hidden matrices."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lite.optimizers import _common
+from optax_lite.transforms import kron_precondition as kron_lib
+
+
+def _adam(learning_rate, adam_learning_rate, b1, b2, eps, weight_decay,
+          adam_weight_decay, mu_dtype, nesterov):
+  return _common.adamw(
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay if adam_weight_decay is None
+      else adam_weight_decay, mu_dtype=mu_dtype, nesterov=nesterov)
+
+
+def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
+         b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
+         precondition_frequency: int = 10, max_precond_dim: int = 4096,
+         skip_first_update: bool = True, weight_decay: float = 0.1,
+         weight_decay_mask=None, mu_dtype=None,
+         precond_dtype=jnp.float32, dims=None, labels=None,
+         precision=jax.lax.Precision.HIGHEST,
+         adam_learning_rate: optax.ScalarOrSchedule | None = None,
+         adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
+         adam_weight_decay: float | None = None, adam_nesterov: bool = False
+         ) -> optax.GradientTransformation:
+  r"""SOAP for hidden matrices, AdamW for embeddings, head, norms, biases.
+
+  For each matrix leaf (``fan_in × fan_out`` after the ``dims`` reshape):
+
+  .. math::
+     W_{k+1} = W_k - η_k\,Q_l \frac{Q_l^\top \hat M_k Q_r}{\sqrt{\hat V_k}
+     + ε} Q_r^\top - η_k λ W_k
+
+  (LITE paper Algorithm 6; see :func:`optax_lite.kron_precondition` for the
+  statistics, the eigh initialisation and the QR refresh). Defaults are the
+  LITE paper's SOAP baseline (θ = 0.95, β_v = 0.99, β_shampoo = 0.95,
+  k = 10) with the same weight decay as ``muon``.
+
+  Args:
+    learning_rate: float or optax schedule for the matrix leaves.
+    b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
+    skip_first_update: see
+      :func:`optax_lite.transforms.kron_precondition.scale_by_soap` (step 1
+      gives a zero update on the matrix leaves by default, as the reference).
+    weight_decay: decoupled weight decay for the matrix leaves.
+    weight_decay_mask: optional mask for it.
+    mu_dtype: first-moment dtype (also AdamW's mu); ``None``: float32 for
+      the matrix leaves, the parameter dtype for AdamW.
+    precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q``.
+    dims: matrix view of leaves, see :func:`optax_lite.orthogonalize`.
+    labels: ``None`` (:func:`optax_lite.label_params`), a callable or a tree.
+    precision: matmul precision of rotations and statistics.
+    adam_*: AdamW settings for the non-matrix leaves (``None``: the matrix
+      learning rate / weight decay).
+
+  References:
+    Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, ICLR 2025.
+  """
+  matrix_tx = optax.chain(
+      kron_lib.scale_by_soap(
+          b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
+          dims, skip_first_update=skip_first_update, mu_dtype=mu_dtype,
+          precond_dtype=precond_dtype, precision=precision),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay,
+                                       weight_decay_mask))
+  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
+               weight_decay, adam_weight_decay, mu_dtype, adam_nesterov)
+  return _common.with_adamw(matrix_tx, labels, adam)
+
+
+def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
+            b2: float = 0.999, shampoo_beta: float = 0.999, eps: float = 1e-8,
+            precondition_frequency: int = 10, max_precond_dim: int = 4096,
+            accumulation: str = 'ema', exponent: float | None = None,
+            root_method: str = 'eigh', matrix_eps: float = 1e-6,
+            graft: str = 'adam', weight_decay: float = 0.1,
+            weight_decay_mask=None, mu_dtype=None, precond_dtype=jnp.float32,
+            dims=None, labels=None, precision=jax.lax.Precision.HIGHEST,
+            adam_learning_rate: optax.ScalarOrSchedule | None = None,
+            adam_b1: float = 0.9, adam_b2: float = 0.95,
+            adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
+            adam_nesterov: bool = False) -> optax.GradientTransformation:
+  r"""Shampoo (grafted to Adam) for hidden matrices, AdamW for the rest.
+
+  For each matrix leaf:
+
+  .. math::
+     U_k = L̂_k^{-1/4} \hat M_k R̂_k^{-1/4}\cdot
+     \frac{\|\mathrm{Adam}_k\|_F}{\|L̂_k^{-1/4} \hat M_k R̂_k^{-1/4}\|_F},
+     \qquad W_{k+1} = W_k - η_k U_k - η_k λ W_k,
+
+  with the inverse roots recomputed every ``precondition_frequency`` steps
+  (see :func:`optax_lite.transforms.kron_precondition.scale_by_shampoo` for
+  every option: sum / EMA factors, the −1/2 exponent, eigh / Newton roots,
+  grafting on or off).
+
+  Args:
+    learning_rate: float or optax schedule for the matrix leaves.
+    b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
+    accumulation, exponent, root_method, matrix_eps, graft: see
+      ``scale_by_shampoo``.
+    weight_decay, weight_decay_mask, mu_dtype, precond_dtype, dims, labels,
+    precision, adam_*: as in :func:`soap`.
+
+  References:
+    Gupta et al., `Shampoo <https://arxiv.org/abs/1802.09568>`_, 2018.
+
+    Shi et al., `Distributed Shampoo <https://arxiv.org/abs/2309.06497>`_,
+    2023.
+  """
+  matrix_tx = optax.chain(
+      kron_lib.scale_by_shampoo(
+          b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
+          dims, accumulation=accumulation, exponent=exponent,
+          root_method=root_method, matrix_eps=matrix_eps, graft=graft,
+          mu_dtype=mu_dtype, precond_dtype=precond_dtype,
+          precision=precision),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay,
+                                       weight_decay_mask))
+  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
+               weight_decay, adam_weight_decay, mu_dtype, adam_nesterov)
+  return _common.with_adamw(matrix_tx, labels, adam)

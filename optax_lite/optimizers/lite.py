@@ -1,0 +1,240 @@
+"""LITE named optimizers and the reference code's schedules for χ and β₂.
+
+``muon_lite`` is Muon-LITE of Zhu et al. (2026) with the paper's tuned
+defaults (Appendix C.2): hidden matrices get the spectral filter on the
+Nesterov momentum with ``d_s ≈ 0.1·min(m, n)``, ``(β₁, β₂) = (−0.25, 1.0)``,
+``χ = 2``; embedding and norm leaves get AdamW-LITE (``χ = 4``,
+``d_s = 0.1·numel``, ``d_smooth = 0.1·numel``); the output head and other
+leaves get plain AdamW (the paper excludes the head: all sharp).
+
+Ablations (paper §6): ``variant="lite"`` (default), ``"lite_l"`` (only the
+χ boost: ``β₁ = β₂ = 0``), ``"lite_h"`` (only the flat damping: ``χ = 1``,
+``(β₁, β₂) = (−0.25, 2.0)`` for Muon, ``(0, 0.5)`` for SOAP).
+
+What the reference code (``muonlite.py``) adds and the paper omits, each a
+switch here: the flat damping β₂ ramps linearly from β₁ to β₂ over a
+flat-warmup horizon; χ ramps in (matrix leaves) or decays to 1 with the
+cosine schedule (emb/norm leaves); extra decoupled weight decay along the
+flat directions; the threshold ratio starts at ``1/√min(m, n)`` and is capped
+at 1; ``d_s = min(⌊r_s·min(m,n)⌋ + 1, min(m,n) − 1)``. The ramps need the
+run length: pass ``total_steps`` (and ``warmup_steps``), or pass χ and β₂ as
+your own optax schedules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import optax
+
+from optax_lite import _checks
+from optax_lite.linalg import polar as polar_lib
+from optax_lite.optimizers import _common
+from optax_lite.transforms.lite import (diagonal_geometry, lite_flat_boost,
+                                        muon_geometry)
+
+VARIANTS = ('lite', 'lite_l', 'lite_h')
+
+
+def _cosine(step, warmup, total, peak, min_ratio):
+  """The reference's ``cosine_lr_schedule``: linear warmup, cosine to floor."""
+  step = jnp.asarray(step, jnp.float32)
+  warm = peak * step / max(1, warmup)
+  frac = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
+  cos = min_ratio * peak + (peak - min_ratio * peak) * 0.5 * (
+      1 + jnp.cos(jnp.pi * frac))
+  return jnp.where(step < warmup, warm, cos)
+
+
+def flat_warmup_fraction(schedule: str, total_steps: int, warmup_steps: int
+                         ) -> float:
+  """The reference's ``T_flat_warmup`` default: 0.5 (cosine), 2·W/T (wsd)."""
+  if schedule == 'cosine':
+    return 0.5
+  return 2.0 * warmup_steps / max(1, total_steps)
+
+
+def beta2_ramp(beta1: float, beta2: float, *, total_steps: int,
+               warmup_steps: int = 0, flat_warmup: float = 0.5
+               ) -> optax.Schedule:
+  """β₂ ramps linearly from β₁ (t ≤ warmup) to β₂ (t ≥ T_β) (reference).
+
+  ``T_β = ⌊flat_warmup·(total − warmup)⌋ + warmup``.
+  """
+  t_beta = int(flat_warmup * (total_steps - warmup_steps)) + warmup_steps
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    frac = jnp.clip((t - warmup_steps) / max(1, t_beta - warmup_steps), 0, 1)
+    return beta1 + (beta2 - beta1) * frac
+
+  return schedule
+
+
+def chi_schedule(chi: float, *, mode: str, total_steps: int,
+                 warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                 flat_warmup: float = 0.5) -> optax.Schedule:
+  """The reference's ``get_lr_ratio`` under a cosine learning rate.
+
+  ``mode="ramp"`` (matrix leaves, ``flat_mode=1``): 1 during warmup, then
+  ``min(lr_f/lr_s, 1 + (t − W)/(T − W)·(χ − 1)/T_f)``.
+  ``mode="decay"`` (emb/norm, ``flat_mode=2``): ``lr_f/lr_s``, which starts
+  at χ and decays to 1 as both cosines reach the same floor.
+  """
+  if mode not in ('ramp', 'decay'):
+    raise ValueError(f'mode must be "ramp" or "decay", got {mode!r}.')
+
+  def ratio(t):
+    lr_f = _cosine(t, warmup_steps, total_steps, chi, min_lr_ratio / chi)
+    lr_s = _cosine(t, warmup_steps, total_steps, 1.0, min_lr_ratio) + 1e-9
+    return lr_f / lr_s
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    r = ratio(t)
+    if mode == 'decay':
+      return jnp.maximum(r, 1.0)
+    ramp = 1 + (t - warmup_steps) / max(1, total_steps - warmup_steps) * (
+        chi - 1) / flat_warmup
+    return jnp.where(t <= warmup_steps, 1.0, jnp.maximum(1.0, jnp.minimum(
+        r, ramp)))
+
+  return schedule
+
+
+def _variant(variant, chi, beta1, beta2, h_beta):
+  _checks.check_choice('variant', variant, VARIANTS)
+  if variant == 'lite_l':
+    return chi, 0.0, 0.0
+  if variant == 'lite_h':
+    return 1.0, h_beta[0], h_beta[1]
+  return chi, beta1, beta2
+
+
+def lite_schedules(chi, beta1, beta2, *, total_steps, warmup_steps, schedule,
+                   mode, reference_schedules):
+  """χ and β₂ as schedules (reference ramps) or constants."""
+  if total_steps is None or not reference_schedules:
+    return chi, beta2
+  _checks.check_int('total_steps', total_steps, low=1)
+  tf = flat_warmup_fraction(schedule, total_steps, warmup_steps)
+  b2 = beta2
+  if _checks.is_static_number(beta2) and float(beta2) != float(beta1):
+    b2 = beta2_ramp(beta1, beta2, total_steps=total_steps,
+                    warmup_steps=warmup_steps, flat_warmup=tf)
+  c = chi
+  if (schedule == 'cosine' and _checks.is_static_number(chi) and
+      float(chi) > 1.0):
+    c = chi_schedule(chi, mode=mode, total_steps=total_steps,
+                     warmup_steps=warmup_steps, flat_warmup=tf)
+  return c, b2
+
+
+def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
+              variant: str = 'lite', chi: optax.ScalarOrSchedule = 2.0,
+              beta1: float = -0.25, beta2: optax.ScalarOrSchedule = 1.0,
+              sharp_ratio: float = 0.1,
+              emb_chi: optax.ScalarOrSchedule = 4.0,
+              emb_sharp_ratio: float = 0.1, emb_smooth_ratio: float = 0.1,
+              momentum: float = 0.95, method: str = 'polar_express',
+              steps: int | None = None, scaling: str = 'rms',
+              rms: float = 0.2, weight_decay: float = 0.1,
+              flat_weight_decay: bool = True, total_steps: int | None = None,
+              warmup_steps: int = 0, schedule: str = 'cosine',
+              reference_schedules: bool = True,
+              threshold_rate: float = 1.05,
+              threshold_cap: float | None = 1.0,
+              sharp_dim_rule: str = 'reference', mu_dtype=None, dims=None,
+              labels=None, precision=None,
+              adam_learning_rate: optax.ScalarOrSchedule | None = None,
+              adam_b1: float = 0.9, adam_b2: float = 0.95,
+              adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+              ) -> optax.GradientTransformation:
+  r"""Muon-LITE (Zhu et al. 2026, eq. 5) with AdamW-LITE on emb/norm leaves.
+
+  Matrix leaves:
+
+  .. math::
+     U = \mathrm{polar}(M̃)(P + χ(I − P)) + \mathrm{polar}(G)(β_1 P + χβ_2(I − P)),
+
+  with the sharp projector ``P`` from the spectral filter on ``M̃`` (fan-in
+  side of the ``(fan_in, fan_out)`` Flax kernel, which is the input side of
+  the PyTorch weight), then ``0.2·√max(m, n)`` scaling, decoupled weight
+  decay (plus ``λ(χ − 1)`` along flat directions), learning rate.
+  With ``chi=1, beta1=0, beta2=0, emb_chi=1`` this is exactly ``muon``.
+
+  Args:
+    learning_rate: peak learning rate or schedule (as for ``muon``).
+    variant: ``"lite"``, ``"lite_l"`` (only χ) or ``"lite_h"`` (only β₂).
+    chi, beta1, beta2: LITE coefficients of the matrix leaves.
+    sharp_ratio: ``r_s``: ``d_s ≈ r_s·min(m, n)``.
+    emb_chi, emb_sharp_ratio, emb_smooth_ratio: AdamW-LITE on emb/norm.
+    momentum, method, steps, scaling, rms, weight_decay, mu_dtype, dims,
+      labels, precision, adam_*: as for :func:`optax_lite.muon`.
+    flat_weight_decay: add the reference's extra decay along flat directions.
+    total_steps, warmup_steps, schedule: run length and LR schedule kind
+      (``"cosine"`` or ``"wsd"``) for the reference χ/β₂ ramps; without
+      ``total_steps`` χ and β₂ are constant.
+    reference_schedules: switch the ramps off.
+    threshold_rate, threshold_cap, sharp_dim_rule: the filter controller.
+  """
+  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (-0.25, 2.0))
+  if variant == 'lite_h':
+    emb_chi = 1.0
+  polar_lib.check_method(method, steps)
+  _checks.check_decay('momentum', momentum)
+  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
+  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
+  chi_m, beta2_m = lite_schedules(
+      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
+  chi_e, _ = lite_schedules(
+      emb_chi, 0.0, 0.0, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='decay', reference_schedules=reference_schedules)
+  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
+
+  matrix_tx = optax.chain(
+      lite_flat_boost(
+          muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
+                        threshold_rate=threshold_rate,
+                        threshold_cap=threshold_cap,
+                        sharp_dim_rule=sharp_dim_rule, precision=precision),
+          chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=momentum,
+          nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
+          rms=rms, flat_weight_decay=weight_decay if flat_weight_decay
+          else 0.0),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay))
+  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                       weight_decay=adam_wd, mu_dtype=mu_dtype)
+  emb_tx = adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
+                      smooth_ratio=emb_smooth_ratio, b1=adam_b1, b2=adam_b2,
+                      eps=adam_eps, weight_decay=adam_wd,
+                      flat_weight_decay=flat_weight_decay,
+                      threshold_rate=threshold_rate, mu_dtype=mu_dtype)
+  return _common.with_adamw(matrix_tx, labels, adam,
+                            {'embedding': emb_tx, 'norm': emb_tx})
+
+
+def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
+               chi: optax.ScalarOrSchedule = 4.0, sharp_ratio: float = 0.1,
+               smooth_ratio: float = 0.1, b1: float = 0.9, b2: float = 0.95,
+               eps: float = 1e-8, weight_decay: float = 0.1,
+               flat_weight_decay: bool = True, threshold_rate: float = 1.05,
+               mu_dtype=None) -> optax.GradientTransformation:
+  """AdamW-LITE: Adam with the soft flat mask on ``v`` and the χ boost.
+
+  SOAP-LITE with identity bases (LITE paper, Appendix B.1 for the
+  embedding and norm blocks). With ``chi=1`` it is ``optax.adamw``.
+  """
+  _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
+  return optax.chain(
+      lite_flat_boost(
+          diagonal_geometry(b1=b1, b2=b2, eps=eps, sharp_ratio=sharp_ratio,
+                            smooth_ratio=smooth_ratio,
+                            threshold_rate=threshold_rate),
+          chi=chi, momentum=b1, nesterov=False, mu_dtype=mu_dtype,
+          scaling='none',
+          flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay))

@@ -1,0 +1,104 @@
+"""``rmnp``: momentum -> row normalisation -> shape scale -> decay -> lr."""
+
+from __future__ import annotations
+
+import optax
+
+from optax_lite import _checks
+from optax_lite.optimizers import _common
+from optax_lite.transforms.momentum import momentum as momentum_tx
+from optax_lite.transforms.row_normalize import AXES, row_normalize
+from optax_lite.transforms.scaling import scale_by_shape
+
+VARIANTS = ('code', 'paper')
+
+
+def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
+         variant: str = 'code', nesterov: bool | None = None,
+         ema: bool | None = None, axis: str = 'input', eps: float = 1e-12,
+         scaling: str = 'width', rms: float = 0.2, weight_decay: float = 0.1,
+         weight_decay_mask=None, mu_dtype=None, dims=None, labels=None,
+         adam_learning_rate: optax.ScalarOrSchedule | None = None,
+         adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
+         adam_weight_decay: float = 0.1, adam_nesterov: bool = False
+         ) -> optax.GradientTransformation:
+  r"""RMNP: row-normalised momentum for hidden matrices, AdamW elsewhere.
+
+  For each matrix leaf ``W`` (``fan_in × fan_out`` after the ``dims``
+  reshape) with gradient ``G``, the default (``variant="code"``, the authors'
+  public code, Dominator-Index/RMNP, used for every experiment in the paper):
+
+  .. math::
+     B_k = β B_{k-1} + G_k,\quad U_k = G_k + β B_k,\quad
+     D_k = \mathrm{RN}(U_k),\quad
+     W_{k+1} = W_k - η_k\,(s\,D_k + λ W_k),
+
+  with ``RN`` the unit-ℓ2 normalisation of each output unit's fan-in vector
+  (:func:`optax_lite.transforms.row_normalize`, ``axis="input"``; a column
+  of a Flax ``[in, out]`` kernel; no transpose to the smaller side, as the
+  code) and ``s = sqrt(max(1, fan_out / fan_in))``.
+
+  ``variant="paper"`` is Algorithm 2 of the paper, which its theory covers:
+  ``V_k = βV_{k-1} + (1−β)G_k``, ``D_k = RN(V_k)`` (EMA, no Nesterov). Since
+  RN is invariant to positive scaling, EMA vs. heavy-ball momentum gives the
+  same direction; only Nesterov changes it. ``nesterov`` / ``ema`` override
+  the variant's choice.
+
+  Embeddings, the output head, norms, biases and scalars (see
+  :func:`optax_lite.label_params`; the paper's LLaMA code) use AdamW with
+  ``β = (0.9, 0.95)`` and weight decay 0.1 (the paper's protocol) and their
+  own learning rate ``adam_learning_rate``.
+
+  Defaults: ``momentum=0.95`` (paper and code), ``weight_decay=0.1`` on the
+  matrices (paper §4.1 / App. D and the LLaMA code; the GPT-2 code uses 0),
+  ``scaling="width"`` (code). The paper's tuned matrix learning rates are
+  about 2e-3 to 5e-3 for GPT-2/LLaMA (smaller than Muon's); the code's
+  default is 0.02.
+
+  Args:
+    learning_rate: float or optax schedule for the matrix leaves.
+    momentum: ``β``, in ``[0, 1)``.
+    variant: ``"code"`` (Nesterov heavy-ball, default) or ``"paper"``
+      (Algorithm 2: EMA, no Nesterov).
+    nesterov, ema: override the variant's momentum form (``None``: keep).
+    axis: ``"input"`` (default, the paper's rows) or ``"output"``; see
+      :func:`optax_lite.transforms.row_normalize`.
+    eps: norm clamp of the row normalisation.
+    scaling: ``"width"`` (``sqrt(max(1, fan_out/fan_in))``, default), ``"rms"``
+      (``rms·sqrt(max(m, n))``) or ``"none"``.
+    rms: target RMS for ``scaling="rms"``.
+    weight_decay: decoupled weight decay ``λ`` of the matrix leaves
+      (multiplied by the learning rate, not by the shape factor).
+    weight_decay_mask: optional mask for it.
+    mu_dtype: momentum dtype, also for AdamW's first moment.
+    dims: matrix view of leaves, see :func:`optax_lite.orthogonalize`.
+    labels: ``None`` (:func:`optax_lite.label_params`), a callable
+      ``params -> label tree`` or a label tree.
+    adam_learning_rate: AdamW's learning rate; ``None`` uses
+      ``learning_rate``.
+    adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_nesterov: AdamW's
+      other settings for the non-matrix leaves.
+
+  References:
+    Deng et al., `Row-Momentum Normalized Preconditioning
+    <https://arxiv.org/abs/2603.20527>`_, 2026.
+  """
+  _checks.check_decay('momentum', momentum)
+  _checks.check_choice('variant', variant, VARIANTS)
+  _checks.check_choice('axis', axis, AXES)
+  _checks.check_positive('eps', eps)
+  if nesterov is None:
+    nesterov = variant == 'code'
+  if ema is None:
+    ema = variant == 'paper'
+  matrix_tx = optax.chain(
+      momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
+      row_normalize(axis, eps, dims),
+      scale_by_shape(scaling, rms, dims),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay,
+                                       weight_decay_mask))
+  adam = _common.adamw(
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype, nesterov=adam_nesterov)
+  return _common.with_adamw(matrix_tx, labels, adam)

@@ -1,0 +1,298 @@
+r"""``fisher_whiten``: FISMO's Kronecker-factored whitening around a transform.
+
+FISMO (Xu, Yan, Zhang 2026, Algorithm 1) keeps, for each matrix parameter
+``W`` (``m × n`` in the paper's PyTorch layout, rows = output units), two
+SPD Kronecker factors of the (empirical) Fisher ``F ≈ Q ⊗ P``: ``P``
+(``m × m``, **output side**) and ``Q`` (``n × n``, **input side**). Each step,
+with gradient ``G``, EMA ``γ`` and damping ``μ`` (Gauss–Seidel: ``P`` first,
+then ``Q`` with the *new* ``P``):
+
+.. math::
+   L_t &= \tfrac1n G Q_{t-1}^{-1} G^\top + μ\,\tfrac{\mathrm{tr} P_{t-1}}{m} I_m,
+   \quad \tilde P_t = γ P_{t-1} + (1-γ) L_t,
+   \quad P_t = \mathrm{sym}\big(\tfrac{m}{\mathrm{tr}\tilde P_t}\tilde P_t\big)\\
+   R_t &= \tfrac1m G^\top P_t^{-1} G + μ\,\tfrac{\mathrm{tr} Q_{t-1}}{n} I_n,
+   \quad \tilde Q_t = γ Q_{t-1} + (1-γ) R_t,
+   \quad Q_t = \mathrm{sym}\big(\tfrac{n}{\mathrm{tr}\tilde Q_t}\tilde Q_t\big)\\
+   \tilde G_t &= P_t^{-1/2} G Q_t^{-1/2}, \qquad
+   U_t = \mathrm{inner}(\tilde G_t), \qquad
+   \Delta_t = P_t^{-1/2} U_t Q_t^{-1/2}.
+
+``fisher_whiten(inner)`` is this conjugation: the inner transform (and its
+state, e.g. momentum) lives in the whitened space. With
+``inner = optax.identity()`` (or ``None``) the output is the Kronecker
+natural gradient ``P⁻¹ G Q⁻¹``; with ``inner = chain(momentum(β, ema=True,
+nesterov=False), orthogonalize())`` it is FISMO's ``P^{-1/2} Polar(M_t)
+Q^{-1/2}`` (:func:`optax_lite.fismo`). The inner transform is called with
+``params=None``: parameters live in the original coordinates, so weight decay
+belongs outside the wrapper.
+
+**Orientation (Flax).** Leaves are seen through their
+:class:`optax_lite.MatrixDims` as ``X`` of shape ``(batch, fan_in,
+fan_out)``, the transpose of the paper's ``G`` (a Flax kernel is ``[in,
+out]``). ``P`` is always the **output-side** factor (``fan_out × fan_out``,
+updated first) and ``Q`` the **input-side** factor (``fan_in × fan_in``), so a
+Flax kernel gets exactly the update the paper's algorithm gives the PyTorch
+weight ``Xᵀ``. In these coordinates ``L = Xᵀ Q⁻¹ X / fan_in``,
+``R = X P⁻¹ Xᵀ / fan_out``, ``G̃ = Q^{-1/2} X P^{-1/2}`` and
+``Δ = Q^{-1/2} U P^{-1/2}``. (Gauss–Seidel is not transpose-equivariant, so
+the orientation changes the result by a few percent.)
+
+**Gradient scale** (see the repo's FISMO notes, §1.12). Because ``P_{t-1}``
+has mean eigenvalue 1 while ``L_t`` has units of gradient², Algorithm 1 is an
+EMA with effective decay ``γ_eff = γ / (γ + (1−γ)ρ_t)``, ``ρ_t = tr L_t / m``:
+for tiny gradients (``ρ ≪ 1``) the factors stay ≈ ``I`` (FISMO ≈ Muon); for
+large ones (``ρ ≫ 1``) they follow single-batch statistics and can become
+very ill-conditioned. ``scale_invariant=True`` (not in the paper) uses
+``L_t = m·S_t / tr S_t + μ·(tr P_{t-1}/m) I`` with ``S_t = G Q⁻¹ Gᵀ / n``
+(data term 0 when ``S_t = 0``): ``γ`` is then the true EMA decay, ``μ`` a
+damping relative to the mean eigenvalue, ``λ_min(P) ≥ (1−γ)μ/(1+(1−γ)μ)``,
+and the factors do not depend on the gradient scale.
+
+**Inverse roots** use :func:`optax_lite.linalg.inverse_root`: ``"eigh"``
+(exact) or ``"newton"`` (coupled Newton iteration, matmul only, for
+accelerators). Each step computes three inverse square roots,
+``Q_{t-1}^{-1/2}``, ``P_t^{-1/2}`` and ``Q_t^{-1/2}``; the statistics are
+formed as Gram matrices, ``G Q⁻¹ Gᵀ = (G Q^{-1/2})(G Q^{-1/2})ᵀ``, so they are
+positive semi-definite in floating point too.
+
+**Numerical floor** (not in the paper). In exact arithmetic the damping
+keeps ``λ_min(P_t) ≥ m(1−γ)μ / tr P̃_t``, but for large gradients that bound
+falls far below float32 resolution (``~1e-18`` at gradient entries ``1e4``)
+and the Gauss–Seidel recursion then produces indefinite factors and NaNs.
+After each trace normalisation the factor is therefore mixed with the
+identity, ``F ← (1 − min_eig)·F + min_eig·I`` (trace unchanged,
+``λ_min ≥ min_eig``; default ``1e-5`` relative to the mean eigenvalue 1);
+``min_eig=0`` with ``root_eps=0`` is Algorithm 1 literally. ``root_eps``
+adds ``root_eps·I`` inside each inverse root.
+
+**Large sides.** A side whose size exceeds ``max_factor_size`` keeps an
+identity factor (nothing stored, no root): e.g. for a ``768 × 3072`` kernel
+with ``max_factor_size=2048`` only the 768-side is whitened, a one-sided
+(ASGO-like) preconditioner. The other side's statistic then uses ``I``.
+
+State per matrix: ``m² + n²`` factor entries (in ``factor_dtype``, float32 by
+default) plus the inner state (``mn`` for momentum).
+
+References:
+  Xu, Yan, Zhang, `FISMO: Fisher-Structured Momentum-Orthogonalized
+  Optimizer <https://arxiv.org/abs/2601.21750>`_, 2026 (Algorithm 1,
+  Theorems 4.1–4.2).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lite import _checks
+from optax_lite.linalg import roots as roots_lib
+from optax_lite.transforms import _tree
+
+
+class FisherWhitenState(NamedTuple):
+  count: jax.Array  # int32 scalar, number of updates so far
+  p: optax.Updates  # output-side factors, batch_shape + (fan_out, fan_out)
+  q: optax.Updates  # input-side factors, batch_shape + (fan_in, fan_in)
+  inner_state: optax.OptState  # the inner transform's state (whitened space)
+
+
+def _empty(dtype):
+  """Placeholder leaf for an identity (not stored) factor."""
+  return jnp.zeros((0,), dtype)
+
+
+def _is_identity(f) -> bool:
+  return f.ndim == 1 and f.shape[0] == 0
+
+
+def _trace(a):
+  return jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
+
+
+def factor_step(prev: jax.Array, stat: jax.Array, gamma: float,
+                damping: float, scale_invariant: bool, min_eig: float = 0.0
+                ) -> jax.Array:
+  """One factor update of Algorithm 1 (step 4 or 5), batched.
+
+  Args:
+    prev: ``F_{t-1}``, shape ``(..., d, d)``, SPD with trace ``d``.
+    stat: the data statistic ``S_t`` (``G Q⁻¹ Gᵀ / n`` for ``P``).
+    gamma, damping: ``γ`` and ``μ``.
+    scale_invariant: normalise ``S_t`` to trace ``d`` before the EMA.
+    min_eig: the result is mixed with the identity, ``(1 − min_eig)·F +
+      min_eig·I`` (keeps the trace, bounds ``λ_min ≥ min_eig``).
+
+  Returns:
+    ``sym(d · F̃_t / tr F̃_t)`` with ``F̃_t = γ F_{t-1} + (1 − γ) L_t``
+    (then the ``min_eig`` mix).
+  """
+  d = prev.shape[-1]
+  eye = jnp.eye(d, dtype=prev.dtype)
+  if scale_invariant:
+    tr_s = _trace(stat)
+    stat = jnp.where(tr_s > 0, d * stat / jnp.where(tr_s > 0, tr_s, 1.0),
+                     0.0)
+  lt = stat + damping * (_trace(prev) / d) * eye
+  ft = gamma * prev + (1.0 - gamma) * lt
+  f = roots_lib.symmetrize(d / _trace(ft) * ft)
+  if min_eig:
+    f = (1.0 - min_eig) * f + min_eig * eye
+  return f
+
+
+def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
+                  gamma: float = 0.95, damping: float = 1e-3,
+                  root_method: str = 'eigh', root_iters: int = 30,
+                  root_eps: float = 0.0, min_eig: float = 1e-5,
+                  factor_dtype=jnp.float32,
+                  max_factor_size: int | None = 4096,
+                  scale_invariant: bool = False,
+                  dims: _tree.DimsSpec = None, precision=None
+                  ) -> optax.GradientTransformation:
+  """Whitens matrix leaves with FISMO's Kronecker factors around ``inner``.
+
+  Args:
+    inner: the transform applied in the whitened space (``None``: identity,
+      which gives the Kronecker natural gradient ``P⁻¹ G Q⁻¹``). Called with
+      ``params=None``.
+    gamma: factor EMA ``γ`` in ``[0, 1]`` (``1`` freezes ``P = Q = I``).
+    damping: ``μ > 0``; absolute (gradient² units) in the exact algorithm,
+      relative to the mean eigenvalue with ``scale_invariant=True``.
+    root_method: ``"eigh"`` (exact) or ``"newton"`` (matmul-only coupled
+      Newton iteration).
+    root_iters: iterations of the Newton method.
+    root_eps: ridge added before each inverse root (``>= 0``).
+    min_eig: identity mix after each trace normalisation, in ``[0, 1)``
+      (see module doc; ``0`` is the literal algorithm).
+    factor_dtype: dtype of the stored factors and of the factor arithmetic
+      (float32 by default; bfloat16 is not recommended).
+    max_factor_size: a side larger than this keeps an identity factor
+      (``None``: no limit).
+    scale_invariant: normalise the statistic before the EMA (see module
+      doc); ``False`` is Algorithm 1 exactly.
+    dims: how leaves are seen as matrices (see
+      :func:`optax_lite.orthogonalize`); ``None`` entries pass through
+      unwhitened (the inner transform still sees them).
+    precision: ``jax.lax.Precision`` of the matrix products.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`FisherWhitenState`.
+
+  Raises:
+    ValueError: ``gamma`` outside ``[0, 1]``, ``damping <= 0``, unknown
+      ``root_method``, ``root_iters < 1``, ``root_eps < 0``, ``min_eig``
+      outside ``[0, 1)`` or
+      ``max_factor_size < 1``.
+  """
+  inner = optax.identity() if inner is None else inner
+  _checks.check_decay('gamma', gamma, allow_one=True)
+  _checks.check_positive('damping', damping)
+  _checks.check_choice('root_method', root_method, roots_lib.ROOT_METHODS)
+  _checks.check_int('root_iters', root_iters, low=1)
+  _checks.check_positive('root_eps', root_eps, allow_zero=True)
+  _checks.check_decay('min_eig', min_eig)
+  if max_factor_size is not None:
+    _checks.check_int('max_factor_size', max_factor_size, low=1)
+  factor_dtype = jnp.dtype(factor_dtype)
+  if not jnp.issubdtype(factor_dtype, jnp.floating):
+    raise ValueError(f'factor_dtype must be a floating dtype, got '
+                     f'{factor_dtype}.')
+  gamma, damping, min_eig = float(gamma), float(damping), float(min_eig)
+
+  def keep(size: int) -> bool:
+    return max_factor_size is None or size <= max_factor_size
+
+  def mm(a, b):
+    return jnp.matmul(a, b, precision=precision)
+
+  def root(a, p):
+    return roots_lib.inverse_root(a, p, method=root_method, eps=root_eps,
+                                  iters=root_iters, precision=precision)
+
+  def init_fn(params):
+    def leaf(view, x):
+      if view is None:
+        return _empty(factor_dtype), _empty(factor_dtype)
+      def eye(d):
+        if not keep(d):
+          return _empty(factor_dtype)
+        return jnp.broadcast_to(jnp.eye(d, dtype=factor_dtype),
+                                view.batch_shape + (d, d))
+      return eye(view.cols), eye(view.rows)
+
+    pq = _tree.map_leaves(leaf, params, dims=dims, name='params')
+    p, q = _tree.unzip(pq, 2, params)
+    return FisherWhitenState(count=jnp.zeros([], jnp.int32), p=p, q=q,
+                             inner_state=inner.init(params))
+
+  def whiten_leaf(view, g, p_prev, q_prev):
+    """-> (whitened g, new P, new Q, P^{-1/2}, Q^{-1/2}) for one leaf."""
+    if view is None:
+      return g, p_prev, q_prev, p_prev, q_prev
+    b, r, c = view.matrix_shape
+    ct = jnp.promote_types(factor_dtype, jnp.float32)
+    x = view.to_matrix(g).astype(ct)  # (b, fan_in, fan_out) = paper Gᵀ
+    has_p, has_q = not _is_identity(p_prev), not _is_identity(q_prev)
+    if has_p:
+      p_prev = p_prev.reshape(b, c, c).astype(ct)
+    if has_q:
+      q_prev = q_prev.reshape(b, r, r).astype(ct)
+    p_new = q_new = p_isqrt = q_isqrt = None
+    def gram(a, transpose_first):
+      # aᵀa or aaᵀ: symmetric positive semi-definite in floating point too.
+      at = jnp.swapaxes(a, -1, -2)
+      return mm(at, a) if transpose_first else mm(a, at)
+    if has_p:  # Step 4: P from Q_{t-1}; L = Xᵀ Q⁻¹ X / fan_in.
+      qx = mm(root(q_prev, 2), x) if has_q else x
+      stat = gram(qx, True) / r
+      p_new = factor_step(p_prev, stat, gamma, damping, scale_invariant,
+                          min_eig)
+      p_isqrt = root(p_new, 2)
+    if has_q:  # Step 5: Q from the new P; R = X P⁻¹ Xᵀ / fan_out.
+      xp = mm(x, p_isqrt) if has_p else x
+      stat = gram(xp, False) / c
+      q_new = factor_step(q_prev, stat, gamma, damping, scale_invariant,
+                          min_eig)
+      q_isqrt = root(q_new, 2)
+    xw = sandwich(x, q_isqrt, p_isqrt)
+    def store(f, like):
+      if f is None:
+        return like
+      return f.astype(factor_dtype).reshape(view.batch_shape + f.shape[-2:])
+    return (view.from_matrix(xw).astype(g.dtype),
+            store(p_new, p_prev), store(q_new, q_prev),
+            p_isqrt if has_p else p_prev, q_isqrt if has_q else q_prev)
+
+  def sandwich(x, q_isqrt, p_isqrt):
+    if q_isqrt is not None:
+      x = mm(q_isqrt, x)
+    if p_isqrt is not None:
+      x = mm(x, p_isqrt)
+    return x
+
+  def unwhiten_leaf(view, u, p_isqrt, q_isqrt):
+    if view is None:
+      return u
+    ct = jnp.promote_types(factor_dtype, jnp.float32)
+    x = view.to_matrix(u).astype(ct)
+    x = sandwich(x, None if _is_identity(q_isqrt) else q_isqrt,
+                 None if _is_identity(p_isqrt) else p_isqrt)
+    return view.from_matrix(x).astype(u.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    out = _tree.map_leaves(whiten_leaf, updates, state.p, state.q, dims=dims)
+    whitened, p, q, p_isqrt, q_isqrt = _tree.unzip(out, 5, updates)
+    inner_updates, inner_state = inner.update(whitened, state.inner_state,
+                                              None)
+    new_updates = _tree.map_leaves(unwhiten_leaf, inner_updates, p_isqrt,
+                                   q_isqrt, dims=dims)
+    return new_updates, FisherWhitenState(
+        count=optax.safe_increment(state.count), p=p, q=q,
+        inner_state=inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)

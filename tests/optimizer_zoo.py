@@ -1,0 +1,104 @@
+"""The one shared list of named optimizers used by the integration tests.
+
+``NAMED`` is strict: tests parametrize over it, and a name that the library
+does not export fails (``make`` raises ``AttributeError``), so nothing is
+silently skipped.
+
+``make(name, **kw)`` builds ``optax_lite.<name>(learning_rate=..., ...)`` with
+small settings so that every code path runs within a few steps (SOAP /
+Shampoo refresh their bases every 2 steps). Small settings are passed only
+when the optimizer's signature accepts them, so the list stays valid while
+the optimizers' keyword sets evolve; ``kw`` always wins and is passed as is.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+import optax_lite
+
+NAMED = ['muon', 'rmnp', 'fismo', 'soap', 'shampoo', 'muon_lite', 'soap_lite',
+         'rmnp_lite', 'fismo_lite']
+
+# Refresh preconditioners / filters often so that the refresh branches run in
+# a handful of steps.
+SMALL = {
+    'precondition_frequency': 2,
+    'update_frequency': 2,
+    'refresh_every': 2,
+    'frequency': 2,
+}
+
+
+def get(name: str):
+  """The optimizer factory ``optax_lite.<name>`` (AttributeError if missing)."""
+  return getattr(optax_lite, name)
+
+
+def accepts(fn, key: str) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return key in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def make(name: str, learning_rate=1e-2, **kw):
+  """``optax_lite.<name>(learning_rate, **small settings, **kw)``."""
+  fn = get(name)
+  settings = {}
+  try:
+    sig = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    sig = {}
+  for k, v in SMALL.items():
+    if k in sig:
+      settings[k] = v
+  settings.update(kw)
+  return fn(learning_rate=learning_rate, **settings)
+
+
+def params_tree(key=0, dtype=jnp.float32):
+  """A small model-like tree: hidden matrices, a conv kernel, vectors, head."""
+  ks = jax.random.split(jax.random.PRNGKey(key), 8)
+  n = lambda k, s: (jax.random.normal(k, s) / jnp.sqrt(s[0])).astype(dtype)
+  return {
+      'embed': {'embedding': n(ks[0], (16, 8))},
+      'layer0': {'kernel': n(ks[1], (8, 12)), 'bias': jnp.zeros((12,), dtype)},
+      'layer1': {'kernel': n(ks[2], (12, 8)), 'bias': jnp.zeros((8,), dtype)},
+      'conv': {'kernel': n(ks[3], (3, 3, 2, 4))},
+      'ln': {'scale': jnp.ones((8,), dtype)},
+      'head': {'kernel': n(ks[4], (8, 5))},
+  }
+
+
+def grads_like(params, key=1, scale=1.0):
+  """Deterministic random gradients shaped like ``params``."""
+  leaves, treedef = jax.tree.flatten(params)
+  ks = jax.random.split(jax.random.PRNGKey(key), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      (scale * jax.random.normal(k, x.shape)).astype(x.dtype)
+      for k, x in zip(ks, leaves)])
+
+
+def grad_stream(params, n, seed=1, scale=1.0):
+  return [grads_like(params, key=seed + i, scale=scale) for i in range(n)]
+
+
+def run_steps(tx, params, grads_list, state=None, jit=True):
+  """Applies ``tx`` to a list of gradients; returns ``(params, state)``."""
+  import optax
+  if state is None:
+    state = tx.init(params)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step) if jit else step
+  for g in grads_list:
+    params, state = step(params, state, g)
+  return params, state

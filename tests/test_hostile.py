@@ -1,0 +1,348 @@
+"""Hostile input for every named optimizer.
+
+Documented behaviour (checked below):
+
+* **NaN / Inf in a gradient.** The optimizers do not sanitise input: a
+  non-finite entry in a matrix leaf makes that leaf's update non-finite (the
+  polar factor / preconditioner of a NaN matrix is NaN) and poisons that
+  leaf's state; *other* leaves stay finite. Wrap the optimizer in
+  ``optax.apply_if_finite(tx, max_consecutive_errors)``: a step whose
+  gradient has any NaN/Inf is then skipped (zero update), the inner state is
+  kept bit-for-bit, and the next finite step continues exactly as if the bad
+  step had never happened.
+* **All-zero gradients** give finite updates, exactly zero without weight
+  decay.
+* **Rank-1 matrices, 1×n, n×1 and 1:1000 aspect ratios, scalar leaves**
+  give finite updates of the right shape and dtype.
+* **bfloat16 parameters and gradients with float32 state** (``mu_dtype``):
+  updates are bfloat16 and finite, the momentum is float32.
+* **Empty pytrees** init and update to empty trees.
+* **A gradient tree that does not match the state** raises ``ValueError``
+  (structure) or ``TypeError`` (shape) naming the mismatch.
+
+``python tests/test_hostile.py`` prints the table of what each optimizer
+produced for each input (used in the project notes).
+"""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from optimizer_zoo import NAMED, get, grads_like, make, params_tree
+
+
+def _finite(tree):
+  return all(bool(np.all(np.isfinite(np.asarray(x, np.float32))))
+             for x in jax.tree.leaves(tree))
+
+
+def _identical(a, b):
+  la, da = jax.tree.flatten(a)
+  lb, db = jax.tree.flatten(b)
+  assert da == db
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _poison(g, value):
+  g = jax.tree.map(lambda x: x, g)
+  g['layer0']['kernel'] = g['layer0']['kernel'].at[1, 2].set(value)
+  return g
+
+
+def _step(tx):
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, u
+  return step
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize('name', NAMED)
+def test_nonfinite_unguarded_stays_in_its_leaf(name, value):
+  tx = make(name)
+  p = params_tree()
+  s = tx.init(p)
+  u, _ = jax.jit(tx.update)(_poison(grads_like(p), value), s, p)
+  assert not _finite(u['layer0']['kernel']), (
+      f'{name}: a {value} gradient was silently turned into a finite step')
+  for k in ('layer1', 'conv', 'embed', 'head', 'ln'):
+    assert _finite(u[k]), f'{name}: {value} in layer0 leaked into {k}'
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf])
+@pytest.mark.parametrize('name', NAMED)
+def test_apply_if_finite_skips_and_keeps_state(name, value):
+  tx = optax.apply_if_finite(make(name), max_consecutive_errors=3)
+  p0 = params_tree()
+  g1, g2, g3 = (grads_like(p0, key=k, scale=0.5) for k in (1, 2, 3))
+  step = _step(tx)
+
+  p, s, _ = step(p0, tx.init(p0), g1)
+  p_bad, s_bad, u_bad = step(p, s, _poison(g2, value))
+  # Skipped: zero update, parameters and inner state bit-identical.
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u_bad))
+  _identical(p_bad, p)
+  _identical(s_bad.inner_state, s.inner_state)
+  assert int(s_bad.notfinite_count) == 1 and int(s_bad.total_notfinite) == 1
+  assert _finite(s_bad.inner_state)
+  # The next finite step equals (bit for bit, same compiled step) a run that
+  # never saw the bad gradient.
+  p_next, s_next, _ = step(p_bad, s_bad, g3)
+  q, t, _ = step(p0, tx.init(p0), g1)
+  q, t, _ = step(q, t, g3)
+  _identical(p_next, q)
+  _identical(s_next.inner_state, t.inner_state)
+  assert int(s_next.notfinite_count) == 0
+  # ... and, up to XLA fusion round-off, a run of the unwrapped optimizer.
+  clean = make(name)
+  clean_step = _step(clean)
+  r, w, _ = clean_step(p0, clean.init(p0), g1)
+  r, w, _ = clean_step(r, w, g3)
+  for x, y in zip(jax.tree.leaves(p_next), jax.tree.leaves(r)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=1e-6)
+
+
+def _wd0(name):
+  fn = get(name)
+  kw = {}
+  sig = inspect.signature(fn).parameters
+  for k in ('weight_decay', 'adam_weight_decay'):
+    if k in sig:
+      kw[k] = 0.0
+  return kw
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_all_zero_gradients(name):
+  tx = make(name, **_wd0(name))
+  p = params_tree()
+  s = tx.init(p)
+  zeros = jax.tree.map(jnp.zeros_like, p)
+  step = _step(tx)
+  for _ in range(3):  # through a preconditioner refresh
+    p2, s, u = step(p, s, zeros)
+    assert _finite(u) and _finite(s), name
+    for x in jax.tree.leaves(u):
+      np.testing.assert_array_equal(np.asarray(x), 0.0)
+  # And a real gradient afterwards still gives a finite, non-zero step.
+  _, s, u = step(p, s, grads_like(p))
+  assert _finite(u) and _finite(s)
+  assert np.any(np.asarray(u['layer0']['kernel']))
+
+
+def _odd_params():
+  k = jax.random.split(jax.random.PRNGKey(3), 6)
+  return {
+      'row': {'kernel': jax.random.normal(k[0], (1, 24))},
+      'col': {'kernel': jax.random.normal(k[1], (24, 1))},
+      'wide': {'kernel': jax.random.normal(k[2], (1, 1000)) * 0.03},
+      'tall': {'kernel': jax.random.normal(k[3], (1000, 1)) * 0.03},
+      'sq': {'kernel': jax.random.normal(k[4], (6, 6))},
+      'scalar': {'s': jnp.asarray(0.5)},
+  }
+
+
+def _rank1_grads(params, key=7):
+  def one(x, k):
+    if x.ndim < 2:
+      return jax.random.normal(k, x.shape)
+    ka, kb = jax.random.split(k)
+    a = jax.random.normal(ka, (x.shape[0], 1))
+    b = jax.random.normal(kb, (1, x.shape[1]))
+    return a @ b
+  leaves, td = jax.tree.flatten(params)
+  ks = jax.random.split(jax.random.PRNGKey(key), len(leaves))
+  return jax.tree.unflatten(td, [one(x, kk) for x, kk in zip(leaves, ks)])
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_degenerate_shapes_rank1_and_scalars(name):
+  tx = make(name)
+  p = _odd_params()
+  s = tx.init(p)
+  step = _step(tx)
+  for i in range(3):
+    g = _rank1_grads(p, key=i) if i % 2 else grads_like(p, key=i)
+    p_new, s, u = step(p, s, g)
+    assert _finite(u) and _finite(s) and _finite(p_new), name
+    for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(p)):
+      assert x.shape == y.shape and x.dtype == y.dtype
+    p = p_new
+  assert p['scalar']['s'].shape == ()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', NAMED)
+def test_aspect_1_to_1000_large(name):
+  tx = make(name)
+  p = {'a': {'kernel': jnp.ones((3, 3000)) * 0.01},
+       'b': {'kernel': jnp.ones((3000, 3)) * 0.01}}
+  s = tx.init(p)
+  step = _step(tx)
+  for i in range(3):
+    p, s, u = step(p, s, grads_like(p, key=i))
+    assert _finite(u) and _finite(s)
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_bf16_params_with_f32_state(name):
+  tx = make(name, mu_dtype=jnp.float32)
+  p = params_tree(dtype=jnp.bfloat16)
+  s = tx.init(p)
+  step = _step(tx)
+  for i in range(3):
+    p_new, s, u = step(p, s, grads_like(p, key=i))
+    assert _finite(u) and _finite(s)
+    # Parameters stay bfloat16. Matrix updates are bfloat16; the AdamW
+    # leaves' updates come out in float32 (optax's scale_by_adam computes in
+    # mu's dtype) and apply_updates casts them back.
+    for x in jax.tree.leaves(p_new):
+      assert x.dtype == jnp.bfloat16
+    for x in jax.tree.leaves(u):
+      assert x.dtype in (jnp.bfloat16, jnp.float32)
+    for k in ('layer0', 'layer1', 'conv'):
+      assert u[k]['kernel'].dtype == jnp.bfloat16, (name, k)
+    p = p_new
+  # The momentum of every matrix leaf is kept in float32.
+  _assert_state_dtype(s, p, jnp.float32)
+
+
+def _param_shaped(state, params):
+  p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    for ppath, q in p_flat:
+      if (len(path) >= len(ppath) and tuple(path[-len(ppath):]) == tuple(ppath)
+          and leaf.shape == q.shape):
+        out.append((jax.tree_util.keystr(ppath), leaf))
+  return out
+
+
+def _assert_state_dtype(state, params, dtype):
+  pairs = _param_shaped(state, params)
+  have = {}
+  for key, leaf in pairs:
+    have.setdefault(key, set()).add(jnp.dtype(leaf.dtype))
+  for key in ("['layer0']['kernel']", "['layer1']['kernel']",
+              "['conv']['kernel']"):
+    assert jnp.dtype(dtype) in have.get(key, set()), (
+        f'no {jnp.dtype(dtype).name} momentum for {key}: {have.get(key)}')
+
+
+FACTOR_DTYPE_NAMES = ('factor_dtype', 'precond_dtype', 'preconditioner_dtype',
+                      'state_dtype', 'kron_dtype')
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_mu_dtype_honoured(name):
+  """mu_dtype (and a Kronecker factor dtype) reach the stored state."""
+  sig = inspect.signature(get(name)).parameters
+  assert 'mu_dtype' in sig, f'{name} has no mu_dtype argument'
+  factor = [k for k in FACTOR_DTYPE_NAMES if k in sig]
+  kw = {k: jnp.bfloat16 for k in factor}
+  tx = make(name, mu_dtype=jnp.bfloat16, **kw)
+  p = params_tree()
+  s = tx.init(p)
+  _, s, u = _step(tx)(p, s, grads_like(p))
+  assert _finite(u)
+  _assert_state_dtype(s, p, jnp.bfloat16)
+  for x in jax.tree.leaves(u):
+    assert x.dtype == jnp.float32
+  if factor:
+    # Square non-parameter-shaped state (Kronecker factors / bases) follows
+    # the factor dtype.
+    shaped = {id(l) for _, l in _param_shaped(s, p)}
+    squares = [l for l in jax.tree.leaves(s) if id(l) not in shaped and
+               l.ndim >= 2 and l.shape[-1] == l.shape[-2] and l.shape[-1] > 1
+               and jnp.issubdtype(l.dtype, jnp.floating)]
+    assert squares, f'{name}: no square factor state found'
+    assert all(l.dtype == jnp.bfloat16 for l in squares), [
+        (l.shape, l.dtype) for l in squares]
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_empty_pytrees(name):
+  tx = make(name)
+  for empty in ({}, [], {'a': {}}):
+    s = tx.init(empty)
+    u, s2 = tx.update(empty, s, empty)
+    assert jax.tree.leaves(u) == []
+    assert jax.tree.structure(u) == jax.tree.structure(empty)
+    u, _ = jax.jit(tx.update)(empty, s2, empty)
+    assert jax.tree.leaves(u) == []
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_mismatched_gradient_tree_raises(name):
+  tx = make(name)
+  p = params_tree()
+  s = tx.init(p)
+  g = grads_like(p)
+  missing = {k: v for k, v in g.items() if k != 'conv'}
+  with pytest.raises((ValueError, TypeError),
+                     match='(?i)(structure|mismatch|key|tree)'):
+    tx.update(missing, s, p)
+  extra = dict(g, extra={'kernel': jnp.ones((4, 4))})
+  with pytest.raises((ValueError, TypeError),
+                     match='(?i)(structure|mismatch|key|tree)'):
+    tx.update(extra, s, p)
+  transposed = jax.tree.map(lambda x: x, g)
+  transposed['layer0']['kernel'] = g['layer0']['kernel'].T
+  with pytest.raises((ValueError, TypeError), match='(?i)shape'):
+    jax.block_until_ready(tx.update(transposed, s, p))
+
+
+# ----------------------------------------------------------------------------
+# The behaviour table for the notes: python tests/test_hostile.py
+
+
+def describe(names=NAMED):
+  cases = {
+      'nan in layer0': lambda p: _poison(grads_like(p), np.nan),
+      'inf in layer0': lambda p: _poison(grads_like(p), np.inf),
+      'all zero': lambda p: jax.tree.map(jnp.zeros_like, p),
+      'huge 1e30': lambda p: grads_like(p, scale=1e30),
+      'tiny 1e-30': lambda p: grads_like(p, scale=1e-30),
+  }
+  rows = []
+  for name in names:
+    try:
+      tx = make(name)
+    except Exception as e:  # not there yet
+      rows.append((name, 'n/a', f'{type(e).__name__}: {e}'))
+      continue
+    for case, gf in cases.items():
+      p = params_tree()
+      try:
+        u, s = jax.jit(tx.update)(gf(p), tx.init(p), p)
+        bad = sorted({jax.tree_util.keystr(k[:1]) for k, x in
+                      jax.tree_util.tree_flatten_with_path(u)[0]
+                      if not np.all(np.isfinite(np.asarray(x)))})
+        mx = max(float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(x), x, 0)))) for x in
+                 jax.tree.leaves(u))
+        what = (f'non-finite update in {",".join(bad)}' if bad else
+                'finite') + f'; max|finite u|={mx:.3g}; state finite: {_finite(s)}'
+      except Exception as e:
+        what = f'raises {type(e).__name__}: {str(e)[:80]}'
+      rows.append((name, case, what))
+    p = _odd_params()
+    try:
+      u, s = jax.jit(tx.update)(_rank1_grads(p), tx.init(p), p)
+      rows.append((name, 'rank-1, 1xn, nx1, 1:1000, scalar',
+                   'finite' if _finite(u) and _finite(s) else 'NON-FINITE'))
+    except Exception as e:
+      rows.append((name, 'rank-1, 1xn, nx1, 1:1000, scalar',
+                   f'raises {type(e).__name__}: {str(e)[:80]}'))
+  for r in rows:
+    print(' | '.join(r))
+
+
+if __name__ == '__main__':
+  describe()

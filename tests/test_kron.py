@@ -1,0 +1,452 @@
+"""Tests for SOAP / Shampoo: eigenbasis helpers, kron_precondition, named opts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import assert_tree_finite, assert_trees_close
+from optax_lite.linalg import eigenbasis as eig_lib
+from optax_lite.linalg.matrices import MatrixDims
+from optax_lite.optimizers import kron as kron_opt
+from optax_lite.transforms import kron_precondition as kp
+
+
+def _designed(m, n, svals, seed=0):
+  """``U diag(svals) Vᵀ`` with random orthonormal U, V."""
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.standard_normal((m, len(svals))))
+  v, _ = np.linalg.qr(rng.standard_normal((n, len(svals))))
+  return (u * np.asarray(svals)) @ v.T, u, v
+
+
+def _eig_desc(a):
+  lam, q = np.linalg.eigh(np.asarray(a, np.float64))
+  return lam[::-1], q[:, ::-1]
+
+
+def _assert_same_columns(q, q_ref, k, atol=1e-4):
+  """First k columns of q equal those of q_ref up to sign."""
+  q = np.asarray(q, np.float64)[:, :k]
+  q_ref = np.asarray(q_ref, np.float64)[:, :k]
+  overlap = np.abs(np.sum(q * q_ref, axis=0))
+  np.testing.assert_allclose(overlap, np.ones(k), atol=atol)
+
+
+def _polar(g):
+  u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+  return u @ vt
+
+
+# ---------------------------------------------------------------- linalg ---
+def test_eigenbasis_init_sorted_descending():
+  a = np.random.default_rng(1).standard_normal((2, 5, 5))
+  a = a @ np.swapaxes(a, -1, -2)
+  q, lam = eig_lib.eigenbasis_init(jnp.asarray(a, jnp.float32))
+  assert q.shape == (2, 5, 5) and lam.shape == (2, 5)
+  assert np.all(np.diff(np.asarray(lam), axis=-1) <= 0)
+  for b in range(2):
+    ref_lam, ref_q = _eig_desc(a[b])
+    np.testing.assert_allclose(lam[b], ref_lam, rtol=1e-4, atol=1e-4)
+    _assert_same_columns(q[b], ref_q, 5)
+    np.testing.assert_allclose(q[b] @ np.diag(lam[b]) @ q[b].T, a[b],
+                               atol=1e-3)
+
+
+def test_eigenbasis_zero_matrix_is_safe():
+  q, lam = eig_lib.eigenbasis_init(jnp.zeros((3, 3)))
+  assert np.all(np.isfinite(q)) and np.all(np.isfinite(lam))
+  np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-6)
+  q0 = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal(
+      (3, 3)))[0], jnp.float32)
+  q1, perm = eig_lib.eigenbasis_refresh(jnp.zeros((3, 3)), q0)
+  assert np.all(np.isfinite(q1))
+  np.testing.assert_allclose(q1, q0[:, perm], atol=1e-6)
+
+
+def test_eigenbasis_refresh_converges_to_eigenvectors():
+  # Distinct eigenvalues 16, 9, 4, 1: ratios <= 0.5625 per power step.
+  g, u, _ = _designed(5, 4, [4., 3., 2., 1.], seed=2)
+  a = jnp.asarray(g @ g.T, jnp.float32)
+  q = jnp.asarray(np.linalg.qr(np.random.default_rng(3).standard_normal(
+      (5, 5)))[0], jnp.float32)
+  for _ in range(60):
+    q, _ = eig_lib.eigenbasis_refresh(a, q)
+  np.testing.assert_allclose(q.T @ q, np.eye(5), atol=1e-5)
+  _assert_same_columns(q, u, 4)
+
+
+def test_refresh_sorts_columns_and_permutes_nu():
+  g, _, _ = _designed(4, 4, [4., 3., 2., 1.], seed=4)
+  lam, qe = _eig_desc(g @ g.T)
+  a = jnp.asarray(g @ g.T, jnp.float32)[None]
+  swapped = jnp.asarray(qe[:, [1, 0, 2, 3]], jnp.float32)[None]
+  nu = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4)
+  q_l, q_r, nu2 = kp.soap_refresh_bases(a, jnp.zeros((1, 0, 0)), swapped,
+                                        jnp.zeros((1, 0, 0)), nu)
+  assert q_r.shape == (1, 0, 0)
+  np.testing.assert_array_equal(nu2[0], np.asarray(nu[0])[[1, 0, 2, 3]])
+  _assert_same_columns(q_l[0], qe, 4)
+
+
+def test_rotate_roundtrip_and_identity_sides():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 4, 3)), jnp.float32)
+  q_l = jnp.asarray(np.linalg.qr(rng.standard_normal((2, 4, 4)))[0],
+                    jnp.float32)
+  q_r = jnp.asarray(np.linalg.qr(rng.standard_normal((2, 3, 3)))[0],
+                    jnp.float32)
+  np.testing.assert_allclose(kp.rotate_back(kp.rotate(x, q_l, q_r), q_l, q_r),
+                             x, atol=1e-5)
+  empty = jnp.zeros((2, 0, 0))
+  np.testing.assert_array_equal(kp.rotate(x, empty, empty), x)
+  np.testing.assert_allclose(kp.rotate(x, q_l, empty),
+                             np.swapaxes(q_l, 1, 2) @ x, atol=1e-6)
+
+
+# ------------------------------------------------------------------ SOAP ---
+@pytest.mark.parametrize('shape', [(6, 4), (4, 4), (3, 5)])
+def test_soap_basis_after_first_step_is_exact(shape, maybe_jit):
+  g = jax.random.normal(jax.random.PRNGKey(0), shape)
+  tx = kp.kron_precondition('soap')
+  state = tx.init({'w': jnp.zeros(shape)})
+  u, state = maybe_jit(tx.update)({'w': g}, state)
+  r = min(shape)
+  _, ql_ref = _eig_desc(g @ g.T)
+  _, qr_ref = _eig_desc(g.T @ g)
+  _assert_same_columns(state.q_l['w'][0], ql_ref, r)
+  _assert_same_columns(state.q_r['w'][0], qr_ref, r)
+  for q in (state.q_l['w'][0], state.q_r['w'][0]):
+    np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-5)
+  # Reference behaviour: step 1 only initialises (zero update, M, V = 0).
+  np.testing.assert_array_equal(u['w'], np.zeros(shape))
+  np.testing.assert_array_equal(state.nu['w'], np.zeros((1,) + shape))
+  np.testing.assert_allclose(state.stats_l['w'][0], 0.05 * g @ g.T,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_soap_qr_refresh_converges_on_fixed_gradient():
+  g, u, v = _designed(6, 4, [4., 3., 2., 1.], seed=6)
+  g = jnp.asarray(g, jnp.float32)
+  tx = kp.kron_precondition('soap', shampoo_beta=0.0,
+                            precondition_frequency=1)
+  state = tx.init({'w': jnp.zeros((6, 4))})
+  _, state = tx.update({'w': g}, state)
+  _assert_same_columns(state.q_l['w'][0], u, 4)
+  # Start the power iteration from random bases: it must find them again.
+  rng = np.random.default_rng(7)
+  rand = lambda n: jnp.asarray(np.linalg.qr(rng.standard_normal(
+      (1, n, n)))[0], jnp.float32)
+  state = state._replace(q_l={'w': rand(6)}, q_r={'w': rand(4)})
+  update = jax.jit(tx.update)
+  for _ in range(50):
+    _, state = update({'w': g}, state)
+  _assert_same_columns(state.q_l['w'][0], u, 4)
+  _assert_same_columns(state.q_r['w'][0], v, 4)
+  assert_tree_finite(state)
+
+
+def test_soap_identity_bases_equals_adam(maybe_jit):
+  keys = jax.random.split(jax.random.PRNGKey(1), 6)
+  params = {'w': jnp.zeros((5, 3)), 'b': jnp.zeros(3),
+            'c': jnp.zeros((2, 3, 4))}
+  tx = kp.kron_precondition('soap', max_precond_dim=0)
+  ref = optax.scale_by_adam(b1=0.95, b2=0.99, eps=1e-8)
+  s, s_ref = tx.init(params), ref.init(params)
+  step, step_ref = maybe_jit(tx.update), maybe_jit(ref.update)
+  for k in keys:
+    g = jax.tree.map(lambda p, kk=k: jax.random.normal(kk, p.shape), params)
+    u, s = step(g, s)
+    u_ref, s_ref = step_ref(g, s_ref)
+    assert_trees_close(u, u_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_soap_vectors_are_adam_and_matrices_preconditioned():
+  params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
+  tx = kp.kron_precondition('soap')
+  ref = optax.scale_by_adam(b1=0.95, b2=0.99, eps=1e-8)
+  s, s_ref = tx.init(params), ref.init(params)
+  assert s.q_l['b'].shape == (1, 0, 0) and s.q_l['w'].shape == (1, 4, 4)
+  for i in range(3):
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(
+        jax.random.PRNGKey(i), p.shape), params)
+    u, s = tx.update(g, s)
+    u_ref, s_ref = ref.update(g, s_ref)
+    np.testing.assert_allclose(u['b'], u_ref['b'], rtol=1e-6, atol=1e-7)
+  assert np.abs(np.asarray(u['w'] - u_ref['w'])).max() > 1e-3
+
+
+def test_soap_helpers_reproduce_transform():
+  g = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 3))
+  dims = MatrixDims(1, 2)
+  tx = kp.scale_by_soap(dims=dims, precondition_frequency=2)
+  s = tx.init({'w': g})
+  leaf = kp.SoapLeaf(*(f['w'] for f in s[1:]))
+  for t in range(1, 5):
+    gt = g * t - 0.3
+    u, s = tx.update({'w': gt}, s)
+    leaf, d = kp.soap_leaf_update(leaf, gt, jnp.int32(t), b1=0.95, b2=0.99,
+                                  shampoo_beta=0.95, eps=1e-8,
+                                  precondition_frequency=2)
+    np.testing.assert_allclose(kp.soap_direction(d), u['w'], rtol=1e-5,
+                               atol=1e-6)
+    assert d.numerator.shape == d.denominator.shape == d.grad_rot.shape
+  np.testing.assert_allclose(leaf.nu, s.nu['w'], rtol=1e-6)
+
+
+def test_soap_one_sided_and_state_shapes():
+  params = {'w': jnp.zeros((6, 4)), 'conv': jnp.zeros((2, 2, 3, 5)),
+            'bat': jnp.zeros((3, 4, 5)), 'v': jnp.zeros(7)}
+  # A dims tree: None = no matrix view (identity on both sides, i.e. Adam).
+  dims = {'w': MatrixDims(0, 1), 'conv': MatrixDims((0, 1, 2), 3),
+          'bat': MatrixDims(1, 2), 'v': None}
+  tx = kp.scale_by_soap(max_precond_dim=5, dims=dims)
+  s = tx.init(params)
+  shapes = jax.tree.map(jnp.shape, s)
+  assert shapes.mu == {'w': (1, 6, 4), 'conv': (1, 12, 5),
+                       'bat': (3, 4, 5), 'v': (1, 1, 7)}
+  assert shapes.q_l == {'w': (1, 0, 0), 'conv': (1, 0, 0),
+                        'bat': (3, 4, 4), 'v': (1, 0, 0)}
+  assert shapes.q_r == {'w': (1, 4, 4), 'conv': (1, 5, 5),
+                        'bat': (3, 5, 5), 'v': (1, 0, 0)}
+  assert shapes.stats_l == shapes.q_l and shapes.stats_r == shapes.q_r
+  g = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(0),
+                                               p.shape), params)
+  for _ in range(2):
+    u, s = tx.update(g, s)
+  assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
+  assert_tree_finite((u, s))
+
+
+@pytest.mark.parametrize('mode', ['soap', 'shampoo'])
+def test_nd_leaves_match_reshaped_matrix_and_batches(mode):
+  key = jax.random.PRNGKey(8)
+  conv = jax.random.normal(key, (2, 2, 3, 4))
+  tx = kp.kron_precondition(mode)
+  s1, s2 = tx.init({'k': conv}), tx.init({'k': conv.reshape(12, 4)})
+  for t in range(3):
+    g = conv * (t + 1) + 0.1 * t
+    u1, s1 = tx.update({'k': g}, s1)
+    u2, s2 = tx.update({'k': g.reshape(12, 4)}, s2)
+    np.testing.assert_allclose(u1['k'].reshape(12, 4), u2['k'], rtol=1e-5,
+                               atol=1e-6)
+  # Batch axes: each slice is preconditioned independently.
+  bat = jax.random.normal(key, (3, 4, 5))
+  txb = kp.kron_precondition(mode, dims=MatrixDims(1, 2))
+  sb = txb.init({'k': bat})
+  singles = [tx.init({'k': bat[i]}) for i in range(3)]
+  for t in range(3):
+    g = bat * (t + 1) - 0.2
+    ub, sb = txb.update({'k': g}, sb)
+    for i in range(3):
+      ui, singles[i] = tx.update({'k': g[i]}, singles[i])
+      np.testing.assert_allclose(ub['k'][i], ui['k'], rtol=1e-4, atol=1e-5)
+
+
+def test_soap_moves_the_eigenbasis_direction_sensibly():
+  """SOAP minimises a small ill-conditioned least-squares problem."""
+  rng = np.random.default_rng(9)
+  a = jnp.asarray(rng.standard_normal((32, 8)) * np.logspace(0, 1.5, 8),
+                  jnp.float32)
+  w_true = jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)
+  b = a @ w_true
+  loss = lambda w: jnp.mean((a @ w - b) ** 2)
+  opt = optax.chain(kp.kron_precondition('soap'),
+                    optax.scale_by_learning_rate(0.05))
+  w = jnp.zeros((8, 4))
+  s = opt.init(w)
+
+  @jax.jit
+  def step(w, s):
+    u, s = opt.update(jax.grad(loss)(w), s)
+    return optax.apply_updates(w, u), s
+
+  l0 = loss(w)
+  for _ in range(150):
+    w, s = step(w, s)
+  assert loss(w) < 1e-2 * l0
+
+
+# --------------------------------------------------------------- Shampoo ---
+@pytest.mark.parametrize('shape', [(5, 5), (6, 4), (3, 7)])
+@pytest.mark.parametrize('accumulation', ['sum', 'ema'])
+@pytest.mark.parametrize('root_method', ['eigh', 'newton'])
+def test_shampoo_first_step_is_polar(shape, accumulation, root_method):
+  m, n = shape
+  r = min(shape)
+  g, _, _ = _designed(m, n, np.linspace(2.0, 1.0, r), seed=m * 10 + n)
+  g = jnp.asarray(g, jnp.float32)
+  tx = kp.kron_precondition('shampoo', b1=0.0, graft='none',
+                            accumulation=accumulation, matrix_eps=1e-9,
+                            exponent=0.25, root_method=root_method)
+  u, _ = tx.update({'w': g}, tx.init({'w': g}))
+  tol = 2e-3 if m == n else 2e-2  # null-space round-off times eps^{-1/4}
+  np.testing.assert_allclose(u['w'], _polar(g), atol=tol)
+
+
+def test_shampoo_half_exponent_gives_pseudo_inverse_transpose():
+  g, _, _ = _designed(4, 4, [2.0, 1.5, 1.2, 1.0], seed=11)
+  g = jnp.asarray(g, jnp.float32)
+  tx = kp.kron_precondition('shampoo', b1=0.0, graft='none', exponent=0.5,
+                            matrix_eps=1e-9)
+  u, _ = tx.update({'w': g}, tx.init({'w': g}))
+  np.testing.assert_allclose(u['w'], np.linalg.pinv(np.asarray(g)).T,
+                             atol=1e-3)
+
+
+def test_shampoo_grafting_matches_adam_norm():
+  params = {'w': jnp.zeros((5, 3))}
+  tx = kp.kron_precondition('shampoo', b1=0.9, b2=0.999)
+  ref = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+  s, s_ref = tx.init(params), ref.init(params)
+  for i in range(4):
+    g = {'w': jax.random.normal(jax.random.PRNGKey(i), (5, 3))}
+    u, s = tx.update(g, s)
+    u_ref, s_ref = ref.update(g, s_ref)
+    np.testing.assert_allclose(np.linalg.norm(u['w']),
+                               np.linalg.norm(u_ref['w']), rtol=1e-5)
+  # The direction is not Adam's (it is preconditioned).
+  assert np.abs(np.asarray(u['w'] - u_ref['w'])).max() > 1e-3
+
+
+def test_shampoo_roots_refresh_every_k_steps():
+  tx = kp.kron_precondition('shampoo', precondition_frequency=3)
+  s = tx.init({'w': jnp.zeros((4, 3))})
+  history = []
+  for i in range(7):
+    g = {'w': jax.random.normal(jax.random.PRNGKey(i), (4, 3))}
+    _, s = tx.update(g, s)
+    history.append(np.asarray(s.precond_l['w']))
+  changed = [not np.allclose(history[i], history[i - 1])
+             for i in range(1, 7)]
+  # Recomputed at steps 1, 4, 7 (index 0, 3, 6).
+  assert changed == [False, False, True, False, False, True]
+
+
+def test_shampoo_one_sided_auto_exponent_is_polar():
+  g, _, _ = _designed(6, 4, [2.0, 1.7, 1.3, 1.0], seed=12)
+  g = jnp.asarray(g, jnp.float32)
+  # Left side (6) is above max_precond_dim: R^{-1/2} alone gives G(GᵀG)^{-1/2}.
+  tx = kp.kron_precondition('shampoo', b1=0.0, graft='none',
+                            max_precond_dim=5, matrix_eps=1e-9)
+  s = tx.init({'w': g})
+  assert s.precond_l['w'].shape == (1, 0, 0)
+  u, _ = tx.update({'w': g}, s)
+  np.testing.assert_allclose(u['w'], _polar(g), atol=1e-3)
+
+
+# --------------------------------------------------------- robustness -----
+@pytest.mark.parametrize('mode', ['soap', 'shampoo'])
+def test_zero_gradient_first_step_is_finite(mode, maybe_jit):
+  params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
+  tx = kp.kron_precondition(mode, precondition_frequency=2)
+  s = tx.init(params)
+  step = maybe_jit(tx.update)
+  u, s = step(jax.tree.map(jnp.zeros_like, params), s)
+  assert_tree_finite((u, s))
+  np.testing.assert_array_equal(u['w'], np.zeros((4, 3)))
+  q = s.q_l['w'][0] if mode == 'soap' else s.precond_l['w'][0]
+  np.testing.assert_allclose(q @ q.T, np.eye(4), atol=1e-6)
+  for i in range(4):
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
+                                                      p.shape), params)
+    u, s = step(g, s)
+    assert_tree_finite((u, s))
+  assert np.abs(np.asarray(u['w'])).max() > 0
+
+
+@pytest.mark.parametrize('mode', ['soap', 'shampoo'])
+def test_bfloat16_params_float32_state(mode):
+  params = {'w': jnp.zeros((4, 3), jnp.bfloat16), 'b': jnp.zeros(3,
+                                                                 jnp.bfloat16)}
+  tx = kp.kron_precondition(mode)
+  s = tx.init(params)
+  for i in range(3):
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(
+        jax.random.PRNGKey(i), p.shape, jnp.bfloat16), params)
+    u, s = jax.jit(tx.update)(g, s)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s)
+             if x.ndim > 0)
+  assert_tree_finite((u, s))
+
+
+@pytest.mark.parametrize('mode,kwargs,name', [
+    ('soap', dict(precondition_frequency=0), 'precondition_frequency'),
+    ('shampoo', dict(precondition_frequency=0), 'precondition_frequency'),
+    ('soap', dict(b1=1.0), 'b1'),
+    ('soap', dict(b2=-0.1), 'b2'),
+    ('soap', dict(shampoo_beta=1.0), 'shampoo_beta'),
+    ('shampoo', dict(shampoo_beta=1.5), 'shampoo_beta'),
+    ('soap', dict(eps=0.0), 'eps'),
+    ('shampoo', dict(eps=-1.0), 'eps'),
+    ('shampoo', dict(matrix_eps=0.0), 'matrix_eps'),
+    ('shampoo', dict(accumulation='max'), 'accumulation'),
+    ('shampoo', dict(root_method='svd'), 'root_method'),
+    ('shampoo', dict(graft='sgd'), 'graft'),
+    ('shampoo', dict(exponent=0.0), 'exponent'),
+    ('shampoo', dict(exponent=0.3, root_method='newton'), 'exponent'),
+    ('soap', dict(max_precond_dim=-1), 'max_precond_dim'),
+    ('cholesky', dict(), 'mode'),
+])
+def test_bad_input_raises(mode, kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    kp.kron_precondition(mode, **kwargs)
+
+
+def test_bad_input_named_optimizers():
+  with pytest.raises(ValueError, match='precondition_frequency'):
+    kron_opt.soap(1e-3, precondition_frequency=0)
+  with pytest.raises(ValueError, match='b2'):
+    kron_opt.shampoo(1e-3, b2=1.0)
+  with pytest.raises(ValueError, match='learning_rate'):
+    kron_opt.soap(-1.0)
+  with pytest.raises(TypeError):
+    kp.kron_precondition('soap', graft='adam')
+
+
+# ------------------------------------------------------ named optimizers ---
+@pytest.mark.parametrize('name', ['soap', 'shampoo'])
+def test_named_optimizers_route_and_train(name):
+  params = {'embed': {'embedding': jnp.ones((10, 4)) * 0.1},
+            'layer': {'kernel': jnp.ones((4, 6)) * 0.1, 'bias': jnp.zeros(6)},
+            'norm': {'scale': jnp.ones(6)}}
+  opt = getattr(kron_opt, name)(1e-2, weight_decay=0.0)
+  s = opt.init(params)
+  # Only the hidden kernel carries Kronecker state.
+  kstate = [x for x in jax.tree.leaves(
+      s, is_leaf=lambda z: isinstance(z, (kp.SoapState, kp.ShampooState)))
+            if isinstance(x, (kp.SoapState, kp.ShampooState))]
+  assert len(kstate) == 1
+  leaves = jax.tree.leaves(kstate[0].stats_l)
+  assert [x.shape for x in leaves] == [(1, 4, 4)]
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4))
+  y = jax.random.normal(jax.random.PRNGKey(1), (16, 6))
+
+  def loss(p):
+    h = x @ p['layer']['kernel'] + p['layer']['bias']
+    h = h * p['norm']['scale'] + p['embed']['embedding'][:16 % 10].sum()
+    return jnp.mean((h - y) ** 2)
+
+  @jax.jit
+  def step(p, s):
+    u, s = opt.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+
+  l0 = loss(params)
+  for _ in range(40):
+    params, s = step(params, s)
+  assert_tree_finite((params, s))
+  assert loss(params) < 0.9 * l0
+
+
+def test_named_soap_weight_decay_only_on_matrix_path():
+  params = {'layer': {'kernel': jnp.ones((4, 3))}}
+  opt = kron_opt.soap(0.1, weight_decay=0.5)
+  s = opt.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  u, s = opt.update(zero, s, params)
+  np.testing.assert_allclose(u['layer']['kernel'], -0.05 * np.ones((4, 3)),
+                             rtol=1e-6)

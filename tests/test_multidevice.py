@@ -1,0 +1,196 @@
+"""Every named optimizer under jit with NamedSharding'd parameters (8 devices).
+
+Run in its own process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (``./run test`` does).
+Fewer than 8 devices is a failure, not a skip.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import optax_lite as ol
+from optax_lite.linalg import distributed
+from optimizer_zoo import NAMED, grad_stream, make
+
+pytestmark = pytest.mark.multidevice
+
+STEPS = 3
+
+
+def _mesh():
+  devices = jax.devices()
+  assert len(devices) >= 8, (
+      f'multidevice tests need 8 devices, got {len(devices)}: run with '
+      'XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  return Mesh(np.asarray(devices[:8]).reshape(4, 2), ('data', 'model'))
+
+
+def _params():
+  ks = jax.random.split(jax.random.PRNGKey(0), 8)
+  n = lambda k, s: jax.random.normal(k, s) / np.sqrt(s[0])
+  return {
+      'embed': {'embedding': n(ks[0], (32, 16))},
+      'layer0': {'kernel': n(ks[1], (16, 32)), 'bias': jnp.zeros((32,))},
+      'layer1': {'kernel': n(ks[2], (32, 16)), 'bias': jnp.zeros((16,))},
+      'layer2': {'kernel': n(ks[3], (16, 32))},
+      'conv': {'kernel': n(ks[4], (3, 3, 4, 8))},
+      'ln': {'scale': jnp.ones((16,))},
+      'head': {'kernel': n(ks[5], (16, 10))},
+  }
+
+
+def _spec(x, mesh):
+  """Shard axis 0 over 'data' and the last axis over 'model' when divisible."""
+  spec = [None] * x.ndim
+  if x.ndim >= 1 and x.shape[0] % mesh.shape['data'] == 0:
+    spec[0] = 'data'
+  if x.ndim >= 2 and x.shape[-1] % mesh.shape['model'] == 0:
+    spec[-1] = 'model'
+  return NamedSharding(mesh, P(*spec))
+
+
+def _shard(tree, mesh):
+  return jax.tree.map(lambda x: jax.device_put(x, _spec(x, mesh)), tree)
+
+
+def _run(tx, params, grads, state=None):
+  step = jax.jit(lambda p, s, g: _apply(tx, p, s, g))
+  s = tx.init(params) if state is None else state
+  for g in grads:
+    params, s = step(params, s, g)
+  return params, s
+
+
+def _apply(tx, p, s, g):
+  u, s = tx.update(g, s, p)
+  return optax.apply_updates(p, u), s
+
+
+def _close(a, b, tol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), atol=tol, rtol=tol)
+
+
+def _param_shaped_state(state, params):
+  """(state leaf, its parameter) pairs where the state mirrors a parameter."""
+  p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    for ppath, p in p_flat:
+      if (len(path) >= len(ppath) and tuple(path[-len(ppath):]) == tuple(ppath)
+          and leaf.shape == p.shape):
+        out.append((path, leaf, p))
+  return out
+
+
+def test_eight_devices():
+  mesh = _mesh()
+  assert mesh.devices.size == 8 and mesh.shape == {'data': 4, 'model': 2}
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_sharded_equals_single_device(name):
+  mesh = _mesh()
+  tx = make(name)
+  params = _params()
+  grads = grad_stream(params, STEPS, scale=0.3)
+
+  ref_p, ref_s = _run(tx, params, grads)
+
+  sp = _shard(params, mesh)
+  sg = [_shard(g, mesh) for g in grads]
+  state = distributed.sharded_init(tx.init, sp)
+  out_p, out_s = _run(tx, sp, sg, state)
+
+  _close(out_p, ref_p)
+  _close(out_s, ref_s)
+  # Parameters keep their sharding through the jitted steps.
+  for x, r in zip(jax.tree.leaves(out_p), jax.tree.leaves(sp)):
+    assert x.sharding.is_equivalent_to(r.sharding, x.ndim), (x.sharding,
+                                                             r.sharding)
+  # State leaves that mirror a parameter are sharded like it, both after
+  # sharded_init and after jitted steps with no out_shardings given.
+  for st in (state, out_s):
+    pairs = _param_shaped_state(st, sp)
+    assert len(pairs) >= 4, f'{name}: no parameter-shaped state found'
+    for path, leaf, p in pairs:
+      assert leaf.sharding.is_equivalent_to(p.sharding, leaf.ndim), (
+          name, jax.tree_util.keystr(path), leaf.sharding, p.sharding)
+
+
+def test_sharded_init_shardings():
+  mesh = _mesh()
+  tx = ol.muon(1e-2)
+  sp = _shard(_params(), mesh)
+  state = distributed.sharded_init(tx.init, sp)
+  pairs = _param_shaped_state(state, sp)
+  # Momentum of the 4 hidden matrices (3 kernels + conv) + Adam mu and nu of
+  # the 5 other leaves (embedding, head, 2 biases, norm scale).
+  assert len(pairs) == 4 + 2 * 5
+  for _, leaf, p in pairs:
+    assert leaf.sharding == p.sharding
+
+
+@pytest.mark.parametrize('axes', [None, 'data', ('data', 'model')])
+@pytest.mark.parametrize('method', ['polar_express', 'svd'])
+def test_shard_polar_matches_per_leaf(axes, method):
+  mesh = _mesh()
+  params = _params()
+  # Matrix leaves only; the 3 (16, 32)/(32, 16) matrices form one group, the
+  # conv kernel (36, 8) and head (16, 10) groups need padding to 8 / 4.
+  mats = {k: v for k, v in params.items() if k != 'ln'}
+  mats = {k: {kk: vv for kk, vv in v.items() if vv.ndim >= 2}
+          for k, v in mats.items()}
+  g = _shard(grad_stream(mats, 1)[0], mesh)
+  base = ol.orthogonalize(method)
+  spread = ol.orthogonalize(method, shard_polar=ol.PolarSharding(mesh, axes))
+  ref, _ = jax.jit(base.update)(g, base.init(g))
+  out, _ = jax.jit(spread.update)(g, spread.init(g))
+  _close(out, ref, tol=1e-5)
+  for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    assert x.shape == r.shape and x.dtype == r.dtype
+
+
+def test_shard_polar_distributes_work():
+  """The stacked polar runs under shard_map: each device gets B/8 matrices."""
+  mesh = _mesh()
+  seen = []
+
+  def polar_fn(x):
+    seen.append(x.shape)
+    return ol.linalg.newton_schulz(x, ol.linalg.coefficients('polar_express'))
+
+  mats = [jnp.ones((3, 8, 16)), jnp.ones((2, 16, 8)), jnp.ones((1, 4, 4))]
+  out = jax.jit(lambda ms: distributed.sharded_polar(
+      ms, polar_fn, distributed.PolarSharding(mesh)))(mats)
+  # Group (8, 16): 5 matrices padded to 8 -> 1 per device; (4, 4): 1 -> 8.
+  assert sorted(seen) == [(1, 4, 4), (1, 8, 16)]
+  assert [o.shape for o in out] == [m.shape for m in mats]
+
+
+def test_shard_polar_in_muon_chain_matches_muon():
+  mesh = _mesh()
+  params = _params()
+  mats = {k: {'kernel': v['kernel']} for k, v in params.items()
+          if k.startswith('layer')}
+  grads = grad_stream(mats, STEPS)
+  chain = lambda sp: optax.chain(
+      ol.momentum(0.95), ol.orthogonalize(shard_polar=sp),
+      ol.scale_by_shape(), optax.scale_by_learning_rate(1e-2))
+  ref_p, _ = _run(chain(None), mats, grads)
+  sp = _shard(mats, mesh)
+  out_p, _ = _run(chain(mesh), sp, [_shard(g, mesh) for g in grads])
+  _close(out_p, ref_p)
+
+
+def test_shard_polar_bad_spec():
+  mesh = _mesh()
+  with pytest.raises(ValueError, match='shard_polar'):
+    ol.orthogonalize(shard_polar=ol.PolarSharding(mesh, 'nope'))
+  with pytest.raises(TypeError, match='shard_polar'):
+    ol.orthogonalize(shard_polar='data')

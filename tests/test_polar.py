@@ -1,0 +1,190 @@
+"""Polar factor kernel and the orthogonalize transform."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, strategies as st
+
+import optax_lite as ol
+from optax_lite.linalg import polar as polar_lib
+from conftest import assert_tree_finite
+
+
+def matrix_with_condition(key, shape, cond):
+  """A random matrix whose singular values span [1/cond, 1] log-uniformly."""
+  *batch, m, n = shape
+  k1, k2 = jax.random.split(key)
+  u, _ = jnp.linalg.qr(jax.random.normal(k1, (*batch, m, min(m, n))))
+  v, _ = jnp.linalg.qr(jax.random.normal(k2, (*batch, n, min(m, n))))
+  s = jnp.logspace(0, -np.log10(cond), min(m, n))
+  return (u * s) @ jnp.swapaxes(v, -1, -2)
+
+
+def max_sv_error(p):
+  s = np.linalg.svd(np.asarray(p, np.float64), compute_uv=False)
+  return float(np.max(np.abs(s - 1)))
+
+
+@pytest.mark.parametrize('shape', [(48, 32), (32, 48), (3, 20, 30), (2, 2, 30, 20)])
+@pytest.mark.parametrize('cond', [10.0, 100.0])
+def test_polar_express_matches_svd(shape, cond):
+  x = matrix_with_condition(jax.random.PRNGKey(0), shape, cond)
+  exact = ol.polar_factor(x, 'svd')
+  approx = ol.polar_factor(x, 'polar_express')
+  assert approx.shape == x.shape
+  # Polar Express at 6 steps: near-exact for cond ≤ 100.
+  np.testing.assert_allclose(approx, exact, atol=0.02)
+  assert max_sv_error(approx) < 0.05
+
+
+@pytest.mark.parametrize('method,bound', [('jordan', 0.35), ('cubic', 0.1)])
+def test_other_methods_close_to_orthogonal(method, bound):
+  x = matrix_with_condition(jax.random.PRNGKey(1), (40, 24), 10.0)
+  steps = 20 if method == 'cubic' else None
+  assert max_sv_error(ol.polar_factor(x, method, steps)) < bound
+
+
+def test_svd_reference_is_exact_and_rank_aware():
+  x = matrix_with_condition(jax.random.PRNGKey(2), (20, 12), 1e3)
+  p = ol.polar_factor(x, 'svd')
+  np.testing.assert_allclose(p.T @ p, np.eye(12), atol=1e-5)
+  # A rank-1 matrix has a rank-1 polar factor.
+  r1 = jnp.outer(jnp.arange(1.0, 6.0), jnp.arange(1.0, 4.0))
+  p1 = np.asarray(ol.polar_factor(r1, 'svd'))
+  assert np.linalg.matrix_rank(p1, tol=1e-4) == 1
+
+
+def test_polar_express_beats_jordan_at_cond_1e3():
+  x = matrix_with_condition(jax.random.PRNGKey(3), (64, 64), 1e3)
+  pe = max_sv_error(ol.polar_factor(x, 'polar_express', 6))
+  jo = max_sv_error(ol.polar_factor(x, 'jordan', 5))
+  assert pe < jo
+
+
+@pytest.mark.parametrize('method', ['polar_express', 'jordan', 'cubic', 'svd'])
+def test_zero_matrix_gives_zeros(method):
+  out = ol.polar_factor(jnp.zeros((3, 5, 4)), method)
+  assert not np.any(np.isnan(out))
+  np.testing.assert_array_equal(out, 0.0)
+
+
+def test_bfloat16():
+  x = matrix_with_condition(jax.random.PRNGKey(4), (32, 48), 10.0)
+  out = ol.polar_factor(x.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             ol.polar_factor(x, 'svd'), atol=0.08)
+
+
+def test_jit_and_static_steps():
+  x = matrix_with_condition(jax.random.PRNGKey(5), (16, 24), 10.0)
+  f = jax.jit(ol.polar_factor, static_argnames=('method', 'steps'))
+  np.testing.assert_allclose(f(x, method='polar_express', steps=6),
+                             ol.polar_factor(x), atol=1e-6)
+
+
+def test_iteration_is_a_scan_not_an_unrolled_loop():
+  x = jnp.ones((8, 8))
+  jaxpr = str(jax.make_jaxpr(
+      lambda x: polar_lib.newton_schulz(x, polar_lib.coefficients(
+          'polar_express', 6)))(x))
+  assert 'scan' in jaxpr
+  assert jaxpr.count('dot_general') <= 4  # one step's products, not six
+
+
+def test_coefficient_table():
+  t = polar_lib.coefficients('polar_express', 10)
+  assert t.shape == (10, 3)
+  np.testing.assert_allclose(t[8], t[7])  # last row repeats beyond 8
+  np.testing.assert_allclose(t[7], (1.875, -1.25, 0.375))
+  np.testing.assert_allclose(t[0, 0], 8.28721201814563 / 1.01)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(method='newton'), 'method'), (dict(steps=0), 'steps'),
+    (dict(steps=2.5), 'steps')])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    ol.polar_factor(jnp.ones((3, 3)), **kwargs)
+  with pytest.raises((ValueError, TypeError), match=match):
+    ol.orthogonalize(**kwargs)
+
+
+def test_integer_and_vector_input_rejected():
+  with pytest.raises(TypeError, match='floating'):
+    ol.polar_factor(jnp.ones((3, 3), jnp.int32))
+  with pytest.raises(ValueError, match='rank'):
+    ol.polar_factor(jnp.ones((3,)))
+
+
+# --------------------------------------------------------------------------
+# orthogonalize
+# --------------------------------------------------------------------------
+
+
+def test_orthogonalize_transform(maybe_jit):
+  tx = ol.orthogonalize()
+  g = {'a': matrix_with_condition(jax.random.PRNGKey(6), (24, 16), 10.0)}
+  state = tx.init(g)
+  assert isinstance(state, optax.EmptyState)
+  u, _ = maybe_jit(tx.update)(g, state)
+  np.testing.assert_allclose(u['a'], ol.polar_factor(g['a']), atol=1e-6)
+
+
+@given(scale=st.floats(1e-3, 1e3), seed=st.integers(0, 100))
+def test_orthogonalize_is_invariant_to_positive_scaling(scale, seed):
+  g = jax.random.normal(jax.random.PRNGKey(seed), (12, 20))
+  tx = ol.orthogonalize()
+  a, _ = tx.update({'w': g}, tx.init({'w': g}))
+  b, _ = tx.update({'w': g * scale}, tx.init({'w': g}))
+  np.testing.assert_allclose(a['w'], b['w'], atol=2e-5)
+
+
+def test_conv_kernel_default_reshape():
+  # [kh, kw, in, out] -> (kh*kw*in, out)
+  g = jax.random.normal(jax.random.PRNGKey(7), (3, 3, 4, 8))
+  tx = ol.orthogonalize()
+  u, _ = tx.update({'k': g}, tx.init({'k': g}))
+  expected = ol.polar_factor(g.reshape(36, 8)).reshape(3, 3, 4, 8)
+  np.testing.assert_allclose(u['k'], expected, atol=1e-6)
+
+
+def test_attention_kernel_explicit_dims():
+  # [d, heads, head_dim] -> (d, heads*head_dim)
+  g = jax.random.normal(jax.random.PRNGKey(8), (16, 4, 8))
+  tx = ol.orthogonalize(dims=ol.MatrixDims(0, (1, 2)))
+  u, _ = tx.update({'q': g}, tx.init({'q': g}))
+  expected = ol.polar_factor(g.reshape(16, 32)).reshape(16, 4, 8)
+  np.testing.assert_allclose(u['q'], expected, atol=1e-6)
+  # Batch axis: MatrixDims(1, 2) on [heads, d, k] orthogonalises per head.
+  g2 = jax.random.normal(jax.random.PRNGKey(9), (4, 16, 8))
+  u2, _ = ol.orthogonalize(dims=ol.MatrixDims(1, 2)).update({'x': g2}, None)
+  np.testing.assert_allclose(u2['x'][2], ol.polar_factor(g2[2]), atol=1e-6)
+
+
+def test_dims_tree_with_none_passes_leaf_through():
+  g = {'w': jnp.ones((4, 6)), 'b': jnp.arange(3.0)}
+  tx = ol.orthogonalize(dims={'w': ol.MatrixDims(), 'b': None})
+  u, _ = tx.update(g, tx.init(g))
+  np.testing.assert_array_equal(u['b'], g['b'])
+
+
+def test_vector_leaf_under_default_dims_raises():
+  tx = ol.orthogonalize()
+  with pytest.raises(ValueError, match='rank'):
+    tx.update({'b': jnp.ones(3)}, tx.init({'b': jnp.ones(3)}))
+
+
+def test_wrong_rank_for_explicit_spec_raises():
+  tx = ol.orthogonalize(dims=ol.MatrixDims(0, 2))
+  with pytest.raises(ValueError, match='dims'):
+    tx.update({'w': jnp.ones((3, 4))}, None)
+
+
+def test_orthogonalize_finite_on_tiny_and_huge():
+  for s in (1e-30, 1e-8, 1e8):
+    u, _ = ol.orthogonalize().update(
+        {'w': s * jax.random.normal(jax.random.PRNGKey(0), (8, 5))}, None)
+    assert_tree_finite(u)
