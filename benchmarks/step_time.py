@@ -186,6 +186,8 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=None)
   p.add_argument('--max-seconds', type=float, default=None,
                  help='stop repeating a measurement after this long')
+  p.add_argument('--ortho-sizes', default=None,
+                 help='comma list of shapes for the max|σ−1| check')
   p.add_argument('--out', default=None)
   p.add_argument('--no-plot', action='store_true')
   args = p.parse_args(argv)
@@ -244,9 +246,13 @@ def main(argv=None):
     bar.update(1)
   bar.close()
 
-  results['orthogonality'] = orthogonality(
-      [(256, 256), (256, 1024)] if args.quick else
-      [(256, 256), (256, 1024), (1024, 1024)], 1e3, 0)
+  if args.ortho_sizes:
+    ortho = [tuple(int(v) for v in s.split('x'))
+             for s in args.ortho_sizes.split(',')]
+  else:
+    ortho = ([(256, 256), (256, 1024)] if args.quick else
+             [(256, 256), (256, 1024), (1024, 1024)])
+  results['orthogonality'] = orthogonality(ortho, 1e3, 0)
   out = {'meta': _common.metadata(args), 'timing': timing, 'lr': LR,
          'headline': headline(results), **results,
          'skipped': _common.skipped(args.optimizers or

@@ -102,3 +102,32 @@ def run_steps(tx, params, grads_list, state=None, jit=True):
   for g in grads_list:
     params, state = step(params, state, g)
   return params, state
+
+
+_CACHE = {}
+
+
+def _freeze(kw):
+  return tuple(sorted((k, repr(v)) for k, v in kw.items()))
+
+
+def cached(name: str, wrap=None, **kw):
+  """``(tx, step, update)`` built once per (name, wrap, kw) and reused.
+
+  ``step(p, s, g) -> (p, s, u)`` and ``update(g, s, p)`` are jitted; reusing
+  them across tests avoids recompiling the same optimizer (tests share
+  shapes). ``wrap`` (e.g. ``optax.apply_if_finite``) is applied to the tx.
+  """
+  import optax
+  key = (name, getattr(wrap, '__name__', repr(wrap)), _freeze(kw))
+  if key not in _CACHE:
+    tx = make(name, **kw)
+    if wrap is not None:
+      tx = wrap(tx)
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, u
+
+    _CACHE[key] = (tx, jax.jit(step), jax.jit(tx.update))
+  return _CACHE[key]

@@ -106,7 +106,7 @@ def test_rotate_roundtrip_and_identity_sides():
 
 
 # ------------------------------------------------------------------ SOAP ---
-@pytest.mark.parametrize('shape', [(6, 4), (4, 4), (3, 5)])
+@pytest.mark.parametrize('shape', [(6, 4), (3, 5)])
 def test_soap_basis_after_first_step_is_exact(shape, maybe_jit):
   g = jax.random.normal(jax.random.PRNGKey(0), shape)
   tx = kp.kron_precondition('soap')
@@ -132,7 +132,7 @@ def test_soap_qr_refresh_converges_on_fixed_gradient():
   tx = kp.kron_precondition('soap', shampoo_beta=0.0,
                             precondition_frequency=1)
   state = tx.init({'w': jnp.zeros((6, 4))})
-  _, state = tx.update({'w': g}, state)
+  _, state = jax.jit(tx.update)({'w': g}, state)
   _assert_same_columns(state.q_l['w'][0], u, 4)
   # Start the power iteration from random bases: it must find them again.
   rng = np.random.default_rng(7)
@@ -171,8 +171,8 @@ def test_soap_vectors_are_adam_and_matrices_preconditioned():
   for i in range(3):
     g = jax.tree.map(lambda p, i=i: jax.random.normal(
         jax.random.PRNGKey(i), p.shape), params)
-    u, s = tx.update(g, s)
-    u_ref, s_ref = ref.update(g, s_ref)
+    u, s = jax.jit(tx.update)(g, s)
+    u_ref, s_ref = jax.jit(ref.update)(g, s_ref)
     np.testing.assert_allclose(u['b'], u_ref['b'], rtol=1e-6, atol=1e-7)
   assert np.abs(np.asarray(u['w'] - u_ref['w'])).max() > 1e-3
 
@@ -183,12 +183,13 @@ def test_soap_helpers_reproduce_transform():
   tx = kp.scale_by_soap(dims=dims, precondition_frequency=2)
   s = tx.init({'w': g})
   leaf = kp.SoapLeaf(*(f['w'] for f in s[1:]))
+  leaf_step = jax.jit(lambda leaf, g, t: kp.soap_leaf_update(
+      leaf, g, t, b1=0.95, b2=0.99, shampoo_beta=0.95, eps=1e-8,
+      precondition_frequency=2))
   for t in range(1, 5):
     gt = g * t - 0.3
-    u, s = tx.update({'w': gt}, s)
-    leaf, d = kp.soap_leaf_update(leaf, gt, jnp.int32(t), b1=0.95, b2=0.99,
-                                  shampoo_beta=0.95, eps=1e-8,
-                                  precondition_frequency=2)
+    u, s = jax.jit(tx.update)({'w': gt}, s)
+    leaf, d = leaf_step(leaf, gt, jnp.int32(t))
     np.testing.assert_allclose(kp.soap_direction(d), u['w'], rtol=1e-5,
                                atol=1e-6)
     assert d.numerator.shape == d.denominator.shape == d.grad_rot.shape
@@ -214,7 +215,7 @@ def test_soap_one_sided_and_state_shapes():
   g = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(0),
                                                p.shape), params)
   for _ in range(2):
-    u, s = tx.update(g, s)
+    u, s = jax.jit(tx.update)(g, s)
   assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
   assert_tree_finite((u, s))
 
@@ -223,24 +224,26 @@ def test_soap_one_sided_and_state_shapes():
 def test_nd_leaves_match_reshaped_matrix_and_batches(mode):
   key = jax.random.PRNGKey(8)
   conv = jax.random.normal(key, (2, 2, 3, 4))
-  tx = kp.kron_precondition(mode)
+  tx = kp.kron_precondition(mode, precondition_frequency=2)
+  update = jax.jit(tx.update)
   s1, s2 = tx.init({'k': conv}), tx.init({'k': conv.reshape(12, 4)})
   for t in range(3):
     g = conv * (t + 1) + 0.1 * t
-    u1, s1 = tx.update({'k': g}, s1)
-    u2, s2 = tx.update({'k': g.reshape(12, 4)}, s2)
+    u1, s1 = update({'k': g}, s1)
+    u2, s2 = update({'k': g.reshape(12, 4)}, s2)
     np.testing.assert_allclose(u1['k'].reshape(12, 4), u2['k'], rtol=1e-5,
                                atol=1e-6)
   # Batch axes: each slice is preconditioned independently.
   bat = jax.random.normal(key, (3, 4, 5))
-  txb = kp.kron_precondition(mode, dims=MatrixDims(1, 2))
+  txb = kp.kron_precondition(mode, dims=MatrixDims(1, 2),
+                             precondition_frequency=2)
   sb = txb.init({'k': bat})
   singles = [tx.init({'k': bat[i]}) for i in range(3)]
   for t in range(3):
     g = bat * (t + 1) - 0.2
-    ub, sb = txb.update({'k': g}, sb)
+    ub, sb = jax.jit(txb.update)({'k': g}, sb)
     for i in range(3):
-      ui, singles[i] = tx.update({'k': g[i]}, singles[i])
+      ui, singles[i] = update({'k': g[i]}, singles[i])
       np.testing.assert_allclose(ub['k'][i], ui['k'], rtol=1e-4, atol=1e-5)
 
 
@@ -269,9 +272,10 @@ def test_soap_moves_the_eigenbasis_direction_sensibly():
 
 
 # --------------------------------------------------------------- Shampoo ---
-@pytest.mark.parametrize('shape', [(5, 5), (6, 4), (3, 7)])
-@pytest.mark.parametrize('accumulation', ['sum', 'ema'])
-@pytest.mark.parametrize('root_method', ['eigh', 'newton'])
+@pytest.mark.parametrize('shape,accumulation,root_method', [
+    ((5, 5), 'sum', 'eigh'), ((6, 4), 'sum', 'eigh'), ((3, 7), 'ema', 'eigh'),
+    ((5, 5), 'ema', 'newton'),  # Newton: full-rank factors only
+])
 def test_shampoo_first_step_is_polar(shape, accumulation, root_method):
   m, n = shape
   r = min(shape)
@@ -302,8 +306,8 @@ def test_shampoo_grafting_matches_adam_norm():
   s, s_ref = tx.init(params), ref.init(params)
   for i in range(4):
     g = {'w': jax.random.normal(jax.random.PRNGKey(i), (5, 3))}
-    u, s = tx.update(g, s)
-    u_ref, s_ref = ref.update(g, s_ref)
+    u, s = jax.jit(tx.update)(g, s)
+    u_ref, s_ref = jax.jit(ref.update)(g, s_ref)
     np.testing.assert_allclose(np.linalg.norm(u['w']),
                                np.linalg.norm(u_ref['w']), rtol=1e-5)
   # The direction is not Adam's (it is preconditioned).
@@ -316,7 +320,7 @@ def test_shampoo_roots_refresh_every_k_steps():
   history = []
   for i in range(7):
     g = {'w': jax.random.normal(jax.random.PRNGKey(i), (4, 3))}
-    _, s = tx.update(g, s)
+    _, s = jax.jit(tx.update)(g, s)
     history.append(np.asarray(s.precond_l['w']))
   changed = [not np.allclose(history[i], history[i - 1])
              for i in range(1, 7)]
@@ -338,11 +342,11 @@ def test_shampoo_one_sided_auto_exponent_is_polar():
 
 # --------------------------------------------------------- robustness -----
 @pytest.mark.parametrize('mode', ['soap', 'shampoo'])
-def test_zero_gradient_first_step_is_finite(mode, maybe_jit):
+def test_zero_gradient_first_step_is_finite(mode):
   params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
   tx = kp.kron_precondition(mode, precondition_frequency=2)
   s = tx.init(params)
-  step = maybe_jit(tx.update)
+  step = jax.jit(tx.update)
   u, s = step(jax.tree.map(jnp.zeros_like, params), s)
   assert_tree_finite((u, s))
   np.testing.assert_array_equal(u['w'], np.zeros((4, 3)))

@@ -118,13 +118,23 @@ def projector_rank(t: jax.Array) -> jax.Array:
 
 
 def adapt_threshold(ratio: jax.Array, measure: jax.Array, target,
-                    rate: float = 1.05, cap: float | None = 1.0) -> jax.Array:
+                    rate: float = 1.05, cap: float | None = 1.0,
+                    deadband: float = 0.0) -> jax.Array:
   """Eq. (13): ``ratio·rate`` if ``measure ≥ target`` else ``ratio·(2−rate)``.
 
-  With the paper's ``rate = 1.05`` this is ×1.05 / ×0.95. ``cap`` bounds the
-  ratio from above (the reference caps it at 1).
+  ``measure`` is ``‖P‖_F`` and ``target`` is ``√d_s``. With the paper's
+  ``rate = 1.05`` this is ×1.05 / ×0.95, a bang-bang controller that keeps
+  ``τ`` oscillating at an edge of the spectrum. ``deadband > 0`` (in units of
+  rank, compared on ``‖P‖_F²``) holds the ratio while
+  ``|‖P‖_F² − d_s| < deadband``, so that ``τ`` can rest inside a spectral gap;
+  ``deadband = 0`` is eq. (13) exactly. ``cap`` bounds the ratio from above
+  (the reference caps it at 1).
   """
-  new = jnp.where(measure >= target, ratio * rate, ratio * (2.0 - rate))
+  m2, t2 = jnp.square(measure), jnp.square(target)
+  up = m2 >= t2 + deadband
+  down = m2 < t2 - deadband
+  new = jnp.where(up, ratio * rate, jnp.where(down, ratio * (2.0 - rate),
+                                              ratio))
   return new if cap is None else jnp.minimum(new, cap)
 
 

@@ -11,7 +11,7 @@ from optax_lite.optimizers import _common
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 from optax_lite.transforms.momentum import momentum as momentum_tx
 from optax_lite.transforms.orthogonalize import orthogonalize
-from optax_lite.transforms.scaling import scale_by_shape
+from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 
 
 def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
@@ -85,6 +85,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     Optimizer <https://arxiv.org/abs/2601.21750>`_, 2026.
   """
   _checks.check_decay('momentum', momentum)
+  _checks.check_choice('scaling', scaling, SCALING_MODES)
   polar_lib.check_method(method, steps)
   inner = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),

@@ -145,6 +145,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               reference_schedules: bool = True,
               threshold_rate: float = 1.05,
               threshold_cap: float | None = 1.0,
+              threshold_deadband: float = 0.0,
               sharp_dim_rule: str = 'reference', mu_dtype=None, dims=None,
               labels=None, precision=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -177,7 +178,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
       (``"cosine"`` or ``"wsd"``) for the reference χ/β₂ ramps; without
       ``total_steps`` χ and β₂ are constant.
     reference_schedules: switch the ramps off.
-    threshold_rate, threshold_cap, sharp_dim_rule: the filter controller.
+    threshold_rate, threshold_cap, threshold_deadband, sharp_dim_rule: the
+      filter's threshold controller (eq. 13 with the reference's cap).
   """
   chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (-0.25, 2.0))
   if variant == 'lite_h':
@@ -200,7 +202,9 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
           muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
                         threshold_rate=threshold_rate,
                         threshold_cap=threshold_cap,
-                        sharp_dim_rule=sharp_dim_rule, precision=precision),
+                        sharp_dim_rule=sharp_dim_rule,
+                        threshold_deadband=threshold_deadband,
+                        precision=precision),
           chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=momentum,
           nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
           rms=rms, flat_weight_decay=weight_decay if flat_weight_decay

@@ -8,7 +8,7 @@ from optax_lite import _checks
 from optax_lite.optimizers import _common
 from optax_lite.transforms.momentum import momentum as momentum_tx
 from optax_lite.transforms.row_normalize import AXES, row_normalize
-from optax_lite.transforms.scaling import scale_by_shape
+from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 
 VARIANTS = ('code', 'paper')
 
@@ -84,6 +84,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     <https://arxiv.org/abs/2603.20527>`_, 2026.
   """
   _checks.check_decay('momentum', momentum)
+  _checks.check_choice('scaling', scaling, SCALING_MODES)
   _checks.check_choice('variant', variant, VARIANTS)
   _checks.check_choice('axis', axis, AXES)
   _checks.check_positive('eps', eps)

@@ -108,7 +108,8 @@ def sharp_dim(ratio: float, rows: int, cols: int, rule: str) -> int:
 def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
                   steps: int | None = None, threshold_rate: float = 1.05,
                   threshold_cap: float | None = 1.0,
-                  sharp_dim_rule: str = 'reference', precision=None
+                  sharp_dim_rule: str = 'reference',
+                  threshold_deadband: float = 0.0, precision=None
                   ) -> Geometry:
   """Muon's geometry: polar factors, sharp subspace from the momentum.
 
@@ -125,6 +126,8 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
     threshold_rate: controller rate (>1): ×rate / ×(2−rate) per step.
     threshold_cap: upper bound of ``l`` (reference: 1.0); ``None``: none.
     sharp_dim_rule: ``"reference"`` or ``"paper"`` rounding of ``d_s``.
+    threshold_deadband: hold ``l`` while ``|‖P‖_F² − d_s| <`` this (0: the
+      paper's eq. (13); see :func:`optax_lite.linalg.subspace.adapt_threshold`).
   """
   steps = polar_lib.check_method(method, steps)
   _checks.check_number('sharp_ratio', sharp_ratio, low=0.0, high=1.0,
@@ -133,6 +136,8 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
                        low_open=True, high=2.0, high_open=True)
   _checks.check_choice('sharp_dim_rule', sharp_dim_rule,
                        ('reference', 'paper'))
+  _checks.check_positive('threshold_deadband', threshold_deadband,
+                         allow_zero=True)
 
   def polar(x):
     if method == 'svd':
@@ -165,7 +170,7 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
     d_s = sharp_dim(sharp_ratio, rows, cols, sharp_dim_rule)
     new_ratio = subspace.adapt_threshold(
         ratio, subspace.projector_rank(t.astype(jnp.float32)),
-        math.sqrt(d_s), threshold_rate, threshold_cap)
+        math.sqrt(d_s), threshold_rate, threshold_cap, threshold_deadband)
     # A zero momentum carries no geometry: keep the ratio unchanged.
     new_ratio = jnp.where(norm > 0, new_ratio, ratio)
 

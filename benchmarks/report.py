@@ -1,0 +1,313 @@
+"""Regenerates the README's benchmark tables from ``benchmarks/results/*.json``.
+
+Only the text between ``<!-- BEGIN GENERATED:<name> -->`` and
+``<!-- END GENERATED:<name> -->`` in ``README.md`` is replaced (names:
+``step_time``, ``lm``, ``synthetic``). If a marker pair is missing it is
+appended at the end of the README under a ``## Benchmarks`` heading. Nothing
+is typed by hand: every number comes from a results file, and every table
+names the file it came from. The same text is also written to
+``benchmarks/results/SUMMARY.md``.
+
+  python benchmarks/report.py [--readme README.md] [--results DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NAMES = ('step_time', 'lm', 'synthetic')
+
+
+def _fmt(x, spec='.3g'):
+  if x is None:
+    return '–'
+  if isinstance(x, str):
+    return x
+  if isinstance(x, float) and not math.isfinite(x):
+    return '–'
+  return format(x, spec)
+
+
+def _rel(path):
+  return os.path.relpath(path, ROOT).replace(os.sep, '/')
+
+
+def _files(results, stem):
+  files = sorted(glob.glob(os.path.join(results, f'{stem}_*.json')))
+  # Full runs first, then quick; GPU results before CPU.
+  return sorted(files, key=lambda f: ('_quick_' in f, '_cpu' in f, f))
+
+
+def _head(path, data):
+  meta = data.get('meta', {})
+  mode = 'quick' if '_quick_' in os.path.basename(path) else 'full'
+  return (f'*Source: [`{_rel(path)}`]({_rel(path)}) — device '
+          f'**{meta.get("device_kind", "?")}**, {mode} mode, '
+          f'{meta.get("utc", "")}, jax {meta.get("jax", "?")}, '
+          f'optax {meta.get("optax", "?")}. Command: '
+          f'`python {" ".join(os.path.relpath(a, ROOT) if a.endswith(".py") else a for a in meta.get("argv", []))}`*'
+          + (f'\n\n*Not yet exported, so not measured: '
+             f'{", ".join(data["skipped"])}.*' if data.get('skipped') else ''))
+
+
+def _table(header, rows):
+  out = ['| ' + ' | '.join(header) + ' |',
+         '|' + '|'.join('---' for _ in header) + '|']
+  out += ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows]
+  return '\n'.join(out)
+
+
+# ---------------------------------------------------------------------------
+
+
+def step_time_section(path, d):
+  parts = [_head(path, d)]
+  leaves = d.get('leaves', [])
+  mods = d.get('models', [])
+  groups = leaves + mods
+  if groups:
+    names = list(groups[0]['optimizers'])
+    header = ['optimizer'] + [f'{g["name"]} ×adamw / ×optax_muon'
+                              for g in groups] + ['state B/param (leaf)']
+    rows = []
+    for n in names:
+      row = [f'`{n}`']
+      for g in groups:
+        r = g['optimizers'].get(n, {})
+        if 'error' in r:
+          row.append('error')
+        else:
+          row.append(f'{_fmt(r.get("ratio_to_adamw"), ".2f")} / '
+                     f'{_fmt(r.get("ratio_to_optax_muon"), ".2f")}')
+      sb = groups[0]['optimizers'].get(n, {}).get('state_bytes_per_param')
+      row.append(_fmt(sb, '.1f'))
+      rows.append(row)
+    rows.append(['optax.adamw median step (s)'] + [
+        _fmt(g['optimizers'].get('adamw', {}).get('median_s'), '.2e')
+        for g in groups] + [''])
+    parts.append('Step time (median of consecutive jitted steps after '
+                 'warm-up) as a ratio to `optax.adamw` / to '
+                 '`optax.contrib.muon` in the same run; leaves are '
+                 'single `m×n` float32 matrices, models are the byte-level '
+                 'LLaMA of `benchmarks/models.py` (' + ', '.join(
+                     f'{m["name"]}: {m["n_params"] / 1e6:.2f}M params'
+                     for m in mods) + ').')
+    parts.append(_table(header, rows))
+    # Mean (includes amortised refreshes) vs muon.
+    header = ['optimizer'] + [f'{g["name"]} ×muon median / mean'
+                              for g in groups]
+    rows = []
+    for n in names:
+      row = [f'`{n}`']
+      for g in groups:
+        r = g['optimizers'].get(n, {})
+        row.append(f'{_fmt(r.get("ratio_to_muon"), ".2f")} / '
+                   f'{_fmt(r.get("ratio_to_muon_mean"), ".2f")}')
+      rows.append(row)
+    parts.append('Ratio to `ol.muon` (median, and mean — the mean includes '
+                 'the amortised preconditioner refreshes):')
+    parts.append(_table(header, rows))
+  if leaves:
+    keys = list(leaves[0]['polar']['ratios'])
+    parts.append('Polar factor: `ol.orthogonalize` vs '
+                 '`optax.contrib.scale_by_muon` at equal steps, and vs the '
+                 'matmul floor (the bare X·Xᵀ, A·A, B·X of each step, '
+                 'jitted the same way):')
+    parts.append(_table(['ratio'] + [l['name'] for l in leaves], [
+        [k] + [_fmt(l['polar']['ratios'].get(k), '.2f') for l in leaves]
+        for k in keys]))
+    rk = []
+    for l in leaves:
+      for k in l.get('rmnp', {}).get('ratios', {}):
+        if k not in rk:
+          rk.append(k)
+    if rk:
+      parts.append('RMNP (row normalisation, O(mn)) against Muon and against '
+                   'elementwise passes over the same bytes:')
+      parts.append(_table(['ratio'] + [l['name'] for l in leaves], [
+          [k] + [_fmt(l.get('rmnp', {}).get('ratios', {}).get(k), '.2f')
+                 for l in leaves] for k in rk]))
+  orth = d.get('orthogonality', [])
+  if orth:
+    keys = [k for k in orth[0] if k not in ('shape', 'cond')]
+    parts.append('Orthogonality on condition-number-10³ matrices: '
+                 'max |σᵢ − 1| of the output (smaller is closer to U Vᵀ):')
+    parts.append(_table(['shape'] + keys, [
+        [f'{r["shape"][0]}×{r["shape"][1]}'] + [_fmt(r[k], '.3f')
+                                                  for k in keys]
+        for r in orth]))
+  png = path[:-5] + '.png'
+  if os.path.exists(png):
+    parts.append(f'![step time vs size]({_rel(png)})')
+  return '\n\n'.join(parts)
+
+
+def lm_section(path, d):
+  parts = [_head(path, d)]
+  s = d.get('settings', {})
+  parts.append(
+      f'Model `{s.get("model")}` ({d.get("n_params", 0) / 1e6:.2f}M params, '
+      f'seq {s.get("seq_len")}), {s.get("steps")} steps × {s.get("batch")} '
+      f'sequences, peak-LR grid {s.get("grid")} (cosine, seed '
+      f'{s.get("seeds", [0])[0]}), seeds {s.get("seeds")}. Target = final '
+      f'val loss of `{d.get("reference")}` (best LR, cosine).')
+  rows = []
+  for r in d.get('summary', []):
+    spread = r.get('final_val_spread')
+    rows.append([f'`{r["optimizer"]}`', r['schedule'], _fmt(r['best_lr'],
+                                                             '.0e'),
+                 _fmt(r['final_val_loss'], '.4f') + (
+                     f' ± {spread / 2:.4f}' if spread is not None else ''),
+                 r['seeds'], _fmt(r['tokens_per_s'], '.0f'),
+                 _fmt(r.get('steps_to_target'), 'd') if isinstance(
+                     r.get('steps_to_target'), int) else '–',
+                 _fmt(r.get('seconds_to_target'), '.1f')])
+  parts.append(_table(['optimizer', 'schedule', 'best peak LR',
+                       'final val loss (nats/byte)', 'seeds', 'tokens/s',
+                       'steps to target', 'seconds to target'], rows))
+  sweep_rows = []
+  for name, e in d.get('results', {}).items():
+    if 'error' in e:
+      sweep_rows.append([f'`{name}`', 'error: ' + e['error'][:80]])
+      continue
+    sweep_rows.append([f'`{name}`', ', '.join(
+        f'{r["peak_lr"]:g}: {_fmt(r["final_val_loss"], ".4f")}'
+        for r in e.get('sweep', []))])
+  parts.append('LR sweep (cosine, final val loss per peak LR):')
+  parts.append(_table(['optimizer', 'peak LR: val loss'], sweep_rows))
+  png = path[:-5] + '.png'
+  if os.path.exists(png):
+    parts.append(f'![loss curves]({_rel(png)})')
+  return '\n\n'.join(parts)
+
+
+def synthetic_section(path, d):
+  parts = [_head(path, d)]
+  rows = []
+  for r in d.get('muon_vs_gd', []):
+    extra = (f'tr/λmax {r["tr/lmax"]:.2f}' if 'tr/lmax' in r else
+             f'J/L {r.get("J/L", float("nan")):.2f}')
+    rows.append([r['problem'], r['seed'], extra, _fmt(r['gd_final_rel'],
+                                                      '.2e'),
+                 f'{_fmt(r["muon_svd_final_rel"], ".2e")} '
+                 f'(lr {r["muon_svd_best_lr"]:.1e})',
+                 f'{_fmt(r["ol_muon_final_rel"], ".2e")} '
+                 f'(lr {r["ol_muon_best_lr"]:.1e})', r['winner']])
+  if rows:
+    parts.append('Muon vs GD (f − f*)/(f₀ − f*) at the horizon; GD at 1/L, '
+                 'Muon with the best constant LR of the grid:')
+    parts.append(_table(['problem', 'seed', 'spectrum', 'GD (1/L)',
+                         'Muon, exact polar (Alg. 2)', '`ol.muon`', 'winner'],
+                        rows))
+  lq = d.get('lite_quadratic')
+  if lq:
+    parts.append(
+        f'LITE quadratic (App. H): λ = {lq["lambda"]}, η = {lq["eta"]:.3g}, '
+        f'1−α = {1 - lq["alpha"]:.2f}, β₁ = {lq["beta1"]}; LITE: χ = '
+        f'{lq["chi"]}, β₂ = {lq["beta2"]} on the flat directions.')
+    parts.append(_table(
+        ['', 'steps to 1e-2·|e₀| (flat convex)',
+         'growth of |e| (flat negative, escape)', 'final |e| (sharp)'],
+        [[tag, lq[tag]['steps_flat_convex_to_1e-2'],
+          ', '.join(f'{v:.2g}' for v in lq[tag]['escape_factor_negative']),
+          ', '.join(f'{v:.1e}' for v in lq[tag]['sharp_final_abs_error'])]
+         for tag in ('base', 'lite')]))
+  kr = d.get('kronecker')
+  if kr:
+    names = list(kr['runs'][0]['results'])
+    parts.append(f'Kronecker quadratic {kr["shape"]}, cond(A) = cond(B) = '
+                 f'{kr["info"]["cond_A"]:.0e}, {kr["steps"]} steps, best LR '
+                 f'of {len(kr["lr_grid"])} (logspace '
+                 f'{kr["lr_grid"][0]:g}…{kr["lr_grid"][-1]:g}):')
+    rows = []
+    for n in sorted(names, key=lambda n: kr['runs'][0]['results'][n].get(
+        'final_rel', float('inf'))):
+      vals = [run['results'].get(n, {}) for run in kr['runs']]
+      rows.append([f'`{n}`', ' / '.join(_fmt(v.get('final_rel'), '.2e')
+                                        if 'error' not in v else 'error'
+                                        for v in vals),
+                   ' / '.join(_fmt(v.get('best_lr'), '.2g') for v in vals)])
+    parts.append(_table(['optimizer', '(f − f*)/f₀ per seed', 'best LR'],
+                        rows))
+  for suffix, alt in (('_muon_vs_gd', 'Muon vs GD'), ('_lite', 'LITE'),
+                      ('_kronecker', 'Kronecker')):
+    png = path[:-5] + suffix + '.png'
+    if os.path.exists(png):
+      parts.append(f'![{alt}]({_rel(png)})')
+  return '\n\n'.join(parts)
+
+
+SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
+            'synthetic': synthetic_section}
+
+
+def generate(results_dir):
+  text = {}
+  for name in NAMES:
+    blocks = []
+    for f in _files(results_dir, name):
+      with open(f) as fh:
+        d = json.load(fh)
+      try:
+        blocks.append(SECTIONS[name](f, d))
+      except Exception as e:  # a malformed file must not kill the report
+        blocks.append(f'*{_rel(f)}: could not be summarised ({e!r}).*')
+    text[name] = ('\n\n'.join(blocks) if blocks else
+                  f'*No results yet: run `python benchmarks/{name}.py '
+                  '--quick`.*')
+  return text
+
+
+def update_readme(readme, text):
+  src = open(readme).read() if os.path.exists(readme) else ''
+  missing = [n for n in NAMES if f'<!-- BEGIN GENERATED:{n} -->' not in src]
+  if missing:
+    add = '' if '## Benchmarks' in src else (
+        '\n\n## Benchmarks\n\nGenerated by `python benchmarks/report.py` from '
+        '`benchmarks/results/`; do not edit between the markers.\n')
+    for n in missing:
+      add += (f'\n### {n}\n\n<!-- BEGIN GENERATED:{n} -->\n'
+              f'<!-- END GENERATED:{n} -->\n')
+    src = src.rstrip('\n') + add
+  for n in NAMES:
+    pat = re.compile(rf'(<!-- BEGIN GENERATED:{n} -->)(.*?)'
+                     rf'(<!-- END GENERATED:{n} -->)', re.S)
+    src = pat.sub(lambda m: m.group(1) + '\n' + text[n] + '\n' + m.group(3),
+                  src)
+  with open(readme, 'w') as f:
+    f.write(src if src.endswith('\n') else src + '\n')
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument('--readme', default=os.path.join(ROOT, 'README.md'))
+  p.add_argument('--results', default=os.path.join(HERE, 'results'))
+  p.add_argument('--summary', default=None,
+                 help='also write this markdown file (default: '
+                      '<results>/SUMMARY.md)')
+  args = p.parse_args(argv)
+  text = generate(args.results)
+  summary = args.summary or os.path.join(args.results, 'SUMMARY.md')
+  os.makedirs(os.path.dirname(os.path.abspath(summary)), exist_ok=True)
+  with open(summary, 'w') as f:
+    f.write('# Benchmark results (generated by benchmarks/report.py)\n\n')
+    for n in NAMES:
+      f.write(f'## {n}\n\n{text[n]}\n\n')
+  print(f'wrote {summary}')
+  if os.path.exists(args.readme):
+    update_readme(args.readme, text)
+    print(f'updated {args.readme}')
+  else:
+    print(f'[note] {args.readme} does not exist: not touched.')
+  return text
+
+
+if __name__ == '__main__':
+  main()

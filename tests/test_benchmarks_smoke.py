@@ -1,0 +1,148 @@
+"""Smoke test of the benchmark scripts: each runs a few steps at tiny sizes.
+
+Keeps ``benchmarks/*.py`` from rotting as the library changes. Not a
+benchmark: no timing or quality assertions, only that every script runs end
+to end, writes well-formed JSON with the device name and the report renders
+it between the README markers.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), 'benchmarks')
+sys.path.insert(0, BENCH)
+
+os.environ.setdefault('BENCH_NO_PROGRESS', '1')
+
+import _common  # noqa: E402
+import lm  # noqa: E402
+import report  # noqa: E402
+import step_time  # noqa: E402
+import synthetic  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def out_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('bench'))
+
+
+def _load(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_registry_has_baselines_and_skips_missing(capsys):
+  reg = _common.registry(['adamw', 'optax_muon', 'muon', 'not_an_optimizer'])
+  assert {'adamw', 'optax_muon', 'muon'} <= set(reg)
+  assert 'not_an_optimizer' not in reg
+  assert 'not exported yet' in capsys.readouterr().out
+
+
+def test_time_fn_counts_repeats():
+  calls = []
+  res = _common.time_fn(lambda: calls.append(1), warmup=2, repeats=3)
+  assert len(calls) == 5 and res['repeats'] == 3
+  assert 0 <= res['min_s'] <= res['median_s']
+
+
+def test_step_time_smoke(out_dir):
+  out = step_time.main(['--sizes', '16x32', '--models', '--optimizers',
+                        'adamw', 'muon', '--repeats', '1',
+                        '--ortho-sizes', '16x24', '--out', out_dir,
+                        '--no-plot'])
+  path = _common.result_path('step_time', out_dir)
+  data = _load(path)
+  assert data['meta']['device_kind'] == _common.device_kind()
+  leaf = data['leaves'][0]
+  assert leaf['shape'] == [16, 32]
+  rows = leaf['optimizers']
+  assert rows['adamw']['ratio_to_adamw'] == pytest.approx(1.0)
+  assert rows['muon']['state_bytes_per_param'] == pytest.approx(4.0, abs=0.2)
+  assert rows['adamw']['state_bytes_per_param'] == pytest.approx(8.0, abs=0.2)
+  assert 'orthogonalize_pe6 / matmul_floor6' in leaf['polar']['ratios']
+  orth = data['orthogonality'][0]
+  # Polar Express (6 steps) is closer to orthogonal than optax's presets.
+  assert orth['ol.polar_express(6)'] < orth['optax.standard(5)']
+  assert out['headline']
+
+
+def test_lm_smoke(out_dir):
+  out = lm.main(['--model', 'nano', '--steps', '4', '--batch', '2',
+                 '--seq-len', '16', '--grid', '1e-3', '3e-3', '--optimizers',
+                 'adamw', 'muon', '--schedules', 'cos', '--out', out_dir,
+                 '--no-plot'])
+  data = _load(_common.result_path('lm', out_dir))
+  assert data['meta']['device_kind'] == _common.device_kind()
+  for name in ('adamw', 'muon'):
+    entry = data['results'][name]
+    assert [r['peak_lr'] for r in entry['sweep']] == [1e-3, 3e-3]
+    run = entry['runs'][0]
+    assert len(run['train_loss']) == 4
+    assert np.isfinite(run['final_val_loss'])
+    assert run['tokens'] == 4 * 2 * 16
+  # muon reaches its own final loss by definition.
+  row = [r for r in out['summary'] if r['optimizer'] == 'muon'][0]
+  assert row['steps_to_target'] == 4
+
+
+def test_lm_schedules_shape():
+  for kind in ('cos', 'wsd'):
+    f = lm.make_schedule(kind, 1.0, 100, 10)
+    vals = np.array([float(f(t)) for t in range(100)])
+    assert vals.max() == pytest.approx(1.0)
+    assert vals[0] < 0.2
+  cos = lm.make_schedule('cos', 1.0, 100, 10)
+  assert float(cos(99)) == pytest.approx(0.1, abs=1e-3)
+  wsd = lm.make_schedule('wsd', 1.0, 100, 10)
+  assert float(wsd(79)) == pytest.approx(1.0)
+  assert float(wsd(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_synthetic_smoke(out_dir):
+  synthetic.main(['--smoke', '--seeds', '0', '--optimizers', 'adamw', 'muon',
+                  '--out', out_dir, '--no-plot'])
+  data = _load(_common.result_path('synthetic', out_dir))
+  assert data['meta']['device_kind'] == _common.device_kind()
+  assert len(data['muon_vs_gd']) == 5
+  for row in data['muon_vs_gd']:
+    assert row['winner'] in ('muon', 'gd')
+  assert {'base', 'lite'} <= set(data['lite_quadratic'])
+  assert {'gd (1/L)', 'adamw', 'muon'} <= set(
+      data['kronecker']['runs'][0]['results'])
+
+
+def test_rho_values():
+  import jax.numpy as jnp
+  prob = synthetic.matrix_quadratic('isotropic', 4, 6, 0)  # H = 2 I, L = 2
+  rank1 = jnp.outer(jnp.arange(1., 5.), jnp.ones(6))
+  # Rank-one gradient: ||G||_*^2 = ||G||_F^2 and J = 2 ||O||_F^2 = 2 = L.
+  rho = synthetic.rho(dict(prob, grad=lambda w: rank1), prob['w0'])
+  assert float(rho) == pytest.approx(1.0, rel=1e-4)
+  # Full-rank flat gradient (orthonormal rows): ||G||_*^2 / ||G||_F^2 = 4
+  # and J / L = 4, so rho = 1 again; a concentrated Hessian makes it > 1.
+  eye = jnp.eye(4, 6)
+  rho = synthetic.rho(dict(prob, grad=lambda w: eye), prob['w0'])
+  assert float(rho) == pytest.approx(1.0, rel=1e-4)
+  conc = synthetic.matrix_quadratic('logspace', 4, 6, 0)
+  rho = synthetic.rho(dict(conc, grad=lambda w: eye), conc['w0'])
+  assert float(rho) > 2.0
+
+
+def test_report_fills_markers(out_dir, tmp_path):
+  readme = tmp_path / 'README.md'
+  readme.write_text('# T\n\n<!-- BEGIN GENERATED:lm -->\nold\n'
+                    '<!-- END GENERATED:lm -->\nafter\n')
+  report.main(['--readme', str(readme), '--results', out_dir, '--summary',
+               str(tmp_path / 'S.md')])
+  text = readme.read_text()
+  assert 'old' not in text and 'after' in text
+  for name in report.NAMES:
+    assert f'<!-- BEGIN GENERATED:{name} -->' in text
+    assert f'<!-- END GENERATED:{name} -->' in text
+  assert text.count('## Benchmarks') == 1
+  assert '| `muon` |' in text

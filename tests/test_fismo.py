@@ -1,0 +1,394 @@
+"""Tests of fisher_whiten (FISMO Algorithm 1) and the fismo optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_lite as ol
+from optax_lite.transforms.fisher_whiten import fisher_whiten
+from optax_lite.transforms.momentum import momentum
+from optax_lite.transforms.orthogonalize import orthogonalize
+from conftest import assert_tree_finite, assert_trees_close
+
+
+def _isqrt(a):
+  w, v = np.linalg.eigh(a)
+  return (v * w ** -0.5) @ v.T
+
+
+def _alg1(grads, gamma, mu, beta=0.9, polar=True):
+  """Algorithm 1 of the paper in float64, PyTorch layout (G is out × in)."""
+  m, n = grads[0].shape
+  p, q, mom, outs = np.eye(m), np.eye(n), np.zeros((m, n)), []
+  for g in grads:
+    lt = g @ np.linalg.inv(q) @ g.T / n + mu * np.trace(p) / m * np.eye(m)
+    pt = gamma * p + (1 - gamma) * lt
+    p = m / np.trace(pt) * pt
+    p = 0.5 * (p + p.T)
+    rt = g.T @ np.linalg.inv(p) @ g / m + mu * np.trace(q) / n * np.eye(n)
+    qt = gamma * q + (1 - gamma) * rt
+    q = n / np.trace(qt) * qt
+    q = 0.5 * (q + q.T)
+    gw = _isqrt(p) @ g @ _isqrt(q)
+    if polar:
+      mom = beta * mom + (1 - beta) * gw
+      u, _, vt = np.linalg.svd(mom, full_matrices=False)
+      gw = u @ vt
+    outs.append(_isqrt(p) @ gw @ _isqrt(q))
+  return outs, p, q
+
+
+def _inner(beta=0.9, method='svd'):
+  return optax.chain(momentum(beta, ema=True, nesterov=False),
+                     orthogonalize(method))
+
+
+_CACHE = {}
+
+
+def _whiten(inner=None, **kw):
+  """A cached ``(fisher_whiten, jitted update)`` pair (saves compiles)."""
+  key = (inner, tuple(sorted(kw.items())))
+  if key not in _CACHE:
+    tx = fisher_whiten(_inner(*inner) if inner else None, **kw)
+    _CACHE[key] = (tx, jax.jit(tx.update))
+  return _CACHE[key]
+
+
+def _run(tx, grads, params, update=None):
+  state, outs = tx.init(params), []
+  update = update or jax.jit(tx.update)
+  for g in grads:
+    u, state = update(g, state, params)
+    outs.append(u)
+  return outs, state
+
+
+# ---------------------------------------------------- Algorithm 1, layout
+
+
+@pytest.mark.parametrize('polar', [False, True])
+def test_matches_algorithm_1_with_p_on_the_output_side(polar):
+  rng = np.random.default_rng(0)
+  fan_in, fan_out = 9, 6
+  grads = [rng.normal(size=(fan_out, fan_in)) for _ in range(5)]  # torch
+  tx = fisher_whiten(_inner() if polar else None, gamma=0.9, damping=1e-2,
+                     min_eig=0.0)
+  params = {'k': jnp.zeros((fan_in, fan_out))}  # Flax [in, out]
+  outs, state = _run(tx, [{'k': jnp.asarray(g.T, jnp.float32)}
+                          for g in grads], params)
+  ref, p, q = _alg1(grads, 0.9, 1e-2, polar=polar)
+  for u, r in zip(outs, ref):
+    np.testing.assert_allclose(np.asarray(u['k']).T, r, rtol=2e-4, atol=2e-5)
+  assert state.p['k'].shape == (fan_out, fan_out)  # P: output side
+  assert state.q['k'].shape == (fan_in, fan_in)    # Q: input side
+  np.testing.assert_allclose(state.p['k'], p, atol=1e-5)
+  np.testing.assert_allclose(state.q['k'], q, atol=1e-5)
+  # Gauss–Seidel is not transpose-equivariant: declaring the Flax input axis
+  # as the output axis gives the algorithm applied to G instead of Gᵀ, a
+  # different update (so the orientation above is a real choice).
+  swapped = fisher_whiten(_inner() if polar else None, gamma=0.9,
+                          damping=1e-2, min_eig=0.0, dims=ol.MatrixDims(1, 0))
+  outs_t, _ = _run(swapped, [{'k': jnp.asarray(g.T, jnp.float32)}
+                             for g in grads], params)
+  ref_t, _, _ = _alg1([g.T for g in grads], 0.9, 1e-2, polar=polar)
+  np.testing.assert_allclose(np.asarray(outs_t[-1]['k']), ref_t[-1],
+                             rtol=2e-4, atol=2e-5)
+  assert np.abs(ref_t[-1] - ref[-1].T).max() > 1e-3
+
+
+def test_identity_inner_is_kronecker_natural_gradient():
+  rng = np.random.default_rng(1)
+  params = {'k': jnp.zeros((7, 5))}
+  tx, update = _whiten(None, gamma=0.8, damping=1e-2, min_eig=0.0)
+  outs, state = _run(tx, [{'k': jnp.asarray(rng.normal(size=(7, 5)),
+                                            jnp.float32)} for _ in range(4)],
+                     params, update)
+  g = rng.normal(size=(7, 5)).astype(np.float32)
+  u, state = update({'k': jnp.asarray(g)}, state)
+  p = np.asarray(state.p['k'], np.float64)
+  q = np.asarray(state.q['k'], np.float64)
+  # Paper: P⁻¹ G Q⁻¹ with G = gᵀ; Flax view: Q⁻¹ g P⁻¹.
+  ref = np.linalg.inv(q) @ g @ np.linalg.inv(p)
+  np.testing.assert_allclose(u['k'], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_newton_roots_agree_with_eigh():
+  rng = np.random.default_rng(2)
+  grads = [{'k': jnp.asarray(rng.normal(size=(10, 6)), jnp.float32)}
+           for _ in range(6)]
+  params = {'k': jnp.zeros((10, 6))}
+  a, sa = _run(fisher_whiten(_inner(), root_method='eigh'), grads, params)
+  b, sb = _run(fisher_whiten(_inner(), root_method='newton'), grads, params)
+  assert_trees_close(sa.p, sb.p, atol=1e-4)
+  assert_trees_close(sa.q, sb.q, atol=1e-4)
+  assert_trees_close(a[-1], b[-1], rtol=1e-3, atol=1e-3)
+
+
+def test_max_factor_size_keeps_that_side_identity():
+  rng = np.random.default_rng(3)
+  params = {'k': jnp.zeros((6, 40))}  # fan_in 6 (Q kept), fan_out 40 (P = I)
+  tx = fisher_whiten(None, gamma=0.5, damping=1e-2, min_eig=0.0,
+                     max_factor_size=16)
+  state = tx.init(params)
+  assert state.p['k'].shape == (0,) and state.q['k'].shape == (6, 6)
+  g = rng.normal(size=(6, 40)).astype(np.float32)
+  u, state = tx.update({'k': jnp.asarray(g)}, state)
+  # One-sided: R = G_torchᵀ G_torch / m = g gᵀ / fan_out, update Q⁻¹ g.
+  r = g.astype(np.float64) @ g.T / 40 + 1e-2 * np.eye(6)
+  qt = 0.5 * np.eye(6) + 0.5 * r
+  q = 6 * qt / np.trace(qt)
+  np.testing.assert_allclose(state.q['k'], q, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(u['k'], np.linalg.inv(q) @ g, rtol=1e-4,
+                             atol=1e-5)
+
+
+# ------------------------------------------------------------ invariants
+
+
+def _spd_and_traces(state, leaf='k'):
+  p = np.asarray(state.p[leaf], np.float64)
+  q = np.asarray(state.q[leaf], np.float64)
+  for f in (p, q):
+    np.testing.assert_allclose(f, f.T, atol=1e-6)
+    np.testing.assert_allclose(np.trace(f), f.shape[0], rtol=1e-5)
+    assert np.linalg.eigvalsh(f)[0] > 0.0
+  return np.linalg.cond(p), np.linalg.cond(q)
+
+
+@pytest.mark.parametrize('scale_invariant', [False, True])
+@pytest.mark.parametrize('scale', [1e-3, 1.0, 1e2])
+def test_factors_stay_spd_with_right_traces(scale, scale_invariant):
+  rng = np.random.default_rng(4)
+  params = {'k': jnp.zeros((12, 8))}
+  tx, update = _whiten((0.95, 'polar_express'),
+                       scale_invariant=scale_invariant)
+  state = tx.init(params)
+  for t in range(60):
+    g = rng.normal(size=(12, 8))
+    if t % 3 == 1:  # rank one
+      g = np.outer(rng.normal(size=12), rng.normal(size=8))
+    u, state = update({'k': jnp.asarray(scale * g, jnp.float32)}, state)
+    assert_tree_finite(u)
+    if t % 15 == 14:
+      _spd_and_traces(state)
+  cond_p, _ = _spd_and_traces(state)
+  if scale_invariant or scale == 1.0:
+    assert cond_p > 1.05  # the factors really adapt
+  if scale == 1e-3 and not scale_invariant:
+    assert cond_p < 1.05  # Algorithm 1 at small gradients: P stays ≈ I
+
+
+@pytest.mark.parametrize('root_method, scale_invariant', [
+    ('eigh', False), ('newton', False),
+    pytest.param('eigh', True, marks=pytest.mark.slow),
+    pytest.param('newton', True, marks=pytest.mark.slow)])
+def test_degenerate_gradients_never_give_nan(root_method, scale_invariant):
+  rng = np.random.default_rng(5)
+  shape = (10, 16)
+  tx, update = _whiten((0.95, 'polar_express'), root_method=root_method,
+                       scale_invariant=scale_invariant)
+  params = {'k': jnp.zeros(shape)}
+  state = tx.init(params)
+  kinds = [np.zeros(shape),
+           1e-8 * rng.normal(size=shape),
+           1e4 * rng.normal(size=shape),
+           1e4 * np.outer(rng.normal(size=10), rng.normal(size=16)),
+           np.outer(rng.normal(size=10), rng.normal(size=16)),
+           1e-8 * np.outer(rng.normal(size=10), rng.normal(size=16))]
+  for t in range(30):
+    g = kinds[t % len(kinds)]
+    u, state = update({'k': jnp.asarray(g, jnp.float32)}, state)
+    assert_tree_finite(u)
+    assert_tree_finite(state)
+    _spd_and_traces(state)
+  u0, _ = update({'k': jnp.zeros(shape)}, tx.init(params))
+  np.testing.assert_array_equal(u0['k'], 0.0)  # zero gradient: zero update
+
+
+def test_scale_invariant_factors_do_not_depend_on_gradient_scale():
+  rng = np.random.default_rng(6)
+  grads = [rng.normal(size=(8, 5)) for _ in range(10)]
+  params = {'k': jnp.zeros((8, 5))}
+  tx = fisher_whiten(_inner(), scale_invariant=True)
+  _, s1 = _run(tx, [{'k': jnp.asarray(g, jnp.float32)} for g in grads],
+               params)
+  _, s2 = _run(tx, [{'k': jnp.asarray(1e-4 * g, jnp.float32)}
+                    for g in grads], params)
+  assert_trees_close(s1.p, s2.p, atol=1e-4)
+  assert_trees_close(s1.q, s2.q, atol=1e-4)
+
+
+# ---------------------------------------------------------------- theory
+
+
+def test_theorem_4_2_direction_is_optimal_in_the_trust_region():
+  rng = np.random.default_rng(7)
+  fan_in, fan_out = 9, 6
+
+  def spd(d):
+    a = rng.normal(size=(d, d))
+    f = a @ a.T + 0.3 * np.eye(d)
+    return d * f / np.trace(f)
+
+  p, q = spd(fan_out), spd(fan_in)  # paper P (m × m), Q (n × n)
+  g = rng.normal(size=(fan_out, fan_in))  # paper G
+  # γ = 1 freezes the injected factors; β = 0 polar is the LMO of (3).
+  tx = fisher_whiten(orthogonalize('svd'), gamma=1.0, min_eig=0.0)
+  params = {'k': jnp.zeros((fan_in, fan_out))}
+  state = tx.init(params)._replace(p={'k': jnp.asarray(p, jnp.float32)},
+                                   q={'k': jnp.asarray(q, jnp.float32)})
+  u, _ = tx.update({'k': jnp.asarray(g.T, jnp.float32)}, state)
+  dw = -np.asarray(u['k'], np.float64).T  # the step direction, paper layout
+  ph, qh = np.linalg.inv(_isqrt(p)), np.linalg.inv(_isqrt(q))
+  # Tight constraint and optimal value −‖G̃‖_* (Theorem 4.2).
+  np.testing.assert_allclose(np.linalg.norm(ph @ dw @ qh, 2), 1.0, rtol=1e-4)
+  nuc = np.linalg.norm(_isqrt(p) @ g @ _isqrt(q), 'nuc')
+  best = np.sum(g * dw)
+  np.testing.assert_allclose(best, -nuc, rtol=1e-4)
+  # No random feasible direction does better; nor does Muon's (rescaled).
+  for _ in range(2000):
+    phi = rng.normal(size=(fan_out, fan_in))
+    phi /= np.linalg.norm(phi, 2)
+    d = _isqrt(p) @ phi @ _isqrt(q)
+    assert np.sum(g * d) >= best - 1e-5
+  uu, _, vt = np.linalg.svd(g, full_matrices=False)
+  muon = -(uu @ vt)
+  muon /= np.linalg.norm(ph @ muon @ qh, 2)
+  assert np.sum(g * muon) > best + 1e-3
+
+
+def _noisy_kronecker_grads(steps, scale, seed=0):
+  """Gradients A C B + A^{1/2} Z B^{1/2} (paper layout), cond(A) = cond(B) = 10."""
+  rng = np.random.default_rng(seed)
+  m, n = 16, 24
+
+  def spd(d):
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    ev = np.logspace(0, 1, d)
+    ev *= d / ev.sum()
+    return (q * ev) @ q.T, (q * np.sqrt(ev)) @ q.T
+
+  (a, ah), (b, bh) = spd(m), spd(n)
+  c = rng.normal(size=(m, n))
+  return [{'w': {'kernel': jnp.asarray(
+      scale * (a @ c @ b + ah @ rng.normal(size=(m, n)) @ bh).T,
+      jnp.float32)}} for _ in range(steps)]
+
+
+def _median_condition(tx, grads):
+  params = {'w': {'kernel': jnp.zeros((24, 16))}}
+  outs, _ = _run(tx, grads, params)
+  return float(np.median([ol.condition_number(u['w']['kernel'])
+                          for u in outs[-15:]]))
+
+
+@pytest.mark.parametrize('scale, scale_invariant', [(1.0, False),
+                                                    (1e-3, True)])
+def test_update_condition_number_lies_between_muon_and_adam(
+    scale, scale_invariant):
+  grads = _noisy_kronecker_grads(60, scale)
+  k_muon = _median_condition(ol.muon(0.1, weight_decay=0.0), grads)
+  k_fismo = _median_condition(
+      ol.fismo(0.1, weight_decay=0.0, scale_invariant=scale_invariant), grads)
+  k_adam = _median_condition(optax.adam(0.1, b1=0.9, b2=0.95), grads)
+  assert k_muon < 1.1 < 2.0 * k_muon < k_fismo < k_adam, (k_muon, k_fismo,
+                                                           k_adam)
+
+
+# -------------------------------------------------------------- optimizer
+
+
+def _model_params(dtype=jnp.float32):
+  rng = np.random.default_rng(8)
+  return {'dense': {'kernel': jnp.asarray(rng.normal(size=(6, 10)), dtype),
+                    'bias': jnp.zeros((10,), dtype)},
+          'norm': {'scale': jnp.ones((10,), dtype)}}
+
+
+def test_gamma_one_equals_muon_direction():
+  params = _model_params()
+  rng = np.random.default_rng(9)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(5)]
+  a, _ = _run(ol.fismo(0.02, gamma=1.0), grads, params)
+  b, _ = _run(ol.muon(0.02, ema=True, nesterov=False), grads, params)
+  for x, y in zip(a, b):
+    assert_trees_close(x, y, rtol=1e-5, atol=1e-7)
+  # With γ < 1 the factors adapt and the direction differs from Muon's.
+  c, _ = _run(ol.fismo(0.02, gamma=0.5, damping=1e-2), grads, params)
+  assert np.abs(np.asarray(c[-1]['dense']['kernel'])
+                - np.asarray(b[-1]['dense']['kernel'])).max() > 1e-4
+
+
+def test_fismo_bf16_and_jit(maybe_jit):
+  params = _model_params(jnp.bfloat16)
+  tx = ol.fismo(0.02, mu_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  update = maybe_jit(tx.update)
+  rng = np.random.default_rng(10)
+  for _ in range(3):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                           jnp.bfloat16), params)
+    upd, state = update(g, state, params)
+    params = optax.apply_updates(params, upd)
+  assert_tree_finite(upd)
+  assert upd['dense']['kernel'].dtype == jnp.bfloat16
+  assert params['dense']['kernel'].dtype == jnp.bfloat16
+  factors = [leaf for leaf in jax.tree.leaves(state)
+             if getattr(leaf, 'shape', ()) in ((10, 10), (6, 6))]
+  assert factors and all(f.dtype == jnp.float32 for f in factors)
+
+
+def test_fismo_trains_a_small_regression():
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+  w_true = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+  y = x @ w_true
+  params = {'dense': {'kernel': jnp.zeros((8, 4)), 'bias': jnp.zeros((4,))}}
+  tx = ol.fismo(optax.cosine_decay_schedule(0.3, 100), weight_decay=0.0,
+                scale_invariant=True)
+  state = tx.init(params)
+
+  def loss(p):
+    return jnp.mean((x @ p['dense']['kernel'] + p['dense']['bias'] - y) ** 2)
+
+  @jax.jit
+  def step(p, s):
+    l, g = jax.value_and_grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, l
+
+  losses = []
+  for _ in range(100):
+    params, state, l = step(params, state)
+    losses.append(float(l))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize('kwargs, name', [
+    (dict(gamma=1.5), 'gamma'), (dict(gamma=-0.1), 'gamma'),
+    (dict(damping=0.0), 'damping'), (dict(damping=-1e-3), 'damping'),
+    (dict(root_method='cholesky'), 'root_method'),
+    (dict(momentum=1.0), 'momentum'), (dict(momentum=-0.5), 'momentum'),
+    (dict(min_eig=1.0), 'min_eig'), (dict(root_eps=-1.0), 'root_eps'),
+    (dict(max_factor_size=0), 'max_factor_size'),
+    (dict(method='qr'), 'method'), (dict(scaling='max'), 'scaling')])
+def test_fismo_bad_hyperparameters(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    ol.fismo(0.01, **kwargs)
+
+
+def test_fisher_whiten_bad_hyperparameters():
+  with pytest.raises(ValueError, match='gamma'):
+    fisher_whiten(gamma=2.0)
+  with pytest.raises(ValueError, match='damping'):
+    fisher_whiten(damping=0.0)
+  with pytest.raises(ValueError, match='root_method'):
+    fisher_whiten(root_method='svd')
+  with pytest.raises(ValueError, match='factor_dtype'):
+    fisher_whiten(factor_dtype=jnp.int32)

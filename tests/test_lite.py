@@ -1,0 +1,305 @@
+"""LITE: spectral filter, lite_flat_boost, muon_lite (and Appendix H)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given, strategies as st
+
+import optax_lite as ol
+from optax_lite.linalg import matrix_view, subspace
+from optax_lite.transforms import lite as lite_lib
+from conftest import assert_tree_finite, assert_trees_close
+
+
+def gapped_matrix(key, m, n, top, ds):
+  """Singular values: ``ds`` in [top/2, top], the rest in [0.02, 0.5]."""
+  k1, k2 = jax.random.split(key)
+  u, _ = jnp.linalg.qr(jax.random.normal(k1, (m, min(m, n))))
+  v, _ = jnp.linalg.qr(jax.random.normal(k2, (n, min(m, n))))
+  s = jnp.concatenate([jnp.linspace(top, top / 2, ds),
+                       jnp.linspace(0.5, 0.02, min(m, n) - ds)])
+  return (u * s) @ v.T
+
+
+# --------------------------------------------------------------------------
+# The filter (pure linalg)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('shape', [(40, 24), (24, 40)])
+def test_filter_matches_exact_projector_at_fixed_tau(shape):
+  m = gapped_matrix(jax.random.PRNGKey(0), *shape, top=8.0, ds=3)
+  for side in ('left', 'right'):
+    p = subspace.sharp_projector(m, 1.5, side=side)
+    pe = subspace.exact_sharp_projector(m, 3, side=side)
+    assert float(jnp.linalg.norm(p - pe)) < 0.02
+  t_exact = subspace.spectral_filter(m, 1.5, method='svd')
+  np.testing.assert_allclose(t_exact @ t_exact.T,
+                             subspace.exact_sharp_projector(m, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize('deadband', [0.0, 0.5])
+def test_threshold_controller_settles_at_target_rank(deadband):
+  rows, cols = 64, 48
+  ds = lite_lib.sharp_dim(0.1, rows, cols, 'reference')
+  m = gapped_matrix(jax.random.PRNGKey(1), rows, cols, top=10.0, ds=ds)
+  geo = ol.muon_geometry(sharp_ratio=0.1, threshold_deadband=deadband)
+  view = matrix_view(m.shape)
+  state = geo.init(view, m)
+  p_exact = subspace.exact_sharp_projector(m, ds)
+  eye = jnp.eye(rows)[None]
+  traces, errors = [], []
+  step = jax.jit(lambda s: geo.directions(view, m, m, s, jnp.int32(1),
+                                          False).state)
+  for _ in range(60):
+    out = geo.directions(view, m, m, state, jnp.int32(1), False)
+    p = (eye - out.flat(eye))[0]
+    traces.append(float(jnp.trace(p)))
+    errors.append(float(jnp.linalg.norm(p - p_exact)))
+    state = step(state)
+  late_t, late_e = np.array(traces[30:]), np.array(errors[30:])
+  # Paper controller (bang-bang): tau oscillates at the lower edge of the
+  # gap, so on alternate steps the soft filter lets in part of the dense
+  # band below (trace up to ~d_s + 2), and is exact on the other steps.
+  assert np.all(np.abs(late_t - ds) < 2.5), late_t
+  assert np.median(late_e) < 0.75 and late_e.min() < 0.05, late_e
+  if deadband:
+    assert np.all(late_e < 0.05), late_e  # rests inside the gap
+
+
+@pytest.mark.parametrize('m', [jnp.zeros((12, 8)),
+                               jnp.outer(jnp.arange(12.0), jnp.ones(8)),
+                               jnp.full((12, 8), 1e-20)])
+def test_filter_never_nan_on_degenerate_input(m):
+  geo = ol.muon_geometry()
+  view = matrix_view(m.shape)
+  out = geo.directions(view, m, m, geo.init(view, m), jnp.int32(1), True)
+  assert_tree_finite((out.d_m, out.d_g, out.flat(out.d_m), out.state))
+
+
+def test_layout_flax_kernel_equals_torch_transpose():
+  """The flat/sharp split of an (in, out) kernel equals the torch one."""
+  layer = nnx.Linear(24, 40, rngs=nnx.Rngs(0))  # kernel [in=24, out=40]
+  w = layer.kernel.value
+  m = gapped_matrix(jax.random.PRNGKey(2), 24, 40, top=6.0, ds=3)
+  # torch layout (out, in): projector on the input side = right vectors.
+  p_torch = subspace.sharp_projector(m.T, 1.5, side='right')
+  flat_torch = w.T - w.T @ p_torch  # torch: W (I − PᵀP) on the right
+  geo = ol.muon_geometry()
+  view = matrix_view(w.shape)
+  ratio = (jnp.array([1.5 / float(jnp.linalg.norm(m))]),)
+  out = geo.directions(view, m, m, ratio, jnp.int32(1), False)
+  flat_flax = out.flat_param(w)
+  np.testing.assert_allclose(flat_flax, flat_torch.T, atol=2e-3)
+  assert p_torch.shape == (24, 24)  # fan-in side
+
+
+# --------------------------------------------------------------------------
+# Reduction to the base optimizers
+# --------------------------------------------------------------------------
+
+
+def _params(key):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {'w': jax.random.normal(k1, (24, 40)) * 0.1,
+          'conv': jax.random.normal(k2, (3, 3, 4, 8)) * 0.1,
+          'embed': {'embedding': jax.random.normal(k3, (30, 6))},
+          'norm': {'scale': jnp.ones(6)}, 'bias': jnp.zeros(40),
+          'lm_head': {'kernel': jax.random.normal(k3, (6, 30))}}
+
+
+def _trajectory(tx, params, steps=4):
+  state = tx.init(params)
+  upd = jax.jit(tx.update)
+  outs = []
+  for i in range(steps):
+    g = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i),
+                                                 p.shape), params)
+    u, state = upd(g, state, params)
+    params = optax.apply_updates(params, u)
+    outs.append(u)
+  return outs
+
+
+def test_muon_lite_reduces_to_muon():
+  params = _params(jax.random.PRNGKey(0))
+  base = ol.muon(0.01)
+  lite = ol.muon_lite(0.01, chi=1.0, beta1=0.0, beta2=0.0, emb_chi=1.0)
+  for a, b in zip(_trajectory(lite, params), _trajectory(base, params)):
+    assert_trees_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_adamw_lite_reduces_to_adamw():
+  params = {'e': jax.random.normal(jax.random.PRNGKey(0), (20, 5))}
+  for a, b in zip(_trajectory(ol.adamw_lite(0.01, chi=1.0), params),
+                  _trajectory(optax.adamw(0.01, b1=0.9, b2=0.95,
+                                          weight_decay=0.1), params)):
+    assert_trees_close(a, b, rtol=0, atol=1e-6)
+
+
+@given(seed=st.integers(0, 1000), scale=st.floats(1e-4, 1e4),
+       rows=st.integers(2, 12), cols=st.integers(2, 12))
+def test_hypothesis_reduction_and_finiteness(seed, scale, rows, cols):
+  g = {'w': scale * jax.random.normal(jax.random.PRNGKey(seed), (rows, cols))}
+  base = optax.chain(ol.momentum(0.95), ol.orthogonalize(), ol.scale_by_shape())
+  red = ol.lite_flat_boost(ol.muon_geometry(), chi=1.0, scaling='rms')
+  full = ol.lite_flat_boost(ol.muon_geometry(), chi=2.0, beta1=-0.25,
+                            beta2=1.0, scaling='rms')
+  ub, _ = base.update(g, base.init(g))
+  ur, _ = red.update(g, red.init(g))
+  uf, _ = full.update(g, full.init(g))
+  np.testing.assert_allclose(ur['w'], ub['w'], atol=1e-5)
+  assert_tree_finite(uf)
+
+
+def test_boost_amplifies_flat_component_only():
+  """chi scales the flat part of the update, leaves the sharp part."""
+  m = gapped_matrix(jax.random.PRNGKey(3), 32, 20, top=8.0, ds=2)
+  g = {'w': m}
+  t1 = ol.lite_flat_boost(ol.muon_geometry(sharp_ratio=0.05, method='svd'), chi=1.0)
+  t3 = ol.lite_flat_boost(ol.muon_geometry(sharp_ratio=0.05, method='svd'), chi=3.0)
+  u1, _ = t1.update(g, t1.init(g))
+  u3, _ = t3.update(g, t3.init(g))
+  geo = ol.muon_geometry(sharp_ratio=0.05, method='svd')
+  view = matrix_view(m.shape)
+  out = geo.directions(view, m, m, geo.init(view, m), jnp.int32(1), False)
+  flat1 = out.flat(view.to_matrix(u1['w']))
+  sharp1 = view.to_matrix(u1['w']) - flat1
+  flat3 = out.flat(view.to_matrix(u3['w']))
+  np.testing.assert_allclose(flat3, 3 * flat1, atol=1e-4)
+  np.testing.assert_allclose(view.to_matrix(u3['w']) - flat3, sharp1,
+                             atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Appendix H: the quadratic with sharp, flat and negative-curvature dirs
+# --------------------------------------------------------------------------
+
+
+def identity_geometry(flat_mask):
+  """F = I with a known flat set of coordinates (Appendix H's setting)."""
+
+  def init(view, param):
+    del view, param
+    return ()
+
+  def directions(view, m_term, g, leaf_state, count, need_g):
+    del view, leaf_state, count
+    flat = lambda x: flat_mask * x
+    return lite_lib.LeafDirections(m_term, g if need_g else None, flat,
+                                   lambda x: x, flat, ())
+
+  return ol.transforms.Geometry(init, directions, needs_matrix=False)
+
+
+def test_appendix_h_quadratic():
+  lam = jnp.array([10.0, 5.0] + [0.05] * 6 + [-0.02] * 4)
+  b = jnp.ones_like(lam) * 0.1
+  flat = (jnp.abs(lam) < 1.0).astype(jnp.float32)
+  neg = lam < 0
+  f = lambda w: 0.5 * jnp.sum(lam * w * w) + b @ w
+  grad = jax.grad(f)
+  alpha, beta, eta = 0.1, 0.5, 0.02
+
+  def run(chi, beta2, steps=150):
+    tx = optax.chain(
+        ol.lite_flat_boost(identity_geometry(flat), chi=chi, beta1=beta,
+                           beta2=beta2, momentum=1 - alpha, nesterov=False),
+        optax.scale(-eta))
+    w = jnp.zeros_like(lam)
+    s = tx.init(w)
+    for _ in range(steps):
+      u, s = tx.update(grad(w), s, w)
+      w = w + u
+    return w
+
+  w_base = run(1.0, beta)
+  w_lite = run(2.0, 2.0)
+  assert float(f(w_lite)) < float(f(w_base))
+  # Escape along negative curvature: larger excursion in those coordinates.
+  assert float(jnp.linalg.norm(w_lite[neg])) > 1.5 * float(
+      jnp.linalg.norm(w_base[neg]))
+  # Flat convex coordinates: closer to their minimiser −b/λ.
+  conv = (flat > 0) & ~neg
+  target = -b / lam
+  assert float(jnp.linalg.norm((w_lite - target)[conv])) < float(
+      jnp.linalg.norm((w_base - target)[conv]))
+  # Sharp coordinates stay stable (near their minimiser).
+  np.testing.assert_allclose(w_lite[:2], target[:2], atol=1e-2)
+
+
+# --------------------------------------------------------------------------
+# Named optimizer, schedules, bad input
+# --------------------------------------------------------------------------
+
+
+def test_muon_lite_state_and_nnx_training():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(16, 16, rngs=rngs)
+      self.hidden = nnx.Linear(16, 32, rngs=rngs)
+      self.norm = nnx.RMSNorm(32, rngs=rngs)
+      self.lm_head = nnx.Linear(32, 16, rngs=rngs)
+
+    def __call__(self, t):
+      return self.lm_head(self.norm(jax.nn.gelu(self.hidden(self.embed(t)))))
+
+  model = Net(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, ol.muon_lite(0.02, total_steps=40,
+                                          warmup_steps=4), wrt=nnx.Param)
+  tokens = jnp.arange(64) % 16
+  target = (tokens * 5 + 3) % 16
+
+  @nnx.jit
+  def step(model, opt):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy_with_integer_labels(
+          m(tokens), target).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(40)]
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_reference_schedules():
+  b2 = ol.beta2_ramp(-0.25, 1.0, total_steps=100, warmup_steps=10,
+                     flat_warmup=0.5)
+  assert float(b2(5)) == pytest.approx(-0.25)
+  assert float(b2(55)) == pytest.approx(1.0)
+  assert float(b2(32)) == pytest.approx(-0.25 + 1.25 * 22 / 45, rel=1e-5)
+  ramp = ol.chi_schedule(2.0, mode='ramp', total_steps=100, warmup_steps=10)
+  decay = ol.chi_schedule(4.0, mode='decay', total_steps=100, warmup_steps=10)
+  assert float(ramp(5)) == 1.0 and float(ramp(60)) == pytest.approx(2.0, 0.1)
+  assert float(decay(11)) == pytest.approx(4.0, rel=0.01)
+  assert float(decay(100)) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize('kwargs,name', [
+    (dict(chi=0.5), 'chi'), (dict(beta1=1.0, beta2=0.5), 'beta2'),
+    (dict(sharp_ratio=0.0), 'sharp_ratio'),
+    (dict(sharp_ratio=1.0), 'sharp_ratio'),
+    (dict(threshold_rate=1.0), 'threshold_rate'),
+    (dict(variant='fast'), 'variant'), (dict(momentum=1.2), 'momentum')])
+def test_bad_hyperparameters(kwargs, name):
+  with pytest.raises((ValueError, TypeError), match=name):
+    ol.muon_lite(0.01, **kwargs)
+
+
+def test_bfloat16_params_with_float32_state():
+  params = {'w': jnp.ones((16, 8), jnp.bfloat16)}
+  tx = ol.muon_lite(0.01, mu_dtype=jnp.float32)
+  state = tx.init(params)
+  g = {'w': jax.random.normal(jax.random.PRNGKey(0), (16, 8)).astype(
+      jnp.bfloat16)}
+  u, state = jax.jit(tx.update)(g, state, params)
+  assert u['w'].dtype == jnp.bfloat16
+  mus = [x for x in jax.tree.leaves(state) if x.shape == (16, 8)]
+  assert mus and all(x.dtype == jnp.float32 for x in mus)
+  assert_tree_finite(u)
