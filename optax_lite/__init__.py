@@ -26,3 +26,8 @@ from optax_lite.transforms.fisher_whiten import FisherWhitenState, fisher_whiten
 from optax_lite.optimizers.rmnp import rmnp
 from optax_lite.optimizers.fismo import fismo
 from optax_lite.linalg.diagnostics import condition_number, diagonal_dominance, leaf_diagonal_dominance
+from optax_lite.transforms.lite_geometries import (row_norm_geometry,
+                                                   soap_geometry)
+from optax_lite.transforms.kron_precondition import ShampooState, SoapState, kron_precondition
+from optax_lite.optimizers.kron import shampoo, soap
+from optax_lite.optimizers.lite import fismo_lite, rmnp_lite, soap_lite

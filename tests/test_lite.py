@@ -303,3 +303,53 @@ def test_bfloat16_params_with_float32_state():
   mus = [x for x in jax.tree.leaves(state) if x.shape == (16, 8)]
   assert mus and all(x.dtype == jnp.float32 for x in mus)
   assert_tree_finite(u)
+
+
+# --------------------------------------------------------------------------
+# SOAP-LITE, RMNP-LITE, FISMO-LITE: reduction to their bases
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name,base_kw', [
+    ('soap', dict(precondition_frequency=2)),
+    ('rmnp', {}),
+    ('fismo', {}),
+])
+def test_lite_variants_reduce_to_base(name, base_kw):
+  params = _params(jax.random.PRNGKey(1))
+  base = getattr(ol, name)(0.01, **base_kw)
+  lite = getattr(ol, name + '_lite')(0.01, chi=1.0, beta1=0.0, beta2=0.0,
+                                     emb_chi=1.0, **base_kw)
+  for a, b in zip(_trajectory(lite, params, steps=5),
+                  _trajectory(base, params, steps=5)):
+    assert_trees_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['soap_lite', 'rmnp_lite', 'fismo_lite'])
+def test_lite_variants_finite_and_boosted(name):
+  params = _params(jax.random.PRNGKey(2))
+  kw = dict(precondition_frequency=2) if name == 'soap_lite' else {}
+  ups = _trajectory(getattr(ol, name)(0.01, **kw), params, steps=5)
+  base = _trajectory(getattr(ol, name.replace('_lite', ''))(0.01, **kw),
+                     params, steps=5)
+  assert_tree_finite(ups)
+  # The boosted update is larger than the base one on the matrix leaf.
+  assert float(jnp.linalg.norm(ups[-1]['w'])) > float(
+      jnp.linalg.norm(base[-1]['w']))
+
+
+def test_soap_lite_mask_tracks_sharp_fraction():
+  """The soft mask keeps ≈ r_s·mn coordinates fully sharp."""
+  geo = ol.soap_geometry(sharp_ratio=0.2, precondition_frequency=1)
+  w = jnp.zeros((16, 12))
+  view = matrix_view(w.shape)
+  state = geo.init(view, w)
+  scales = jnp.logspace(-2, 1, 16)[:, None] * jnp.logspace(-1, 1, 12)[None]
+  fracs = []
+  for i in range(1, 61):
+    g = scales * jax.random.normal(jax.random.PRNGKey(i), w.shape)
+    out = geo.directions(view, g, g, state, jnp.int32(i), False)
+    state = out.state
+    s = 1.0 - out.flat(jnp.ones((1, 16, 12)))
+    fracs.append(float(jnp.mean(s >= 0.999)))
+  assert 0.1 < np.mean(fracs[-20:]) < 0.3, fracs[-20:]

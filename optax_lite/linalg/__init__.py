@@ -8,3 +8,4 @@ from optax_lite.linalg.roots import ROOT_METHODS, inverse_root, symmetrize
 from optax_lite.linalg.subspace import (adapt_threshold, exact_sharp_projector, sharp_projector, soft_mask, spectral_filter)
 from optax_lite.linalg import distributed
 from optax_lite.linalg.diagnostics import (DiagonalDominance, condition_number, diagonal_dominance, dominance_ratios, leaf_diagonal_dominance)
+from optax_lite.linalg.eigenbasis import eigenbasis_init, eigenbasis_refresh, rayleigh_eigenvalues

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite.optimizers import _common
-from optax_lite.transforms import kron_precondition as kron_lib
+# ``optax_lite.transforms.kron_precondition`` (the attribute) is the function
+# once the package is imported; import the names from the module itself.
+from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
+                                                     scale_by_soap)
 
 
 def _adam(learning_rate, adam_learning_rate, b1, b2, eps, weight_decay,
@@ -64,7 +67,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, ICLR 2025.
   """
   matrix_tx = optax.chain(
-      kron_lib.scale_by_soap(
+      scale_by_soap(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, skip_first_update=skip_first_update, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype, precision=precision),
@@ -116,7 +119,7 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     2023.
   """
   matrix_tx = optax.chain(
-      kron_lib.scale_by_shampoo(
+      scale_by_shampoo(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, accumulation=accumulation, exponent=exponent,
           root_method=root_method, matrix_eps=matrix_eps, graft=graft,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -242,3 +243,217 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
           scaling='none',
           flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
       *_common.decay_and_learning_rate(learning_rate, weight_decay))
+
+
+def _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, emb_smooth_ratio, adam_b1,
+              adam_b2, adam_eps, adam_wd, flat_weight_decay, threshold_rate,
+              mu_dtype, total_steps, warmup_steps, schedule,
+              reference_schedules):
+  chi_e, _ = lite_schedules(
+      emb_chi, 0.0, 0.0, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='decay', reference_schedules=reference_schedules)
+  return adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
+                    smooth_ratio=emb_smooth_ratio, b1=adam_b1, b2=adam_b2,
+                    eps=adam_eps, weight_decay=adam_wd,
+                    flat_weight_decay=flat_weight_decay,
+                    threshold_rate=threshold_rate, mu_dtype=mu_dtype)
+
+
+def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
+              variant: str = 'lite', chi: optax.ScalarOrSchedule = 2.0,
+              beta1: float = 0.0, beta2: optax.ScalarOrSchedule = 0.25,
+              sharp_ratio: float = 0.2, smooth_ratio: float = 0.1,
+              emb_chi: optax.ScalarOrSchedule = 4.0,
+              emb_sharp_ratio: float = 0.2, b1: float = 0.95,
+              b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
+              precondition_frequency: int = 10, max_precond_dim: int = 4096,
+              skip_first_update: bool = True, weight_decay: float = 0.1,
+              flat_weight_decay: bool = True, total_steps: int | None = None,
+              warmup_steps: int = 0, schedule: str = 'cosine',
+              reference_schedules: bool = True, threshold_rate: float = 1.05,
+              mu_dtype=None, precond_dtype=jnp.float32, dims=None,
+              labels=None, precision=None,
+              adam_learning_rate: optax.ScalarOrSchedule | None = None,
+              adam_b1: float = 0.9, adam_b2: float = 0.95,
+              adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+              ) -> optax.GradientTransformation:
+  r"""SOAP-LITE (Zhu et al. 2026, §5.2, Appendix B.2) with AdamW-LITE.
+
+  Matrix leaves: SOAP (Algorithm 6) with the soft sharp mask ``P`` on its
+  eigenvalues ``V`` (eq. 16–18) and, in the rotated basis,
+  ``U = Q_l(V^{-1/2}⊙(β₁P + χβ₂(1−P))⊙G_rot + V^{-1/2}⊙(P + χ(1−P))⊙M_rot)
+  Q_rᵀ``. Paper defaults (C.2): ``r_s = 0.2``, ``(β₁, β₂) = (0, 0.25)``,
+  ``χ = 2`` (matrix) and 4 (emb/norm), ``d_smooth = 0.1·mn``; SOAP's own
+  defaults as ``ol.soap``. The head and other leaves use AdamW.
+  ``variant="lite_l"``: only χ; ``"lite_h"``: ``χ = 1``, ``(β₁, β₂) = (0,
+  0.5)``. With ``chi=1, beta2=0, emb_chi=1`` this is exactly ``ol.soap``.
+
+  The authors' repository has no SOAP-LITE code; this follows the paper's
+  Appendix B.2, with the reference Muon-LITE's schedules and extra flat decay
+  as options (see :func:`muon_lite`).
+  """
+  from optax_lite.transforms.lite_geometries import soap_geometry
+  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (0.0, 0.5))
+  if variant == 'lite_h':
+    emb_chi = 1.0
+  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
+  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
+  precision = jax.lax.Precision.HIGHEST if precision is None else precision
+  chi_m, beta2_m = lite_schedules(
+      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
+  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
+  matrix_tx = optax.chain(
+      lite_flat_boost(
+          soap_geometry(b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+                        precondition_frequency=precondition_frequency,
+                        max_precond_dim=max_precond_dim,
+                        skip_first_update=skip_first_update,
+                        precond_dtype=precond_dtype, sharp_ratio=sharp_ratio,
+                        smooth_ratio=smooth_ratio,
+                        threshold_rate=threshold_rate, precision=precision),
+          chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=b1,
+          nesterov=False, mu_dtype=mu_dtype or jnp.dtype(precond_dtype),
+          dims=dims, scaling='none',
+          flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay))
+  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                       weight_decay=adam_wd, mu_dtype=mu_dtype)
+  emb_tx = _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, smooth_ratio,
+                     adam_b1, adam_b2, adam_eps, adam_wd, flat_weight_decay,
+                     threshold_rate, mu_dtype, total_steps, warmup_steps,
+                     schedule, reference_schedules)
+  return _common.with_adamw(matrix_tx, labels, adam,
+                            {'embedding': emb_tx, 'norm': emb_tx})
+
+
+def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
+              variant: str = 'lite', chi: optax.ScalarOrSchedule = 2.0,
+              beta1: float = -0.25, beta2: optax.ScalarOrSchedule = 1.0,
+              sharp_ratio: float = 0.1, smooth_ratio: float = 0.1,
+              emb_chi: optax.ScalarOrSchedule = 4.0,
+              emb_sharp_ratio: float = 0.1, momentum: float = 0.95,
+              axis: str = 'input', scaling: str = 'width', rms: float = 0.2,
+              weight_decay: float = 0.1, flat_weight_decay: bool = True,
+              total_steps: int | None = None, warmup_steps: int = 0,
+              schedule: str = 'cosine', reference_schedules: bool = True,
+              threshold_rate: float = 1.05, mu_dtype=None, dims=None,
+              labels=None, adam_learning_rate: optax.ScalarOrSchedule | None
+              = None, adam_b1: float = 0.9, adam_b2: float = 0.95,
+              adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+              ) -> optax.GradientTransformation:
+  r"""RMNP-LITE (beyond the papers): LITE around row-normalised momentum.
+
+  RMNP's preconditioner ``diag(VVᵀ)^{1/2}`` has one eigenvalue per output
+  unit, the squared norm of that unit's momentum; the sharp directions are
+  the output units with the largest momentum norm, picked by the soft mask
+  of eq. (16) (``d_s = r_s·fan_out``), and
+  ``U = RN(M̃)(P + χ(1−P)) + RN(G)(β₁P + χβ₂(1−P))`` per output unit,
+  then RMNP's scaling ``sqrt(max(1, fan_out/fan_in))``. Library defaults
+  follow ``muon_lite`` (χ = 2, (β₁, β₂) = (−0.25, 1.0), r_s = 0.1) and
+  ``rmnp`` (Nesterov 0.95, width scaling). With ``chi=1, beta1=beta2=0,
+  emb_chi=1`` this is exactly ``ol.rmnp``.
+  """
+  from optax_lite.transforms.lite_geometries import row_norm_geometry
+  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (-0.25, 2.0))
+  if variant == 'lite_h':
+    emb_chi = 1.0
+  _checks.check_decay('momentum', momentum)
+  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
+  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
+  chi_m, beta2_m = lite_schedules(
+      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
+  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
+  matrix_tx = optax.chain(
+      lite_flat_boost(
+          row_norm_geometry(axis=axis, sharp_ratio=sharp_ratio,
+                            smooth_ratio=smooth_ratio,
+                            threshold_rate=threshold_rate),
+          chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=momentum,
+          nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
+          rms=rms,
+          flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay))
+  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                       weight_decay=adam_wd, mu_dtype=mu_dtype)
+  emb_tx = _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, smooth_ratio,
+                     adam_b1, adam_b2, adam_eps, adam_wd, flat_weight_decay,
+                     threshold_rate, mu_dtype, total_steps, warmup_steps,
+                     schedule, reference_schedules)
+  return _common.with_adamw(matrix_tx, labels, adam,
+                            {'embedding': emb_tx, 'norm': emb_tx})
+
+
+def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
+               variant: str = 'lite', chi: optax.ScalarOrSchedule = 2.0,
+               beta1: float = 0.0, beta2: optax.ScalarOrSchedule = 1.0,
+               sharp_ratio: float = 0.1, emb_chi: optax.ScalarOrSchedule = 4.0,
+               emb_sharp_ratio: float = 0.1, emb_smooth_ratio: float = 0.1,
+               momentum: float = 0.95, gamma: float = 0.95,
+               damping: float = 1e-3, scale_invariant: bool = False,
+               root_method: str = 'eigh', max_factor_size: int | None = 4096,
+               factor_dtype=jnp.float32, method: str = 'polar_express',
+               steps: int | None = None, scaling: str = 'rms',
+               rms: float = 0.2, weight_decay: float = 0.1,
+               flat_weight_decay: bool = True,
+               total_steps: int | None = None, warmup_steps: int = 0,
+               schedule: str = 'cosine', reference_schedules: bool = True,
+               threshold_rate: float = 1.05, mu_dtype=None, dims=None,
+               labels=None, precision=None,
+               adam_learning_rate: optax.ScalarOrSchedule | None = None,
+               adam_b1: float = 0.9, adam_b2: float = 0.95,
+               adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+               ) -> optax.GradientTransformation:
+  r"""FISMO-LITE (beyond the papers): Muon-LITE inside FISMO's whitening.
+
+  FISMO is ``P^{-1/2} polar(M̃_white) Q^{-1/2}`` with the momentum kept in
+  the whitened space ``G̃ = P^{-1/2} G Q^{-1/2}``; FISMO-LITE runs
+  Muon-LITE on the whitened momentum, so its sharp subspace is the top
+  singular subspace (fan-in side) of the *whitened* momentum, i.e. sharp in
+  the Fisher geometry, and maps back with the same factors. The reference's
+  extra flat-direction decay is not applied to the matrix leaves (the
+  whitened inner step sees no weights); ``flat_weight_decay`` acts on the
+  emb/norm leaves only. Defaults: FISMO's (``ol.fismo``: EMA momentum 0.95 without Nesterov,
+  γ = 0.95, μ = 1e-3) and χ = 2, (β₁, β₂) = (0, 1.0) (β₁ = 0 because FISMO's
+  momentum has no Nesterov term to damp). With ``chi=1, beta2=0, emb_chi=1``
+  this is exactly ``ol.fismo``.
+  """
+  from optax_lite.transforms.fisher_whiten import fisher_whiten
+  from optax_lite.transforms.scaling import scale_by_shape
+  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (0.0, 2.0))
+  if variant == 'lite_h':
+    emb_chi = 1.0
+  polar_lib.check_method(method, steps)
+  _checks.check_decay('momentum', momentum)
+  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
+  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
+  chi_m, beta2_m = lite_schedules(
+      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
+  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
+  inner = lite_flat_boost(
+      muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
+                    threshold_rate=threshold_rate, precision=precision),
+      chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=momentum,
+      nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none',
+      flat_weight_decay=0.0)
+  matrix_tx = optax.chain(
+      fisher_whiten(inner, gamma=gamma, damping=damping,
+                    root_method=root_method, factor_dtype=factor_dtype,
+                    max_factor_size=max_factor_size,
+                    scale_invariant=scale_invariant, dims=dims,
+                    precision=precision),
+      scale_by_shape(scaling, rms, dims),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay))
+  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                       weight_decay=adam_wd, mu_dtype=mu_dtype)
+  emb_tx = _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, emb_smooth_ratio,
+                     adam_b1, adam_b2, adam_eps, adam_wd, flat_weight_decay,
+                     threshold_rate, mu_dtype, total_steps, warmup_steps,
+                     schedule, reference_schedules)
+  return _common.with_adamw(matrix_tx, labels, adam,
+                            {'embedding': emb_tx, 'norm': emb_tx})

@@ -29,8 +29,11 @@ masks, an element-wise weight). Geometries in the library:
 * :func:`diagonal_geometry` – AdamW-LITE (embedding / norm leaves): Adam's
   ``m̂ / (√v̂ + ε)`` with the soft mask of eq. (16) on ``v`` (Appendix B.2
   with ``Q_l = Q_r = I``).
-* SOAP-LITE, RMNP-LITE and FISMO-LITE geometries live next to their base
-  transforms (``soap_geometry``, ``row_norm_geometry``, ``fisher_geometry``).
+* :func:`optax_lite.transforms.lite_geometries.soap_geometry` (SOAP-LITE)
+  and :func:`~optax_lite.transforms.lite_geometries.row_norm_geometry`
+  (RMNP-LITE). FISMO-LITE needs no geometry of its own: it is
+  ``fisher_whiten(lite_flat_boost(muon_geometry(...)))``, Muon-LITE in the
+  whitened space.
 
 References:
   Zhu et al., `Accelerating LLM Pre-Training through Flat-Direction Dynamics
@@ -61,6 +64,9 @@ class LeafDirections(NamedTuple):
   finish: Callable[[jax.Array], jax.Array]     # own coordinates -> leaf
   flat_param: Callable[[jax.Array], jax.Array]  # Q·W for a parameter leaf
   state: tuple                        # the geometry's new per-leaf state
+  # True on a warm-up step of the base method (SOAP's first step only builds
+  # its statistics): the momentum is left unchanged on that step.
+  keep_momentum: jax.Array | None = None
 
 
 class Geometry(NamedTuple):
@@ -331,6 +337,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
         m_term = m_new
       out = geometry.directions(view, m_term, gf, tuple(geom_leaf), count,
                                 need_g)
+      if out.keep_momentum is not None:
+        m_new = jnp.where(out.keep_momentum, mf, m_new)
       u = out.d_m
       if need_g:
         u = u + beta1 * out.d_g + (b2_t - beta1) * out.flat(out.d_g)

@@ -1,0 +1,178 @@
+r"""LITE geometries of the Kronecker and diagonal-row preconditioners.
+
+Each function returns a :class:`optax_lite.transforms.lite.Geometry` for
+:func:`optax_lite.lite_flat_boost`; see that module for the combination rule
+``u = D_m + β₁D_g + (β₂−β₁)Q D_g;  u ← u + (χ−1)Q u``.
+
+* :func:`soap_geometry` – SOAP-LITE (Zhu et al. 2026, §5.2 and Appendix B.2).
+  SOAP's preconditioner is ``F = (Q_r⊗Q_l) diag(V)^{1/2} (Q_r⊗Q_l)ᵀ``: its
+  eigenvectors are the rotated coordinates and its eigenvalues are ``V``. The
+  sharp directions are the rotated coordinates with large ``V``, selected by
+  the soft mask of eq. (16) with the adaptive thresholds of eq. (17–18)
+  (``d_s = r_s·mn``, ``d_smooth = 0.1·mn`` per matrix). In the rotated basis
+
+  .. math::
+     U = Q_l\big(V^{-1/2}⊙(β_1P + χβ_2(1-P))⊙G_{rot}
+         + V^{-1/2}⊙(P + χ(1-P))⊙M_{rot}\big)Q_r^\top .
+
+  The statistics, bases and ``V`` are exactly SOAP's
+  (:func:`~optax_lite.transforms.kron_precondition.soap_leaf_update`), so
+  with ``χ = 1, β = 0`` this is SOAP.
+
+* :func:`row_norm_geometry` – RMNP-LITE, beyond the paper. RMNP's
+  preconditioner is ``F = diag(V Vᵀ)^{1/2} ⊗ I`` (one scale per output unit,
+  PyTorch rows = Flax columns): its eigenvalues are the squared row norms
+  of the momentum, its eigenvectors the output units. Sharp = the output
+  units whose momentum has the largest norm, by the same soft mask over
+  ``‖V_j‖²`` (``d_s = r_s·fan_out`` units); ``D_m = RN(M̃)``,
+  ``D_g = RN(G)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optax_lite import _checks
+from optax_lite.linalg import subspace
+from optax_lite.transforms import kron_precondition as kron
+from optax_lite.transforms.lite import Geometry, LeafDirections
+from optax_lite.transforms.row_normalize import AXES, normalize_matrix
+
+
+def _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate):
+  _checks.check_number('sharp_ratio', sharp_ratio, low=0.0, high=1.0,
+                       low_open=True, high_open=True)
+  _checks.check_number('smooth_ratio', smooth_ratio, low=0.0, high=1.0)
+  _checks.check_number('threshold_rate', threshold_rate, low=1.0,
+                       low_open=True, high=2.0, high_open=True)
+
+
+def _mask_state(batch):
+  return (jnp.ones((batch,), jnp.float32), jnp.full((batch,), 0.5,
+                                                    jnp.float32))
+
+
+def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
+                  shampoo_beta: float = 0.95, eps: float = 1e-8,
+                  precondition_frequency: int = 10,
+                  max_precond_dim: int = 4096, skip_first_update: bool = True,
+                  precond_dtype=jnp.float32, sharp_ratio: float = 0.2,
+                  smooth_ratio: float = 0.1, threshold_rate: float = 1.05,
+                  precision=jax.lax.Precision.HIGHEST) -> Geometry:
+  """SOAP's eigenbasis with the soft sharp mask on ``V`` (SOAP-LITE).
+
+  Arguments up to ``precond_dtype`` are SOAP's (see
+  :func:`optax_lite.transforms.kron_precondition.scale_by_soap`); ``b1`` is
+  the first-moment decay used for bias correction (the momentum itself is
+  owned by ``lite_flat_boost``, which must use ``momentum=b1``). The mask:
+  ``sharp_ratio`` = ``r_s`` (``d_s = r_s·mn``), ``smooth_ratio`` (``d_smooth
+  = min(1 − r_s, smooth)·mn``), ``threshold_rate`` of eq. (17–18).
+  """
+  kron._check_common(b1, b2, shampoo_beta, eps, precondition_frequency,
+                     max_precond_dim)
+  _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
+  smooth = min(1.0 - sharp_ratio, smooth_ratio)
+  pdt = jnp.dtype(precond_dtype)
+
+  def init(view, param):
+    del param
+    b, m, n = view.matrix_shape
+    on_l, on_r = m <= max_precond_dim, n <= max_precond_dim
+    return (jnp.zeros((b, m, n), pdt), kron._factor(b, m, on_l, pdt),
+            kron._factor(b, n, on_r, pdt), kron._factor(b, m, on_l, pdt, True),
+            kron._factor(b, n, on_r, pdt, True)) + _mask_state(b)
+
+  def directions(view, m_term, g, leaf_state, count, need_g):
+    nu, stats_l, stats_r, q_l, q_r, l_s, l_m = leaf_state
+    gm = view.to_matrix(g).astype(pdt)
+    # b1 = 0 inside: SOAP's own first moment is not used (LITE owns it).
+    leaf = kron.SoapLeaf(gm, nu, stats_l, stats_r, q_l, q_r)
+    new, d = kron.soap_leaf_update(
+        leaf, gm, count, b1=0.0, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+        precondition_frequency=precondition_frequency,
+        skip_first_update=skip_first_update, precision=precision)
+    skip = skip_first_update and (kron.has_side(q_l) or kron.has_side(q_r))
+    first = count == 1
+    t = jnp.maximum(count - 1 if skip else count, 1).astype(pdt)
+    num = kron.rotate(view.to_matrix(m_term).astype(pdt) / (1.0 - b1 ** t),
+                      d.q_l, d.q_r, precision=precision)
+    d_m = num / d.denominator
+    d_g = d.grad_rot / d.denominator if need_g else None
+    if skip:
+      d_m = jnp.where(first, 0.0, d_m)
+      if d_g is not None:
+        d_g = jnp.where(first, 0.0, d_g)
+    v_hat = jnp.square(d.denominator - eps)  # SOAP's V̂ (eigenvalues)
+    mn = view.rows * view.cols
+    s = subspace.soft_mask(v_hat, l_s, l_m, axes=(-2, -1))
+    new_s, new_m = subspace.adapt_mask_thresholds(
+        v_hat, l_s, l_m, sharp_ratio * mn, smooth * mn, axes=(-2, -1),
+        rate=threshold_rate)
+    if skip:  # no statistics yet: keep the thresholds
+      new_s = jnp.where(first, l_s, new_s)
+      new_m = jnp.where(first, l_m, new_m)
+
+    def flat(x):
+      return (1.0 - s) * x
+
+    def finish(x):
+      return view.from_matrix(kron.rotate_back(x, d.q_l, d.q_r,
+                                               precision=precision))
+
+    def flat_param(w):
+      rot = kron.rotate(view.to_matrix(w).astype(pdt), d.q_l, d.q_r,
+                        precision=precision)
+      return finish(flat(rot))
+
+    state = (new.nu, new.stats_l, new.stats_r, new.q_l, new.q_r, new_s, new_m)
+    return LeafDirections(d_m, d_g, flat, finish, flat_param, state,
+                          keep_momentum=first if skip else None)
+
+  return Geometry(init, directions, needs_matrix=True, momentum_ema=True)
+
+
+def row_norm_geometry(*, axis: str = 'input', eps: float = 1e-12,
+                      sharp_ratio: float = 0.1, smooth_ratio: float = 0.1,
+                      threshold_rate: float = 1.05) -> Geometry:
+  """RMNP's diagonal row geometry with a soft mask over output units.
+
+  ``axis`` as in :func:`optax_lite.row_normalize` (``"input"``: one unit
+  vector per output unit). The per-unit "eigenvalue" is the squared norm of
+  the momentum's slice; the mask is eq. (16) over those, with
+  ``d_s = r_s·units`` (at least one unit).
+  """
+  _checks.check_choice('axis', axis, AXES)
+  _checks.check_positive('eps', eps)
+  _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
+  smooth = min(1.0 - sharp_ratio, smooth_ratio)
+  red = -2 if axis == 'input' else -1
+
+  def init(view, param):
+    del param
+    return _mask_state(view.matrix_shape[0])
+
+  def directions(view, m_term, g, leaf_state, count, need_g):
+    del count
+    l_s, l_m = leaf_state
+    m = view.to_matrix(m_term)
+    d_m = normalize_matrix(m, axis, eps)
+    d_g = normalize_matrix(view.to_matrix(g), axis, eps) if need_g else None
+    mf = m.astype(jnp.float32)
+    unit_sq = jnp.sum(mf * mf, axis=red, keepdims=True)  # one per unit
+    units = unit_sq.shape[-1] if axis == 'input' else unit_sq.shape[-2]
+    s = subspace.soft_mask(unit_sq, l_s, l_m, axes=(-2, -1))
+    new_s, new_m = subspace.adapt_mask_thresholds(
+        unit_sq, l_s, l_m, max(1.0, sharp_ratio * units), smooth * units,
+        axes=(-2, -1), rate=threshold_rate)
+
+    def flat(x):
+      return (1.0 - s) * x
+
+    def flat_param(w):
+      return view.from_matrix(flat(view.to_matrix(w).astype(jnp.float32)))
+
+    return LeafDirections(d_m, d_g, flat, view.from_matrix, flat_param,
+                          (new_s, new_m))
+
+  return Geometry(init, directions, needs_matrix=True, momentum_ema=False)
