@@ -126,7 +126,7 @@ def test_soap_basis_after_first_step_is_exact(shape):
     np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-5)
   # Reference behaviour: step 1 only initialises (zero update, M, V = 0).
   np.testing.assert_array_equal(u['w'], np.zeros(shape))
-  np.testing.assert_array_equal(state.nu['w'], np.zeros((1,) + shape))
+  np.testing.assert_array_equal(state.nu['w'], np.zeros(shape))
   np.testing.assert_allclose(state.stats_l['w'][0], 0.05 * g @ g.T,
                              rtol=1e-5, atol=1e-6)
 
@@ -210,8 +210,8 @@ def test_soap_one_sided_and_state_shapes():
   tx = kp.scale_by_soap(max_precond_dim=5, dims=dims)
   s = tx.init(params)
   shapes = jax.tree.map(jnp.shape, s)
-  assert shapes.mu == {'w': (1, 6, 4), 'conv': (1, 12, 5),
-                       'bat': (3, 4, 5), 'v': (1, 1, 7)}
+  # Moments are shaped like the params (they shard like them).
+  assert shapes.mu == shapes.nu == jax.tree.map(jnp.shape, params)
   assert shapes.q_l == {'w': (1, 0, 0), 'conv': (1, 0, 0),
                         'bat': (3, 4, 4), 'v': (1, 0, 0)}
   assert shapes.q_r == {'w': (1, 4, 4), 'conv': (1, 5, 5),
@@ -459,3 +459,31 @@ def test_named_soap_weight_decay_only_on_matrix_path():
   u, s = opt.update(zero, s, params)
   np.testing.assert_allclose(u['layer']['kernel'], -0.05 * np.ones((4, 3)),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['soap', 'shampoo'])
+def test_nonfinite_gradient_is_not_hidden(mode):
+  """A NaN gradient gives a NaN step (for optax.apply_if_finite to see)."""
+  params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
+  tx = kp.kron_precondition(mode)
+  g = {'w': jnp.full((4, 3), jnp.nan), 'b': jnp.ones(3)}
+  u, _ = jax.jit(tx.update)(g, tx.init(params))
+  assert not np.all(np.isfinite(np.asarray(u['w'])))
+  assert np.all(np.isfinite(np.asarray(u['b'])))
+
+
+@pytest.mark.parametrize('mode', ['soap', 'shampoo'])
+def test_bfloat16_state_dtypes_are_kept(mode):
+  params = {'w': jnp.zeros((4, 3))}
+  tx = kp.kron_precondition(mode, mu_dtype=jnp.bfloat16,
+                            precond_dtype=jnp.bfloat16,
+                            precondition_frequency=2)
+  s = tx.init(params)
+  step = jax.jit(tx.update)
+  for i in range(3):
+    g = {'w': jax.random.normal(jax.random.PRNGKey(i), (4, 3))}
+    u, s = step(g, s)
+  assert u['w'].dtype == jnp.float32
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(s)
+             if x.ndim > 0)
+  assert_tree_finite((u, s))

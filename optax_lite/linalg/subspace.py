@@ -89,6 +89,38 @@ def sharp_projector(m: jax.Array, tau, *, side: str = 'left',
   return t @ tt if side == 'left' else tt @ t
 
 
+def small_side_projector(m: jax.Array, polar_m: jax.Array, tau, *,
+                         method: str = 'polar_express',
+                         steps: int | None = None, precision=None
+                         ) -> jax.Array:
+  """The sharp projector on the *smaller* side of ``m``, from a symmetric sign.
+
+  With ``O = polar(M) = U Vᵀ`` the symmetric factor of the polar
+  decomposition on the small side is ``H = M Oᵀ = U Σ Uᵀ`` (wide ``M``) or
+  ``H = Oᵀ M = V Σ Vᵀ`` (tall), and
+
+  .. math::  P = ½\,(I + \mathrm{sign}(H/τ - I)) = U\,\mathrm{diag}(\mathbb 1[σ_i > τ])\,U^\top,
+
+  the same eigen-structure as eq. (12–15) (``sign(H/τ − I)`` has
+  eigenvalues ``sign(σᵢ/τ − 1)``) but the second polar factor runs on an
+  ``s × s`` symmetric matrix (``s = min(m, n)``) instead of ``m × n``: for a
+  ``1024 × 4096`` matrix it costs a third of the flops. Zero singular values
+  (rank deficiency) land in the flat part.
+
+  Returns ``P`` of shape ``(..., s, s)``: the left projector for wide ``m``
+  (rows ≤ cols), the right projector for tall ``m``.
+  """
+  rows, cols = m.shape[-2:]
+  ot = jnp.swapaxes(polar_m, -1, -2)
+  h = jnp.matmul(m, ot, precision=precision) if rows <= cols else jnp.matmul(
+      ot, m, precision=precision)
+  h = 0.5 * (h + jnp.swapaxes(h, -1, -2))
+  eye = jnp.eye(h.shape[-1], dtype=h.dtype)
+  tau = jnp.asarray(tau, h.dtype)[..., None, None]
+  sign = _polar(h / tau - eye, method, steps, precision)
+  return 0.5 * (eye + 0.5 * (sign + jnp.swapaxes(sign, -1, -2)))
+
+
 def exact_sharp_projector(m: jax.Array, rank: int, side: str = 'left'
                           ) -> jax.Array:
   """The SVD projector onto the top-``rank`` singular vectors (reference)."""

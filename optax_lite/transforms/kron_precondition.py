@@ -46,10 +46,14 @@ entry is ``None``, get the identity on both sides: SOAP is then exactly Adam,
 Shampoo is its graft (Adam) or plain momentum. ``max_precond_dim=0`` turns
 every side into the identity.
 
-State layout: every per-leaf field is a tree shaped like the params whose
-leaves are arrays in *matrix form* ``(B, m, n)`` (``B`` = product of the
-batch axes), ``(B, m, m)`` / ``(B, n, n)`` for the factors, in float32 (or
-``precond_dtype``).
+State layout: every per-leaf field is a tree shaped like the params. The
+moments ``mu``/``nu`` have the parameter's own shape (so they shard like it);
+the factors and bases are ``(B, m, m)`` / ``(B, n, n)`` (``B`` = product of
+the batch axes). Factors, bases and ``nu`` are float32 (``precond_dtype``),
+``mu`` float32 unless ``mu_dtype`` says otherwise; the arithmetic is float32
+(or wider) whatever the storage dtype. The per-leaf helpers
+(:func:`soap_leaf_update`, :func:`shampoo_leaf_update`) work on the matrix
+form ``(B, m, n)`` of every field.
 
 References:
   Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -97,10 +101,12 @@ class SoapState(NamedTuple):
 
   Attributes:
     count: int32 scalar, number of updates so far.
-    mu: first moment ``M`` in the original basis, ``(B, m, n)``.
-    nu: second moment ``V`` in the rotated basis, ``(B, m, n)``; entry
-      ``[b, i, j]`` belongs to the direction ``q_l[b, :, i] ⊗ q_r[b, :, j]``.
-      These are SOAP's eigenvalue estimates (LITE ranks them).
+    mu: first moment ``M`` in the original basis, shaped like the param.
+    nu: second moment ``V`` in the rotated basis, stored in the param's
+      layout; ``view.to_matrix(nu)`` (the leaf's MatrixView) gives the
+      ``(B, m, n)`` matrix whose entry ``[b, i, j]`` belongs to the direction
+      ``q_l[b, :, i] ⊗ q_r[b, :, j]``. These are SOAP's eigenvalue estimates
+      (LITE ranks them).
     stats_l: ``L ≈ E[G Gᵀ]``, ``(B, m, m)`` (``(B, 0, 0)``: identity side).
     stats_r: ``R ≈ E[Gᵀ G]``, ``(B, n, n)`` (``(B, 0, 0)``: identity side).
     q_l: eigenbasis of ``L``, columns by descending eigenvalue, ``(B, m, m)``
@@ -121,9 +127,9 @@ class ShampooState(NamedTuple):
 
   Attributes:
     count: int32 scalar.
-    mu: momentum ``M`` (EMA of ``G``), ``(B, m, n)``.
-    nu: Adam second moment for grafting, ``(B, m, n)`` (shape ``(0,)``
-      without grafting).
+    mu: momentum ``M`` (EMA of ``G``), shaped like the param.
+    nu: Adam second moment for grafting, shaped like the param (shape
+      ``(0,)`` without grafting).
     stats_l, stats_r: ``L``, ``R`` (``(B, 0, 0)`` on identity sides).
     precond_l, precond_r: the cached inverse roots ``P_l``, ``P_r``.
   """
@@ -282,11 +288,13 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
     first step (``skip_first_update`` and a preconditioned side) ``M`` and
     ``V`` are left unchanged, ``numerator = 0`` and ``denominator = 1``.
   """
-  sdt = leaf.nu.dtype
+  # Compute in float32 (or wider); store back in each field's own dtype.
+  sdt = jnp.promote_types(leaf.nu.dtype, jnp.float32)
   g = g.astype(sdt)
-  stats_l, stats_r = update_factors(leaf.stats_l, leaf.stats_r, g,
+  q_l, q_r = leaf.q_l.astype(sdt), leaf.q_r.astype(sdt)
+  stats_l, stats_r = update_factors(leaf.stats_l.astype(sdt),
+                                    leaf.stats_r.astype(sdt), g,
                                     shampoo_beta, precision=precision)
-  q_l, q_r = leaf.q_l, leaf.q_r
   if has_side(q_l) or has_side(q_r):
     q_l, q_r = jax.lax.cond(count == 1,
                             lambda: soap_init_bases(stats_l, stats_r),
@@ -296,17 +304,19 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
   # With the skipped first step, Adam's step index is t − 1 on this leaf.
   t = jnp.maximum(count - 1 if skip else count, 1).astype(sdt)
   g_rot = rotate(g, q_l, q_r, precision=precision)
-  mu = b1 * leaf.mu.astype(sdt) + (1.0 - b1) * g
-  nu = b2 * leaf.nu + (1.0 - b2) * jnp.square(g_rot)
+  mu_old, nu_old = leaf.mu.astype(sdt), leaf.nu.astype(sdt)
+  mu = b1 * mu_old + (1.0 - b1) * g
+  nu = b2 * nu_old + (1.0 - b2) * jnp.square(g_rot)
   if skip:
-    mu = jnp.where(first, leaf.mu.astype(sdt), mu)
-    nu = jnp.where(first, leaf.nu, nu)
+    mu = jnp.where(first, mu_old, mu)
+    nu = jnp.where(first, nu_old, nu)
   mu_hat = mu / (1.0 - b1 ** t)
   nu_hat = nu / (1.0 - b2 ** t)
   numerator = rotate(mu_hat, q_l, q_r, precision=precision)
   denominator = jnp.sqrt(nu_hat) + eps
   if skip:
-    numerator = jnp.where(first, 0.0, numerator)
+    # 0·G_rot, not 0: a non-finite gradient still gives a non-finite step.
+    numerator = jnp.where(first, 0.0 * g_rot, numerator)
     denominator = jnp.where(first, 1.0, denominator)
   direction = SoapDirection(numerator=numerator, grad_rot=g_rot,
                             denominator=denominator, q_l=q_l, q_r=q_r)
@@ -316,8 +326,11 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
         count % precondition_frequency == 0,
         lambda: soap_refresh_bases(stats_l, stats_r, q_l, q_r, nu),
         lambda: (q_l, q_r, nu))
-  new_leaf = SoapLeaf(mu=mu.astype(leaf.mu.dtype), nu=nu, stats_l=stats_l,
-                      stats_r=stats_r, q_l=new_q_l, q_r=new_q_r)
+  new_leaf = SoapLeaf(mu=mu.astype(leaf.mu.dtype), nu=nu.astype(leaf.nu.dtype),
+                      stats_l=stats_l.astype(leaf.stats_l.dtype),
+                      stats_r=stats_r.astype(leaf.stats_r.dtype),
+                      q_l=new_q_l.astype(leaf.q_l.dtype),
+                      q_r=new_q_r.astype(leaf.q_r.dtype))
   return new_leaf, direction
 
 
@@ -350,11 +363,11 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
                         precondition_frequency: int, graft: str,
                         precision=_HIGHEST) -> tuple[ShampooLeaf, jax.Array]:
   """One Shampoo step for one leaf in matrix form; returns (state, update)."""
-  sdt = leaf.stats_l.dtype if has_side(leaf.stats_l) else jnp.float32
-  g = g.astype(jnp.promote_types(sdt, jnp.float32))
-  sdt = g.dtype
+  sdt = jnp.promote_types(leaf.stats_l.dtype, jnp.float32)
+  g = g.astype(sdt)
   t = count.astype(sdt)
-  stats_l, stats_r = update_factors(leaf.stats_l, leaf.stats_r, g,
+  stats_l, stats_r = update_factors(leaf.stats_l.astype(sdt),
+                                    leaf.stats_r.astype(sdt), g,
                                     shampoo_beta, accumulation=accumulation,
                                     precision=precision)
   bc = 1.0 if accumulation == 'sum' else 1.0 - shampoo_beta ** t
@@ -370,7 +383,7 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
         out.append(s)
     return tuple(out)
 
-  p_l, p_r = leaf.precond_l, leaf.precond_r
+  p_l, p_r = leaf.precond_l.astype(sdt), leaf.precond_r.astype(sdt)
   if has_side(p_l) or has_side(p_r):
     p_l, p_r = jax.lax.cond((count - 1) % precondition_frequency == 0, roots,
                             lambda: (p_l, p_r))
@@ -383,13 +396,17 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
     u = _mm(u, p_r, precision)
   nu = leaf.nu
   if graft == 'adam':
-    nu = b2 * nu + (1.0 - b2) * jnp.square(g)
+    nu = b2 * nu.astype(sdt) + (1.0 - b2) * jnp.square(g)
     adam = mu_hat / (jnp.sqrt(nu / (1.0 - b2 ** t)) + eps)
     n_adam = jnp.sqrt(jnp.sum(jnp.square(adam), axis=(-2, -1), keepdims=True))
     n_u = jnp.sqrt(jnp.sum(jnp.square(u), axis=(-2, -1), keepdims=True))
     u = jnp.where(n_u > 0, u * (n_adam / jnp.where(n_u > 0, n_u, 1.0)), adam)
-  new_leaf = ShampooLeaf(mu=mu.astype(leaf.mu.dtype), nu=nu, stats_l=stats_l,
-                         stats_r=stats_r, precond_l=p_l, precond_r=p_r)
+  new_leaf = ShampooLeaf(mu=mu.astype(leaf.mu.dtype),
+                         nu=nu.astype(leaf.nu.dtype),
+                         stats_l=stats_l.astype(leaf.stats_l.dtype),
+                         stats_r=stats_r.astype(leaf.stats_r.dtype),
+                         precond_l=p_l.astype(leaf.precond_l.dtype),
+                         precond_r=p_r.astype(leaf.precond_r.dtype))
   return new_leaf, u
 
 
@@ -496,7 +513,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     view, is_matrix = _leaf_view(x, d)
     b, m, n = view.matrix_shape
     on_l, on_r = _sides(view, is_matrix, max_precond_dim)
-    return (jnp.zeros((b, m, n), mu_dtype), jnp.zeros((b, m, n), precond_dtype),
+    return (jnp.zeros(x.shape, mu_dtype), jnp.zeros(x.shape, precond_dtype),
             _factor(b, m, on_l, precond_dtype),
             _factor(b, n, on_r, precond_dtype),
             _factor(b, m, on_l, precond_dtype, eye=True),
@@ -513,14 +530,17 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     count = optax.safe_increment(state.count)
     resolved = _tree.resolve_dims(dims, updates)
 
-    def leaf(g, d, *parts):
+    def leaf(g, d, mu, nu, *factors):
       view, _ = _leaf_view(g, d)
+      parts = SoapLeaf(view.to_matrix(mu), view.to_matrix(nu), *factors)
       new, direc = soap_leaf_update(
-          SoapLeaf(*parts), view.to_matrix(g), count, b1=b1, b2=b2,
+          parts, view.to_matrix(g), count, b1=b1, b2=b2,
           shampoo_beta=shampoo_beta, eps=eps,
           precondition_frequency=precondition_frequency,
           skip_first_update=skip_first_update, precision=precision)
       u = soap_direction(direc, precision=precision)
+      new = new._replace(mu=view.from_matrix(new.mu),
+                         nu=view.from_matrix(new.nu))
       return (view.from_matrix(u).astype(g.dtype),) + tuple(new)
 
     out = jax.tree.map(leaf, updates, resolved, state.mu, state.nu,
@@ -592,9 +612,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     view, is_matrix = _leaf_view(x, d)
     b, m, n = view.matrix_shape
     on_l, on_r = _sides(view, is_matrix, max_precond_dim)
-    nu = (jnp.zeros((b, m, n), precond_dtype) if graft == 'adam'
+    nu = (jnp.zeros(x.shape, precond_dtype) if graft == 'adam'
           else jnp.zeros((0,), precond_dtype))
-    return (jnp.zeros((b, m, n), mu_dtype), nu,
+    return (jnp.zeros(x.shape, mu_dtype), nu,
             _factor(b, m, on_l, precond_dtype),
             _factor(b, n, on_r, precond_dtype),
             _factor(b, m, on_l, precond_dtype, eye=True),
@@ -611,9 +631,11 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     count = optax.safe_increment(state.count)
     resolved = _tree.resolve_dims(dims, updates)
 
-    def leaf(g, d, *parts):
+    def leaf(g, d, mu, nu, *factors):
       view, _ = _leaf_view(g, d)
-      parts = ShampooLeaf(*parts)
+      if graft == 'adam':
+        nu = view.to_matrix(nu)
+      parts = ShampooLeaf(view.to_matrix(mu), nu, *factors)
       n_sides = int(has_side(parts.stats_l)) + int(has_side(parts.stats_r))
       new, u = shampoo_leaf_update(
           parts, view.to_matrix(g), count, b1=b1, b2=b2,
@@ -622,6 +644,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
           root_method=root_method,
           precondition_frequency=precondition_frequency, graft=graft,
           precision=precision)
+      new = new._replace(mu=view.from_matrix(new.mu))
+      if graft == 'adam':
+        new = new._replace(nu=view.from_matrix(new.nu))
       return (view.from_matrix(u).astype(g.dtype),) + tuple(new)
 
     out = jax.tree.map(leaf, updates, resolved, state.mu, state.nu,

@@ -121,8 +121,12 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
 
   The sharp subspace is the top singular subspace of ``M̃`` on the fan-in
   side (rows of the ``(fan_in, fan_out)`` view; the *input* side of the
-  PyTorch weight, as in the reference code), found by
-  :func:`optax_lite.linalg.spectral_filter` with ``τ = l·‖M̃‖_F``. ``l``
+  PyTorch weight, as in the reference code): singular values above
+  ``τ = l·‖M̃‖_F``. It is computed matmul-only, as eq. (12–15), but with
+  the second sign function taken on the small symmetric factor of the polar
+  decomposition (:func:`optax_lite.linalg.subspace.small_side_projector`),
+  which has the same eigen-structure as ``M̃/τ − polar(M̃)`` and costs a
+  third of the flops on a 1:4 matrix. ``l``
   starts at ``1/√min(m, n)`` and follows eq. (13) towards ``d_s`` sharp
   directions.
 
@@ -171,20 +175,38 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
     mf = m.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(mf * mf, axis=(-2, -1)))
     tau = ratio * norm + 1e-9
-    t = subspace.filter_from_polar(m, o, tau.astype(m.dtype), method=method,
-                                   steps=steps, precision=precision)
+    # Sharp projector on the small side (see subspace.small_side_projector):
+    # the fan-in side itself when fan_in <= fan_out, else the fan-out side,
+    # carried to the fan-in side through O (T Tᵀ = O P Oᵀ).
+    p = subspace.small_side_projector(m, o, tau.astype(m.dtype),
+                                      method=method, steps=steps,
+                                      precision=precision)
     d_s = sharp_dim(sharp_ratio, rows, cols, sharp_dim_rule)
+    rank = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32)),
+                            axis=(-2, -1)))
     new_ratio = subspace.adapt_threshold(
-        ratio, subspace.projector_rank(t.astype(jnp.float32)),
-        math.sqrt(d_s), threshold_rate, threshold_cap, threshold_deadband)
+        ratio, rank, math.sqrt(d_s), threshold_rate, threshold_cap,
+        threshold_deadband)
     # A zero momentum carries no geometry: keep the ratio unchanged.
     new_ratio = jnp.where(norm > 0, new_ratio, ratio)
 
-    def flat(x):  # (I − T Tᵀ) x on the fan-in side
-      return x - subspace.apply_left(t, x)
+    if rows <= cols:
+      def sharp(x):
+        return jnp.matmul(p, x.astype(p.dtype), precision=precision)
+    else:
+      ot = jnp.swapaxes(o, -1, -2)
+
+      def sharp(x):
+        x = x.astype(o.dtype)
+        inner = jnp.matmul(p, jnp.matmul(ot, x, precision=precision),
+                           precision=precision)
+        return jnp.matmul(o, inner, precision=precision)
+
+    def flat(x):  # (I − P) x on the fan-in side
+      return x - sharp(x)
 
     def flat_param(w):
-      return view.from_matrix(flat(view.to_matrix(w).astype(t.dtype)))
+      return view.from_matrix(flat(view.to_matrix(w).astype(o.dtype)))
 
     return LeafDirections(o, h, flat, view.from_matrix, flat_param,
                           (new_ratio,))
