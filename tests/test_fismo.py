@@ -392,3 +392,208 @@ def test_fisher_whiten_bad_hyperparameters():
     fisher_whiten(root_method='svd')
   with pytest.raises(ValueError, match='factor_dtype'):
     fisher_whiten(factor_dtype=jnp.int32)
+
+
+# ------------------------------------------------- amortised roots (root_every)
+
+
+def _alg1_lagged(grads, gamma, mu, k):
+  """Algorithm 1 (float64, PyTorch layout) with the roots refreshed on steps
+  ``t % k == 0`` and the cached ``P_s^{-1/2}``, ``Q_s^{-1/2}`` used in
+  between (statistics, whitening, mapping back); identity inner transform."""
+  m, n = grads[0].shape
+  p, q, outs = np.eye(m), np.eye(n), []
+  p_r, q_r = np.eye(m), np.eye(n)
+  for t, g in enumerate(grads):
+    refresh = t % k == 0
+    q_s = _isqrt(q) if refresh else q_r  # root of Q_{t-1} or cached Q_s
+    lt = (g @ q_s) @ (g @ q_s).T / n + mu * np.trace(p) / m * np.eye(m)
+    pt = gamma * p + (1 - gamma) * lt
+    p = m / np.trace(pt) * pt
+    p = 0.5 * (p + p.T)
+    if refresh:
+      p_r = _isqrt(p)
+    rt = (p_r @ g).T @ (p_r @ g) / m + mu * np.trace(q) / n * np.eye(n)
+    qt = gamma * q + (1 - gamma) * rt
+    q = n / np.trace(qt) * qt
+    q = 0.5 * (q + q.T)
+    if refresh:
+      q_r = _isqrt(q)
+    # Identity inner: P_s^{-1/2} (P_s^{-1/2} G Q_s^{-1/2}) Q_s^{-1/2}.
+    outs.append(p_r @ p_r @ g @ q_r @ q_r)
+  return outs
+
+
+def test_root_every_one_is_the_default_bit_for_bit():
+  rng = np.random.default_rng(20)
+  params = {'a': jnp.zeros((9, 6)), 'b': jnp.zeros((2, 5, 40))}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(4)]
+  kw = dict(gamma=0.8, damping=1e-2, max_factor_size=16)
+  a, sa = _run(fisher_whiten(_inner(0.9, 'polar_express'), **kw), grads,
+               params)
+  b, sb = _run(fisher_whiten(_inner(0.9, 'polar_express'), root_every=1,
+                             **kw), grads, params)
+  for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Nothing is cached with root_every=1.
+  assert all(leaf.shape == (0,) for leaf in
+             jax.tree.leaves((sb.p_isqrt, sb.q_isqrt)))
+  # Same through the optimizer (and Algorithm 1 is still matched, see
+  # test_matches_algorithm_1_with_p_on_the_output_side).
+  mp = _model_params()
+  mg = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                           jnp.float32), mp)
+        for _ in range(3)]
+  c, _ = _run(ol.fismo(0.02), mg, mp)
+  d, _ = _run(ol.fismo(0.02, root_every=1), mg, mp)
+  for x, y in zip(jax.tree.leaves(c), jax.tree.leaves(d)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_root_every_matches_lagged_reference_and_caches_exact_roots():
+  rng = np.random.default_rng(21)
+  fan_in, fan_out, k = 9, 6, 5
+  grads = [rng.normal(size=(fan_out, fan_in)) for _ in range(12)]  # torch
+  tx, update = _whiten(None, gamma=0.8, damping=1e-2, min_eig=0.0,
+                       root_every=k)
+  params = {'k': jnp.zeros((fan_in, fan_out))}
+  state = tx.init(params)
+  assert state.p_isqrt['k'].shape == (fan_out, fan_out)
+  assert state.q_isqrt['k'].shape == (fan_in, fan_in)
+  ref = _alg1_lagged(grads, 0.8, 1e-2, k)
+  prev_p = prev_q = None
+  for t, g in enumerate(grads):
+    u, state = update({'k': jnp.asarray(g.T, jnp.float32)}, state)
+    np.testing.assert_allclose(np.asarray(u['k']).T, ref[t], rtol=2e-4,
+                               atol=2e-5)
+    pr, qr = np.asarray(state.p_isqrt['k']), np.asarray(state.q_isqrt['k'])
+    p = np.asarray(state.p['k'], np.float64)
+    q = np.asarray(state.q['k'], np.float64)
+    if t % k == 0:  # refresh: exact inverse roots of this step's factors
+      np.testing.assert_allclose(pr, _isqrt(p), rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(qr, _isqrt(q), rtol=1e-4, atol=1e-5)
+      if prev_p is not None:
+        assert np.abs(pr - prev_p).max() > 1e-4
+        assert np.abs(qr - prev_q).max() > 1e-4
+    else:  # skipped: roots untouched, factors still move
+      np.testing.assert_array_equal(pr, prev_p)
+      np.testing.assert_array_equal(qr, prev_q)
+      assert np.abs(pr - _isqrt(p)).max() > 1e-5
+    prev_p, prev_q = pr, qr
+  # The first step is a full Algorithm-1 step.
+  ref1, _, _ = _alg1(grads[:1], 0.8, 1e-2, polar=False)
+  np.testing.assert_allclose(np.asarray(ref[0]), ref1[0], rtol=1e-10)
+
+
+def test_root_every_skipped_steps_compute_no_root():
+  params = {'k': jnp.zeros((9, 6))}
+  tx = fisher_whiten(_inner(0.9, 'polar_express'), root_every=4)
+  jaxpr = jax.make_jaxpr(tx.update)({'k': jnp.ones((9, 6))},
+                                    tx.init(params)).jaxpr
+
+  def prims(jx, into_cond=True):
+    out = []
+    for eqn in jx.eqns:
+      if eqn.primitive.name == 'cond' and not into_cond:
+        continue
+      out.append(eqn.primitive.name)
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          sub = getattr(sub, 'jaxpr', sub)
+          if hasattr(sub, 'eqns'):
+            out += prims(sub, into_cond)
+    return out
+
+  conds = [e for e in jaxpr.eqns if e.primitive.name == 'cond']
+  assert len(conds) == 1
+  skip, refresh = conds[0].params['branches']  # (false, true)
+  assert prims(refresh.jaxpr).count('eigh') == 3
+  assert 'eigh' not in prims(skip.jaxpr)
+  assert 'eigh' not in prims(jaxpr, into_cond=False)
+
+
+@pytest.mark.parametrize('k, scale', [(5, 1.0), (3, 1e2)])
+def test_root_every_stays_finite(k, scale):
+  rng = np.random.default_rng(22)
+  params = {'k': jnp.zeros((12, 8))}
+  tx, update = _whiten((0.95, 'polar_express'), root_every=k)
+  state = tx.init(params)
+  for t in range(30):
+    g = rng.normal(size=(12, 8))
+    if t % 4 == 3:  # rank one
+      g = np.outer(rng.normal(size=12), rng.normal(size=8))
+    u, state = update({'k': jnp.asarray(scale * g, jnp.float32)}, state)
+    assert_tree_finite(u)
+    assert np.abs(np.asarray(u['k'])).max() > 0
+  assert_tree_finite(state)
+  _spd_and_traces(state)
+  assert int(state.count) == 30
+
+
+def test_root_every_identity_side_and_factor_dtype():
+  params = {'k': jnp.zeros((6, 40))}  # fan_out 40 > 16: P stays I
+  tx = fisher_whiten(None, max_factor_size=16, root_every=3,
+                     factor_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  assert state.p_isqrt['k'].shape == (0,)
+  assert state.q_isqrt['k'].shape == (6, 6)
+  rng = np.random.default_rng(23)
+  update = jax.jit(tx.update)
+  for _ in range(4):
+    u, state = update({'k': jnp.asarray(rng.normal(size=(6, 40)),
+                                        jnp.float32)}, state)
+  assert_tree_finite(u)
+  assert state.q['k'].dtype == jnp.bfloat16
+  assert state.q_isqrt['k'].dtype == jnp.bfloat16
+  assert state.p_isqrt['k'].shape == (0,)
+
+
+def test_fismo_root_every_bf16_and_jit(maybe_jit):
+  params = _model_params(jnp.bfloat16)
+  tx = ol.fismo(0.02, mu_dtype=jnp.bfloat16, root_every=2)
+  state = tx.init(params)
+  update = maybe_jit(tx.update)
+  rng = np.random.default_rng(24)
+  for _ in range(3):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                           jnp.bfloat16), params)
+    upd, state = update(g, state, params)
+    params = optax.apply_updates(params, upd)
+  assert_tree_finite(upd)
+  assert upd['dense']['kernel'].dtype == jnp.bfloat16
+  fw = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, ol.FisherWhitenState))
+        if isinstance(s, ol.FisherWhitenState)]
+  assert len(fw) == 1
+  roots = [leaf for leaf in jax.tree.leaves((fw[0].p_isqrt, fw[0].q_isqrt))
+           if leaf.shape != (0,)]
+  assert sorted(r.shape for r in roots) == [(6, 6), (10, 10)]
+  assert all(r.dtype == jnp.float32 for r in roots)
+  assert int(fw[0].count) == 3
+
+
+def test_fismo_lite_passes_root_every():
+  params = _model_params()
+  tx = ol.fismo_lite(0.02, root_every=4)
+  state = jax.eval_shape(tx.init, params)
+  fw = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, ol.FisherWhitenState))
+        if isinstance(s, ol.FisherWhitenState)]
+  assert len(fw) == 1
+  assert sorted(x.shape for x in jax.tree.leaves(
+      (fw[0].p_isqrt, fw[0].q_isqrt)) if x.shape != (0,)) == [(6, 6),
+                                                             (10, 10)]
+
+
+@pytest.mark.parametrize('value, error', [(0, ValueError), (-3, ValueError),
+                                          (2.5, TypeError),
+                                          (True, TypeError)])
+def test_root_every_bad_values(value, error):
+  with pytest.raises(error, match='root_every'):
+    fisher_whiten(root_every=value)
+  with pytest.raises(error, match='root_every'):
+    ol.fismo(0.01, root_every=value)
+  with pytest.raises(error, match='root_every'):
+    ol.fismo_lite(0.01, root_every=value)

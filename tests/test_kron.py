@@ -487,3 +487,30 @@ def test_bfloat16_state_dtypes_are_kept(mode):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(s)
              if x.ndim > 0)
   assert_tree_finite((u, s))
+
+
+def test_soap_matches_numpy_reference():
+  """Algorithm 6 written out in NumPy (float64), full-rank 4×4 gradients."""
+  b1, b2, bs, eps = 0.95, 0.99, 0.95, 1e-8
+  rng = np.random.default_rng(13)
+  gs = [rng.standard_normal((4, 4)) for _ in range(4)]
+  tx = kp.kron_precondition('soap')
+  s = tx.init({'w': jnp.zeros((4, 4))})
+  step = jax.jit(tx.update)
+  l = r = np.zeros((4, 4))
+  m = np.zeros((4, 4))
+  v = np.zeros((4, 4))
+  for t, g in enumerate(gs, start=1):
+    u, s = step({'w': jnp.asarray(g, jnp.float32)}, s)
+    l = bs * l + (1 - bs) * g @ g.T
+    r = bs * r + (1 - bs) * g.T @ g
+    if t == 1:
+      ql, qr = _eig_desc(l)[1], _eig_desc(r)[1]
+      np.testing.assert_array_equal(u['w'], np.zeros((4, 4)))
+      continue
+    te = t - 1  # the first step only initialised the bases
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * (ql.T @ g @ qr) ** 2
+    num = ql.T @ (m / (1 - b1 ** te)) @ qr
+    ref = ql @ (num / (np.sqrt(v / (1 - b2 ** te)) + eps)) @ qr.T
+    np.testing.assert_allclose(u['w'], ref, rtol=2e-4, atol=2e-4)

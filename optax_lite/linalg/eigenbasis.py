@@ -71,7 +71,7 @@ def eigenbasis_init(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 def rayleigh_eigenvalues(a: jax.Array, q: jax.Array) -> jax.Array:
   """``diag(qᵀ a q)``: eigenvalue estimates of ``a`` in the basis ``q``."""
   af = _wide(a)
-  return jnp.einsum('...ij,...ik,...kj->...j', q, af, q)
+  return jnp.sum(q * (af @ q), axis=-2)
 
 
 def eigenbasis_refresh(a: jax.Array, q: jax.Array, *, sort: bool = True
@@ -95,13 +95,14 @@ def eigenbasis_refresh(a: jax.Array, q: jax.Array, *, sort: bool = True
   af = _wide(a)
   q = q.astype(af.dtype)
   n = af.shape[-1]
+  power = af @ q  # one matmul: the Rayleigh quotients and the power step
   if sort:
-    est = rayleigh_eigenvalues(af, q)
+    est = jnp.sum(q * power, axis=-2)
     perm = jnp.argsort(-est, axis=-1, stable=True)
     q = jnp.take_along_axis(q, perm[..., None, :], axis=-1)
+    power = jnp.take_along_axis(power, perm[..., None, :], axis=-1)
   else:
     perm = jnp.broadcast_to(jnp.arange(n), af.shape[:-1])
-  power = af @ q
   q_new, _ = jnp.linalg.qr(power)
   nonzero = jnp.any(power != 0, axis=(-2, -1))
   ok = nonzero & _all_finite(q_new)

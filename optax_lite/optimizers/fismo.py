@@ -19,7 +19,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           damping: float = 1e-3, scale_invariant: bool = False,
           root_method: str = 'eigh', root_iters: int = 30,
           root_eps: float = 0.0, min_eig: float = 1e-5,
-          factor_dtype=jnp.float32,
+          factor_dtype=jnp.float32, root_every: int = 1,
           max_factor_size: int | None = 4096, method: str = 'polar_express',
           steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
           weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
@@ -57,6 +57,13 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   become ill-conditioned. ``scale_invariant=True`` (not in the paper)
   removes that dependence.
 
+  ``root_every=k > 1`` amortises the cost (as Shampoo and SOAP do): ``P`` and
+  ``Q`` are still updated every step, but their inverse roots (three
+  eigendecompositions per matrix and step) are recomputed only every ``k``
+  steps (``count % k == 0``, including the first) and cached in the state in
+  between, so the roots lag the factors by fewer than ``k`` steps.
+  ``root_every=1`` is Algorithm 1 exactly.
+
   Args:
     learning_rate: float or optax schedule for the matrix leaves.
     momentum: ``β`` in ``[0, 1)``.
@@ -66,7 +73,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     damping: ``μ > 0``.
     scale_invariant: normalise the factor statistic before the EMA.
     root_method, root_iters, root_eps, min_eig, factor_dtype,
-      max_factor_size: see
+      max_factor_size, root_every: see
       :func:`optax_lite.transforms.fisher_whiten`.
     method, steps: polar-factor method, see :func:`optax_lite.polar_factor`.
     scaling, rms: shape scaling as in :func:`optax_lite.muon`.
@@ -94,7 +101,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       fisher_whiten(inner, gamma=gamma, damping=damping,
                     root_method=root_method, root_iters=root_iters,
                     root_eps=root_eps, min_eig=min_eig,
-                    factor_dtype=factor_dtype,
+                    factor_dtype=factor_dtype, root_every=root_every,
                     max_factor_size=max_factor_size,
                     scale_invariant=scale_invariant, dims=dims,
                     precision=precision),

@@ -56,6 +56,22 @@ accelerators). Each step computes three inverse square roots,
 formed as Gram matrices, ``G Q⁻¹ Gᵀ = (G Q^{-1/2})(G Q^{-1/2})ᵀ``, so they are
 positive semi-definite in floating point too.
 
+**Amortised roots** (``root_every = k``, not in the paper; this is how
+Shampoo and SOAP amortise their eigendecompositions). The factors ``P`` and
+``Q`` are still updated every step (EMA, trace normalisation, ``min_eig``
+mix), but the inverse roots are cached in the state and recomputed only on
+steps with ``count % k == 0`` (``count`` = updates so far, so the first step
+always refreshes). A refresh step is exactly one step of Algorithm 1 (three
+roots: ``Q_{t-1}^{-1/2}``, ``P_t^{-1/2}``, ``Q_t^{-1/2}``; the last two are
+cached); on the ``k − 1`` steps in between, the cached ``P_s^{-1/2}`` and
+``Q_s^{-1/2}`` of the last refresh step ``s`` are used everywhere a root is
+needed: in the Gauss–Seidel statistics
+(``L = Xᵀ Q_s⁻¹ X / fan_in``, ``R = X P_s⁻¹ Xᵀ / fan_out``), for whitening
+and for mapping back. The roots thus lag the factors by fewer than ``k``
+steps. The choice is a ``jax.lax.cond`` (jit-safe), so the skipped steps run
+no eigendecomposition or Newton iteration, only ``O(mn(m + n))`` matmuls.
+``root_every=1`` (default) is Algorithm 1 exactly and caches nothing.
+
 **Numerical floor** (not in the paper). In exact arithmetic the damping
 keeps ``λ_min(P_t) ≥ m(1−γ)μ / tr P̃_t``, but for large gradients that bound
 falls far below float32 resolution (``~1e-18`` at gradient entries ``1e4``)
@@ -72,7 +88,8 @@ with ``max_factor_size=2048`` only the 768-side is whitened, a one-sided
 (ASGO-like) preconditioner. The other side's statistic then uses ``I``.
 
 State per matrix: ``m² + n²`` factor entries (in ``factor_dtype``, float32 by
-default) plus the inner state (``mn`` for momentum).
+default; twice that with ``root_every > 1``, for the cached roots) plus the
+inner state (``mn`` for momentum).
 
 References:
   Xu, Yan, Zhang, `FISMO: Fisher-Structured Momentum-Orthogonalized
@@ -98,6 +115,11 @@ class FisherWhitenState(NamedTuple):
   p: optax.Updates  # output-side factors, batch_shape + (fan_out, fan_out)
   q: optax.Updates  # input-side factors, batch_shape + (fan_in, fan_in)
   inner_state: optax.OptState  # the inner transform's state (whitened space)
+  # Cached inverse roots (``root_every > 1``): ``P_s^{-1/2}``, ``Q_s^{-1/2}``
+  # of the last refresh step ``s``, shaped like ``p`` / ``q``; placeholders
+  # (shape ``(0,)``) with ``root_every=1`` and for identity sides.
+  p_isqrt: optax.Updates
+  q_isqrt: optax.Updates
 
 
 def _empty(dtype):
@@ -150,7 +172,7 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                   root_eps: float = 0.0, min_eig: float = 1e-5,
                   factor_dtype=jnp.float32,
                   max_factor_size: int | None = 4096,
-                  scale_invariant: bool = False,
+                  scale_invariant: bool = False, root_every: int = 1,
                   dims: _tree.DimsSpec = None, precision=None
                   ) -> optax.GradientTransformation:
   """Whitens matrix leaves with FISMO's Kronecker factors around ``inner``.
@@ -174,6 +196,10 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       (``None``: no limit).
     scale_invariant: normalise the statistic before the EMA (see module
       doc); ``False`` is Algorithm 1 exactly.
+    root_every: ``k >= 1``; the inverse roots are recomputed on steps with
+      ``count % k == 0`` and cached in between (the factors themselves are
+      updated every step; see "Amortised roots" in the module doc). ``1``
+      (default) is Algorithm 1 exactly.
     dims: how leaves are seen as matrices (see
       :func:`optax_lite.orthogonalize`); ``None`` entries pass through
       unwhitened (the inner transform still sees them).
@@ -185,8 +211,9 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   Raises:
     ValueError: ``gamma`` outside ``[0, 1]``, ``damping <= 0``, unknown
       ``root_method``, ``root_iters < 1``, ``root_eps < 0``, ``min_eig``
-      outside ``[0, 1)`` or
-      ``max_factor_size < 1``.
+      outside ``[0, 1)``, ``max_factor_size < 1`` or ``root_every < 1``.
+    TypeError: ``root_every`` (or ``root_iters``, ``max_factor_size``) not
+      an int.
   """
   inner = optax.identity() if inner is None else inner
   _checks.check_decay('gamma', gamma, allow_one=True)
@@ -197,6 +224,9 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   _checks.check_decay('min_eig', min_eig)
   if max_factor_size is not None:
     _checks.check_int('max_factor_size', max_factor_size, low=1)
+  _checks.check_int('root_every', root_every, low=1)
+  root_every = int(root_every)
+  cache = root_every > 1
   factor_dtype = jnp.dtype(factor_dtype)
   if not jnp.issubdtype(factor_dtype, jnp.floating):
     raise ValueError(f'factor_dtype must be a floating dtype, got '
@@ -226,46 +256,81 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
 
     pq = _tree.map_leaves(leaf, params, dims=dims, name='params')
     p, q = _tree.unzip(pq, 2, params)
+    if cache:  # Cached roots start at I (overwritten on the first step).
+      p_isqrt, q_isqrt = p, q
+    else:
+      p_isqrt = q_isqrt = jax.tree.map(lambda _: _empty(factor_dtype), params)
     return FisherWhitenState(count=jnp.zeros([], jnp.int32), p=p, q=q,
-                             inner_state=inner.init(params))
+                             inner_state=inner.init(params),
+                             p_isqrt=p_isqrt, q_isqrt=q_isqrt)
 
-  def whiten_leaf(view, g, p_prev, q_prev):
-    """-> (whitened g, new P, new Q, P^{-1/2}, Q^{-1/2}) for one leaf."""
-    if view is None:
-      return g, p_prev, q_prev, p_prev, q_prev
-    b, r, c = view.matrix_shape
-    ct = jnp.promote_types(factor_dtype, jnp.float32)
-    x = view.to_matrix(g).astype(ct)  # (b, fan_in, fan_out) = paper Gᵀ
-    has_p, has_q = not _is_identity(p_prev), not _is_identity(q_prev)
-    if has_p:
-      p_prev = p_prev.reshape(b, c, c).astype(ct)
-    if has_q:
-      q_prev = q_prev.reshape(b, r, r).astype(ct)
+  def factors(x, p_prev, q_prev, cached):
+    """Steps 4–5 of Algorithm 1 -> (P_t, Q_t, P^{-1/2}, Q^{-1/2}).
+
+    ``cached=None``: exact roots (``Q_{t-1}^{-1/2}`` for the P statistic,
+    then ``P_t^{-1/2}``, ``Q_t^{-1/2}``); ``cached=(P_s^{-1/2}, Q_s^{-1/2})``:
+    those are used instead and no root is computed. ``None`` marks an
+    identity side.
+    """
+    r, c = x.shape[-2:]
+    has_p, has_q = p_prev is not None, q_prev is not None
     p_new = q_new = p_isqrt = q_isqrt = None
     def gram(a, transpose_first):
       # aᵀa or aaᵀ: symmetric positive semi-definite in floating point too.
       at = jnp.swapaxes(a, -1, -2)
       return mm(at, a) if transpose_first else mm(a, at)
     if has_p:  # Step 4: P from Q_{t-1}; L = Xᵀ Q⁻¹ X / fan_in.
-      qx = mm(root(q_prev, 2), x) if has_q else x
+      if has_q:
+        q_root = root(q_prev, 2) if cached is None else cached[1]
+        qx = mm(q_root, x)
+      else:
+        qx = x
       stat = gram(qx, True) / r
       p_new = factor_step(p_prev, stat, gamma, damping, scale_invariant,
                           min_eig)
-      p_isqrt = root(p_new, 2)
+      p_isqrt = root(p_new, 2) if cached is None else cached[0]
     if has_q:  # Step 5: Q from the new P; R = X P⁻¹ Xᵀ / fan_out.
       xp = mm(x, p_isqrt) if has_p else x
       stat = gram(xp, False) / c
       q_new = factor_step(q_prev, stat, gamma, damping, scale_invariant,
                           min_eig)
-      q_isqrt = root(q_new, 2)
+      q_isqrt = root(q_new, 2) if cached is None else cached[1]
+    return p_new, q_new, p_isqrt, q_isqrt
+
+  def whiten_leaf(view, g, p_prev, q_prev, p_cache, q_cache, refresh):
+    """-> (whitened g, new P, new Q, (P^{-1/2}, Q^{-1/2}) used this step,
+    (P^{-1/2}, Q^{-1/2}) cached for the next steps) for one leaf."""
+    if view is None:
+      return g, p_prev, q_prev, (p_prev, q_prev), (p_cache, q_cache)
+    b, r, c = view.matrix_shape
+    ct = jnp.promote_types(factor_dtype, jnp.float32)
+    x = view.to_matrix(g).astype(ct)  # (b, fan_in, fan_out) = paper Gᵀ
+    has_p, has_q = not _is_identity(p_prev), not _is_identity(q_prev)
+    pp = p_prev.reshape(b, c, c).astype(ct) if has_p else None
+    qp = q_prev.reshape(b, r, r).astype(ct) if has_q else None
+    if not cache:
+      p_new, q_new, p_isqrt, q_isqrt = factors(x, pp, qp, None)
+    else:
+      pc = p_cache.reshape(b, c, c).astype(ct) if has_p else None
+      qc = q_cache.reshape(b, r, r).astype(ct) if has_q else None
+      # Only the chosen branch runs: skipped steps compute no root.
+      p_new, q_new, p_isqrt, q_isqrt = jax.lax.cond(
+          refresh, lambda x, pp, qp, pc, qc: factors(x, pp, qp, None),
+          lambda x, pp, qp, pc, qc: factors(x, pp, qp, (pc, qc)),
+          x, pp, qp, pc, qc)
     xw = sandwich(x, q_isqrt, p_isqrt)
     def store(f, like):
       if f is None:
         return like
       return f.astype(factor_dtype).reshape(view.batch_shape + f.shape[-2:])
+    if cache:  # The roots used this step, stored for the next ones.
+      p_root, q_root = store(p_isqrt, p_cache), store(q_isqrt, q_cache)
+    else:
+      p_root, q_root = p_cache, q_cache
     return (view.from_matrix(xw).astype(g.dtype),
             store(p_new, p_prev), store(q_new, q_prev),
-            p_isqrt if has_p else p_prev, q_isqrt if has_q else q_prev)
+            (p_isqrt if has_p else p_prev, q_isqrt if has_q else q_prev),
+            (p_root, q_root))
 
   def sandwich(x, q_isqrt, p_isqrt):
     if q_isqrt is not None:
@@ -285,14 +350,20 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
 
   def update_fn(updates, state, params=None):
     del params
-    out = _tree.map_leaves(whiten_leaf, updates, state.p, state.q, dims=dims)
-    whitened, p, q, p_isqrt, q_isqrt = _tree.unzip(out, 5, updates)
+    refresh = state.count % root_every == 0
+    out = _tree.map_leaves(
+        lambda view, g, p, q, pc, qc: whiten_leaf(view, g, p, q, pc, qc,
+                                                  refresh),
+        updates, state.p, state.q, state.p_isqrt, state.q_isqrt, dims=dims)
+    whitened, p, q, used, cached = _tree.unzip(out, 5, updates)
+    p_isqrt, q_isqrt = _tree.unzip(used, 2, updates)
+    p_cache, q_cache = _tree.unzip(cached, 2, updates)
     inner_updates, inner_state = inner.update(whitened, state.inner_state,
                                               None)
     new_updates = _tree.map_leaves(unwhiten_leaf, inner_updates, p_isqrt,
                                    q_isqrt, dims=dims)
     return new_updates, FisherWhitenState(
         count=optax.safe_increment(state.count), p=p, q=q,
-        inner_state=inner_state)
+        inner_state=inner_state, p_isqrt=p_cache, q_isqrt=q_cache)
 
   return optax.GradientTransformation(init_fn, update_fn)
