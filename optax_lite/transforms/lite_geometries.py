@@ -30,14 +30,18 @@ Each function returns a :class:`optax_lite.transforms.lite.Geometry` for
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
 from optax_lite import _checks
 from optax_lite.linalg import subspace
-from optax_lite.transforms import kron_precondition as kron
 from optax_lite.transforms.lite import Geometry, LeafDirections
 from optax_lite.transforms.row_normalize import AXES, normalize_matrix
+
+# The module, not the function of the same name that the package exports.
+kron = importlib.import_module('optax_lite.transforms.kron_precondition')
 
 
 def _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate):
@@ -99,10 +103,10 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
                       d.q_l, d.q_r, precision=precision)
     d_m = num / d.denominator
     d_g = d.grad_rot / d.denominator if need_g else None
-    if skip:
-      d_m = jnp.where(first, 0.0, d_m)
+    if skip:  # zero update on the warm-up step; 0·x keeps NaN visible
+      d_m = jnp.where(first, 0.0 * num, d_m)
       if d_g is not None:
-        d_g = jnp.where(first, 0.0, d_g)
+        d_g = jnp.where(first, 0.0 * d.grad_rot, d_g)
     v_hat = jnp.square(d.denominator - eps)  # SOAP's V̂ (eigenvalues)
     mn = view.rows * view.cols
     s = subspace.soft_mask(v_hat, l_s, l_m, axes=(-2, -1))
