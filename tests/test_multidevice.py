@@ -29,18 +29,34 @@ def _mesh():
   return Mesh(np.asarray(devices[:8]).reshape(4, 2), ('data', 'model'))
 
 
-def _params():
+def _params(square=False):
+  """Model-like params; ``square``: every hidden matrix is square.
+
+  SOAP / Shampoo need square hidden matrices here: with a rectangular
+  gradient the Kronecker statistics are rank-deficient, their eigenbasis on
+  the null space is arbitrary, and Adam in that basis normalises rounding
+  noise (``m / (√v + ε)`` with ``m, v`` at round-off level is ±O(1)). The
+  step is then not a continuous function of the gradient: a 1e-6 relative
+  perturbation of the gradients moves SOAP's parameters by ~3e-2 after 3
+  steps on a single device. No sharded run can match that to 1e-5, so the
+  comparison is made where the math is well defined.
+  """
   ks = jax.random.split(jax.random.PRNGKey(0), 8)
   n = lambda k, s: jax.random.normal(k, s) / np.sqrt(s[0])
+  wide, tall = ((16, 16), (16, 16)) if square else ((16, 32), (32, 16))
+  conv = (2, 2, 4, 16) if square else (3, 3, 4, 8)
   return {
       'embed': {'embedding': n(ks[0], (32, 16))},
-      'layer0': {'kernel': n(ks[1], (16, 32)), 'bias': jnp.zeros((32,))},
-      'layer1': {'kernel': n(ks[2], (32, 16)), 'bias': jnp.zeros((16,))},
-      'layer2': {'kernel': n(ks[3], (16, 32))},
-      'conv': {'kernel': n(ks[4], (3, 3, 4, 8))},
+      'layer0': {'kernel': n(ks[1], wide), 'bias': jnp.zeros((wide[1],))},
+      'layer1': {'kernel': n(ks[2], tall), 'bias': jnp.zeros((tall[1],))},
+      'layer2': {'kernel': n(ks[3], wide)},
+      'conv': {'kernel': n(ks[4], conv)},
       'ln': {'scale': jnp.ones((16,))},
       'head': {'kernel': n(ks[5], (16, 10))},
   }
+
+
+KRONECKER = ('soap', 'shampoo', 'soap_lite')
 
 
 def _spec(x, mesh):
@@ -97,7 +113,7 @@ def test_eight_devices():
 def test_sharded_equals_single_device(name):
   mesh = _mesh()
   tx = make(name)
-  params = _params()
+  params = _params(square=name in KRONECKER)
   grads = grad_stream(params, STEPS, scale=0.3)
 
   ref_p, ref_s = _run(tx, params, grads)

@@ -132,6 +132,60 @@ def lite_schedules(chi, beta1, beta2, *, total_steps, warmup_steps, schedule,
   return c, b2
 
 
+def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
+              lite_h_betas, emb_chi, emb_sharp_ratio, emb_smooth_ratio,
+              weight_decay, flat_weight_decay, total_steps, warmup_steps,
+              schedule, reference_schedules, threshold_rate, mu_dtype,
+              labels, adam_learning_rate, adam_b1, adam_b2, adam_eps,
+              adam_weight_decay) -> optax.GradientTransformation:
+  """The shared shape of every LITE optimizer.
+
+  ``matrix_lite(chi, beta1, beta2, flat_decay)`` builds the matrix leaves'
+  LITE transform (before decay and learning rate) from the resolved χ and
+  β₂ (constants or reference schedules). Embedding and norm leaves get
+  AdamW-LITE, the head and other leaves AdamW.
+  """
+  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, lite_h_betas)
+  if variant == 'lite_h':
+    emb_chi = 1.0
+  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
+  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
+  _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
+  chi_m, beta2_m = lite_schedules(
+      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
+  chi_e, _ = lite_schedules(
+      emb_chi, 0.0, 0.0, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, mode='decay', reference_schedules=reference_schedules)
+  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
+  matrix_tx = optax.chain(
+      matrix_lite(chi_m, beta1, beta2_m,
+                  weight_decay if flat_weight_decay else 0.0),
+      *_common.decay_and_learning_rate(learning_rate, weight_decay))
+  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                       weight_decay=adam_wd, mu_dtype=mu_dtype)
+  emb_tx = adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
+                      smooth_ratio=emb_smooth_ratio, b1=adam_b1, b2=adam_b2,
+                      eps=adam_eps, weight_decay=adam_wd,
+                      flat_weight_decay=flat_weight_decay,
+                      threshold_rate=threshold_rate, mu_dtype=mu_dtype)
+  return _common.with_adamw(matrix_tx, labels, adam,
+                            {'embedding': emb_tx, 'norm': emb_tx})
+
+
+def _common_kwargs(local_vars, lite_h_betas, emb_smooth_ratio):
+  keys = ('learning_rate', 'variant', 'chi', 'beta1', 'beta2', 'emb_chi',
+          'emb_sharp_ratio', 'weight_decay', 'flat_weight_decay',
+          'total_steps', 'warmup_steps', 'schedule', 'reference_schedules',
+          'threshold_rate', 'mu_dtype', 'labels', 'adam_learning_rate',
+          'adam_b1', 'adam_b2', 'adam_eps', 'adam_weight_decay')
+  kw = {k: local_vars[k] for k in keys}
+  kw.update(lite_h_betas=lite_h_betas, emb_smooth_ratio=emb_smooth_ratio)
+  return kw
+
+
+
 def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               variant: str = 'lite', chi: optax.ScalarOrSchedule = 2.0,
               beta1: float = -0.25, beta2: optax.ScalarOrSchedule = 1.0,
@@ -182,44 +236,23 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
     threshold_rate, threshold_cap, threshold_deadband, sharp_dim_rule: the
       filter's threshold controller (eq. 13 with the reference's cap).
   """
-  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (-0.25, 2.0))
-  if variant == 'lite_h':
-    emb_chi = 1.0
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
-  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
-  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
-  chi_m, beta2_m = lite_schedules(
-      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
-  chi_e, _ = lite_schedules(
-      emb_chi, 0.0, 0.0, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='decay', reference_schedules=reference_schedules)
-  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
+  kw = _common_kwargs(locals(), (-0.25, 2.0), emb_smooth_ratio)
 
-  matrix_tx = optax.chain(
-      lite_flat_boost(
-          muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
-                        threshold_rate=threshold_rate,
-                        threshold_cap=threshold_cap,
-                        sharp_dim_rule=sharp_dim_rule,
-                        threshold_deadband=threshold_deadband,
-                        precision=precision),
-          chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=momentum,
-          nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
-          rms=rms, flat_weight_decay=weight_decay if flat_weight_decay
-          else 0.0),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay))
-  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                       weight_decay=adam_wd, mu_dtype=mu_dtype)
-  emb_tx = adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
-                      smooth_ratio=emb_smooth_ratio, b1=adam_b1, b2=adam_b2,
-                      eps=adam_eps, weight_decay=adam_wd,
-                      flat_weight_decay=flat_weight_decay,
-                      threshold_rate=threshold_rate, mu_dtype=mu_dtype)
-  return _common.with_adamw(matrix_tx, labels, adam,
-                            {'embedding': emb_tx, 'norm': emb_tx})
+  def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
+    return lite_flat_boost(
+        muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
+                      threshold_rate=threshold_rate,
+                      threshold_cap=threshold_cap,
+                      sharp_dim_rule=sharp_dim_rule,
+                      threshold_deadband=threshold_deadband,
+                      precision=precision),
+        chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
+        nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
+        rms=rms, flat_weight_decay=flat_decay)
+
+  return _assemble(matrix_lite, **kw)
 
 
 def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -243,20 +276,6 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
           scaling='none',
           flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
       *_common.decay_and_learning_rate(learning_rate, weight_decay))
-
-
-def _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, emb_smooth_ratio, adam_b1,
-              adam_b2, adam_eps, adam_wd, flat_weight_decay, threshold_rate,
-              mu_dtype, total_steps, warmup_steps, schedule,
-              reference_schedules):
-  chi_e, _ = lite_schedules(
-      emb_chi, 0.0, 0.0, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='decay', reference_schedules=reference_schedules)
-  return adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
-                    smooth_ratio=emb_smooth_ratio, b1=adam_b1, b2=adam_b2,
-                    eps=adam_eps, weight_decay=adam_wd,
-                    flat_weight_decay=flat_weight_decay,
-                    threshold_rate=threshold_rate, mu_dtype=mu_dtype)
 
 
 def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -293,39 +312,23 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   as options (see :func:`muon_lite`).
   """
   from optax_lite.transforms.lite_geometries import soap_geometry
-  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (0.0, 0.5))
-  if variant == 'lite_h':
-    emb_chi = 1.0
-  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
-  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
   precision = jax.lax.Precision.HIGHEST if precision is None else precision
-  chi_m, beta2_m = lite_schedules(
-      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
-  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
-  matrix_tx = optax.chain(
-      lite_flat_boost(
-          soap_geometry(b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
-                        precondition_frequency=precondition_frequency,
-                        max_precond_dim=max_precond_dim,
-                        skip_first_update=skip_first_update,
-                        precond_dtype=precond_dtype, sharp_ratio=sharp_ratio,
-                        smooth_ratio=smooth_ratio,
-                        threshold_rate=threshold_rate, precision=precision),
-          chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=b1,
-          nesterov=False, mu_dtype=mu_dtype or jnp.dtype(precond_dtype),
-          dims=dims, scaling='none',
-          flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay))
-  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                       weight_decay=adam_wd, mu_dtype=mu_dtype)
-  emb_tx = _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, smooth_ratio,
-                     adam_b1, adam_b2, adam_eps, adam_wd, flat_weight_decay,
-                     threshold_rate, mu_dtype, total_steps, warmup_steps,
-                     schedule, reference_schedules)
-  return _common.with_adamw(matrix_tx, labels, adam,
-                            {'embedding': emb_tx, 'norm': emb_tx})
+  kw = _common_kwargs(locals(), (0.0, 0.5), smooth_ratio)
+
+  def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
+    return lite_flat_boost(
+        soap_geometry(b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
+                      precondition_frequency=precondition_frequency,
+                      max_precond_dim=max_precond_dim,
+                      skip_first_update=skip_first_update,
+                      precond_dtype=precond_dtype, sharp_ratio=sharp_ratio,
+                      smooth_ratio=smooth_ratio,
+                      threshold_rate=threshold_rate, precision=precision),
+        chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=b1,
+        nesterov=False, mu_dtype=mu_dtype or jnp.dtype(precond_dtype),
+        dims=dims, scaling='none', flat_weight_decay=flat_decay)
+
+  return _assemble(matrix_lite, **kw)
 
 
 def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -356,35 +359,19 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
   emb_chi=1`` this is exactly ``ol.rmnp``.
   """
   from optax_lite.transforms.lite_geometries import row_norm_geometry
-  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (-0.25, 2.0))
-  if variant == 'lite_h':
-    emb_chi = 1.0
   _checks.check_decay('momentum', momentum)
-  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
-  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
-  chi_m, beta2_m = lite_schedules(
-      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
-  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
-  matrix_tx = optax.chain(
-      lite_flat_boost(
-          row_norm_geometry(axis=axis, sharp_ratio=sharp_ratio,
-                            smooth_ratio=smooth_ratio,
-                            threshold_rate=threshold_rate),
-          chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=momentum,
-          nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
-          rms=rms,
-          flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay))
-  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                       weight_decay=adam_wd, mu_dtype=mu_dtype)
-  emb_tx = _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, smooth_ratio,
-                     adam_b1, adam_b2, adam_eps, adam_wd, flat_weight_decay,
-                     threshold_rate, mu_dtype, total_steps, warmup_steps,
-                     schedule, reference_schedules)
-  return _common.with_adamw(matrix_tx, labels, adam,
-                            {'embedding': emb_tx, 'norm': emb_tx})
+  kw = _common_kwargs(locals(), (-0.25, 2.0), smooth_ratio)
+
+  def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
+    return lite_flat_boost(
+        row_norm_geometry(axis=axis, sharp_ratio=sharp_ratio,
+                          smooth_ratio=smooth_ratio,
+                          threshold_rate=threshold_rate),
+        chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
+        nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
+        rms=rms, flat_weight_decay=flat_decay)
+
+  return _assemble(matrix_lite, **kw)
 
 
 def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -424,37 +411,23 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   """
   from optax_lite.transforms.fisher_whiten import fisher_whiten
   from optax_lite.transforms.scaling import scale_by_shape
-  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, (0.0, 2.0))
-  if variant == 'lite_h':
-    emb_chi = 1.0
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
-  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
-  _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
-  chi_m, beta2_m = lite_schedules(
-      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
-  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
-  inner = lite_flat_boost(
-      muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
-                    threshold_rate=threshold_rate, precision=precision),
-      chi=chi_m, beta1=beta1, beta2=beta2_m, momentum=momentum,
-      nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none',
-      flat_weight_decay=0.0)
-  matrix_tx = optax.chain(
-      fisher_whiten(inner, gamma=gamma, damping=damping,
-                    root_method=root_method, factor_dtype=factor_dtype,
-                    root_every=root_every, max_factor_size=max_factor_size,
-                    scale_invariant=scale_invariant, dims=dims,
-                    precision=precision),
-      scale_by_shape(scaling, rms, dims),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay))
-  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                       weight_decay=adam_wd, mu_dtype=mu_dtype)
-  emb_tx = _emb_lite(adam_lr, emb_chi, emb_sharp_ratio, emb_smooth_ratio,
-                     adam_b1, adam_b2, adam_eps, adam_wd, flat_weight_decay,
-                     threshold_rate, mu_dtype, total_steps, warmup_steps,
-                     schedule, reference_schedules)
-  return _common.with_adamw(matrix_tx, labels, adam,
-                            {'embedding': emb_tx, 'norm': emb_tx})
+  kw = _common_kwargs(locals(), (0.0, 2.0), emb_smooth_ratio)
+
+  def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
+    del flat_decay  # the whitened inner step sees no weights
+    inner = lite_flat_boost(
+        muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
+                      threshold_rate=threshold_rate, precision=precision),
+        chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
+        nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none')
+    return optax.chain(
+        fisher_whiten(inner, gamma=gamma, damping=damping,
+                      root_method=root_method, factor_dtype=factor_dtype,
+                      root_every=root_every, max_factor_size=max_factor_size,
+                      scale_invariant=scale_invariant, dims=dims,
+                      precision=precision),
+        scale_by_shape(scaling, rms, dims))
+
+  return _assemble(matrix_lite, **kw)
