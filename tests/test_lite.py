@@ -94,7 +94,7 @@ def test_layout_flax_kernel_equals_torch_transpose():
   view = matrix_view(w.shape)
   ratio = (jnp.array([1.5 / float(jnp.linalg.norm(m))]),)
   out = geo.directions(view, m, m, ratio, jnp.int32(1), False)
-  flat_flax = out.flat_param(w)
+  flat_flax = out.finish(out.flat(out.to_coords(w)))
   np.testing.assert_allclose(flat_flax, flat_torch.T, atol=2e-3)
   assert p_torch.shape == (24, 24)  # fan-in side
 
@@ -192,7 +192,7 @@ def identity_geometry(flat_mask):
     del view, leaf_state, count
     flat = lambda x: flat_mask * x
     return lite_lib.LeafDirections(m_term, g if need_g else None, flat,
-                                   lambda x: x, flat, ())
+                                   lambda x: x, lambda w: w, ())
 
   return ol.transforms.Geometry(init, directions, needs_matrix=False)
 

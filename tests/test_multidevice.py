@@ -124,7 +124,9 @@ def test_sharded_equals_single_device(name):
   out_p, out_s = _run(tx, sp, sg, state)
 
   _close(out_p, ref_p)
-  _close(out_s, ref_s)
+  # Eigenbases from eigh / QR are as precise as the eigengaps allow: a 1e-7
+  # rounding difference in a factor moves an eigenvector by ~1e-7 / gap.
+  _close(out_s, ref_s, tol=1e-4 if name in KRONECKER else 1e-5)
   # Parameters keep their sharding through the jitted steps.
   for x, r in zip(jax.tree.leaves(out_p), jax.tree.leaves(sp)):
     assert x.sharding.is_equivalent_to(r.sharding, x.ndim), (x.sharding,

@@ -50,6 +50,12 @@ INVARIANT = {
     'row_normalize': (1e-5, 4), 'lite_muon': (2e-3, 3),
     'fisher_whiten_polar': (2e-3, 3), 'soap': (2e-3, 2),
 }
+# SOAP is scale invariant only where its Kronecker statistics have full
+# rank: on a rectangular (or rank-deficient) gradient the rotated second
+# moment has exact-zero directions that round-off fills with noise, and Adam
+# normalises that noise to O(1) (see test_soap_rank_deficient_noise).
+SQUARE_ONLY = ('soap',)
+SQUARE_SHAPES = [(1, 1), (4, 4)]
 # T(cG) = c·T(G).
 HOMOGENEOUS = ['momentum', 'momentum_ema_bc', 'scale_by_shape']
 
@@ -124,6 +130,8 @@ def test_zero_and_rank_one_input(name):
        data=st.data())
 def test_scale_invariance(name, shape, log_c, seed, data):
   rtol, span = INVARIANT[name]
+  if name in SQUARE_ONLY:
+    shape = data.draw(st.sampled_from(SQUARE_SHAPES), label='square shape')
   log_base = data.draw(st.floats(-span / 2, span / 2), label='log_base')
   g1, g2 = _grads(shape, seed, 10.0 ** log_base)
   c = 10.0 ** (log_c * span / 2)
@@ -155,3 +163,18 @@ def test_orthogonalize_output_is_orthogonal_for_any_scale():
   g = jax.random.normal(jax.random.PRNGKey(0), (6, 9)) * 1e3
   u, _ = ol.orthogonalize('svd').update({'w': g}, optax.EmptyState())
   np.testing.assert_allclose(u['w'] @ u['w'].T, np.eye(6), atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'known issue (reported): SOAP normalises round-off noise in the null '
+    'space of rank-deficient Kronecker statistics to O(1) updates, so its '
+    'step is not scale invariant / not continuous in the gradient there.'))
+def test_soap_rank_deficient_noise():
+  """On a 1×7 gradient (R has rank ≤ 2) SOAP(c·G) should equal SOAP(G)."""
+  g1, g2 = _grads((1, 7), 0, 1.0)
+  params = {'w': jnp.ones((1, 7))}
+  ref, _ = _run('soap', [{'w': g1}, {'w': g2}], params)
+  out, _ = _run('soap', [{'w': 10 * g1}, {'w': 10 * g2}], params)
+  for a, b in zip(out, ref):
+    np.testing.assert_allclose(np.asarray(a['w']), np.asarray(b['w']),
+                               rtol=2e-3, atol=2e-3)

@@ -57,12 +57,16 @@ from optax_lite.transforms.scaling import SCALING_MODES, shape_factor
 
 
 class LeafDirections(NamedTuple):
-  """What a geometry returns for one leaf at one step."""
+  """What a geometry returns for one leaf at one step.
+
+  ``flat`` must be linear; the transform applies it once to the sum of the
+  boost and the flat weight-decay terms.
+  """
   d_m: jax.Array                      # F⁻¹(momentum term), own coordinates
   d_g: jax.Array | None               # F⁻¹ g, or None when not needed
   flat: Callable[[jax.Array], jax.Array]       # Q·x in own coordinates
   finish: Callable[[jax.Array], jax.Array]     # own coordinates -> leaf
-  flat_param: Callable[[jax.Array], jax.Array]  # Q·W for a parameter leaf
+  to_coords: Callable[[jax.Array], jax.Array]  # parameter leaf -> own coords
   state: tuple                        # the geometry's new per-leaf state
   # True on a warm-up step of the base method (SOAP's first step only builds
   # its statistics): the momentum is left unchanged on that step.
@@ -205,10 +209,10 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
     def flat(x):  # (I − P) x on the fan-in side
       return x - sharp(x)
 
-    def flat_param(w):
-      return view.from_matrix(flat(view.to_matrix(w).astype(o.dtype)))
+    def to_coords(w):
+      return view.to_matrix(w).astype(o.dtype)
 
-    return LeafDirections(o, h, flat, view.from_matrix, flat_param,
+    return LeafDirections(o, h, flat, view.from_matrix, to_coords,
                           (new_ratio,))
 
   return Geometry(init, directions, needs_matrix=True, momentum_ema=False)
@@ -268,8 +272,7 @@ def diagonal_geometry(*, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
       return (1.0 - s) * x
 
     return LeafDirections(d_m, d_g, flat, lambda x: x,
-                          lambda w: flat(w.astype(jnp.float32)),
-                          (nu, new_s, new_m))
+                          lambda w: w.astype(jnp.float32), (nu, new_s, new_m))
 
   return Geometry(init, directions, needs_matrix=False, momentum_ema=True)
 
@@ -364,12 +367,13 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       u = out.d_m
       if need_g:
         u = u + beta1 * out.d_g + (b2_t - beta1) * out.flat(out.d_g)
-      u = u + (chi_t - 1.0) * out.flat(u)
-      u = out.finish(u)
-      if view is not None:
-        u = u * shape_factor(view.rows, view.cols, scaling, rms)
+      scale = (1.0 if view is None else
+               shape_factor(view.rows, view.cols, scaling, rms))
+      # s·u + (χ−1)·Q(s·u) + λ_f(χ−1)·Q W with one application of Q (linear).
+      boost = (chi_t - 1.0) * scale * u
       if use_wd:
-        u = u + wd_t * (chi_t - 1.0) * out.flat_param(p)
+        boost = boost + wd_t * (chi_t - 1.0) * out.to_coords(p)
+      u = out.finish(scale * u + out.flat(boost))
       return (u.astype(g.dtype), m_new.astype(m.dtype)) + tuple(out.state)
 
     res = _tree.map_leaves(leaf, updates, state.mu, params_tree,

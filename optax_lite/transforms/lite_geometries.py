@@ -124,13 +124,12 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
       return view.from_matrix(kron.rotate_back(x, d.q_l, d.q_r,
                                                precision=precision))
 
-    def flat_param(w):
-      rot = kron.rotate(view.to_matrix(w).astype(pdt), d.q_l, d.q_r,
-                        precision=precision)
-      return finish(flat(rot))
+    def to_coords(w):
+      return kron.rotate(view.to_matrix(w).astype(pdt), d.q_l, d.q_r,
+                         precision=precision)
 
     state = (new.nu, new.stats_l, new.stats_r, new.q_l, new.q_r, new_s, new_m)
-    return LeafDirections(d_m, d_g, flat, finish, flat_param, state,
+    return LeafDirections(d_m, d_g, flat, finish, to_coords, state,
                           keep_momentum=first if skip else None)
 
   return Geometry(init, directions, needs_matrix=True, momentum_ema=True)
@@ -173,10 +172,10 @@ def row_norm_geometry(*, axis: str = 'input', eps: float = 1e-12,
     def flat(x):
       return (1.0 - s) * x
 
-    def flat_param(w):
-      return view.from_matrix(flat(view.to_matrix(w).astype(jnp.float32)))
+    def to_coords(w):
+      return view.to_matrix(w).astype(jnp.float32)
 
-    return LeafDirections(d_m, d_g, flat, view.from_matrix, flat_param,
+    return LeafDirections(d_m, d_g, flat, view.from_matrix, to_coords,
                           (new_s, new_m))
 
   return Geometry(init, directions, needs_matrix=True, momentum_ema=False)
