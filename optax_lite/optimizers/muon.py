@@ -17,7 +17,7 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          bias_correction: bool = False, method: str = 'polar_express',
          steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
          weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
-         dims=None, labels=None, precision=None,
+         dims=None, labels=None, precision=None, shard_polar=None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float | None = None, adam_nesterov: bool = False
@@ -55,6 +55,9 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     labels: ``None`` (:func:`optax_lite.label_params`), a callable
       ``params -> label tree`` or a label tree.
     precision: matmul precision of the polar iteration.
+    shard_polar: spread the polar-factor work across devices (a
+      :class:`optax_lite.PolarSharding`, a ``Mesh`` or ``(mesh, axes)``); see
+      ``docs/multi_device.md``. ``None``: each leaf where it lives.
     adam_*: AdamW settings for the non-matrix leaves;
       ``adam_learning_rate=None`` uses ``learning_rate`` and
       ``adam_weight_decay=None`` uses ``weight_decay``.
@@ -71,7 +74,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   matrix_tx = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema,
                   bias_correction=bias_correction, mu_dtype=mu_dtype),
-      orthogonalize(method, steps, dims, precision=precision),
+      orthogonalize(method, steps, dims, precision=precision,
+                    shard_polar=shard_polar),
       scale_by_shape(scaling, rms, dims),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        weight_decay_mask))
