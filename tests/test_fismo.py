@@ -133,7 +133,7 @@ def test_max_factor_size_keeps_that_side_identity():
   tx = fisher_whiten(None, gamma=0.5, damping=1e-2, min_eig=0.0,
                      max_factor_size=16)
   state = tx.init(params)
-  assert state.p['k'].shape == (0,) and state.q['k'].shape == (6, 6)
+  assert state.p['k'].shape == (1,) and state.q['k'].shape == (6, 6)
   g = rng.normal(size=(6, 40)).astype(np.float32)
   u, state = tx.update({'k': jnp.asarray(g)}, state)
   # One-sided: R = G_torchᵀ G_torch / m = g gᵀ / fan_out, update Q⁻¹ g.
@@ -438,7 +438,7 @@ def test_root_every_one_is_the_default_bit_for_bit():
   for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Nothing is cached with root_every=1.
-  assert all(leaf.shape == (0,) for leaf in
+  assert all(leaf.shape == (1,) for leaf in
              jax.tree.leaves((sb.p_isqrt, sb.q_isqrt)))
   # Same through the optimizer (and Algorithm 1 is still matched, see
   # test_matches_algorithm_1_with_p_on_the_output_side).
@@ -537,7 +537,7 @@ def test_root_every_identity_side_and_factor_dtype():
   tx = fisher_whiten(None, max_factor_size=16, root_every=3,
                      factor_dtype=jnp.bfloat16)
   state = tx.init(params)
-  assert state.p_isqrt['k'].shape == (0,)
+  assert state.p_isqrt['k'].shape == (1,)
   assert state.q_isqrt['k'].shape == (6, 6)
   rng = np.random.default_rng(23)
   update = jax.jit(tx.update)
@@ -547,7 +547,7 @@ def test_root_every_identity_side_and_factor_dtype():
   assert_tree_finite(u)
   assert state.q['k'].dtype == jnp.bfloat16
   assert state.q_isqrt['k'].dtype == jnp.bfloat16
-  assert state.p_isqrt['k'].shape == (0,)
+  assert state.p_isqrt['k'].shape == (1,)
 
 
 def test_fismo_root_every_bf16_and_jit(maybe_jit):
@@ -568,7 +568,7 @@ def test_fismo_root_every_bf16_and_jit(maybe_jit):
         if isinstance(s, ol.FisherWhitenState)]
   assert len(fw) == 1
   roots = [leaf for leaf in jax.tree.leaves((fw[0].p_isqrt, fw[0].q_isqrt))
-           if leaf.shape != (0,)]
+           if leaf.shape != (1,)]
   assert sorted(r.shape for r in roots) == [(6, 6), (10, 10)]
   assert all(r.dtype == jnp.float32 for r in roots)
   assert int(fw[0].count) == 3
@@ -583,7 +583,7 @@ def test_fismo_lite_passes_root_every():
         if isinstance(s, ol.FisherWhitenState)]
   assert len(fw) == 1
   assert sorted(x.shape for x in jax.tree.leaves(
-      (fw[0].p_isqrt, fw[0].q_isqrt)) if x.shape != (0,)) == [(6, 6),
+      (fw[0].p_isqrt, fw[0].q_isqrt)) if x.shape != (1,)) == [(6, 6),
                                                              (10, 10)]
 
 

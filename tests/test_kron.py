@@ -88,9 +88,9 @@ def test_refresh_sorts_columns_and_permutes_nu():
   a = jnp.asarray(g @ g.T, jnp.float32)[None]
   swapped = jnp.asarray(qe[:, [1, 0, 2, 3]], jnp.float32)[None]
   nu = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4)
-  q_l, q_r, nu2 = kp.soap_refresh_bases(a, jnp.zeros((1, 0, 0)), swapped,
-                                        jnp.zeros((1, 0, 0)), nu)
-  assert q_r.shape == (1, 0, 0)
+  q_l, q_r, nu2 = kp.soap_refresh_bases(a, jnp.zeros((1, 1)), swapped,
+                                        jnp.zeros((1, 1)), nu)
+  assert q_r.shape == (1, 1)
   np.testing.assert_array_equal(nu2[0], np.asarray(nu[0])[[1, 0, 2, 3]])
   _assert_same_columns(q_l[0], qe, 4)
 
@@ -104,7 +104,7 @@ def test_rotate_roundtrip_and_identity_sides():
                     jnp.float32)
   np.testing.assert_allclose(kp.rotate_back(kp.rotate(x, q_l, q_r), q_l, q_r),
                              x, atol=1e-5)
-  empty = jnp.zeros((2, 0, 0))
+  empty = jnp.zeros((2, 1))
   np.testing.assert_array_equal(kp.rotate(x, empty, empty), x)
   np.testing.assert_allclose(kp.rotate(x, q_l, empty),
                              np.swapaxes(q_l, 1, 2) @ x, atol=1e-6)
@@ -172,7 +172,7 @@ def test_soap_vectors_are_adam_and_matrices_preconditioned():
   tx = kp.kron_precondition('soap')
   ref = optax.scale_by_adam(b1=0.95, b2=0.99, eps=1e-8)
   s, s_ref = tx.init(params), ref.init(params)
-  assert s.q_l['b'].shape == (1, 0, 0) and s.q_l['w'].shape == (1, 4, 4)
+  assert s.q_l['b'].shape == (1, 1) and s.q_l['w'].shape == (1, 4, 4)
   for i in range(3):
     g = jax.tree.map(lambda p, i=i: jax.random.normal(
         jax.random.PRNGKey(i), p.shape), params)
@@ -212,10 +212,10 @@ def test_soap_one_sided_and_state_shapes():
   shapes = jax.tree.map(jnp.shape, s)
   # Moments are shaped like the params (they shard like them).
   assert shapes.mu == shapes.nu == jax.tree.map(jnp.shape, params)
-  assert shapes.q_l == {'w': (1, 0, 0), 'conv': (1, 0, 0),
-                        'bat': (3, 4, 4), 'v': (1, 0, 0)}
+  assert shapes.q_l == {'w': (1, 1), 'conv': (1, 1),
+                        'bat': (3, 4, 4), 'v': (1, 1)}
   assert shapes.q_r == {'w': (1, 4, 4), 'conv': (1, 5, 5),
-                        'bat': (3, 5, 5), 'v': (1, 0, 0)}
+                        'bat': (3, 5, 5), 'v': (1, 1)}
   assert shapes.stats_l == shapes.q_l and shapes.stats_r == shapes.q_r
   g = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(0),
                                                p.shape), params)
@@ -340,7 +340,7 @@ def test_shampoo_one_sided_auto_exponent_is_polar():
   tx = kp.kron_precondition('shampoo', b1=0.0, graft='none',
                             max_precond_dim=5, matrix_eps=1e-9)
   s = tx.init({'w': g})
-  assert s.precond_l['w'].shape == (1, 0, 0)
+  assert s.precond_l['w'].shape == (1, 1)
   u, _ = tx.update({'w': g}, s)
   np.testing.assert_allclose(u['w'], _polar(g), atol=1e-3)
 

@@ -117,18 +117,22 @@ class FisherWhitenState(NamedTuple):
   inner_state: optax.OptState  # the inner transform's state (whitened space)
   # Cached inverse roots (``root_every > 1``): ``P_s^{-1/2}``, ``Q_s^{-1/2}``
   # of the last refresh step ``s``, shaped like ``p`` / ``q``; placeholders
-  # (shape ``(0,)``) with ``root_every=1`` and for identity sides.
+  # (shape ``(1,)``) with ``root_every=1`` and for identity sides.
   p_isqrt: optax.Updates
   q_isqrt: optax.Updates
 
 
 def _empty(dtype):
-  """Placeholder leaf for an identity (not stored) factor."""
-  return jnp.zeros((0,), dtype)
+  """Placeholder leaf for an identity (not stored) factor.
+
+  One element, not zero: orbax-checkpoint refuses zero-size arrays. Real
+  factors have rank >= 2, so rank 1 marks the placeholder.
+  """
+  return jnp.zeros((1,), dtype)
 
 
 def _is_identity(f) -> bool:
-  return f.ndim == 1 and f.shape[0] == 0
+  return f.ndim == 1
 
 
 def _trace(a):

@@ -40,7 +40,7 @@ one-sided leaves by default. One step with ``e = 1/4``, no accumulation,
 ``b1 = 0`` and no grafting gives ``polar(G)``, the Muon direction.
 
 One-sided / identity sides: a side larger than ``max_precond_dim`` gets the
-identity (its basis / preconditioner is stored as an empty ``(B, 0, 0)``
+identity (its basis / preconditioner is stored as a ``(B, 1)`` placeholder
 array). Leaves of rank < 2 under the default dims, and leaves whose dims
 entry is ``None``, get the identity on both sides: SOAP is then exactly Adam,
 Shampoo is its graft (Adam) or plain momentum. ``max_precond_dim=0`` turns
@@ -107,11 +107,11 @@ class SoapState(NamedTuple):
       ``(B, m, n)`` matrix whose entry ``[b, i, j]`` belongs to the direction
       ``q_l[b, :, i] ⊗ q_r[b, :, j]``. These are SOAP's eigenvalue estimates
       (LITE ranks them).
-    stats_l: ``L ≈ E[G Gᵀ]``, ``(B, m, m)`` (``(B, 0, 0)``: identity side).
-    stats_r: ``R ≈ E[Gᵀ G]``, ``(B, n, n)`` (``(B, 0, 0)``: identity side).
+    stats_l: ``L ≈ E[G Gᵀ]``, ``(B, m, m)`` (``(B, 1)``: identity side).
+    stats_r: ``R ≈ E[Gᵀ G]``, ``(B, n, n)`` (``(B, 1)``: identity side).
     q_l: eigenbasis of ``L``, columns by descending eigenvalue, ``(B, m, m)``
-      (``(B, 0, 0)``: identity).
-    q_r: eigenbasis of ``R``, ``(B, n, n)`` (``(B, 0, 0)``: identity).
+      (``(B, 1)``: identity).
+    q_r: eigenbasis of ``R``, ``(B, n, n)`` (``(B, 1)``: identity).
   """
   count: jax.Array
   mu: optax.Updates
@@ -129,8 +129,8 @@ class ShampooState(NamedTuple):
     count: int32 scalar.
     mu: momentum ``M`` (EMA of ``G``), shaped like the param.
     nu: Adam second moment for grafting, shaped like the param (shape
-      ``(0,)`` without grafting).
-    stats_l, stats_r: ``L``, ``R`` (``(B, 0, 0)`` on identity sides).
+      ``(1,)`` without grafting).
+    stats_l, stats_r: ``L``, ``R`` (``(B, 1)`` on identity sides).
     precond_l, precond_r: the cached inverse roots ``P_l``, ``P_r``.
   """
   count: jax.Array
@@ -186,8 +186,12 @@ class ShampooLeaf(NamedTuple):
 # Pure matrix helpers (batched over the leading axis; public for SOAP-LITE).
 # --------------------------------------------------------------------------
 def has_side(q: jax.Array) -> bool:
-  """False for an identity side, stored as an empty ``(…, 0, 0)`` array."""
-  return q.shape[-1] > 0
+  """False for an identity side, stored as a ``(B, 1)`` placeholder.
+
+  The placeholder has one element per batch entry rather than zero because
+  orbax-checkpoint refuses zero-size arrays; real factors are ``(B, n, n)``.
+  """
+  return q.ndim == 3
 
 
 def _mm(a, b, precision):
@@ -200,7 +204,7 @@ def _t(x):
 
 def rotate(x: jax.Array, q_l: jax.Array, q_r: jax.Array, *,
            precision=_HIGHEST) -> jax.Array:
-  """``Q_lᵀ x Q_r`` for ``x`` of shape ``(…, m, n)``; empty ``q`` = identity."""
+  """``Q_lᵀ x Q_r`` for ``x`` of shape ``(…, m, n)``; placeholder ``q`` = identity."""
   if has_side(q_l):
     x = _mm(_t(q_l), x, precision)
   if has_side(q_r):
@@ -223,7 +227,7 @@ def update_factors(stats_l: jax.Array, stats_r: jax.Array, g: jax.Array,
                    precision=_HIGHEST) -> tuple[jax.Array, jax.Array]:
   """``L ← β L + (1−β) G Gᵀ``, ``R ← β R + (1−β) Gᵀ G`` (or sums).
 
-  ``accumulation="sum"`` gives ``L + G Gᵀ``. Identity sides (empty arrays)
+  ``accumulation="sum"`` gives ``L + G Gᵀ``. Identity sides (placeholders)
   are returned unchanged. ``g`` is ``(…, m, n)`` in the factors' dtype.
   """
   def acc(s, gram):
@@ -437,7 +441,7 @@ def _sides(view: MatrixView, is_matrix: bool, max_precond_dim: int
 
 def _factor(batch: int, size: int, on: bool, dtype, eye: bool = False):
   if not on:
-    return jnp.zeros((batch, 0, 0), dtype)
+    return jnp.zeros((batch, 1), dtype)  # identity side (see has_side)
   if eye:
     return jnp.broadcast_to(jnp.eye(size, dtype=dtype), (batch, size, size))
   return jnp.zeros((batch, size, size), dtype)
@@ -613,7 +617,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     b, m, n = view.matrix_shape
     on_l, on_r = _sides(view, is_matrix, max_precond_dim)
     nu = (jnp.zeros(x.shape, precond_dtype) if graft == 'adam'
-          else jnp.zeros((0,), precond_dtype))
+          else jnp.zeros((1,), precond_dtype))
     return (jnp.zeros(x.shape, mu_dtype), nu,
             _factor(b, m, on_l, precond_dtype),
             _factor(b, n, on_r, precond_dtype),
