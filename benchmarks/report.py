@@ -22,7 +22,7 @@ import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NAMES = ('step_time', 'lm', 'synthetic')
+NAMES = ('step_time', 'lm', 'synthetic', 'state_bytes', 'distributed_polar')
 
 
 def _fmt(x, spec='.3g'):
@@ -40,7 +40,8 @@ def _rel(path):
 
 
 def _files(results, stem):
-  files = sorted(glob.glob(os.path.join(results, f'{stem}_*.json')))
+  files = sorted(glob.glob(os.path.join(results, f'{stem}_*.json')) +
+                 glob.glob(os.path.join(results, f'{stem}.json')))
   # Full runs first, then quick; GPU results before CPU.
   return sorted(files, key=lambda f: ('_quick_' in f, '_cpu' in f, f))
 
@@ -244,8 +245,42 @@ def synthetic_section(path, d):
   return '\n\n'.join(parts)
 
 
+def state_bytes_section(path, d):
+  """Optimizer-state bytes per parameter (benchmarks/state_bytes.py)."""
+  models = list(d.get('models', {}))
+  table = {}
+  for r in d['rows']:
+    cell = table.setdefault(r['optimizer'], {}).setdefault(r['model'], {})
+    cell[r['state_dtype']] = r['bytes_per_param']
+  header = ['optimizer'] + [f'{m} f32 / bf16' for m in models]
+  rows = []
+  for name, cells in table.items():
+    rows.append([f'`{name}`'] + [
+        f'{cells.get(m, {}).get("float32", float("nan")):.2f} / '
+        f'{cells.get(m, {}).get("bfloat16", float("nan")):.2f}'
+        for m in models])
+  return (_head(path, d) + '\n\nOptimizer-state bytes per parameter '
+          '(float32 state / bfloat16 `mu_dtype` and factor dtypes):\n\n'
+          + _table(header, rows))
+
+
+def distributed_polar_section(path, d):
+  """``shard_polar`` vs per-leaf polar factors on host devices."""
+  header = ['layout', 'mesh', 'matrices', 'per-leaf (s)', 'shard_polar (s)',
+            'speed-up', 'FLOPs per device, per-leaf / sharded',
+            'max abs diff']
+  rows = [[r['layout'], str(r['mesh']), str(r['matrices']),
+           f'{r["per_leaf_s"]:.3f}', f'{r["shard_polar_s"]:.3f}',
+           f'{r["speedup"]:.2f}', f'{r["flops_ratio"]:.2f}',
+           f'{r["max_abs_diff"]:.1e}'] for r in d['rows']]
+  note = f'\n\n{d["note"]}' if d.get('note') else ''
+  return _head(path, d) + '\n\n' + _table(header, rows) + note
+
+
 SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
-            'synthetic': synthetic_section}
+            'synthetic': synthetic_section,
+            'state_bytes': state_bytes_section,
+            'distributed_polar': distributed_polar_section}
 
 
 def generate(results_dir):
