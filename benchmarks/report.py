@@ -48,7 +48,10 @@ def _files(results, stem):
 
 def _head(path, data):
   meta = data.get('meta', {})
-  mode = 'quick' if '_quick_' in os.path.basename(path) else 'full'
+  args = meta.get('args') or {}
+  custom = any(args.get(k) for k in ('model', 'steps', 'grid', 'sizes'))
+  mode = ('quick' if '_quick_' in os.path.basename(path) else
+          'custom settings (see command)' if custom else 'full')
   return (f'*Source: [`{_rel(path)}`]({_rel(path)}) — device '
           f'**{meta.get("device_kind", "?")}**, {mode} mode, '
           f'{meta.get("utc", "")}, jax {meta.get("jax", "?")}, '
