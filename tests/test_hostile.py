@@ -348,3 +348,13 @@ def describe(names=NAMED):
 
 if __name__ == '__main__':
   describe()
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_integer_leaf_is_a_clear_type_error(name):
+  """An integer matrix leaf is rejected by name, not silently updated."""
+  tx = make(name)
+  params = {'w': jnp.ones((4, 6), jnp.int32), 'v': jnp.ones((4, 6))}
+  with pytest.raises(TypeError, match='floating'):
+    state = tx.init(params)
+    tx.update(params, state, params)
