@@ -29,6 +29,21 @@ def adamw(learning_rate, *, b1: float, b2: float, eps: float,
                      nesterov=nesterov, mask=weight_decay_mask)
 
 
+def adamw_for_rest(learning_rate, adam_learning_rate, *, b1, b2, eps,
+                   weight_decay, adam_weight_decay, mu_dtype=None,
+                   nesterov=False) -> optax.GradientTransformation:
+  """AdamW for the non-matrix leaves of a named optimizer.
+
+  ``adam_learning_rate`` / ``adam_weight_decay`` of ``None`` fall back to the
+  matrix leaves' ``learning_rate`` / ``weight_decay``.
+  """
+  return adamw(
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay if adam_weight_decay is None
+      else adam_weight_decay, mu_dtype=mu_dtype, nesterov=nesterov)
+
+
 def decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask=None
                             ) -> list[optax.GradientTransformation]:
   """Decoupled weight decay then ``−learning_rate`` (the optax way)."""

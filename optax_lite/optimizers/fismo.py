@@ -108,9 +108,8 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       scale_by_shape(scaling, rms, dims),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        weight_decay_mask))
-  adam = _common.adamw(
-      learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=weight_decay if adam_weight_decay is None
-      else adam_weight_decay, mu_dtype=mu_dtype, nesterov=adam_nesterov)
+  adam = _common.adamw_for_rest(
+      learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype, nesterov=adam_nesterov)
   return _common.with_adamw(matrix_tx, labels, adam)

@@ -13,15 +13,6 @@ from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
                                                      scale_by_soap)
 
 
-def _adam(learning_rate, adam_learning_rate, b1, b2, eps, weight_decay,
-          adam_weight_decay, mu_dtype, nesterov):
-  return _common.adamw(
-      learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay if adam_weight_decay is None
-      else adam_weight_decay, mu_dtype=mu_dtype, nesterov=nesterov)
-
-
 def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
          precondition_frequency: int = 10, max_precond_dim: int = 4096,
@@ -73,8 +64,10 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
           precond_dtype=precond_dtype, precision=precision),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        weight_decay_mask))
-  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-               weight_decay, adam_weight_decay, mu_dtype, adam_nesterov)
+  adam = _common.adamw_for_rest(
+      learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype, nesterov=adam_nesterov)
   return _common.with_adamw(matrix_tx, labels, adam)
 
 
@@ -127,6 +120,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
           precision=precision),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        weight_decay_mask))
-  adam = _adam(learning_rate, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-               weight_decay, adam_weight_decay, mu_dtype, adam_nesterov)
+  adam = _common.adamw_for_rest(
+      learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype, nesterov=adam_nesterov)
   return _common.with_adamw(matrix_tx, labels, adam)
