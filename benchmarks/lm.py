@@ -10,6 +10,10 @@ the LLaMA-style decoder of ``models.py`` on Python's own documentation text
 2. the best LR again with the warmup-stable-decay (WSD) schedule,
 3. (full mode) the best LR with further seeds, both schedules.
 
+``--model/--steps/--batch/--seq-len/--warmup/--grid/--seeds/--schedules``
+override the mode's settings, and ``--set fismo.root_every=10`` passes a
+keyword to one optimizer; all of them are recorded in the JSON.
+
 ``--quick`` (tiny model, 0.86M parameters, 120 steps of 8x64 bytes, LR grid
 {3e-3, 1e-2}, one seed) runs WSD only for adamw, muon and muon_lite to stay
 under 10 minutes on 2 CPU cores, and runs fismo and fismo_lite with
@@ -24,7 +28,8 @@ clipped to global norm 1 (as in the paper). Weight decay 0.1 everywhere.
 Reported per run: train loss per step, validation loss every ``eval_every``
 steps, seconds of training (compile excluded), tokens/s, final validation
 loss; per optimizer: steps and seconds to reach Muon's (ol.muon, best LR,
-cosine) final validation loss.
+cosine) final validation loss, and for each ``X_lite`` the step at which it
+reaches ``X``'s final validation loss (seed 0, best LRs, same schedule).
 
   python benchmarks/lm.py --quick        # < 10 min on 2 CPU cores
   python benchmarks/lm.py                # full: bigger model, grid, 2 seeds
@@ -33,6 +38,7 @@ cosine) final validation loss.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import functools
 import math
@@ -189,6 +195,19 @@ def settings(args):
               val_windows=128, wsd_for=None, overrides={})
 
 
+def parse_override(item: str):
+  """'fismo.root_every=10' -> ('fismo', 'root_every', 10)."""
+  target, sep, raw = item.partition('=')
+  name, dot, key = target.partition('.')
+  if not (sep and dot and name and key):
+    raise ValueError(f'--set: expected NAME.KEY=VALUE, got {item!r}')
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw  # a bare string such as a method name
+  return name, key, value
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
@@ -199,6 +218,10 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=None)
   p.add_argument('--batch', type=int, default=None)
   p.add_argument('--seq-len', type=int, default=None)
+  p.add_argument('--warmup', type=int, default=None)
+  p.add_argument('--set', nargs='*', default=[], metavar='NAME.KEY=VALUE',
+                 help='optimizer keyword override, e.g. fismo.root_every=10 '
+                 '(recorded in the JSON)')
   p.add_argument('--grid', type=float, nargs='*', default=None)
   p.add_argument('--seeds', type=int, nargs='*', default=None)
   p.add_argument('--schedules', nargs='*', default=['cos', 'wsd'])
@@ -207,9 +230,13 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   s = settings(args)
-  for k in ('model', 'steps', 'batch', 'grid', 'seeds', 'seq_len'):
+  for k in ('model', 'steps', 'batch', 'grid', 'seeds', 'seq_len', 'warmup'):
     if getattr(args, k) is not None:
       s[k] = getattr(args, k)
+  s['overrides'] = {k: dict(v) for k, v in s['overrides'].items()}
+  for item in args.set:
+    name, key, value = parse_override(item)
+    s['overrides'].setdefault(name, {})[key] = value
   s['chunk'] = min(s['chunk'], s['steps'])
   s['steps'] = (s['steps'] // s['chunk']) * s['chunk']
   cfg = dataclasses.replace(models.CONFIGS[s['model']], seq_len=s['seq_len'])
@@ -307,8 +334,22 @@ def summarize(results, s):
         st, sec = reach(runs[0], target)
         row['steps_to_target'] = st
         row['seconds_to_target'] = sec
+      base_runs = [r for r in results.get(base_of(name), {}).get('runs', [])
+                   if r['schedule'] == schedule]
+      if base_runs:  # the LITE paper's claim: fewer steps than its base
+        base = base_runs[0]
+        st, sec = reach(runs[0], base['final_val_loss'])
+        row['base'] = base_of(name)
+        row['steps_to_base_final'] = st
+        row['base_steps'] = base['steps']
+        row['step_saving'] = base['steps'] / st if st else None
       rows.append(row)
   return rows
+
+
+def base_of(name: str):
+  """'soap_lite' -> 'soap'; None for optimizers that are not LITE."""
+  return name[:-len('_lite')] if name.endswith('_lite') else None
 
 
 def print_summary(rows):

@@ -19,6 +19,11 @@ import json
 import math
 import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lm  # noqa: E402  (its summarize() is the one source of the LM table)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -162,8 +167,16 @@ def lm_section(path, d):
       f'sequences, peak-LR grid {s.get("grid")} (cosine, seed '
       f'{s.get("seeds", [0])[0]}), seeds {s.get("seeds")}. Target = final '
       f'val loss of `{d.get("reference")}` (best LR, cosine).')
+  overrides = {k: v for k, v in (s.get('overrides') or {}).items() if v}
+  if overrides:
+    parts.append('Per-optimizer settings beyond the defaults: ' + '; '.join(
+        f'`{k}`: ' + ', '.join(f'{a}={b}' for a, b in v.items())
+        for k, v in overrides.items()) + '.')
+  # Recomputed from the raw runs so that every file gets the current columns.
+  summary = lm.summarize(d['results'], s) if 'results' in d else d.get(
+      'summary', [])
   rows = []
-  for r in d.get('summary', []):
+  for r in summary:
     spread = r.get('final_val_spread')
     rows.append([f'`{r["optimizer"]}`', r['schedule'], _fmt(r['best_lr'],
                                                              '.0e'),
@@ -172,10 +185,13 @@ def lm_section(path, d):
                  r['seeds'], _fmt(r['tokens_per_s'], '.0f'),
                  _fmt(r.get('steps_to_target'), 'd') if isinstance(
                      r.get('steps_to_target'), int) else '–',
-                 _fmt(r.get('seconds_to_target'), '.1f')])
+                 _fmt(r.get('seconds_to_target'), '.1f'),
+                 _base_reach(r)])
   parts.append(_table(['optimizer', 'schedule', 'best peak LR',
                        'final val loss (nats/byte)', 'seeds', 'tokens/s',
-                       'steps to target', 'seconds to target'], rows))
+                       'steps to target', 'seconds to target',
+                       "LITE, seed 0: step at base's final loss "
+                       '(base steps ÷ it)'], rows))
   sweep_rows = []
   for name, e in d.get('results', {}).items():
     if 'error' in e:
@@ -190,6 +206,17 @@ def lm_section(path, d):
   if os.path.exists(png):
     parts.append(f'![loss curves]({_rel(png)})')
   return '\n\n'.join(parts)
+
+
+def _base_reach(row):
+  """"600 of `muon`'s 1000 (1.67×)" for a LITE row; '–' otherwise."""
+  if not row.get('base'):
+    return '–'
+  st = row.get('steps_to_base_final')
+  if st is None:
+    return f'not reached (`{row["base"]}`: {row["base_steps"]})'
+  return (f'{st} of `{row["base"]}`\'s {row["base_steps"]} '
+          f'({row["step_saving"]:.2f}×)')
 
 
 def synthetic_section(path, d):

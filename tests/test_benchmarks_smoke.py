@@ -90,6 +90,34 @@ def test_lm_smoke(out_dir):
   assert row['steps_to_target'] == 4
 
 
+def test_lm_override_parsing():
+  assert lm.parse_override('fismo.root_every=10') == ('fismo', 'root_every',
+                                                       10)
+  assert lm.parse_override('muon.method=svd') == ('muon', 'method', 'svd')
+  assert lm.parse_override('soap.b2=0.95') == ('soap', 'b2', 0.95)
+  for bad in ('fismo=10', 'root_every', '.k=1', 'fismo.=1'):
+    with pytest.raises(ValueError, match='--set'):
+      lm.parse_override(bad)
+
+
+def test_lm_lite_reach_of_base():
+  def run(losses):
+    steps = [10 * i for i in range(len(losses))]
+    return {'schedule': 'cos', 'steps': steps[-1], 'final_val_loss': losses[-1],
+            'val_steps': steps, 'val_loss': losses, 'val_time_s': steps,
+            'tokens_per_s': 1.0}
+  results = {'muon': {'best_lr': 1.0, 'runs': [run([3., 2., 1.5, 1.2, 1.0])]},
+             'muon_lite': {'best_lr': 1.0, 'runs': [run([3., 1.5, 1.0, .9])]},
+             'soap_lite': {'best_lr': 1.0, 'runs': [run([3., 2.])]}}
+  rows = {r['optimizer']: r for r in lm.summarize(results, {})}
+  assert 'base' not in rows['muon']
+  lite = rows['muon_lite']
+  # muon ends at 1.0 after 40 steps; muon_lite is at 1.0 by step 20.
+  assert (lite['base'], lite['steps_to_base_final']) == ('muon', 20)
+  assert lite['step_saving'] == pytest.approx(2.0)
+  assert 'base' not in rows['soap_lite']  # no soap runs to compare with
+
+
 def test_lm_schedules_shape():
   for kind in ('cos', 'wsd'):
     f = lm.make_schedule(kind, 1.0, 100, 10)
