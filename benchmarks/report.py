@@ -132,17 +132,16 @@ def step_time_section(path, d):
     parts.append(_table(['ratio'] + [l['name'] for l in leaves], [
         [k] + [_fmt(l['polar']['ratios'].get(k), '.2f') for l in leaves]
         for k in keys]))
-    rk = []
-    for l in leaves:
-      for k in l.get('rmnp', {}).get('ratios', {}):
-        if k not in rk:
-          rk.append(k)
-    if rk:
-      parts.append('RMNP (row normalisation, O(mn)) against Muon and against '
-                   'elementwise passes over the same bytes:')
-      parts.append(_table(['ratio'] + [l['name'] for l in leaves], [
-          [k] + [_fmt(l.get('rmnp', {}).get('ratios', {}).get(k), '.2f')
-                 for l in leaves] for k in rk]))
+    for block, text in (
+        ('rmnp', 'RMNP (row normalisation, O(mn)) against Muon and against '
+                 'elementwise passes over the same bytes:'),
+        ('kron', 'Where a Kronecker preconditioner\'s time goes (both '
+                 'sides, factors of the leaf\'s gradient): eigh, one QR '
+                 'power refresh, inverse 4th roots, each as a ratio to the '
+                 'eigenbasis rotations that SOAP pays every step:')):
+      table = _ratio_table(leaves, block)
+      if table:
+        parts += [text, table]
   orth = d.get('orthogonality', [])
   if orth:
     keys = [k for k in orth[0] if k not in ('shape', 'cond')]
@@ -156,6 +155,18 @@ def step_time_section(path, d):
   if os.path.exists(png):
     parts.append(f'![step time vs size]({_rel(png)})')
   return '\n\n'.join(parts)
+
+
+def _ratio_table(leaves, block):
+  """Rows: the ratios of ``leaf[block]`` (union over leaves); cols: leaves."""
+  keys = []
+  for l in leaves:
+    keys += [k for k in l.get(block, {}).get('ratios', {}) if k not in keys]
+  if not keys:
+    return None
+  return _table(['ratio'] + [l['name'] for l in leaves], [
+      [k] + [_fmt(l.get(block, {}).get('ratios', {}).get(k), '.2f')
+             for l in leaves] for k in keys])
 
 
 def lm_section(path, d):

@@ -25,6 +25,9 @@ shared machine; absolute times are only worth quoting from a GPU):
 5. Optax_lite transforms (``orthogonalize``, ``row_normalize``,
    ``fisher_whiten``, ``kron_precondition``, ``lite_flat_boost``) on single
    leaves, where they can be built with their defaults.
+6. Where a Kronecker preconditioner's time goes on each leaf: eigh, one QR
+   power refresh, the eigenbasis rotations, inverse 4th roots by eigh and
+   by coupled Newton (ratios to the rotations).
 
 Writes ``benchmarks/results/step_time[_quick]_<device>.json`` and a log-log
 plot of time against matrix size.
@@ -251,6 +254,7 @@ def main(argv=None):
       if 'rmnp' in reg or hasattr(ol, 'row_normalize'):
         entry['rmnp'] = rmnp_block(params, grads, rows, timing)
       entry['transforms'] = transforms_block(grads, timing)
+      entry['kron'] = kron_block(grads['w'], timing)
       results['leaves'].append(entry)
     else:
       results['models'].append(entry)
@@ -377,6 +381,41 @@ def rmnp_block(params, grads, rows, timing):
     r['row_normalize / elementwise_scale'] = (med['ol.row_normalize'] /
                                               med['elementwise_scale'])
   res['ratios'] = r
+  return res
+
+
+def kron_block(g, timing):
+  """Where a Kronecker preconditioner's time goes, on one (m, n) leaf.
+
+  The factors are ``L = G Gᵀ + εI`` (m×m) and ``R = GᵀG + εI`` (n×n); each
+  entry times both sides: SOAP's eigh (init), one QR power refresh, the
+  rotations into and out of the eigenbasis (4 products per step), and
+  Shampoo's inverse 4th roots by eigh and by 30 coupled Newton iterations.
+  """
+  m, n = g.shape
+  lf = g @ g.T + 1e-3 * jnp.eye(m)
+  rf = g.T @ g + 1e-3 * jnp.eye(n)
+  ql, _ = ol.linalg.eigenbasis_init(lf)
+  qr, _ = ol.linalg.eigenbasis_init(rf)
+  fns = {
+      'eigh': lambda a, b: (jnp.linalg.eigh(a), jnp.linalg.eigh(b)),
+      'qr_refresh': lambda a, b: (
+          ol.linalg.eigenbasis_refresh(a, ql)[0],
+          ol.linalg.eigenbasis_refresh(b, qr)[0]),
+      # SOAP: G into the eigenbasis, Adam there, the update back out.
+      'rotations': lambda a, b: ql @ ((ql.T @ g @ qr) * 0.5) @ qr.T,
+      'inverse_root_eigh': lambda a, b: (
+          ol.linalg.inverse_root(a, 4, method='eigh'),
+          ol.linalg.inverse_root(b, 4, method='eigh')),
+      'inverse_root_newton30': lambda a, b: (
+          ol.linalg.inverse_root(a, 4, method='newton', iters=30),
+          ol.linalg.inverse_root(b, 4, method='newton', iters=30)),
+  }
+  res = {k: _common.time_fn(jax.jit(f), lf, rf, **timing)
+         for k, f in fns.items()}
+  med = {k: v['median_s'] for k, v in res.items()}
+  res['ratios'] = {f'{k} / rotations': med[k] / med['rotations']
+                   for k in med if k != 'rotations'}
   return res
 
 

@@ -65,6 +65,10 @@ def test_step_time_smoke(out_dir):
   assert rows['muon']['state_bytes_per_param'] == pytest.approx(4.0, abs=0.2)
   assert rows['adamw']['state_bytes_per_param'] == pytest.approx(8.0, abs=0.2)
   assert 'orthogonalize_pe6 / matmul_floor6' in leaf['polar']['ratios']
+  kron = leaf['kron']['ratios']
+  assert {'eigh / rotations', 'qr_refresh / rotations',
+          'inverse_root_newton30 / rotations'} <= set(kron)
+  assert all(np.isfinite(v) and v > 0 for v in kron.values())
   orth = data['orthogonality'][0]
   # Polar Express (6 steps) is closer to orthogonal than optax's presets.
   assert orth['ol.polar_express(6)'] < orth['optax.standard(5)']
