@@ -54,7 +54,8 @@ def _files(results, stem):
 def _head(path, data):
   meta = data.get('meta', {})
   args = meta.get('args') or {}
-  custom = any(args.get(k) for k in ('model', 'steps', 'grid', 'sizes'))
+  custom = any(args.get(k) is not None
+               for k in ('model', 'steps', 'grid', 'sizes', 'models'))
   mode = ('quick' if '_quick_' in os.path.basename(path) else
           'custom settings (see command)' if custom else 'full')
   return (f'*Source: [`{_rel(path)}`]({_rel(path)}) — device '
