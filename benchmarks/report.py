@@ -170,6 +170,26 @@ def _ratio_table(leaves, block):
              for l in leaves] for k in keys])
 
 
+def _progress_table(results, fractions=(0.25, 0.5, 0.75, 1.0)):
+  """Mean val loss over the cosine runs at fractions of the steps."""
+  rows, header = [], None
+  for name, e in results.items():
+    runs = [r for r in e.get('runs', []) if r['schedule'] == 'cos']
+    if not runs:
+      continue
+    total = runs[0]['steps']
+    marks = [int(round(f * total)) for f in fractions]
+    header = header or ['optimizer'] + [f'step {m}' for m in marks]
+    cells = []
+    for m in marks:
+      vals = [dict(zip(r['val_steps'], r['val_loss'])).get(m) for r in runs]
+      vals = [v for v in vals if v is not None]
+      cells.append(_fmt(sum(vals) / len(vals), '.3f') if len(vals) == len(
+          runs) else '–')
+    rows.append([f'`{name}`'] + cells)
+  return _table(header, rows) if rows else None
+
+
 def lm_section(path, d):
   parts = [_head(path, d)]
   s = d.get('settings', {})
@@ -204,6 +224,12 @@ def lm_section(path, d):
                        'steps to target', 'seconds to target',
                        "LITE, seed 0: step at base's final loss "
                        '(base steps ÷ it)'], rows))
+  progress = _progress_table(d.get('results', {}))
+  if progress:
+    parts.append('Validation loss along the run (cosine, best LR, mean over '
+                 'seeds), at a quarter, half, three quarters and the end of '
+                 'the steps:')
+    parts.append(progress)
   sweep_rows = []
   for name, e in d.get('results', {}).items():
     if 'error' in e:
