@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +52,13 @@ def _files(results, stem):
   return sorted(files, key=lambda f: ('_quick_' in f, '_cpu' in f, f))
 
 
+def _shell_word(arg: str) -> str:
+  """A command-line word as it would be typed: script paths relative."""
+  if arg.endswith('.py'):
+    return os.path.relpath(arg, ROOT)
+  return shlex.quote(arg)
+
+
 def _head(path, data):
   meta = data.get('meta', {})
   args = meta.get('args') or {}
@@ -62,7 +70,7 @@ def _head(path, data):
           f'**{meta.get("device_kind", "?")}**, {mode} mode, '
           f'{meta.get("utc", "")}, jax {meta.get("jax", "?")}, '
           f'optax {meta.get("optax", "?")}. Command: '
-          f'`python {" ".join(os.path.relpath(a, ROOT) if a.endswith(".py") else a for a in meta.get("argv", []))}`*'
+          f'`python {" ".join(_shell_word(a) for a in meta.get("argv", []))}`*'
           + (f'\n\n*Not yet exported, so not measured: '
              f'{", ".join(data["skipped"])}.*' if data.get('skipped') else ''))
 

@@ -403,21 +403,23 @@ def kron_block(g, timing):
   rf = g.T @ g + 1e-3 * jnp.eye(n)
   ql, _ = ol.linalg.eigenbasis_init(lf)
   qr, _ = ol.linalg.eigenbasis_init(rf)
+  # Everything a function reads is an argument: a closed-over array would be
+  # a compile-time constant, and XLA would fold the work away.
   fns = {
-      'eigh': lambda a, b: (jnp.linalg.eigh(a), jnp.linalg.eigh(b)),
-      'qr_refresh': lambda a, b: (
+      'eigh': lambda a, b, g, ql, qr: (jnp.linalg.eigh(a), jnp.linalg.eigh(b)),
+      'qr_refresh': lambda a, b, g, ql, qr: (
           ol.linalg.eigenbasis_refresh(a, ql)[0],
           ol.linalg.eigenbasis_refresh(b, qr)[0]),
       # SOAP: G into the eigenbasis, Adam there, the update back out.
-      'rotations': lambda a, b: ql @ ((ql.T @ g @ qr) * 0.5) @ qr.T,
-      'inverse_root_eigh': lambda a, b: (
+      'rotations': lambda a, b, g, ql, qr: ql @ ((ql.T @ g @ qr) * 0.5) @ qr.T,
+      'inverse_root_eigh': lambda a, b, g, ql, qr: (
           ol.linalg.inverse_root(a, 4, method='eigh'),
           ol.linalg.inverse_root(b, 4, method='eigh')),
-      'inverse_root_newton30': lambda a, b: (
+      'inverse_root_newton30': lambda a, b, g, ql, qr: (
           ol.linalg.inverse_root(a, 4, method='newton', iters=30),
           ol.linalg.inverse_root(b, 4, method='newton', iters=30)),
   }
-  res = {k: _common.time_fn(jax.jit(f), lf, rf, **timing)
+  res = {k: _common.time_fn(jax.jit(f), lf, rf, g, ql, qr, **timing)
          for k, f in fns.items()}
   med = {k: v['median_s'] for k, v in res.items()}
   res['ratios'] = {f'{k} / rotations': med[k] / med['rotations']

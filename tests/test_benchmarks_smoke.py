@@ -122,6 +122,17 @@ def test_lm_lite_reach_of_base():
   assert 'base' not in rows['soap_lite']  # no soap runs to compare with
 
 
+def test_report_progress_table_means_over_seeds():
+  def run(seed, losses):
+    return {'schedule': 'cos', 'seed': seed, 'steps': 40,
+            'val_steps': [0, 10, 20, 30, 40], 'val_loss': losses}
+  table = report._progress_table({'muon': {'runs': [
+      run(0, [3., 2., 1.5, 1.2, 1.0]), run(1, [3., 2.2, 1.7, 1.4, 1.2])]}})
+  assert '| step 10 | step 20 | step 30 | step 40 |' in table
+  assert '| `muon` | 2.100 | 1.600 | 1.300 | 1.100 |' in table
+  assert report._progress_table({}) is None
+
+
 def test_lm_schedules_shape():
   for kind in ('cos', 'wsd'):
     f = lm.make_schedule(kind, 1.0, 100, 10)
