@@ -224,12 +224,14 @@ def main(argv=None):
                  '(recorded in the JSON)')
   p.add_argument('--grid', type=float, nargs='*', default=None)
   p.add_argument('--seeds', type=int, nargs='*', default=None)
-  p.add_argument('--schedules', nargs='*', default=['cos', 'wsd'])
+  p.add_argument('--schedules', nargs='*', default=None,
+                 help='default: cos wsd')
   p.add_argument('--out', default=None, help='results folder')
   p.add_argument('--no-plot', action='store_true')
   args = p.parse_args(argv)
 
   s = settings(args)
+  schedules = args.schedules if args.schedules is not None else ['cos', 'wsd']
   for k in ('model', 'steps', 'batch', 'grid', 'seeds', 'seq_len', 'warmup'):
     if getattr(args, k) is not None:
       s[k] = getattr(args, k)
@@ -278,7 +280,7 @@ def main(argv=None):
     best = min(entry['sweep'], key=_score)
     entry['best_lr'] = best['peak_lr']
     entry['runs'].append(best)
-    for schedule in args.schedules:
+    for schedule in schedules:
       if (schedule != 'cos' and s['wsd_for'] is not None and
           name not in s['wsd_for']):
         continue

@@ -52,6 +52,9 @@ def _files(results, stem):
   return sorted(files, key=lambda f: ('_quick_' in f, '_cpu' in f, f))
 
 
+_MODE_FLAGS = ('quick', 'out', 'no_plot')
+
+
 def _shell_word(arg: str) -> str:
   """A command-line word as it would be typed: script paths relative."""
   if arg.endswith('.py'):
@@ -61,9 +64,10 @@ def _shell_word(arg: str) -> str:
 
 def _head(path, data):
   meta = data.get('meta', {})
-  args = meta.get('args') or {}
-  custom = any(args.get(k) is not None
-               for k in ('model', 'steps', 'grid', 'sizes', 'models'))
+  # Every setting flag of the scripts defaults to None (or off): a run that
+  # set any flag other than the mode and output ones ran custom settings.
+  custom = any(v not in (None, False, []) for k, v in
+               (meta.get('args') or {}).items() if k not in _MODE_FLAGS)
   mode = ('quick' if '_quick_' in os.path.basename(path) else
           'custom settings (see command)' if custom else 'full')
   return (f'*Source: [`{_rel(path)}`]({_rel(path)}) — device '
@@ -178,24 +182,28 @@ def _ratio_table(leaves, block):
              for l in leaves] for k in keys])
 
 
-def _progress_table(results, fractions=(0.25, 0.5, 0.75, 1.0)):
-  """Mean val loss over the cosine runs at fractions of the steps."""
-  rows, header = [], None
+def _progress_table(results, total_steps, fractions=(0.25, 0.5, 0.75, 1.0)):
+  """Mean val loss over the cosine runs at fractions of ``total_steps``.
+
+  A run that stopped early (diverged) has no value at the later marks, and
+  the optimizer's cell there is '–'.
+  """
+  marks = [int(round(f * total_steps)) for f in fractions]
+  rows = []
   for name, e in results.items():
-    runs = [r for r in e.get('runs', []) if r['schedule'] == 'cos']
-    if not runs:
+    curves = [dict(zip(r['val_steps'], r['val_loss']))
+              for r in e.get('runs', []) if r['schedule'] == 'cos']
+    if not curves:
       continue
-    total = runs[0]['steps']
-    marks = [int(round(f * total)) for f in fractions]
-    header = header or ['optimizer'] + [f'step {m}' for m in marks]
     cells = []
     for m in marks:
-      vals = [dict(zip(r['val_steps'], r['val_loss'])).get(m) for r in runs]
-      vals = [v for v in vals if v is not None]
-      cells.append(_fmt(sum(vals) / len(vals), '.3f') if len(vals) == len(
-          runs) else '–')
+      vals = [c[m] for c in curves if m in c]
+      cells.append(_fmt(sum(vals) / len(vals), '.3f')
+                   if len(vals) == len(curves) else '–')
     rows.append([f'`{name}`'] + cells)
-  return _table(header, rows) if rows else None
+  if not rows:
+    return None
+  return _table(['optimizer'] + [f'step {m}' for m in marks], rows)
 
 
 def lm_section(path, d):
@@ -232,7 +240,7 @@ def lm_section(path, d):
                        'steps to target', 'seconds to target',
                        "LITE, seed 0: step at base's final loss "
                        '(base steps ÷ it)'], rows))
-  progress = _progress_table(d.get('results', {}))
+  progress = _progress_table(d.get('results', {}), s.get('steps', 0))
   if progress:
     parts.append('Validation loss along the run (cosine, best LR, mean over '
                  'seeds), at a quarter, half, three quarters and the end of '

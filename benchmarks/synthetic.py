@@ -391,7 +391,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--quick', action='store_true')
-  p.add_argument('--parts', nargs='*', default=['muon_gd', 'lite', 'kron'])
+  p.add_argument('--parts', nargs='*', default=None,
+                 help='default: muon_gd lite kron')
   p.add_argument('--seeds', type=int, nargs='*', default=None)
   p.add_argument('--optimizers', nargs='*', default=None,
                  help='registry subset for the Kronecker quadratic')
@@ -401,14 +402,15 @@ def main(argv=None):
   p.add_argument('--no-plot', action='store_true')
   args = p.parse_args(argv)
   seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-  print(f'device {_common.device_kind()}; parts {args.parts}; seeds {seeds}')
+  parts = args.parts if args.parts is not None else ['muon_gd', 'lite', 'kron']
+  print(f'device {_common.device_kind()}; parts {parts}; seeds {seeds}')
   out = {'meta': _common.metadata(args)}
-  if 'muon_gd' in args.parts:
+  if 'muon_gd' in parts:
     out['muon_vs_gd'] = muon_vs_gd(args.quick, seeds, args.smoke)
-  if 'lite' in args.parts:
+  if 'lite' in parts:
     out['lite_quadratic'] = lite_quadratic(args.quick,
                                            20 if args.smoke else None)
-  if 'kron' in args.parts:
+  if 'kron' in parts:
     out['kronecker'] = kronecker(args.quick, seeds, args.smoke,
                                  args.optimizers)
   out['skipped'] = _common.skipped(('adamw', 'optax_muon') +

@@ -126,11 +126,28 @@ def test_report_progress_table_means_over_seeds():
   def run(seed, losses):
     return {'schedule': 'cos', 'seed': seed, 'steps': 40,
             'val_steps': [0, 10, 20, 30, 40], 'val_loss': losses}
-  table = report._progress_table({'muon': {'runs': [
-      run(0, [3., 2., 1.5, 1.2, 1.0]), run(1, [3., 2.2, 1.7, 1.4, 1.2])]}})
+  diverged = dict(run(1, [3., 2.5]), steps=10, val_steps=[0, 10])
+  table = report._progress_table({
+      'muon': {'runs': [run(0, [3., 2., 1.5, 1.2, 1.0]),
+                        run(1, [3., 2.2, 1.7, 1.4, 1.2])]},
+      # A run that stopped at step 10 of 40 has nothing at the later marks.
+      'soap': {'runs': [run(0, [3., 2., 1.5, 1.2, 1.0]), diverged]}}, 40)
   assert '| step 10 | step 20 | step 30 | step 40 |' in table
   assert '| `muon` | 2.100 | 1.600 | 1.300 | 1.100 |' in table
-  assert report._progress_table({}) is None
+  assert '| `soap` | 2.250 | – | – | – |' in table
+  assert report._progress_table({}, 40) is None
+
+
+def test_report_labels_runs_with_any_setting_flag_custom():
+  def mode(args, name='lm_cpu.json'):
+    return report._head(name, {'meta': {'args': args, 'argv': []}})
+  defaults = {'quick': False, 'out': '/tmp/x', 'no_plot': True,
+              'model': None, 'schedules': None, 'set': []}
+  assert 'full mode' in mode(defaults)
+  for flag, value in (('warmup', 100), ('schedules', ['cos']),
+                      ('set', ['fismo.root_every=10'])):
+    assert 'custom settings' in mode(dict(defaults, **{flag: value}))
+  assert 'quick mode' in mode(dict(defaults, warmup=5), 'lm_quick_cpu.json')
 
 
 def test_lm_schedules_shape():
