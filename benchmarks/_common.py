@@ -1,8 +1,7 @@
 """Shared helpers of the benchmark scripts: registry, timing, progress, JSON.
 
 Everything here uses only the public API of ``optax_lite`` (``import
-optax_lite as ol``) and of optax. Optimizers that the installed library does
-not export yet are skipped at runtime with a printed note.
+optax_lite as ol``) and of optax.
 """
 
 from __future__ import annotations
@@ -48,22 +47,29 @@ OL_TRANSFORMS = ('orthogonalize', 'row_normalize', 'fisher_whiten',
 ADAMW_KW = dict(b1=0.9, b2=0.95, eps=1e-8)
 
 
-def _accepted(fn, kwargs):
-  """The subset of ``kwargs`` that ``fn``'s signature accepts."""
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return dict(kwargs)
+def _accepted(fn, kwargs, name=None):
+  """``kwargs`` after checking that ``fn``'s signature accepts every key.
+
+  An override the optimizer does not take (``root_evry`` for ``root_every``)
+  raises ``TypeError`` naming it, instead of silently building a default
+  optimizer while the results file records the override as applied.
+  """
+  params = inspect.signature(fn).parameters
   if any(p.kind == p.VAR_KEYWORD for p in params.values()):
     return dict(kwargs)
-  return {k: v for k, v in kwargs.items() if k in params}
+  unknown = sorted(k for k in kwargs if k not in params)
+  if unknown:
+    raise TypeError(
+        f'{name or fn.__name__}: unknown override(s) {unknown}; it accepts '
+        f'{sorted(k for k in params if k != "learning_rate")}')
+  return dict(kwargs)
 
 
-def optax_adamw(learning_rate, weight_decay=0.1, **_):
+def optax_adamw(learning_rate, weight_decay=0.1):
   return optax.adamw(learning_rate, weight_decay=weight_decay, **ADAMW_KW)
 
 
-def optax_contrib_muon(learning_rate, weight_decay=0.1, **_):
+def optax_contrib_muon(learning_rate, weight_decay=0.1):
   """``optax.contrib.muon`` with Moonlight RMS scaling and ol's labels.
 
   ``consistent_rms=0.2`` makes its matrix update RMS match AdamW's (as in
@@ -85,43 +91,41 @@ def optax_contrib_muon(learning_rate, weight_decay=0.1, **_):
       muon_weight_dimension_numbers=dim_nums)
 
 
-def _ol_factory(name):
-  fn = getattr(ol, name)
+def _checked(fn, name):
+  """``fn`` as a registry factory that rejects overrides it does not take."""
 
   def factory(learning_rate, **overrides):
-    return fn(learning_rate, **_accepted(fn, overrides))
+    return fn(learning_rate, **_accepted(fn, overrides, name))
 
-  factory.__name__ = f'ol.{name}'
+  factory.__name__ = name
   return factory
 
 
-def registry(names=None, *, verbose=True) -> dict[str, Callable[..., Any]]:
-  """``{name: factory(learning_rate, **overrides)}`` for the available names.
+ALL_NAMES = ('adamw', 'optax_muon') + OL_OPTIMIZERS
 
-  ``names=None`` means all: ``adamw`` (optax.adamw), ``optax_muon``
-  (optax.contrib.muon) and every optax_lite optimizer in
-  :data:`OL_OPTIMIZERS`. Names the library does not export are skipped with a
-  printed note. Overrides a factory does not accept (e.g. ``weight_decay``)
-  are dropped.
+
+def registry(names=None) -> dict[str, Callable[..., Any]]:
+  """``{name: factory(learning_rate, **overrides)}``.
+
+  ``names=None`` means all of :data:`ALL_NAMES`: ``adamw`` (optax.adamw),
+  ``optax_muon`` (optax.contrib.muon) and every optax_lite optimizer in
+  :data:`OL_OPTIMIZERS`. An unknown name raises ``ValueError``; an override
+  a factory does not accept raises ``TypeError`` when the factory is called.
   """
-  all_names = ('adamw', 'optax_muon') + OL_OPTIMIZERS
-  names = all_names if names is None else tuple(names)
+  names = ALL_NAMES if names is None else tuple(names)
+  unknown = [n for n in names if n not in ALL_NAMES]
+  if unknown:
+    raise ValueError(f'optimizers: unknown name(s) {unknown}; known: '
+                     f'{list(ALL_NAMES)}')
   out = {}
   for name in names:
     if name == 'adamw':
-      out[name] = optax_adamw
+      out[name] = _checked(optax_adamw, name)
     elif name == 'optax_muon':
-      out[name] = optax_contrib_muon
-    elif hasattr(ol, name):
-      out[name] = _ol_factory(name)
-    elif verbose:
-      print(f'[note] optax_lite.{name} is not exported yet: skipped.')
+      out[name] = _checked(optax_contrib_muon, name)
+    else:
+      out[name] = _checked(getattr(ol, name), name)
   return out
-
-
-def skipped(names) -> list[str]:
-  return [n for n in names
-          if n not in ('adamw', 'optax_muon') and not hasattr(ol, n)]
 
 
 # ---------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def parse_override(item: str):
   return name, key, value
 
 
-def main(argv=None):
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--quick', action='store_true')
@@ -228,10 +228,14 @@ def main(argv=None):
                  help='default: cos wsd')
   p.add_argument('--out', default=None, help='results folder')
   p.add_argument('--no-plot', action='store_true')
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
 
+
+def resolve_settings(args):
+  """The mode's settings with the command-line flags and overrides applied."""
   s = settings(args)
-  schedules = args.schedules if args.schedules is not None else ['cos', 'wsd']
+  s['schedules'] = (args.schedules if args.schedules is not None
+                    else ['cos', 'wsd'])
   for k in ('model', 'steps', 'batch', 'grid', 'seeds', 'seq_len', 'warmup'):
     if getattr(args, k) is not None:
       s[k] = getattr(args, k)
@@ -241,13 +245,65 @@ def main(argv=None):
     s['overrides'].setdefault(name, {})[key] = value
   s['chunk'] = min(s['chunk'], s['steps'])
   s['steps'] = (s['steps'] // s['chunk']) * s['chunk']
-  cfg = dataclasses.replace(models.CONFIGS[s['model']], seq_len=s['seq_len'])
-  reg = _common.registry(args.optimizers)
-  for name, kw in s['overrides'].items():  # recorded in the JSON settings
+  return s
+
+
+def with_overrides(reg, overrides):
+  """Registry factories with their overrides bound.
+
+  Each override is checked here, before any training: an unknown optimizer
+  name raises ``ValueError`` and a keyword the optimizer does not take raises
+  ``TypeError`` (so the results file never records an override that was not
+  applied).
+  """
+  reg = dict(reg)
+  for name, kw in overrides.items():
+    if name not in _common.ALL_NAMES:
+      raise ValueError(f'--set: unknown optimizer {name!r}; known: '
+                       f'{list(_common.ALL_NAMES)}')
     if name in reg:
+      reg[name](1e-3, **kw)  # raises TypeError on an unknown keyword
       reg[name] = functools.partial(reg[name], **kw)
       print(f'[note] {name} runs with ' +
             ', '.join(f'{k}={v}' for k, v in kw.items()))
+  return reg
+
+
+def race_one(name, factory, s, trainer):
+  """LR sweep (cosine, first seed), then the best LR on every schedule/seed."""
+  entry = {'sweep': [], 'runs': [], 'overrides': s['overrides'].get(name, {})}
+  seed0 = s['seeds'][0]
+  tr = trainer(factory, 'cos', seed0)
+  for lr in s['grid']:
+    run = tr.run(lr, desc=f'{name} cos lr={lr:g}')
+    run.update(schedule='cos', seed=seed0)
+    entry['sweep'].append(run)
+    print(f'  {name:11s} cos lr={lr:<7g} val {run["final_val_loss"]:.4f} '
+          f'({run["tokens_per_s"] or 0:.0f} tok/s)')
+  best = min(entry['sweep'], key=_score)
+  entry['best_lr'] = best['peak_lr']
+  entry['runs'].append(best)
+  for schedule in s['schedules']:
+    if (schedule != 'cos' and s['wsd_for'] is not None and
+        name not in s['wsd_for']):
+      continue
+    for seed in s['seeds']:
+      if schedule == 'cos' and seed == seed0:
+        continue  # the sweep's best run
+      run = trainer(factory, schedule, seed).run(
+          best['peak_lr'], desc=f'{name} {schedule} seed={seed}')
+      run.update(schedule=schedule, seed=seed)
+      entry['runs'].append(run)
+      print(f'  {name:11s} {schedule} lr={best["peak_lr"]:<7g} seed {seed} '
+            f'val {run["final_val_loss"]:.4f}')
+  return entry
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  s = resolve_settings(args)
+  cfg = dataclasses.replace(models.CONFIGS[s['model']], seq_len=s['seq_len'])
+  reg = with_overrides(_common.registry(args.optimizers), s['overrides'])
   train, val = models.load_corpus()
   val_w = models.val_windows(val, s['val_windows'], cfg.seq_len)
   n_params = models.count_params(models.make_model(cfg, 0))
@@ -262,46 +318,17 @@ def main(argv=None):
 
   results = {}
   for name, factory in reg.items():
-    entry = {'sweep': [], 'runs': [],
-             'overrides': s['overrides'].get(name, {})}
     try:
-      tr = trainer(factory, 'cos', s['seeds'][0])
-      for lr in s['grid']:
-        run = tr.run(lr, desc=f'{name} cos lr={lr:g}')
-        run.update(schedule='cos', seed=s['seeds'][0])
-        entry['sweep'].append(run)
-        print(f'  {name:11s} cos lr={lr:<7g} val {run["final_val_loss"]:.4f} '
-              f'({run["tokens_per_s"] or 0:.0f} tok/s)')
+      results[name] = race_one(name, factory, s, trainer)
     except Exception as e:  # report and go on: one broken optimizer
       print(f'[error] {name}: {type(e).__name__}: {e}')
-      entry['error'] = f'{type(e).__name__}: {e}'
-      results[name] = entry
-      continue
-    best = min(entry['sweep'], key=_score)
-    entry['best_lr'] = best['peak_lr']
-    entry['runs'].append(best)
-    for schedule in schedules:
-      if (schedule != 'cos' and s['wsd_for'] is not None and
-          name not in s['wsd_for']):
-        continue
-      for seed in s['seeds']:
-        if schedule == 'cos' and seed == s['seeds'][0]:
-          continue
-        run = trainer(factory, schedule, seed).run(
-            best['peak_lr'], desc=f'{name} {schedule} seed={seed}')
-        run.update(schedule=schedule, seed=seed)
-        entry['runs'].append(run)
-        print(f'  {name:11s} {schedule} lr={best["peak_lr"]:<7g} seed {seed} '
-              f'val {run["final_val_loss"]:.4f}')
-    results[name] = entry
+      results[name] = {'sweep': [], 'runs': [],
+                       'error': f'{type(e).__name__}: {e}'}
 
   summary = summarize(results, s)
   out = {'meta': _common.metadata(args), 'settings': s, 'n_params': n_params,
          'model_config': cfg.__dict__, 'reference': REFERENCE,
-         'summary': summary, 'results': results,
-         'skipped': _common.skipped(args.optimizers or
-                                    ('adamw', 'optax_muon') +
-                                    _common.OL_OPTIMIZERS)}
+         'summary': summary, 'results': results}
   path = _common.result_path('lm', args.out, quick=args.quick)
   _common.write_json(path, out)
   if not args.no_plot:

@@ -74,9 +74,7 @@ def _head(path, data):
           f'**{meta.get("device_kind", "?")}**, {mode} mode, '
           f'{meta.get("utc", "")}, jax {meta.get("jax", "?")}, '
           f'optax {meta.get("optax", "?")}. Command: '
-          f'`python {" ".join(_shell_word(a) for a in meta.get("argv", []))}`*'
-          + (f'\n\n*Not yet exported, so not measured: '
-             f'{", ".join(data["skipped"])}.*' if data.get('skipped') else ''))
+          f'`python {" ".join(_shell_word(a) for a in meta.get("argv", []))}`*')
 
 
 def _table(header, rows):

@@ -18,7 +18,7 @@ Writes ``benchmarks/results/state_bytes.json``:
    "rows": [{"optimizer": str, "state_dtype": "float32"|"bfloat16",
              "model": str, "n_params": int, "state_bytes": int,
              "bytes_per_param": float}, ...],
-   "skipped": [names not exported by optax_lite]}
+   }
 
   python benchmarks/state_bytes.py
 """
@@ -92,11 +92,9 @@ def main(argv=None):
   ap.add_argument('--out', default=os.path.join(RESULTS_DIR,
                                                 'state_bytes.json'))
   args = ap.parse_args(argv)
-  names = ['adamw'] + [n for n in NAMED if hasattr(ol, n)]
-  skipped = [n for n in NAMED if not hasattr(ol, n)]
+  names = ['adamw'] + NAMED
   ms = models()
-  out = {'meta': metadata(args), 'models': {}, 'rows': [],
-         'skipped': skipped}
+  out = {'meta': metadata(args), 'models': {}, 'rows': []}
   for mname, params in ms.items():
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     n = sum(math.prod(x.shape) for _, x in flat)
@@ -117,8 +115,6 @@ def main(argv=None):
                             'bytes_per_param': b / n})
         line += f'{b / n:>20.2f}'
       print(line)
-  if skipped:
-    print('not exported yet:', ', '.join(skipped))
   write_json(args.out, out)
   return out
 

@@ -180,7 +180,7 @@ def orthogonality(sizes, cond, seed):
   return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--quick', action='store_true')
@@ -196,11 +196,18 @@ def main(argv=None):
                  help='comma list of shapes for the max|σ−1| check')
   p.add_argument('--out', default=None)
   p.add_argument('--no-plot', action='store_true')
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
 
+
+def _shapes(text):
+  """'256x256,1024x4096' -> [(256, 256), (1024, 4096)]; '' -> []."""
+  return [tuple(int(v) for v in s.split('x')) for s in text.split(',') if s]
+
+
+def plan(args):
+  """What to time: leaf sizes, model names, timing knobs, overrides."""
   if args.sizes is not None:  # '' = no single leaves (whole models only)
-    sizes = [tuple(int(v) for v in s.split('x'))
-             for s in args.sizes.split(',') if s]
+    sizes = _shapes(args.sizes)
   elif args.quick:
     sizes = [(256, 256), (1024, 1024), (1024, 4096)]
   else:
@@ -210,76 +217,83 @@ def main(argv=None):
   timing = dict(warmup=1, repeats=args.repeats or (5 if args.quick else 20),
                 max_seconds=args.max_seconds or (4.0 if args.quick else 60.0),
                 min_repeats=2 if args.quick else 5)
-  reg = _common.registry(args.optimizers)
   # Quick mode: FISMO's per-step eigh of 4096² factors alone would exceed the
   # 10-minute budget on CPU, so its roots are refreshed every 10 steps there
   # (the median then measures the steps between refreshes, the mean includes
   # them). Recorded in the JSON as ``overrides``.
   overrides = ({'fismo': {'root_every': 10}, 'fismo_lite': {'root_every': 10}}
                if args.quick else {})
+  if args.ortho_sizes:
+    ortho = _shapes(args.ortho_sizes)
+  else:
+    ortho = ([(256, 256), (256, 1024)] if args.quick else
+             [(256, 256), (256, 1024), (1024, 1024)])
+  return sizes, model_names, timing, overrides, ortho
+
+
+def time_group(kind, what, reg, timing, quick, bar):
+  """Every optimizer (and, for a leaf, the transform blocks) on one group.
+
+  ``kind`` is 'leaf' (``what`` = (m, n)) or 'model' (``what`` = a name of
+  ``models.CONFIGS``).
+  """
+  key = jax.random.key(0)
+  if kind == 'leaf':
+    m, n = what
+    params = {'w': jax.random.normal(key, (m, n), jnp.float32) / np.sqrt(m)}
+    label = f'{m}x{n}'
+  else:
+    params = nnx.state(models.make_model(what, 0), nnx.Param)
+    label = what
+  grads = _rand_like(jax.random.fold_in(key, 1), params, 0.01)
+  rows = {}
+  for name, factory in reg.items():
+    bar.set_postfix_str(f'{label} {name}')
+    try:
+      rows[name] = time_optimizer(factory(LR), params, grads, timing)
+    except Exception as e:  # keep going; record the failure
+      rows[name] = {'error': f'{type(e).__name__}: {e}'[:300]}
+      print(f'[error] {name} on {label}: {rows[name]["error"]}')
+    bar.update(1)
+  _add_ratios(rows)
+  entry = {'name': label, 'n_params': _common.tree_size(params),
+           'optimizers': rows}
+  if kind == 'leaf':
+    entry['shape'] = [m, n]
+    entry['polar'] = polar_block(params['w'], grads['w'], timing)
+    if 'rmnp' in reg:
+      entry['rmnp'] = rmnp_block(params, grads, rows, timing)
+    entry['transforms'] = transforms_block(grads, timing)
+    if not quick or max(m, n) <= 1024:
+      # Quick mode: a 4096-side eigh and 30 Newton iterations would take
+      # minutes of the 10-minute CPU budget.
+      entry['kron'] = kron_block(grads['w'], timing)
+  bar.update(1)
+  return entry
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  sizes, model_names, timing, overrides, ortho = plan(args)
+  reg = _common.registry(args.optimizers)
   for name, kw in overrides.items():
     if name in reg:
       reg[name] = functools.partial(reg[name], **kw)
       print(f'[note] {name} runs with {kw}')
-  key = jax.random.key(0)
   print(f'device {_common.device_kind()}; sizes {sizes}; models {model_names}')
 
-  results = {'leaves': [], 'models': [], 'polar': [], 'rmnp': [],
-             'transforms': []}
   tasks = [('leaf', s) for s in sizes] + [('model', m) for m in model_names]
   bar = _common.progress(total=len(tasks) * (len(reg) + 1), desc='step_time')
-
-  for kind, what in tasks:
-    if kind == 'leaf':
-      m, n = what
-      params = {'w': jax.random.normal(key, (m, n), jnp.float32) / np.sqrt(m)}
-      label = f'{m}x{n}'
-    else:
-      model = models.make_model(what, 0)
-      params = nnx.state(model, nnx.Param)
-      label = what
-    grads = _rand_like(jax.random.fold_in(key, 1), params, 0.01)
-    n_params = _common.tree_size(params)
-    rows = {}
-    for name, factory in reg.items():
-      bar.set_postfix_str(f'{label} {name}')
-      try:
-        rows[name] = time_optimizer(factory(LR), params, grads, timing)
-      except Exception as e:  # keep going; record the failure
-        rows[name] = {'error': f'{type(e).__name__}: {e}'[:300]}
-        print(f'[error] {name} on {label}: {rows[name]["error"]}')
-      bar.update(1)
-    _add_ratios(rows)
-    entry = {'name': label, 'n_params': n_params, 'optimizers': rows}
-    if kind == 'leaf':
-      entry['shape'] = [m, n]
-      entry['polar'] = polar_block(params['w'], grads['w'], timing)
-      if 'rmnp' in reg or hasattr(ol, 'row_normalize'):
-        entry['rmnp'] = rmnp_block(params, grads, rows, timing)
-      entry['transforms'] = transforms_block(grads, timing)
-      if not args.quick or max(m, n) <= 1024:
-        # Quick mode: a 4096-side eigh and 30 Newton iterations would take
-        # minutes of the 10-minute CPU budget.
-        entry['kron'] = kron_block(grads['w'], timing)
-      results['leaves'].append(entry)
-    else:
-      results['models'].append(entry)
-    bar.update(1)
+  groups = [time_group(kind, what, reg, timing, args.quick, bar)
+            for kind, what in tasks]
   bar.close()
+  results = {'leaves': [g for g, (k, _) in zip(groups, tasks) if k == 'leaf'],
+             'models': [g for g, (k, _) in zip(groups, tasks)
+                        if k == 'model'],
+             'orthogonality': orthogonality(ortho, 1e3, 0)}
 
-  if args.ortho_sizes:
-    ortho = [tuple(int(v) for v in s.split('x'))
-             for s in args.ortho_sizes.split(',')]
-  else:
-    ortho = ([(256, 256), (256, 1024)] if args.quick else
-             [(256, 256), (256, 1024), (1024, 1024)])
-  results['orthogonality'] = orthogonality(ortho, 1e3, 0)
   out = {'meta': _common.metadata(args), 'timing': timing, 'lr': LR,
-         'overrides': overrides,
-         'headline': headline(results), **results,
-         'skipped': _common.skipped(args.optimizers or
-                                    ('adamw', 'optax_muon') +
-                                    _common.OL_OPTIMIZERS)}
+         'overrides': overrides, 'headline': headline(results), **results}
   path = _common.result_path('step_time', args.out, quick=args.quick)
   _common.write_json(path, out)
   if not args.no_plot and out['leaves']:  # the plot is time vs leaf size
@@ -362,12 +376,7 @@ def rmnp_block(params, grads, rows, timing):
   res['elementwise_sgdm_step'] = _common.time_fn(
       sgdm, params['w'], jnp.zeros_like(g), g, carry=True, **timing)
   res['elementwise_scale'] = _common.time_fn(scale, g, **timing)
-  if hasattr(ol, 'row_normalize'):
-    try:
-      res['ol.row_normalize'] = time_transform(ol.row_normalize(), grads,
-                                               timing)
-    except Exception as e:
-      res['ol.row_normalize'] = {'error': f'{type(e).__name__}: {e}'[:300]}
+  res['ol.row_normalize'] = time_transform(ol.row_normalize(), grads, timing)
   res['ol.orthogonalize(polar_express,6)'] = time_transform(
       ol.orthogonalize(), grads, timing)
   med = {k: v.get('median_s') for k, v in res.items()}
@@ -430,8 +439,6 @@ def kron_block(g, timing):
 def transforms_block(grads, timing):
   res = {}
   for name in _common.OL_TRANSFORMS:
-    if not hasattr(ol, name):
-      continue
     try:
       tx = getattr(ol, name)()
       res[name] = time_transform(tx, grads, timing)

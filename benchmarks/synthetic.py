@@ -188,7 +188,7 @@ def muon_svd_tx():
 
 
 def ol_tx(name, **kw):
-  reg = _common.registry([name], verbose=False)
+  reg = _common.registry([name])
   return reg[name](1.0, weight_decay=0.0, **kw)
 
 
@@ -357,7 +357,7 @@ def kronecker(quick: bool, seeds, smoke: bool = False, names=None):
   grid = np.logspace(-3, 0, 7 if quick else 13)
   if smoke:
     m, n, steps, grid = 4, 6, 10, np.logspace(-2, -1, 2)
-  reg = _common.registry(names, verbose=False)
+  reg = _common.registry(names)
   out = {'shape': [m, n], 'steps': steps, 'lr_grid': grid.tolist(),
          'runs': []}
   for seed in seeds:
@@ -413,8 +413,6 @@ def main(argv=None):
   if 'kron' in parts:
     out['kronecker'] = kronecker(args.quick, seeds, args.smoke,
                                  args.optimizers)
-  out['skipped'] = _common.skipped(('adamw', 'optax_muon') +
-                                   _common.OL_OPTIMIZERS)
   path = _common.result_path('synthetic', args.out, quick=args.quick)
   _common.write_json(path, out)
   if not args.no_plot:

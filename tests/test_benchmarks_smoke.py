@@ -36,11 +36,30 @@ def _load(path):
     return json.load(f)
 
 
-def test_registry_has_baselines_and_skips_missing(capsys):
-  reg = _common.registry(['adamw', 'optax_muon', 'muon', 'not_an_optimizer'])
-  assert {'adamw', 'optax_muon', 'muon'} <= set(reg)
-  assert 'not_an_optimizer' not in reg
-  assert 'not exported yet' in capsys.readouterr().out
+def test_registry_rejects_unknown_names_and_overrides():
+  reg = _common.registry(['adamw', 'optax_muon', 'muon'])
+  assert set(reg) == {'adamw', 'optax_muon', 'muon'}
+  with pytest.raises(ValueError, match='not_an_optimizer'):
+    _common.registry(['adamw', 'not_an_optimizer'])
+  full = _common.registry()
+  assert set(full) == set(_common.ALL_NAMES)
+  # A typo in an override raises, naming the key; the real key is applied.
+  with pytest.raises(TypeError, match='root_evry'):
+    full['fismo'](1e-3, root_evry=10)
+  with pytest.raises(TypeError, match='weight_decy'):
+    full['adamw'](1e-3, weight_decy=0.0)
+  full['fismo'](1e-3, root_every=10)
+  full['adamw'](1e-3, weight_decay=0.0)
+
+
+def test_lm_rejects_unknown_override_before_training():
+  reg = _common.registry(['fismo'])
+  with pytest.raises(TypeError, match='root_evry'):
+    lm.with_overrides(reg, {'fismo': {'root_evry': 10}})
+  with pytest.raises(ValueError, match='fismoo'):
+    lm.with_overrides(reg, {'fismoo': {'root_every': 10}})
+  bound = lm.with_overrides(reg, {'fismo': {'root_every': 10}})
+  assert bound['fismo'].keywords == {'root_every': 10}
 
 
 def test_time_fn_counts_repeats():
