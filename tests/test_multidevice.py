@@ -212,3 +212,16 @@ def test_shard_polar_bad_spec():
     ol.orthogonalize(shard_polar=ol.PolarSharding(mesh, 'nope'))
   with pytest.raises(TypeError, match='shard_polar'):
     ol.orthogonalize(shard_polar='data')
+
+
+@pytest.mark.parametrize('name', ['muon', 'rmnp'])
+def test_plain_init_keeps_parameter_sharding(name):
+  """``tx.init`` outside jit: the momentum takes each parameter's sharding."""
+  mesh = _mesh()
+  sp = _shard(_params(), mesh)
+  state = make(name).init(sp)
+  pairs = _param_shaped_state(state, sp)
+  assert len(pairs) >= 4
+  for path, leaf, p in pairs:
+    assert leaf.sharding == p.sharding, (jax.tree_util.keystr(path),
+                                         leaf.sharding, p.sharding)

@@ -75,8 +75,10 @@ def momentum(decay: float = 0.95, *, nesterov: bool = True,
   def init_fn(params):
     for leaf in jax.tree.leaves(params):
       _checks.check_float_leaf('params', leaf)
+    # zeros_like keeps each parameter's sharding (jnp.zeros(p.shape) would
+    # drop it under explicit sharding and place it on the default device).
     mu = jax.tree.map(
-        lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+        lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
     return MomentumState(count=jnp.zeros([], jnp.int32), mu=mu)
 
   def update_fn(updates, state, params=None):

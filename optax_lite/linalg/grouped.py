@@ -1,0 +1,291 @@
+r"""Owner-computes: run a per-matrix kernel once per shape, spread over devices.
+
+Matrix optimizers apply a super-linear kernel to every hidden matrix of a
+step: a polar factor (Newton–Schulz, ``≈ 2·s²·l`` flops per step for an
+``s × l`` matrix, ``s ≤ l``), an ``eigh`` or a QR (``≈ s³``), inverse roots.
+Traced leaf by leaf, the compiled program grows with the depth of the model,
+and under SPMD sharding every matmul of an iteration on a sharded matrix needs
+collectives. :func:`grouped_map` instead
+
+1. splits every leaf ``(B_i, ...)`` into ``B_i`` *work items* (the matrices
+   of a stacked ``[layers, in, out]`` or ``[experts, in, out]`` leaf are
+   separate items) and groups the items by their shapes and dtypes (and an
+   optional static key);
+2. **one device** (``spec=None``): stacks each group and calls the kernel
+   once per group, so the program has one kernel per *distinct shape*
+   however deep the model is;
+3. **several devices** (``spec`` a :class:`PolarSharding`): assigns whole
+   items to the ``D`` devices of the chosen mesh axes by their cost
+   (longest-processing-time greedy: items sorted by cost, each given to the
+   least-loaded device), brings every group's stack to every device in one
+   collective per group (an all-gather; none when the inputs are already
+   replicated, as under data parallelism), and runs under ``jax.shard_map``
+   a conditional on the device index: device ``d`` executes only the branch
+   that computes *its* items (a gather by a constant index table, one
+   batched kernel call per group), and writes them into a per-group output
+   buffer of ``K_g = max_d k_{g,d}`` slots. The buffers leave in one
+   all-gather each and the items are put back into leaf order.
+
+Why a conditional: SPMD requires every device to run the same shapes, so
+splitting each group's stack evenly pads each group to a multiple of ``D``
+and wastes up to ``(D − 1)/D`` of a small group's work. With the device
+index selecting a branch, each device computes exactly its own items; only
+the distinct per-device count vectors are compiled (usually two or three),
+and XLA's cost analysis counts the most expensive branch. Balance is the LPT
+bound: max load ``≤ (4/3 − 1/(3D))·optimum``, and ``≤ mean + max item``.
+
+There is no communication inside the kernel (Newton–Schulz iterations,
+``eigh``) — only the all-gathers before and after it. The kernel must be
+*slice-wise*: output row ``i`` depends only on input row ``i`` (every
+batched ``jnp.linalg`` function and :func:`optax_lite.linalg.newton_schulz`
+are).
+
+Everything here is pure JAX (no optax) and jit-safe.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+Item = tuple  # a tuple of arrays sharing their leading (batch) axis
+
+
+def matrix_cost(shapes: Sequence[tuple[int, ...]]) -> float:
+  """Default cost of one item: ``s²·l`` of its first input (``s ≤ l``).
+
+  That is the flop count of one Newton–Schulz Gram product for an
+  ``s × l`` matrix, and within a constant of ``eigh`` / QR / inverse roots
+  of an ``s × s`` matrix (``s³``). Only ratios matter for the balance.
+  """
+  shape = shapes[0]
+  if len(shape) < 2:
+    return float(max(1, math.prod(shape)))
+  m, n = shape[-2:]
+  s, l = min(m, n), max(m, n)
+  return float(s * s * l * max(1, math.prod(shape[:-2])))
+
+
+def _key(item: Item, extra: Hashable) -> tuple:
+  return (tuple((tuple(x.shape[1:]), jnp.dtype(x.dtype).name) for x in item),
+          extra)
+
+
+def group_items(leaves: Sequence[Item], keys: Sequence[Hashable] | None = None
+                ) -> dict[tuple, list[int]]:
+  """Leaf indices grouped by (per-slice shapes and dtypes, static key)."""
+  groups: dict[tuple, list[int]] = {}
+  for i, item in enumerate(leaves):
+    if not isinstance(item, tuple) or not item:
+      raise TypeError(f'leaves[{i}] must be a non-empty tuple of arrays, '
+                      f'got {type(item).__name__}.')
+    b = item[0].shape[0] if item[0].ndim else None
+    for x in item:
+      if x.ndim < 1 or x.shape[0] != b:
+        raise ValueError(f'leaves[{i}]: every array needs the same leading '
+                         f'(batch) axis, got shapes '
+                         f'{[tuple(y.shape) for y in item]}.')
+    groups.setdefault(_key(item, None if keys is None else keys[i]),
+                      []).append(i)
+  return groups
+
+
+class Assignment(NamedTuple):
+  """Which device computes which item of each group.
+
+  Attributes:
+    device: per group, an int array ``(N_g,)``: the device of each item.
+    slot: per group, an int array ``(N_g,)``: its slot on that device.
+    counts: ``(D, G)`` items of each group per device.
+    loads: ``(D,)`` total cost per device.
+  """
+  device: list[np.ndarray]
+  slot: list[np.ndarray]
+  counts: np.ndarray
+  loads: np.ndarray
+
+
+def assign_lpt(sizes: Sequence[int], costs: Sequence[float],
+               num_devices: int) -> Assignment:
+  """Longest-processing-time greedy assignment of items to devices.
+
+  Args:
+    sizes: number of items ``N_g`` of each group.
+    costs: cost of one item of each group.
+    num_devices: ``D``.
+
+  Returns:
+    An :class:`Assignment`. Deterministic: ties go to the lower device index,
+    items of a group are taken in order.
+  """
+  if num_devices < 1:
+    raise ValueError(f'num_devices must be >= 1, got {num_devices}.')
+  g_count = len(sizes)
+  order = sorted(range(g_count), key=lambda g: (-costs[g], g))
+  heap = [(0.0, d) for d in range(num_devices)]
+  device = [np.zeros(n, np.int32) for n in sizes]
+  slot = [np.zeros(n, np.int32) for n in sizes]
+  counts = np.zeros((num_devices, g_count), np.int64)
+  loads = np.zeros(num_devices)
+  for g in order:
+    for r in range(sizes[g]):
+      load, d = heapq.heappop(heap)
+      device[g][r] = d
+      slot[g][r] = counts[d, g]
+      counts[d, g] += 1
+      loads[d] = load + costs[g]
+      heapq.heappush(heap, (loads[d], d))
+  return Assignment(device, slot, counts, loads)
+
+
+def _concat(parts):
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def _split(tree, sizes):
+  """Splits every leaf of ``tree`` along axis 0 into pieces of ``sizes``."""
+  if len(sizes) == 1:
+    return [tree]
+  offsets = np.cumsum([0] + list(sizes))
+  return [jax.tree.map(lambda y, a=a, b=b: y[a:b], tree)
+          for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
+                spec=None, cost: Callable[[Sequence[tuple]], float] | None
+                = None, keys: Sequence[Hashable] | None = None) -> list[Any]:
+  """Applies a slice-wise batched kernel to every item, one call per shape.
+
+  Args:
+    fn: ``fn(*arrays) -> pytree of arrays``; every input and output has a
+      leading batch axis, and output row ``i`` depends only on input row
+      ``i``. Called once per group (and, with ``spec``, once per group per
+      compiled branch).
+    leaves: a list of tuples of arrays; the arrays of one tuple share their
+      leading axis ``B_i`` (e.g. ``(G,)`` for a stacked gradient
+      ``(B, m, n)``, or ``(G, L, R)`` with Kronecker factors ``(B, m, m)``,
+      ``(B, n, n)``).
+    spec: ``None`` (one device: group and stack only) or a
+      :class:`optax_lite.linalg.distributed.PolarSharding` (or a ``Mesh`` /
+      ``(mesh, axes)``): spread the items over the devices of its axes.
+    cost: ``cost(per_slice_shapes) -> float`` of one item, for the balance;
+      default :func:`matrix_cost`.
+    keys: optional static hashable per leaf; only leaves with equal keys are
+      stacked together (e.g. a per-leaf setting the kernel reads).
+
+  Returns:
+    A list, per leaf, of ``fn``'s output pytree with leading axis ``B_i``.
+    With ``keys``, ``fn`` is called as ``fn(*arrays, key=key)``.
+  """
+  from optax_lite.linalg import distributed  # PolarSharding, checks
+  spec = distributed.check_polar_sharding(spec, 'distribute')
+  groups = group_items(leaves, keys)
+  out: list[Any] = [None] * len(leaves)
+  if not groups:
+    return out
+  call = ((lambda key, *xs: fn(*xs)) if keys is None else
+          (lambda key, *xs: fn(*xs, key=key)))
+  glist = list(groups.items())
+  stacks, sizes = [], []
+  for _, idx in glist:
+    k = len(leaves[idx[0]])
+    stacks.append(tuple(_concat([leaves[i][j] for i in idx])
+                        for j in range(k)))
+    sizes.append([leaves[i][0].shape[0] for i in idx])
+
+  if spec is None or spec.num_shards() == 1:
+    for (gkey, idx), stack, sz in zip(glist, stacks, sizes):
+      res = call(gkey[1], *stack)
+      for i, piece in zip(idx, _split(res, sz)):
+        out[i] = piece
+    return out
+
+  cost = cost or matrix_cost
+  n_items = [sum(sz) for sz in sizes]
+  costs = [float(cost([s for s, _ in gkey[0]])) for gkey, _ in glist]
+  num = spec.num_shards()
+  asg = assign_lpt(n_items, costs, num)
+  kmax = asg.counts.max(axis=0)  # K_g
+  # Per group, (D, K_g) table of item rows; unused slots point at row 0
+  # (never computed: each branch takes only its first k_{g,d} entries).
+  tables = []
+  for g in range(len(glist)):
+    t = np.zeros((num, max(1, kmax[g])), np.int32)
+    t[asg.device[g], asg.slot[g]] = np.arange(n_items[g])
+    tables.append(t)
+  vectors = sorted({tuple(c) for c in asg.counts})
+  branch_of = np.asarray([vectors.index(tuple(c)) for c in asg.counts],
+                         np.int32)
+  # Per-slice output structure of each group.
+  out_struct = []
+  for (gkey, _), stack in zip(glist, stacks):
+    one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype) for x in stack]
+    out_struct.append(jax.eval_shape(lambda *xs, k=gkey[1]: call(k, *xs),
+                                     *one))
+
+  def make_branch(vec):
+    def branch(d, *flat_stacks):
+      res = []
+      pos = 0
+      for g, (gkey, _) in enumerate(glist):
+        k_in = len(stacks[g])
+        stack = flat_stacks[pos:pos + k_in]
+        pos += k_in
+        c, kg = vec[g], max(1, int(kmax[g]))
+        if c == 0:
+          res.append(jax.tree.map(
+              lambda s, kg=kg: jnp.zeros((kg,) + s.shape[1:], s.dtype),
+              out_struct[g]))
+          continue
+        rows = jnp.asarray(tables[g])[d, :c]
+        y = call(gkey[1], *(jnp.take(x, rows, axis=0) for x in stack))
+        pad = kg - c
+        if pad:
+          y = jax.tree.map(lambda a, pad=pad: jnp.concatenate(
+              [a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]), y)
+        res.append(y)
+      return res
+    return branch
+
+  branches = [make_branch(v) for v in vectors]
+  axes = spec.axis_names()
+  ax = axes if len(axes) > 1 else axes[0]
+  flat_stacks = [x for stack in stacks for x in stack]
+
+  def body(dev, *xs):
+    d = dev[0]
+    if len(branches) == 1:
+      res = branches[0](d, *xs)
+    else:
+      res = jax.lax.switch(jnp.asarray(branch_of)[d], branches, d, *xs)
+    return jax.tree.map(lambda a: a[None], res)
+
+  in_specs = (P(ax),) + tuple(P() for _ in flat_stacks)
+  out_specs = [jax.tree.map(lambda _: P(ax), s) for s in out_struct]
+  mapped = jax.shard_map(body, mesh=spec.mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)
+  replicated = NamedSharding(spec.mesh, P())
+  flat_stacks = [jax.lax.with_sharding_constraint(x, replicated)
+                 for x in flat_stacks]
+  dev_ids = jax.lax.with_sharding_constraint(
+      jnp.arange(num, dtype=jnp.int32), NamedSharding(spec.mesh, P(ax)))
+  bufs = mapped(dev_ids, *flat_stacks)
+  for g, ((gkey, idx), sz) in enumerate(zip(glist, sizes)):
+    kg = max(1, int(kmax[g]))
+    flat_index = asg.device[g].astype(np.int64) * kg + asg.slot[g]
+
+    def collect(a, kg=kg, flat_index=flat_index):
+      a = jax.lax.with_sharding_constraint(a, replicated)  # the all-gather
+      a = a.reshape((num * kg,) + a.shape[2:])
+      return jnp.take(a, jnp.asarray(flat_index, np.int32), axis=0)
+
+    res = jax.tree.map(collect, bufs[g])
+    for i, piece in zip(idx, _split(res, sz)):
+      out[i] = piece
+  return out
