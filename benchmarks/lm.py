@@ -1,22 +1,31 @@
 """Language-model race: quality per step and per second on a byte-level LLaMA.
 
 For every optimizer in the registry (optax.adamw, optax.contrib.muon and all
-of optax_lite's named optimizers that the library exports) this script trains
-the LLaMA-style decoder of ``models.py`` on Python's own documentation text
-(``pydoc_data.topics``, fixed 90/10 split) with a fixed token budget:
+of optax_lite's named optimizers) this script trains the LLaMA-style decoder
+of ``models.py`` on the running interpreter's standard library sources
+(``models.load_corpus``: ~12 MB, held-out split by file, so a CPU run never
+repeats its data; byte counts and SHA-256 recorded as ``corpus`` in the
+JSON) with a fixed token budget:
 
-1. a small peak-LR sweep with the cosine schedule (seed 0; the grid is
-   recorded in the JSON),
+1. a peak-LR sweep with the cosine schedule (first seed), extended beyond an
+   edge of the grid until the best value is interior (``--max-extend``),
 2. the best LR again with the warmup-stable-decay (WSD) schedule,
-3. (full mode) the best LR with further seeds, both schedules.
+3. the best LR with further seeds, both schedules.
+
+Every run records the train–validation gap: final loss on fixed validation
+windows minus final loss on as many fixed training windows (memorisation
+shows as a large positive gap). LITE optimizers get their reference χ/β₂
+ramps for the run length and schedule (``total_steps``, ``warmup_steps``,
+``schedule``).
 
 ``--model/--steps/--batch/--seq-len/--warmup/--grid/--seeds/--schedules``
 override the mode's settings, and ``--set fismo.root_every=10`` passes a
 keyword to one optimizer; all of them are recorded in the JSON.
 
 ``--quick`` (tiny model, 0.86M parameters, 120 steps of 8x64 bytes, LR grid
-{3e-3, 1e-2}, one seed) runs WSD only for adamw, muon and muon_lite to stay
-under 10 minutes on 2 CPU cores, and runs fismo and fismo_lite with
+{3e-3, 1e-2}, not extended, one seed) runs WSD only for adamw, muon and
+muon_lite to stay under 10 minutes on 2 CPU cores, and runs fismo and
+fismo_lite with
 ``root_every=10`` (inverse roots refreshed every 10 steps; recorded as
 ``settings.overrides`` and per optimizer as ``overrides`` in the JSON).
 
@@ -33,6 +42,13 @@ reaches ``X``'s final validation loss (seed 0, best LRs, same schedule).
 
   python benchmarks/lm.py --quick        # < 10 min on 2 CPU cores
   python benchmarks/lm.py                # full: bigger model, grid, 2 seeds
+
+The all-optimizer race of the README (tiny model, 1000 steps, 2 seeds; about
+1.5 h on 2 idle CPU cores):
+
+  python benchmarks/lm.py --model tiny --steps 1000 --batch 8 --seq-len 64 \
+      --warmup 100 --grid 1e-3 3e-3 1e-2 --seeds 0 1 --schedules cos \
+      --set fismo.root_every=10 fismo_lite.root_every=10
 """
 
 from __future__ import annotations
@@ -60,52 +76,78 @@ import models  # noqa: E402
 REFERENCE = 'muon'  # the optimizer whose final loss defines "target"
 
 
-def make_schedule(kind: str, peak_lr, total_steps: int, warmup: int):
-  """LITE paper C.2 schedules as jnp functions of the step count."""
-  total = float(total_steps)
+def make_schedule(kind: str, peak_lr, total_steps, warmup: int):
+  """LITE paper C.2 schedules as jnp functions of the step count.
+
+  ``peak_lr`` and ``total_steps`` may be traced values (one compiled train
+  step then serves every learning rate and run length); ``warmup`` is static.
+  """
+  total = jnp.asarray(total_steps, jnp.float32)
   warm = float(max(warmup, 1))
+  if kind not in ('cos', 'wsd', 'const'):
+    raise ValueError(f'schedule: unknown kind {kind!r}')
 
   def sched(count):
     t = jnp.asarray(count, jnp.float32)
     ramp = jnp.minimum((t + 1.0) / warm, 1.0)
     if kind == 'cos':
-      frac = jnp.clip((t - warm) / max(total - warm, 1.0), 0.0, 1.0)
+      frac = jnp.clip((t - warm) / jnp.maximum(total - warm, 1.0), 0.0, 1.0)
       decay = 0.1 + 0.9 * 0.5 * (1.0 + jnp.cos(math.pi * frac))
     elif kind == 'wsd':
       start = 0.8 * total
-      decay = jnp.clip(1.0 - (t - start) / max(total - start, 1.0), 0.0, 1.0)
-    elif kind == 'const':
-      decay = 1.0
+      decay = jnp.clip(1.0 - (t - start) / jnp.maximum(total - start, 1.0),
+                       0.0, 1.0)
     else:
-      raise ValueError(f'schedule: unknown kind {kind!r}')
+      decay = 1.0
     return peak_lr * ramp * decay
 
   return sched
 
 
+def lite_run_length(name: str, steps: int, warmup: int, schedule: str):
+  """Keywords that give a LITE optimizer its reference χ/β₂ ramps.
+
+  The ramps of ``ol.*_lite`` need the run length and the schedule kind
+  (``optax_lite.optimizers.lite``); other optimizers get ``{}``.
+  """
+  if not name.endswith('_lite') or schedule not in ('cos', 'wsd'):
+    return {}
+  return dict(total_steps=int(steps), warmup_steps=int(warmup),
+              schedule='cosine' if schedule == 'cos' else 'wsd')
+
+
 class Trainer:
-  """Compiled train chunks (lax.scan over steps) and evaluation."""
+  """Compiled train chunks (lax.scan over steps) and evaluation.
+
+  One compiled chunk serves every peak learning rate, seed and run length
+  (``run(peak_lr, seed=, steps=)``); ``steps`` is the default run length and
+  must be a multiple of ``chunk``. ``train_windows`` (fixed windows of the
+  training stream, as many as the validation ones) give the final train
+  loss that the train–validation gap compares with.
+  """
 
   def __init__(self, cfg, factory, *, schedule: str, steps: int, warmup: int,
-               batch: int, chunk: int, seed: int, train, val_windows):
+               batch: int, chunk: int, seed: int, train, val_windows,
+               train_windows=None):
     self.cfg, self.steps, self.batch, self.chunk = cfg, steps, batch, chunk
+    self.seed = seed
     model = models.make_model(cfg, seed)
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.train = jnp.asarray(train)
     self.val = val_windows
-    self.key = jax.random.key(1000 + seed)
+    self.train_w = train_windows
     graphdef, rest = self.graphdef, self.rest
 
-    def build_tx(peak_lr):
+    def build_tx(peak_lr, total):
       return optax.chain(optax.clip_by_global_norm(1.0),
-                         factory(make_schedule(schedule, peak_lr, steps,
+                         factory(make_schedule(schedule, peak_lr, total,
                                                warmup)))
 
     def loss_of(params, tokens):
       return models.loss_fn(nnx.merge(graphdef, params, rest), tokens)
 
-    def chunk_fn(params, opt_state, batches, peak_lr):
-      tx = build_tx(peak_lr)
+    def chunk_fn(params, opt_state, batches, peak_lr, total):
+      tx = build_tx(peak_lr, total)
 
       def body(carry, tokens):
         p, s = carry
@@ -117,59 +159,122 @@ class Trainer:
                                                  batches)
       return params, opt_state, losses
 
-    def eval_fn(params):
-      return jax.lax.map(lambda w: loss_of(params, w[None]), self.val).mean()
+    def eval_fn(params, windows):
+      return jax.lax.map(lambda w: loss_of(params, w[None]), windows).mean()
 
-    self.opt_state = build_tx(1.0).init(self.params)
+    self.init_state = lambda params: build_tx(1.0, steps).init(params)
+    self.opt_state = self.init_state(self.params)
     batches = self._batches(0)
     t0 = time.perf_counter()
     self.chunk_fn = jax.jit(chunk_fn).lower(
-        self.params, self.opt_state, batches, jnp.float32(1.0)).compile()
-    self.eval_fn = jax.jit(eval_fn).lower(self.params).compile()
+        self.params, self.opt_state, batches, jnp.float32(1.0),
+        jnp.float32(steps)).compile()
+    self.eval_fn = jax.jit(eval_fn).lower(self.params, self.val).compile()
     self.compile_s = time.perf_counter() - t0
 
-  def _batches(self, i):
-    key = jax.random.fold_in(self.key, i)
+  def _batches(self, i, seed=None):
+    seed = self.seed if seed is None else seed
+    key = jax.random.fold_in(jax.random.key(1000 + seed), i)
     return models.sample_batches(key, self.train, self.chunk, self.batch,
                                  self.cfg.seq_len)
 
-  def run(self, peak_lr: float, desc: str = '') -> dict:
-    params, opt_state = self.params, self.opt_state
-    n_chunks = self.steps // self.chunk
+  def _init(self, seed):
+    if seed == self.seed:
+      return self.params, self.opt_state
+    params = nnx.split(models.make_model(self.cfg, seed), nnx.Param, ...)[1]
+    return params, self.init_state(params)
+
+  def run(self, peak_lr: float, desc: str = '', *, seed: int | None = None,
+          steps: int | None = None, eval_every: int | None = None) -> dict:
+    """Train from the seed's initialisation; evaluate every ``eval_every``.
+
+    ``eval_every`` (default: every chunk) must be a multiple of ``chunk``.
+    """
+    seed = self.seed if seed is None else seed
+    steps = self.steps if steps is None else steps
+    eval_every = eval_every or self.chunk
+    if steps % self.chunk or eval_every % self.chunk:
+      raise ValueError(f'steps ({steps}) and eval_every ({eval_every}) must '
+                       f'be multiples of chunk ({self.chunk})')
+    params, opt_state = self._init(seed)
+    n_chunks = steps // self.chunk
     train_loss, val_steps, val_loss, val_time = [], [], [], []
     elapsed = 0.0
-    v0 = float(self.eval_fn(params))
+    v0 = float(self.eval_fn(params, self.val))
     val_steps.append(0), val_loss.append(v0), val_time.append(0.0)
+    total = jnp.float32(steps)
     for i in _common.progress(range(n_chunks), desc=desc):
-      batches = jax.block_until_ready(self._batches(i))
+      batches = jax.block_until_ready(self._batches(i, seed))
       t0 = time.perf_counter()
       params, opt_state, losses = self.chunk_fn(params, opt_state, batches,
-                                                jnp.float32(peak_lr))
+                                                jnp.float32(peak_lr), total)
       losses = jax.block_until_ready(losses)
       elapsed += time.perf_counter() - t0
-      train_loss.extend(np.asarray(losses, np.float64).tolist())
-      v = float(self.eval_fn(params))
-      val_steps.append((i + 1) * self.chunk)
+      losses = np.asarray(losses, np.float64)
+      train_loss.extend(losses.tolist())
+      done = (i + 1) * self.chunk
+      if done % eval_every and done != steps and np.isfinite(losses).all():
+        continue
+      v = float(self.eval_fn(params, self.val))
+      val_steps.append(done)
       val_loss.append(v if math.isfinite(v) else float('nan'))
       val_time.append(elapsed)
       if not math.isfinite(v):
         break
     steps_done = val_steps[-1]
     tokens = steps_done * self.batch * self.cfg.seq_len
+    final_val = val_loss[-1]
+    train_eval = None
+    if self.train_w is not None and math.isfinite(final_val):
+      train_eval = float(self.eval_fn(params, self.train_w))
     return {
-        'peak_lr': peak_lr, 'steps': steps_done,
-        'final_val_loss': val_loss[-1], 'train_loss': train_loss,
+        'peak_lr': peak_lr, 'seed': seed, 'steps': steps_done,
+        'final_val_loss': final_val, 'train_loss': train_loss,
         'val_steps': val_steps, 'val_loss': val_loss, 'val_time_s': val_time,
         'train_seconds': elapsed, 'compile_seconds': self.compile_s,
         'tokens': tokens,
         'tokens_per_s': tokens / elapsed if elapsed > 0 else None,
-        'diverged': not math.isfinite(val_loss[-1]),
+        'final_train_eval_loss': train_eval,
+        # val − train on fixed windows: near 0 without memorisation.
+        'train_val_gap': (final_val - train_eval
+                          if train_eval is not None else None),
+        'diverged': not math.isfinite(final_val),
     }
 
 
 def _score(run):
   v = run['final_val_loss']
   return v if (v is not None and math.isfinite(v)) else float('inf')
+
+
+def tune(run_at, grid, max_extend: int = 4):
+  """Sweep ``grid``, then extend it until the best learning rate is interior.
+
+  While the best (lowest final validation loss) value sits at an edge of
+  the swept set, one more value is tried beyond that edge, a step of the
+  grid's own ratio at that edge (×3 for a one-value grid), at most
+  ``max_extend`` times. Returns ``(runs sorted by LR, best run, interior)``;
+  ``interior`` is False when the extensions ran out at an edge.
+  """
+  if not grid:
+    raise ValueError('grid: needs at least one learning rate')
+  runs = {float(lr): run_at(float(lr)) for lr in sorted(grid)}
+  for _ in range(max_extend + 1):
+    lrs = sorted(runs)
+    best = min(lrs, key=lambda lr: _score(runs[lr]))
+    if len(lrs) >= 3 and lrs[0] < best < lrs[-1]:
+      break
+    if best == lrs[0]:
+      new = lrs[0] / (lrs[1] / lrs[0] if len(lrs) > 1 else 3.0)
+    else:
+      new = lrs[-1] * (lrs[-1] / lrs[-2] if len(lrs) > 1 else 3.0)
+    if _ == max_extend:
+      break
+    runs[float(new)] = run_at(float(new))
+  lrs = sorted(runs)
+  best = min(lrs, key=lambda lr: _score(runs[lr]))
+  return ([runs[lr] for lr in lrs], runs[best],
+          bool(len(lrs) >= 3 and lrs[0] < best < lrs[-1]))
 
 
 def reach(run, target):
@@ -189,10 +294,12 @@ def settings(args):
                 # refresh its inverse roots every 10 steps (Shampoo/SOAP
                 # style amortisation; factors still updated every step).
                 overrides={'fismo': {'root_every': 10},
-                           'fismo_lite': {'root_every': 10}})
+                           'fismo_lite': {'root_every': 10}},
+                corpus='stdlib', max_extend=0)
   return dict(model='small', seq_len=128, steps=1500, warmup=150, batch=16,
               chunk=50, grid=[1e-3, 3e-3, 1e-2, 3e-2], seeds=[0, 1],
-              val_windows=128, wsd_for=None, overrides={})
+              val_windows=128, wsd_for=None, overrides={}, corpus='stdlib',
+              max_extend=4)
 
 
 def parse_override(item: str):
@@ -226,6 +333,11 @@ def parse_args(argv=None):
   p.add_argument('--seeds', type=int, nargs='*', default=None)
   p.add_argument('--schedules', nargs='*', default=None,
                  help='default: cos wsd')
+  p.add_argument('--corpus', default=None, choices=models.CORPORA,
+                 help='default: stdlib (pydoc only for tiny demonstrations)')
+  p.add_argument('--max-extend', type=int, default=None,
+                 help='LR values added beyond an edge of the grid until the '
+                 'best is interior (default: 4; quick: 0)')
   p.add_argument('--out', default=None, help='results folder')
   p.add_argument('--no-plot', action='store_true')
   return p.parse_args(argv)
@@ -236,7 +348,8 @@ def resolve_settings(args):
   s = settings(args)
   s['schedules'] = (args.schedules if args.schedules is not None
                     else ['cos', 'wsd'])
-  for k in ('model', 'steps', 'batch', 'grid', 'seeds', 'seq_len', 'warmup'):
+  for k in ('model', 'steps', 'batch', 'grid', 'seeds', 'seq_len', 'warmup',
+            'corpus', 'max_extend'):
     if getattr(args, k) is not None:
       s[k] = getattr(args, k)
   s['overrides'] = {k: dict(v) for k, v in s['overrides'].items()}
@@ -270,29 +383,45 @@ def with_overrides(reg, overrides):
 
 
 def race_one(name, factory, s, trainer):
-  """LR sweep (cosine, first seed), then the best LR on every schedule/seed."""
+  """Peak LR tuned on the cosine schedule (first seed; the grid is extended
+  until the best value is interior), then that LR on every schedule/seed.
+
+  A LITE optimizer gets its reference ramps for the run length and schedule
+  (:func:`lite_run_length`). One compiled trainer per schedule serves the
+  whole sweep and every seed.
+  """
   entry = {'sweep': [], 'runs': [], 'overrides': s['overrides'].get(name, {})}
   seed0 = s['seeds'][0]
-  tr = trainer(factory, 'cos', seed0)
-  for lr in s['grid']:
+
+  def schedule_trainer(schedule):
+    kw = lite_run_length(name, s['steps'], s['warmup'], schedule)
+    return trainer(functools.partial(factory, **kw) if kw else factory,
+                   schedule, seed0)
+
+  tr = schedule_trainer('cos')
+
+  def run_at(lr):
     run = tr.run(lr, desc=f'{name} cos lr={lr:g}')
-    run.update(schedule='cos', seed=seed0)
-    entry['sweep'].append(run)
+    run.update(schedule='cos')
     print(f'  {name:11s} cos lr={lr:<7g} val {run["final_val_loss"]:.4f} '
           f'({run["tokens_per_s"] or 0:.0f} tok/s)')
-  best = min(entry['sweep'], key=_score)
+    return run
+
+  entry['sweep'], best, entry['best_lr_interior'] = tune(
+      run_at, s['grid'], s['max_extend'])
   entry['best_lr'] = best['peak_lr']
   entry['runs'].append(best)
   for schedule in s['schedules']:
     if (schedule != 'cos' and s['wsd_for'] is not None and
         name not in s['wsd_for']):
       continue
+    tr_s = tr if schedule == 'cos' else schedule_trainer(schedule)
     for seed in s['seeds']:
       if schedule == 'cos' and seed == seed0:
         continue  # the sweep's best run
-      run = trainer(factory, schedule, seed).run(
-          best['peak_lr'], desc=f'{name} {schedule} seed={seed}')
-      run.update(schedule=schedule, seed=seed)
+      run = tr_s.run(best['peak_lr'], desc=f'{name} {schedule} seed={seed}',
+                     seed=seed)
+      run.update(schedule=schedule)
       entry['runs'].append(run)
       print(f'  {name:11s} {schedule} lr={best["peak_lr"]:<7g} seed {seed} '
             f'val {run["final_val_loss"]:.4f}')
@@ -304,17 +433,20 @@ def main(argv=None):
   s = resolve_settings(args)
   cfg = dataclasses.replace(models.CONFIGS[s['model']], seq_len=s['seq_len'])
   reg = with_overrides(_common.registry(args.optimizers), s['overrides'])
-  train, val = models.load_corpus()
-  val_w = models.val_windows(val, s['val_windows'], cfg.seq_len)
+  corpus = models.load_corpus(s['corpus'])
+  val_w = models.val_windows(corpus.val, s['val_windows'], cfg.seq_len)
+  train_w = models.val_windows(corpus.train, s['val_windows'], cfg.seq_len)
   n_params = models.count_params(models.make_model(cfg, 0))
   print(f'device {_common.device_kind()}; model {s["model"]} '
         f'({n_params / 1e6:.2f}M params); {s["steps"]} steps x '
-        f'{s["batch"]}x{cfg.seq_len} tokens; LR grid {s["grid"]}')
+        f'{s["batch"]}x{cfg.seq_len} tokens; LR grid {s["grid"]}; corpus '
+        f'{s["corpus"]} ({corpus.info["train_bytes"]:,} train bytes)')
 
   def trainer(factory, schedule, seed):
     return Trainer(cfg, factory, schedule=schedule, steps=s['steps'],
                    warmup=s['warmup'], batch=s['batch'], chunk=s['chunk'],
-                   seed=seed, train=train, val_windows=val_w)
+                   seed=seed, train=corpus.train, val_windows=val_w,
+                   train_windows=train_w)
 
   results = {}
   for name, factory in reg.items():
@@ -327,7 +459,8 @@ def main(argv=None):
 
   summary = summarize(results, s)
   out = {'meta': _common.metadata(args), 'settings': s, 'n_params': n_params,
-         'model_config': cfg.__dict__, 'reference': REFERENCE,
+         'corpus': corpus.info, 'model_config': cfg.__dict__,
+         'reference': REFERENCE,
          'summary': summary, 'results': results}
   path = _common.result_path('lm', args.out, quick=args.quick)
   _common.write_json(path, out)
@@ -357,6 +490,8 @@ def summarize(results, s):
              if len(finals) > 1 else None,
              'tokens_per_s': float(np.mean([r['tokens_per_s'] or 0
                                             for r in runs])),
+             'train_val_gap': _mean_gap(runs),
+             'best_lr_interior': entry.get('best_lr_interior'),
              'target_loss': target,
              'overrides': entry.get('overrides') or None}
       if target is not None:
@@ -374,6 +509,13 @@ def summarize(results, s):
         row['step_saving'] = base['steps'] / st if st else None
       rows.append(row)
   return rows
+
+
+def _mean_gap(runs):
+  """Mean final (val − train) loss on fixed windows; None if not measured."""
+  gaps = [r.get('train_val_gap') for r in runs]
+  gaps = [g for g in gaps if g is not None and math.isfinite(g)]
+  return float(np.mean(gaps)) if gaps else None
 
 
 def base_of(name: str):

@@ -213,6 +213,7 @@ def lm_section(path, d):
       f'sequences, peak-LR grid {s.get("grid")} (cosine, seed '
       f'{s.get("seeds", [0])[0]}), seeds {s.get("seeds")}. Target = final '
       f'val loss of `{d.get("reference")}` (best LR, cosine).')
+  parts.append(corpus_line(d))
   overrides = {k: v for k, v in (s.get('overrides') or {}).items() if v}
   if overrides:
     parts.append('Per-optimizer settings beyond the defaults: ' + '; '.join(
@@ -224,20 +225,21 @@ def lm_section(path, d):
   rows = []
   for r in summary:
     spread = r.get('final_val_spread')
-    rows.append([f'`{r["optimizer"]}`', r['schedule'], _fmt(r['best_lr'],
-                                                             '.0e'),
+    edge = ' (edge)' if r.get('best_lr_interior') is False else ''
+    rows.append([f'`{r["optimizer"]}`', r['schedule'],
+                 _fmt(r['best_lr'], '.0e') + edge,
                  _fmt(r['final_val_loss'], '.4f') + (
                      f' ± {spread / 2:.4f}' if spread is not None else ''),
                  r['seeds'], _fmt(r['tokens_per_s'], '.0f'),
                  _fmt(r.get('steps_to_target'), 'd') if isinstance(
                      r.get('steps_to_target'), int) else '–',
                  _fmt(r.get('seconds_to_target'), '.1f'),
-                 _base_reach(r)])
+                 _base_reach(r), _fmt(r.get('train_val_gap'), '+.3f')])
   parts.append(_table(['optimizer', 'schedule', 'best peak LR',
                        'final val loss (nats/byte)', 'seeds', 'tokens/s',
                        'steps to target', 'seconds to target',
                        "LITE, seed 0: step at base's final loss "
-                       '(base steps ÷ it)'], rows))
+                       '(base steps ÷ it)', 'val − train (end)'], rows))
   progress = _progress_table(d.get('results', {}), s.get('steps', 0))
   if progress:
     parts.append('Validation loss along the run (cosine, best LR, mean over '
@@ -258,6 +260,21 @@ def lm_section(path, d):
   if os.path.exists(png):
     parts.append(f'![loss curves]({_rel(png)})')
   return '\n\n'.join(parts)
+
+
+def corpus_line(d):
+  """Which data a language-model results file was trained on."""
+  c = d.get('corpus')
+  if not c or c.get('name') == 'pydoc':
+    return ('**Old corpus:** `pydoc_data.topics` (466 KB; the training split '
+            'is one epoch every ~820 steps of 8×64 bytes), so long runs '
+            'repeat their data and partly measure memorisation (no '
+            'train–validation gap was recorded for this file).')
+  return (f'Corpus: the standard library sources of Python {c["python"]} '
+          f'({c["train_files"]} training files, {c["train_bytes"]:,} bytes, '
+          f'sha256 `{c["train_sha256"][:12]}…`; {c["val_files"]} held-out '
+          f'files, {c["val_bytes"]:,} bytes). "(edge)": the best peak LR '
+          'sat at an edge of the swept grid.')
 
 
 def _base_reach(row):

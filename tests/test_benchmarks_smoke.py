@@ -21,6 +21,7 @@ os.environ.setdefault('BENCH_NO_PROGRESS', '1')
 
 import _common  # noqa: E402
 import lm  # noqa: E402
+import models  # noqa: E402
 import report  # noqa: E402
 import step_time  # noqa: E402
 import synthetic  # noqa: E402
@@ -97,20 +98,99 @@ def test_step_time_smoke(out_dir):
 def test_lm_smoke(out_dir):
   out = lm.main(['--model', 'nano', '--steps', '4', '--batch', '2',
                  '--seq-len', '16', '--grid', '1e-3', '3e-3', '--optimizers',
-                 'adamw', 'muon', '--schedules', 'cos', '--out', out_dir,
+                 'adamw', 'muon', 'muon_lite', '--schedules', 'cos',
+                 '--seeds', '0', '1', '--max-extend', '0', '--out', out_dir,
                  '--no-plot'])
   data = _load(_common.result_path('lm', out_dir))
   assert data['meta']['device_kind'] == _common.device_kind()
-  for name in ('adamw', 'muon'):
+  assert data['corpus']['name'] == 'stdlib'
+  assert data['corpus']['train_bytes'] > 5_000_000
+  for name in ('adamw', 'muon', 'muon_lite'):
     entry = data['results'][name]
     assert [r['peak_lr'] for r in entry['sweep']] == [1e-3, 3e-3]
+    assert entry['best_lr_interior'] is False  # two values: always an edge
+    assert [r['seed'] for r in entry['runs']] == [0, 1]
     run = entry['runs'][0]
     assert len(run['train_loss']) == 4
     assert np.isfinite(run['final_val_loss'])
     assert run['tokens'] == 4 * 2 * 16
+    assert run['train_val_gap'] == pytest.approx(
+        run['final_val_loss'] - run['final_train_eval_loss'])
+  # Seeds differ (own init and batches) though they share one compile.
+  r0, r1 = data['results']['muon']['runs']
+  assert r0['final_val_loss'] != r1['final_val_loss']
   # muon reaches its own final loss by definition.
   row = [r for r in out['summary'] if r['optimizer'] == 'muon'][0]
   assert row['steps_to_target'] == 4
+
+
+def test_stdlib_corpus_split_by_file(tmp_path):
+  # A fake standard library: installed packages and test packages are out.
+  for rel, text in (('a.py', 'alpha\n'), ('pkg/b.py', 'beta\n'),
+                    ('pkg/c.txt', 'not python\n'),
+                    ('site-packages/x.py', 'installed\n'),
+                    ('test/t.py', 'test\n'), ('z/tests/u.py', 'test\n')):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  assert models.stdlib_files(str(tmp_path)) == ['a.py', 'pkg/b.py']
+  with pytest.raises(ValueError, match='val_fraction'):
+    models.load_corpus(val_fraction=1.5)
+  with pytest.raises(ValueError, match='corpus'):
+    models.load_corpus('c4')
+
+  # The real one: deterministic, split by file, no file on both sides.
+  files = models.stdlib_files()
+  assert files == sorted(files) and len(files) > 300
+  val = [f for f in files if models.is_val_file(f, 0.1)]
+  assert 0.05 < len(val) / len(files) < 0.2
+  # Membership depends on the path only, not on the other files.
+  assert val == [f for f in val if models.is_val_file(f, 0.1)]
+  assert [f for f in files[::2] if models.is_val_file(f, 0.1)] == [
+      f for f in val if f in set(files[::2])]
+  c = models.load_corpus()
+  again = models._stdlib_corpus.__wrapped__(None, 0.1)
+  assert c.info == again.info
+  assert np.array_equal(c.train, again.train)
+  info = c.info
+  assert info['train_files'] + info['val_files'] == len(files)
+  assert info['val_files'] == len(val)
+  assert info['train_bytes'] == c.train.size > 5_000_000
+  assert len(info['train_sha256']) == 64
+  train_bytes = c.train.tobytes()
+  big_val = [f for f in val if os.path.getsize(
+      os.path.join(info['root'], f)) > 4000][:3]
+  assert big_val
+  for f in big_val:  # a held-out file's text is in val, not in train
+    with open(os.path.join(info['root'], f), 'rb') as fh:
+      chunk = fh.read()[-2000:]
+    assert chunk in c.val.tobytes() and chunk not in train_bytes
+  tr, va = models.load_corpus('pydoc')
+  assert tr.size > 10 * va.size / 2 and va.size > 0
+
+
+def test_tune_extends_grid_until_best_is_interior():
+  calls = []
+
+  def run_at(lr):  # a bowl in log-LR with its minimum at 1e-4
+    calls.append(lr)
+    return {'peak_lr': lr, 'final_val_loss': (np.log10(lr) + 4.0) ** 2}
+
+  runs, best, interior = lm.tune(run_at, [1e-2, 3e-3, 1e-3])
+  assert interior and best['peak_lr'] == pytest.approx(1e-4, rel=0.2)
+  lrs = [r['peak_lr'] for r in runs]
+  assert lrs == sorted(lrs) and lrs[0] < best['peak_lr'] < lrs[-1]
+  assert len(calls) == 6  # 3 + two steps down + one past the minimum
+  # Upper edge; a diverged (NaN) value counts as worst.
+  runs, best, interior = lm.tune(
+      lambda lr: {'peak_lr': lr, 'final_val_loss':
+                  float('nan') if lr > 0.05 else -lr}, [1e-3, 3e-3])
+  assert interior and best['peak_lr'] == pytest.approx(2.7e-2)
+  assert [r['peak_lr'] for r in runs] == pytest.approx(
+      [1e-3, 3e-3, 9e-3, 2.7e-2, 8.1e-2])
+  # Out of extensions: reported as not interior.
+  _, best, interior = lm.tune(run_at, [1.0, 0.1], max_extend=1)
+  assert not interior and best['peak_lr'] == pytest.approx(0.01)
 
 
 def test_lm_override_parsing():
