@@ -31,3 +31,4 @@ from optax_lite.transforms.lite_geometries import (row_norm_geometry,
 from optax_lite.transforms.kron_precondition import ShampooState, SoapState, kron_precondition
 from optax_lite.optimizers.kron import shampoo, soap
 from optax_lite.optimizers.lite import fismo_lite, rmnp_lite, soap_lite
+from optax_lite import testing

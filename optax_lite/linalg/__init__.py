@@ -9,3 +9,4 @@ from optax_lite.linalg.subspace import (adapt_threshold, exact_sharp_projector, 
 from optax_lite.linalg import distributed
 from optax_lite.linalg.diagnostics import (DiagonalDominance, condition_number, diagonal_dominance, dominance_ratios, leaf_diagonal_dominance)
 from optax_lite.linalg.eigenbasis import eigenbasis_init, eigenbasis_refresh, rayleigh_eigenvalues
+from optax_lite.linalg import matmul  # the module: matmul.matmul, POLICY

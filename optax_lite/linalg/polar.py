@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_lite import _checks
+from optax_lite.linalg import matmul as matmul_lib
 
 # Polar Express, Amsel et al. 2025 (l = 1e-3, 8 steps), as used in LITE's
 # muonlite.py and HeavyBall; the 1.01 safety factor is applied below.
@@ -102,41 +103,73 @@ def coefficients(method: str, steps: int | None = None) -> np.ndarray:
   return np.tile(np.asarray(row, dtype=np.float64), (steps, 1))
 
 
-def _matmul(a, b, precision):
-  return jnp.matmul(a, b, precision=precision)
+def check_ns_dtype(ns_dtype, name: str = 'ns_dtype'):
+  """``None`` or a floating dtype (returned as a ``numpy.dtype``)."""
+  if ns_dtype is None:
+    return None
+  try:
+    dt = jnp.dtype(ns_dtype)
+  except TypeError:
+    raise TypeError(f'{name} must be None or a floating dtype, got '
+                    f'{ns_dtype!r}.') from None
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f'{name} must be None or a floating dtype, got {dt}.')
+  return dt
 
 
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_factor=1.0,
-                  eps: float = 1e-7, precision=None) -> jax.Array:
+                  eps: float = 1e-7, precision=None,
+                  ns_dtype=None) -> jax.Array:
   """Runs the odd-polynomial iteration given a static ``(steps, 3)`` table.
 
   ``x`` has shape ``(..., m, n)``. The iteration runs on the wide orientation
   (the Gram matrix is ``min(m, n)²``) and returns the same shape and dtype.
+  ``ns_dtype`` (e.g. ``jnp.bfloat16``): the iterates and the products'
+  operands are stored in that dtype, every product accumulates in float32
+  and the polynomial's combinations are formed in float32 then rounded (as
+  Keller Jordan's Muon runs it in bfloat16). ``None``: ``x``'s dtype
+  throughout. Products go through :func:`optax_lite.linalg.matmul.matmul`
+  (kernel ``"polar"``).
   """
   coeffs = np.asarray(coeffs, dtype=np.float64)
+  ns_dtype = check_ns_dtype(ns_dtype)
+  out_dtype = x.dtype
   m, n = x.shape[-2:]
   tall = m > n
   if tall:
     x = jnp.swapaxes(x, -1, -2)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1),
+  # float32 at least (float64 inputs keep float64: norm and coefficients).
+  wide_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(wide_dtype)), axis=(-2, -1),
                           keepdims=True))
   # A zero matrix stays zero: 0 / (0 + eps) = 0, never NaN.
-  x = (x / (norm * norm_factor + eps).astype(x.dtype))
+  if ns_dtype is None:
+    x = (x / (norm * norm_factor + eps).astype(x.dtype))
+    acc = None
+  else:
+    x = (x.astype(jnp.float32) / (norm * norm_factor + eps)).astype(ns_dtype)
+    acc = jnp.promote_types(ns_dtype, jnp.float32)
   cubic_only = bool(np.all(coeffs[:, 2] == 0.0))
 
+  def mm(u, v):
+    return matmul_lib.matmul(u, v, kernel='polar', precision=precision,
+                             preferred_element_type=acc)
+
   def step(x, abc):
-    a, b, c = (abc[i].astype(x.dtype) for i in range(3))
-    gram = _matmul(x, jnp.swapaxes(x, -1, -2), precision)
+    dt = x.dtype if acc is None else acc
+    a, b, c = (abc[i].astype(dt) for i in range(3))
+    gram = mm(x, jnp.swapaxes(x, -1, -2)).astype(x.dtype)
     if cubic_only:
       poly = b * gram
     else:
-      poly = b * gram + c * _matmul(gram, gram, precision)
-    return a * x + _matmul(poly, x, precision), None
+      poly = b * gram + c * mm(gram, gram)
+    poly = poly.astype(x.dtype)
+    return (a * x + mm(poly, x)).astype(x.dtype), None
 
-  x, _ = jax.lax.scan(step, x, jnp.asarray(coeffs, dtype=jnp.float32))
+  x, _ = jax.lax.scan(step, x, jnp.asarray(coeffs, dtype=wide_dtype))
   if tall:
     x = jnp.swapaxes(x, -1, -2)
-  return x
+  return x.astype(out_dtype)
 
 
 def polar_svd(x: jax.Array) -> jax.Array:
@@ -147,21 +180,40 @@ def polar_svd(x: jax.Array) -> jax.Array:
   tol = (max(x.shape[-2:]) * jnp.finfo(xf.dtype).eps
          * jnp.max(s, axis=-1, keepdims=True))
   keep = (s > tol).astype(xf.dtype)
-  return ((u * keep[..., None, :]) @ vt).astype(dtype)
+  # The exact reference: rebuilt in full float32 on every backend.
+  return matmul_lib.matmul(u * keep[..., None, :], vt, kernel='polar',
+                           precision=jax.lax.Precision.HIGHEST).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('method', 'steps', 'precision'))
-def _polar_factor_jit(x, method, steps, eps, precision):
+def polar_by_method(x: jax.Array, method: str = 'polar_express',
+                    steps: int | None = None, *, eps: float = 1e-7,
+                    precision=None, ns_dtype=None) -> jax.Array:
+  """The polar factor of ``x`` by ``method``, unjitted, for use inside a step.
+
+  The one place that maps a method name to its computation:
+  ``"svd"`` → :func:`polar_svd`, otherwise :func:`newton_schulz` with the
+  method's coefficient table and Frobenius normalisation factor (Polar
+  Express is tuned for ``σ_max ≤ 1/1.01``). ``method``/``steps`` are static;
+  validate them once with :func:`check_method` when building a transform.
+  :func:`polar_factor` is the checked, jitted entry point for users.
+  """
   if method == 'svd':
     return polar_svd(x)
   return newton_schulz(x, coefficients(method, steps),
                        norm_factor=_NORM_FACTOR[method], eps=eps,
-                       precision=precision)
+                       precision=precision, ns_dtype=ns_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('method', 'steps', 'precision',
+                                             'ns_dtype'))
+def _polar_factor_jit(x, method, steps, eps, precision, ns_dtype):
+  return polar_by_method(x, method, steps, eps=eps, precision=precision,
+                         ns_dtype=ns_dtype)
 
 
 def polar_factor(x: jax.Array, method: str = 'polar_express',
                  steps: int | None = None, *, eps: float = 1e-7,
-                 precision=None) -> jax.Array:
+                 precision=None, ns_dtype=None) -> jax.Array:
   """Returns ``≈ U Vᵀ`` for ``x = U Σ Vᵀ``, batched over leading dims.
 
   Args:
@@ -173,8 +225,12 @@ def polar_factor(x: jax.Array, method: str = 'polar_express',
       cubic 12; ignored by ``"svd"``.
     eps: added to the Frobenius norm before normalising; a zero matrix maps
       to zeros.
-    precision: ``jax.lax.Precision`` for the matrix products (``None`` uses
-      the backend default; ``HIGHEST`` forces full float32 on TPU/GPU).
+    precision: ``jax.lax.Precision`` for the matrix products (``None``: the
+      policy of :mod:`optax_lite.linalg.matmul`, the backend default;
+      ``HIGHEST`` forces full float32 on TPU/GPU).
+    ns_dtype: ``None`` or a dtype (``jnp.bfloat16``) for the iterates and
+      product operands, with float32 accumulation (see
+      :func:`newton_schulz`). Ignored by ``"svd"``.
 
   Returns:
     An array of the same shape and dtype as ``x``.
@@ -184,4 +240,6 @@ def polar_factor(x: jax.Array, method: str = 'polar_express',
   if x.ndim < 2:
     raise ValueError(f'x must have rank >= 2, got shape {x.shape}.')
   _checks.check_float_leaf('x', x)
-  return _polar_factor_jit(x, method, steps, eps, precision)
+  precision = matmul_lib.check_precision('precision', precision)
+  ns_dtype = check_ns_dtype(ns_dtype)
+  return _polar_factor_jit(x, method, steps, eps, precision, ns_dtype)

@@ -22,11 +22,12 @@ import jax
 import optax
 
 from optax_lite.linalg import distributed as distributed_lib
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.transforms import _tree
 
 
-def polar_of_leaf(view, x, method, steps, eps, precision):
+def polar_of_leaf(view, x, method, steps, eps, precision, ns_dtype=None):
   """The polar factor of one leaf through its matrix view (None: identity)."""
   if view is None:
     return x
@@ -37,28 +38,32 @@ def polar_of_leaf(view, x, method, steps, eps, precision):
     out = polar_lib.newton_schulz(
         mat, polar_lib.coefficients(method, steps),
         norm_factor=polar_lib._NORM_FACTOR[method], eps=eps,
-        precision=precision)
+        precision=precision, ns_dtype=ns_dtype)
   return view.from_matrix(out)
 
 
-def _sharded_update(updates, method, steps, dims, eps, precision, spec):
-  """``orthogonalize``'s update with the polar work spread over devices."""
+def polar_kernel(method, steps, eps, precision, ns_dtype=None):
+  """The batched polar factor ``(B, m, n) -> (B, m, n)`` of a method."""
+  def fn(x):
+    if method == 'svd':
+      return polar_lib.polar_svd(x)
+    return polar_lib.newton_schulz(
+        x, polar_lib.coefficients(method, steps),
+        norm_factor=polar_lib._NORM_FACTOR[method], eps=eps,
+        precision=precision, ns_dtype=ns_dtype)
+  return fn
+
+
+def _grouped_update(updates, dims, fn, spec):
+  """``orthogonalize``'s update: same-shape matrices in one batched kernel."""
   x_leaves, treedef = jax.tree.flatten(updates)
   dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
   view_leaves = [_tree.leaf_view(x, d, 'updates')
                  for x, d in zip(x_leaves, dims_leaves)]
   todo = [i for i, v in enumerate(view_leaves) if v is not None]
   mats = [view_leaves[i].to_matrix(x_leaves[i]) for i in todo]
-
-  def polar_fn(x):
-    if method == 'svd':
-      return polar_lib.polar_svd(x)
-    return polar_lib.newton_schulz(
-        x, polar_lib.coefficients(method, steps),
-        norm_factor=polar_lib._NORM_FACTOR[method], eps=eps,
-        precision=precision)
-
-  outs = distributed_lib.sharded_polar(mats, polar_fn, spec) if mats else []
+  # Tall matrices are transposed to wide, so m x n and n x m share a kernel.
+  outs = distributed_lib.sharded_polar(mats, fn, spec) if mats else []
   new = list(x_leaves)
   for i, o in zip(todo, outs):
     new[i] = view_leaves[i].from_matrix(o)
@@ -67,7 +72,8 @@ def _sharded_update(updates, method, steps, dims, eps, precision, spec):
 
 def orthogonalize(method: str = 'polar_express', steps: int | None = None,
                   dims: _tree.DimsSpec = None, *, eps: float = 1e-7,
-                  precision=None, shard_polar=None
+                  precision=None, distribute=None, ns_dtype=None,
+                  shard_polar=None
                   ) -> optax.GradientTransformation:
   """Maps each matrix leaf ``G`` to ``≈ polar(G) = U Vᵀ``.
 
@@ -80,13 +86,21 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
       :class:`MatrixDims`, a tree of them (``None`` entries pass through
       unchanged) or a callable returning such a tree.
     eps: Frobenius-norm regulariser; zero leaves map to zero.
-    precision: ``jax.lax.Precision`` for the matrix products.
-    shard_polar: ``None`` (default: each leaf is orthogonalised where it
-      lives) or a :class:`optax_lite.linalg.distributed.PolarSharding` /
-      ``Mesh`` / ``(mesh, axes)``: same-shape matrices are stacked and the
-      stack is split over the mesh axes, so each device orthogonalises a
-      share, then the results are gathered back (see
-      :mod:`optax_lite.linalg.distributed`). Same math, up to round-off.
+    precision: ``jax.lax.Precision`` for the matrix products (``None``:
+      the ``"polar"`` policy of :mod:`optax_lite.linalg.matmul`).
+    distribute: ``None`` (default: one device; same-shape matrices are
+      still stacked into one batched kernel, so the compiled program grows
+      with the number of distinct shapes, not with depth) or a
+      :class:`optax_lite.PolarSharding` / ``Mesh`` / ``(mesh, axes)``:
+      owner-computes — each device orthogonalises whole matrices assigned
+      to it by cost, inputs and results move in one all-gather each, none
+      inside the iteration (:mod:`optax_lite.linalg.grouped`). Same math,
+      up to round-off.
+    ns_dtype: ``None`` or e.g. ``jnp.bfloat16``: the Newton–Schulz iterates
+      in that dtype with float32 accumulation (see
+      :func:`optax_lite.linalg.polar.newton_schulz`); the output keeps the
+      leaf's dtype.
+    shard_polar: the former name of ``distribute`` (an alias).
 
   Returns:
     A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``).
@@ -96,16 +110,13 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
       the default dims.
   """
   steps = polar_lib.check_method(method, steps)
-  shard_polar = distributed_lib.check_polar_sharding(shard_polar)
+  spec = distributed_lib.check_distribute(distribute, shard_polar)
+  precision = matmul_lib.check_precision('precision', precision)
+  ns_dtype = polar_lib.check_ns_dtype(ns_dtype)
+  fn = polar_kernel(method, steps, eps, precision, ns_dtype)
 
   def update_fn(updates, state, params=None):
     del params
-    if shard_polar is not None:
-      return _sharded_update(updates, method, steps, dims, eps, precision,
-                             shard_polar), state
-    new = _tree.map_leaves(
-        lambda v, x: polar_of_leaf(v, x, method, steps, eps, precision),
-        updates, dims=dims)
-    return new, state
+    return _grouped_update(updates, dims, fn, spec), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
