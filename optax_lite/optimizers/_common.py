@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
@@ -44,14 +45,51 @@ def adamw_for_rest(learning_rate, adam_learning_rate, *, b1, b2, eps,
       else adam_weight_decay, mu_dtype=mu_dtype, nesterov=nesterov)
 
 
-def decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask=None
+class WarmupDecayState(NamedTuple):
+  count: jax.Array        # int32 scalar
+  inner: optax.OptState   # add_decayed_weights' state
+
+
+def decay_after_warmup(weight_decay, weight_decay_mask, warmup_fn
+                       ) -> optax.GradientTransformation:
+  """``add_decayed_weights``, skipped on step 1 where ``warmup_fn`` says.
+
+  SOAP's reference skips its whole statistics-only first step, weight decay
+  included. ``warmup_fn(updates)`` returns a tree of Python bools shaped
+  like ``updates`` (True: no decay on step 1 for that leaf).
+  """
+  inner = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+
+  def init_fn(params):
+    return WarmupDecayState(jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    decayed, inner_state = inner.update(updates, state.inner, params)
+    first = state.count == 0
+    out = jax.tree.map(lambda u, d, w: jnp.where(first, u, d) if w else d,
+                       updates, decayed, warmup_fn(updates))
+    return out, WarmupDecayState(optax.safe_increment(state.count),
+                                 inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask=None,
+                            *, warmup_fn=None
                             ) -> list[optax.GradientTransformation]:
-  """Decoupled weight decay then ``−learning_rate`` (the optax way)."""
+  """Decoupled weight decay then ``−learning_rate`` (the optax way).
+
+  ``warmup_fn``: see :func:`decay_after_warmup` (None: decay every step).
+  """
   _checks.check_learning_rate('learning_rate', learning_rate)
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
   out = []
   if not (_checks.is_static_number(weight_decay) and float(weight_decay) == 0):
-    out.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    if warmup_fn is None:
+      out.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    else:
+      out.append(decay_after_warmup(weight_decay, weight_decay_mask,
+                                    warmup_fn))
   out.append(optax.scale_by_learning_rate(learning_rate))
   return out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -10,7 +12,8 @@ from optax_lite.optimizers import _common
 # ``optax_lite.transforms.kron_precondition`` (the attribute) is the function
 # once the package is imported; import the names from the module itself.
 from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
-                                                     scale_by_soap)
+                                                     scale_by_soap,
+                                                     soap_warmup_leaves)
 
 
 def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
@@ -42,7 +45,9 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
     b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
     skip_first_update: see
       :func:`optax_lite.transforms.kron_precondition.scale_by_soap` (step 1
-      gives a zero update on the matrix leaves by default, as the reference).
+      gives a zero update on the matrix leaves by default, as the reference;
+      the weight decay skips that step too). That docstring lists what
+      differs from the reference code, with the size of each difference.
     weight_decay: decoupled weight decay for the matrix leaves.
     weight_decay_mask: optional mask for it.
     mu_dtype: first-moment dtype (also AdamW's mu); ``None``: float32 for
@@ -57,13 +62,17 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, ICLR 2025.
   """
+  # The reference's first step is statistics only: no decay either.
+  warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
+                                 max_precond_dim=max_precond_dim)
+               if skip_first_update else None)
+  tail = _common.decay_and_learning_rate(learning_rate, weight_decay,
+                                        weight_decay_mask, warmup_fn=warmup_fn)
   matrix_tx = optax.chain(
       scale_by_soap(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, skip_first_update=skip_first_update, mu_dtype=mu_dtype,
-          precond_dtype=precond_dtype, precision=precision),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay,
-                                       weight_decay_mask))
+          precond_dtype=precond_dtype, precision=precision), *tail)
   adam = _common.adamw_for_rest(
       learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
       weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,

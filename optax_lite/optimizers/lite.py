@@ -23,6 +23,7 @@ your own optax schedules.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,6 +33,7 @@ import optax
 from optax_lite import _checks
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
+from optax_lite.transforms.kron_precondition import soap_warmup_leaves
 from optax_lite.transforms.lite import (diagonal_geometry, lite_flat_boost,
                                         muon_geometry)
 
@@ -137,7 +139,8 @@ def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
               weight_decay, flat_weight_decay, total_steps, warmup_steps,
               schedule, reference_schedules, threshold_rate, mu_dtype,
               labels, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-              adam_weight_decay) -> optax.GradientTransformation:
+              adam_weight_decay, warmup_fn=None
+              ) -> optax.GradientTransformation:
   """The shared shape of every LITE optimizer.
 
   ``matrix_lite(chi, beta1, beta2, flat_decay)`` builds the matrix leaves'
@@ -162,7 +165,8 @@ def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
   matrix_tx = optax.chain(
       matrix_lite(chi_m, beta1, beta2_m,
                   weight_decay if flat_weight_decay else 0.0),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay))
+      *_common.decay_and_learning_rate(learning_rate, weight_decay,
+                                       warmup_fn=warmup_fn))
   adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
                        weight_decay=adam_wd, mu_dtype=mu_dtype)
   emb_tx = adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
@@ -328,7 +332,11 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
         nesterov=False, mu_dtype=mu_dtype or jnp.dtype(precond_dtype),
         dims=dims, scaling='none', flat_weight_decay=flat_decay)
 
-  return _assemble(matrix_lite, **kw)
+  # SOAP's statistics-only first step skips the weight decay too.
+  warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
+                                 max_precond_dim=max_precond_dim)
+               if skip_first_update else None)
+  return _assemble(matrix_lite, warmup_fn=warmup_fn, **kw)
 
 
 def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,

@@ -125,8 +125,10 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
                                                precision=precision))
 
     def to_coords(w):
-      return kron.rotate(view.to_matrix(w).astype(pdt), d.q_l, d.q_r,
-                         precision=precision)
+      w = kron.rotate(view.to_matrix(w).astype(pdt), d.q_l, d.q_r,
+                      precision=precision)
+      # No flat weight decay on the statistics-only first step either.
+      return jnp.where(first, 0.0, w) if skip else w
 
     state = (new.nu, new.stats_l, new.stats_r, new.q_l, new.q_r, new_s, new_m)
     return LeafDirections(d_m, d_g, flat, finish, to_coords, state,
