@@ -134,10 +134,26 @@ def test_state_shapes_and_dtypes(mu_dtype):
 
 
 def test_learning_rate_schedule():
+  """Each step's update is the schedule's value at that step times the update
+  of ``learning_rate=1`` (matrix and AdamW leaves alike, decay included)."""
   params = mlp_params(jax.random.PRNGKey(0))
   sched = optax.warmup_cosine_decay_schedule(0.0, 0.02, 3, 10)
-  p, _ = run(ol.muon(sched), params, steps=4)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p))
+  scheduled, unit = ol.muon(sched), ol.muon(1.0)
+  s, t = scheduled.init(params), unit.init(params)
+  x = jax.random.normal(jax.random.PRNGKey(2), (32, 8))
+  y = jax.random.normal(jax.random.PRNGKey(3), (32, 4))
+  g = jax.grad(mlp_loss)(params, x, y)
+  for k in range(5):
+    u, s = scheduled.update(g, s, params)
+    v, t = unit.update(g, t, params)
+    lr = float(sched(k))
+    if k == 0:  # the warm-up starts at 0: no step at all
+      assert lr == 0.0
+      assert all(not np.any(np.asarray(a)) for a in jax.tree.leaves(u))
+    else:
+      assert_trees_close(u, jax.tree.map(lambda a: lr * a, v), rtol=1e-5,
+                         atol=1e-9)
+      assert np.any(np.asarray(u['l2']['kernel']))
 
 
 @pytest.mark.parametrize('kwargs,name', [
@@ -204,8 +220,10 @@ def test_labels_on_linen_and_overrides():
   assert flat['params/Dense_0/kernel'] == 'matrix'
   assert flat['params/LayerNorm_0/scale'] == 'norm'
   over = ol.label_params(params, overrides={r'Dense_0/kernel': 'other'})
-  assert jax.tree.leaves(over)[2] in ('other',) or 'other' in jax.tree.leaves(
-      over)
+  flat_over = {ol.labels.path_str(p): l for p, l in
+               jax.tree_util.tree_leaves_with_path(over)}
+  # The override relabels exactly the leaf it names, nothing else.
+  assert flat_over == dict(flat, **{'params/Dense_0/kernel': 'other'})
   with pytest.raises(ValueError, match='overrides'):
     ol.label_params(params, overrides={'Dense': 'bogus'})
 
