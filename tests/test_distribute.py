@@ -116,3 +116,21 @@ def test_assign_lpt_balances_by_cost():
 def test_assign_lpt_bad_devices():
   with pytest.raises(ValueError, match='num_devices'):
     grouped.assign_lpt([1], [1.0], 0)
+
+
+def test_distribute_argument_checks():
+  from jax.sharding import Mesh
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('x',))
+  with pytest.raises(ValueError, match='distribute'):
+    ol.orthogonalize(distribute=mesh, shard_polar=mesh)
+  with pytest.raises(ValueError, match='distribute'):
+    ol.orthogonalize(distribute=(mesh, 'nope'))
+  with pytest.raises(TypeError, match='distribute'):
+    ol.muon(1e-2, distribute='x')
+  # A one-device mesh is the grouped single-device path: same result.
+  g = {'a': jax.random.normal(jax.random.PRNGKey(0), (6, 10)),
+       'b': jax.random.normal(jax.random.PRNGKey(1), (10, 6))}
+  ref, _ = ol.orthogonalize().update(g, None)
+  out, _ = ol.orthogonalize(distribute=mesh).update(g, None)
+  for k in g:
+    np.testing.assert_allclose(out[k], ref[k], atol=1e-6)

@@ -1,30 +1,19 @@
-r"""Spreading polar-factor work over devices, and sharded optimizer state.
+r"""Where matrix work runs across devices, and sharded optimizer state.
 
 Under plain data parallelism every device holds every parameter and so
-computes *every* polar factor of a Muon-type step redundantly: with ``D``
-devices, ``D − 1`` of them repeat work. Under FSDP-style sharding each matrix
-is split across devices and every Newton–Schulz matmul needs collectives.
+computes *every* polar factor (or eigendecomposition, inverse root) of a
+matrix optimizer's step redundantly: with ``D`` devices, ``D − 1`` of them
+repeat work. Under FSDP-style sharding each matrix is split across devices
+and every Newton–Schulz matmul needs collectives.
 
-:func:`sharded_polar` instead
-
-1. groups the matrices by shape (``m × n`` and ``n × m`` go together: tall
-   matrices are transposed to the wide orientation the iteration uses),
-2. stacks each group along a new batch axis and pads it with zero matrices
-   to a multiple of the number of devices ``D`` (a zero matrix has polar
-   factor zero, so padding is harmless),
-3. runs the iteration inside ``jax.shard_map`` with the stack axis sharded
-   over the chosen mesh axes, so each device orthogonalises
-   ``ceil(B / D)`` whole matrices with no communication during the
-   iteration,
-4. un-stacks the results. XLA then inserts the one collective (an
-   all-gather, or an all-to-all for sharded parameters) that brings each
-   result to the layout its consumer needs: the parameter's sharding, at
-   ``optax.apply_updates`` (or ``out_shardings`` of the step).
-
-Compute per device drops from ``Σ cost(Wᵢ)`` to ``≈ Σ cost(Wᵢ) / D`` at the
-price of one gather of the updates (``Σ |Wᵢ|`` elements), which the step pays
-in any case for sharded parameters. Use it with
-``optax_lite.orthogonalize(..., shard_polar=PolarSharding(mesh))``.
+A :class:`PolarSharding` (a mesh and some of its axes) names the devices
+over which whole matrices are spread instead ("owner-computes"); every
+transform and named optimizer with super-linear per-matrix work accepts one
+as ``distribute=`` (also a bare ``Mesh`` or ``(mesh, axes)``). The work is
+done by :func:`optax_lite.linalg.grouped.grouped_map`: matrices grouped by
+shape, assigned to devices by cost, moved in and out with one all-gather per
+shape group, no communication inside an iteration. :func:`sharded_polar` is
+the polar-factor special case.
 
 :func:`state_shardings` / :func:`sharded_init` give an optimizer state the
 sharding of its parameters (leaves shaped like a parameter and found under
@@ -87,63 +76,40 @@ def check_polar_sharding(spec: Any, name: str = 'shard_polar'
   return spec
 
 
-def group_by_shape(mats: Sequence[jax.Array]) -> dict[tuple, list[int]]:
-  """Indices of ``(batch, m, n)`` matrices grouped by wide shape and dtype."""
-  groups: dict[tuple, list[int]] = {}
-  for i, x in enumerate(mats):
-    m, n = x.shape[-2:]
-    key = (min(m, n), max(m, n), jnp.dtype(x.dtype).name)
-    groups.setdefault(key, []).append(i)
-  return groups
+def check_distribute(distribute: Any, shard_polar: Any = None
+                     ) -> PolarSharding | None:
+  """``distribute=`` with its alias ``shard_polar=`` (at most one given)."""
+  if distribute is not None and shard_polar is not None:
+    raise ValueError('distribute: pass either distribute= or its alias '
+                     'shard_polar=, not both.')
+  if shard_polar is not None:
+    return check_polar_sharding(shard_polar, 'shard_polar')
+  return check_polar_sharding(distribute, 'distribute')
 
 
 def sharded_polar(mats: Sequence[jax.Array],
                   polar_fn: Callable[[jax.Array], jax.Array],
-                  spec: PolarSharding) -> list[jax.Array]:
+                  spec: PolarSharding | None) -> list[jax.Array]:
   """Applies ``polar_fn`` to every ``(batch, m, n)`` array, spread over devices.
 
   Args:
     mats: arrays of shape ``(batch, m, n)`` (any batch, any ``m, n``).
     polar_fn: a batched polar factor ``(B, s, l) -> (B, s, l)`` for wide
-      inputs (``s ≤ l``) that maps zero matrices to zero, e.g.
-      ``lambda x: newton_schulz(x, coeffs)``.
-    spec: the :class:`PolarSharding`.
+      inputs (``s ≤ l``), e.g. ``lambda x: newton_schulz(x, coeffs)``.
+    spec: the :class:`PolarSharding` (``None``: one device, grouped only).
 
   Returns:
     A list of arrays shaped like ``mats``, each slice ``polar_fn`` of the
-    corresponding input slice.
+    corresponding input slice (tall inputs are transposed to wide and back,
+    so ``m × n`` and ``n × m`` matrices share a kernel).
   """
+  from optax_lite.linalg import grouped  # grouped imports this module
   spec = check_polar_sharding(spec)
-  axes = spec.axis_names()
-  shards = spec.num_shards()
-  out: list[Any] = [None] * len(mats)
-  stack_spec = P(axes if len(axes) > 1 else axes[0], None, None)
-  mapped = jax.shard_map(polar_fn, mesh=spec.mesh, in_specs=(stack_spec,),
-                         out_specs=stack_spec, check_vma=False)
-  for (s, l, _), idx in group_by_shape(mats).items():
-    parts, sizes = [], []
-    for i in idx:
-      x = mats[i]
-      if x.shape[-2] > x.shape[-1]:
-        x = jnp.swapaxes(x, -1, -2)
-      parts.append(x)
-      sizes.append(x.shape[0])
-    total = sum(sizes)
-    pad = (-total) % shards
-    if pad:
-      parts.append(jnp.zeros((pad, s, l), parts[0].dtype))
-    stack = jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-    stack = jax.lax.with_sharding_constraint(
-        stack, NamedSharding(spec.mesh, stack_spec))
-    res = mapped(stack)
-    offset = 0
-    for i, size in zip(idx, sizes):
-      r = res[offset:offset + size]
-      offset += size
-      if mats[i].shape[-2] > mats[i].shape[-1]:
-        r = jnp.swapaxes(r, -1, -2)
-      out[i] = r
-  return out
+  wide = [jnp.swapaxes(m, -1, -2) if m.shape[-2] > m.shape[-1] else m
+          for m in mats]
+  outs = grouped.grouped_map(polar_fn, [(w,) for w in wide], spec=spec)
+  return [jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o
+          for m, o in zip(mats, outs)]
 
 
 # ----------------------------------------------------------------------------

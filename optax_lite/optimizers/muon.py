@@ -17,8 +17,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          bias_correction: bool = False, method: str = 'polar_express',
          steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
          weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
-         dims=None, labels=None, precision=None, shard_polar=None,
-         ns_dtype=None,
+         dims=None, labels=None, precision=None, distribute=None,
+         ns_dtype=None, shard_polar=None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float | None = None, adam_nesterov: bool = False
@@ -57,12 +57,16 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       ``params -> label tree`` or a label tree.
     precision: matmul precision of the polar iteration (``None``: the
       policy of :mod:`optax_lite.linalg.matmul`, the accelerator default).
-    shard_polar: spread the polar-factor work across devices (a
-      :class:`optax_lite.PolarSharding`, a ``Mesh`` or ``(mesh, axes)``); see
-      ``docs/multi_device.md``. ``None``: each leaf where it lives.
+    distribute: spread the polar factors over devices, owner-computes (a
+      :class:`optax_lite.PolarSharding`, a ``Mesh`` or ``(mesh, axes)``):
+      each device orthogonalises whole matrices assigned by cost, one
+      all-gather in and one out per shape group; see
+      ``docs/multi_device.md``. ``None``: one device (same-shape matrices
+      still share one batched kernel).
     ns_dtype: ``None`` or ``jnp.bfloat16``: run the Newton–Schulz iteration
       in that dtype with float32 accumulation (as Keller Jordan's Muon); see
       the README's precision section for its accuracy band.
+    shard_polar: the former name of ``distribute`` (an alias).
     adam_*: AdamW settings for the non-matrix leaves;
       ``adam_learning_rate=None`` uses ``learning_rate`` and
       ``adam_weight_decay=None`` uses ``weight_decay``.
@@ -80,7 +84,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       momentum_tx(momentum, nesterov=nesterov, ema=ema,
                   bias_correction=bias_correction, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
-                    shard_polar=shard_polar, ns_dtype=ns_dtype),
+                    distribute=distribute, shard_polar=shard_polar,
+                    ns_dtype=ns_dtype),
       scale_by_shape(scaling, rms, dims),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        weight_decay_mask))
