@@ -84,15 +84,26 @@ def check_learning_rate(name: str, x: Any):
 
 
 def check_float_leaf(name: str, x: Any):
-  """Rejects integer / boolean leaves, which no optimizer can update."""
+  """Rejects integer, boolean and complex leaves, with what to do instead."""
   dtype = getattr(x, 'dtype', None)
   if dtype is None:
     return
-  if not jnp.issubdtype(dtype, jnp.floating):
+  if jnp.issubdtype(dtype, jnp.floating):
+    return
+  shape = getattr(x, 'shape', '?')
+  if jnp.issubdtype(dtype, jnp.complexfloating):
     raise TypeError(
-        f'{name}: optax_lite transforms need floating-point leaves, got a '
-        f'leaf of dtype {dtype} and shape {getattr(x, "shape", "?")}. '
-        'Mark integer leaves as non-trainable or filter them out.')
+        f'{name}: optax_lite\'s matrix methods are defined for real '
+        f'matrices, got a complex leaf of dtype {dtype} and shape {shape}. '
+        'Either store it as two real leaves (its real and imaginary parts, '
+        'e.g. jnp.stack([z.real, z.imag])) or send it to AdamW, which '
+        'handles complex leaves, with labels=: e.g. labels=lambda p: '
+        "ol.label_params(p, overrides={'<path regex>': 'other'}).")
+  raise TypeError(
+      f'{name}: optax_lite transforms need floating-point leaves, got a '
+      f'leaf of dtype {dtype} and shape {shape}. Integer and boolean leaves '
+      'cannot be trained: mark them non-trainable (e.g. not an nnx.Param) '
+      'or filter them out of the tree given to the optimizer.')
 
 
 def resolve(x: Any | Callable[[Any], Any], count) -> Any:

@@ -17,7 +17,10 @@ Labels:
                  the embedding table ``(vocab, d)``).
 ``"norm"``       gains of normalisation layers (path contains ``norm`` or a
                  component starting with ``ln``), rank < 2.
-``"other"``      everything else: biases, scalars, other vectors.
+``"other"``      everything else: biases (a leaf named ``bias`` or ``*_bias``,
+                 whatever its rank: the ``(heads, head_dim)`` query/key/value
+                 biases of Flax attention are never matrices), scalars,
+                 other vectors.
 
 Works on plain dicts, Flax Linen ``params`` and ``flax.nnx`` ``State`` trees.
 """
@@ -29,27 +32,21 @@ from typing import Any, Callable, Mapping
 
 import jax
 
+from optax_lite.linalg.matrices import (ATTENTION_INPUT_NAMES,
+                                        ATTENTION_OUTPUT_NAMES,
+                                        default_dims, path_dims, path_names)
+
 LABELS = ('matrix', 'embedding', 'head', 'norm', 'other')
 DEFAULT_HEAD_NAMES = ('head', 'lm_head', 'unembed', 'output_head', 'logits')
 
 
 def path_str(path) -> str:
   """``'a/b/kernel'`` for a ``jax.tree_util`` key path (drops NNX ``value``)."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  if parts and parts[-1] == 'value':
-    parts = parts[:-1]
-  return '/'.join(parts)
+  return '/'.join(path_names(path))
+
+
+def _is_bias(name: str) -> bool:
+  return name == 'bias' or name.endswith('_bias')
 
 
 def _default_label(path: str, leaf, head_names) -> str:
@@ -59,6 +56,8 @@ def _default_label(path: str, leaf, head_names) -> str:
     return 'embedding'
   if any(c in head_names for c in comps):
     return 'head'
+  if _is_bias(comps[-1]):
+    return 'other'
   if ndim >= 2:
     return 'matrix'
   if any('norm' in c or c.startswith('ln') for c in comps):
@@ -121,29 +120,74 @@ def label_params(params, *, head_names=DEFAULT_HEAD_NAMES,
   return jax.tree_util.tree_unflatten(treedef, labels)
 
 
+def _is_nnx_variable(x) -> bool:
+  """A ``flax.nnx`` Variable (``nnx.Param``, …), recognised without flax."""
+  return any(c.__name__ in ('Variable', 'VariableState') and
+             c.__module__.startswith('flax.') for c in type(x).__mro__)
+
+
+def strip_nnx_variables(tree):
+  """``tree`` with every ``flax.nnx`` Variable replaced by its value.
+
+  ``nnx.state(model, nnx.Param)`` wraps each array in an ``nnx.Param``, but
+  the gradients ``nnx.Optimizer`` passes to a transform are plain arrays; a
+  tree without the wrappers is a prefix of both, so it can serve as
+  ``labels=`` or ``dims=`` for either.
+  """
+  def unwrap(x):
+    if not _is_nnx_variable(x):
+      return x
+    inner = jax.tree.leaves(x)
+    return inner[0] if len(inner) == 1 else x
+  return jax.tree.map(unwrap, tree, is_leaf=_is_nnx_variable)
+
+
+def _is_nnx_module(x) -> bool:
+  return any(c.__name__ in ('Module', 'Object', 'Pytree') and
+             c.__module__.startswith('flax.nnx') for c in type(x).__mro__)
+
+
 def flax_matrix_dims(params):
   """Per-leaf :class:`MatrixDims` for common Flax modules.
 
   * ``[d, heads, head_dim]`` query/key/value kernels of
-    ``MultiHeadAttention`` -> ``(d, heads·head_dim)``;
-  * ``[heads, head_dim, d]`` attention output kernels -> ``(heads·head_dim,
-    d)``;
+    ``MultiHeadAttention`` (a path component ``query``, ``key``, ``value``,
+    ``q``, ``k`` or ``v``) -> ``(d, heads·head_dim)``;
+  * ``[heads, head_dim, d]`` attention output kernels (``out``, ``o``,
+    ``out_proj``) -> ``(heads·head_dim, d)``;
   * other leaves of rank >= 2 -> the default rule; rank < 2 -> ``None``.
+
+  The named optimizers and the matrix transforms already apply the Flax names
+  (``query``/``key``/``value``/``out``) when ``dims`` is ``None``; pass
+  ``dims=ol.flax_matrix_dims`` (the function) or its result for the short
+  names, or to see the rule as a tree.
+
+  Args:
+    params: a parameter tree: Linen ``params``, a ``flax.nnx`` ``State``
+      such as ``nnx.state(model, nnx.Param)`` (its Variables are unwrapped,
+      so the result fits both the ``State`` and the plain gradient tree that
+      ``nnx.Optimizer`` hands to the transform), or any pytree of arrays.
+
+  Returns:
+    A tree of ``MatrixDims`` / ``None`` shaped like ``params`` (with NNX
+    Variables replaced by their dims), usable as ``dims=``.
+
+  Raises:
+    TypeError: ``params`` is an ``nnx.Module`` rather than its state.
   """
-  from optax_lite.linalg.matrices import MatrixDims, default_dims
+  if _is_nnx_module(params):
+    raise TypeError(
+        'flax_matrix_dims: params is a flax.nnx Module; pass its parameter '
+        'state, flax_matrix_dims(nnx.state(model, nnx.Param)), or pass the '
+        'function itself, dims=ol.flax_matrix_dims.')
+  inputs = ATTENTION_INPUT_NAMES + ('q', 'k', 'v')
+  outputs = ATTENTION_OUTPUT_NAMES + ('o', 'out_proj')
 
   def dims(path, leaf):
-    comps = path_str(path).lower().split('/')
-    nd = len(getattr(leaf, 'shape', ()))
-    if nd < 2:
+    shape = tuple(getattr(leaf, 'shape', ()))
+    if len(shape) < 2:
       return None
-    if nd == 3 and any(c in ('query', 'key', 'value', 'q', 'k', 'v')
-                       for c in comps):
-      return MatrixDims(0, (1, 2))
-    if nd == 3 and any(c in ('out', 'o', 'out_proj') for c in comps):
-      return MatrixDims((0, 1), 2)
-    return default_dims(leaf.shape)
+    named = path_dims(path_names(path), shape, inputs, outputs)
+    return named if named is not None else default_dims(shape)
 
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  return jax.tree_util.tree_unflatten(
-      treedef, [dims(p, x) for p, x in flat])
+  return jax.tree_util.tree_map_with_path(dims, strip_nnx_variables(params))

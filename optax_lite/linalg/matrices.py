@@ -15,9 +15,16 @@ Default rule (:func:`default_dims`):
 * N-D (N > 2), e.g. a conv kernel ``[kh, kw, in, out]`` -> all leading axes
   are reduction axes, the last is the output axis: ``(kh*kw*in, out)``. This
   is the flattening Keller Jordan's Muon uses for convolutions, in Flax order.
-* Attention kernels ``[d, heads, head_dim]`` need an explicit spec,
-  ``MatrixDims(0, (1, 2))`` -> ``(d, heads*head_dim)``; the labelling helper
-  :func:`optax_lite.flax_matrix_dims` produces it for Flax attention modules.
+
+Flax attention (:func:`path_dims`, applied wherever ``dims`` is ``None``): the
+query/key/value kernels of ``nnx.MultiHeadAttention`` and Linen's
+``MultiHeadDotProductAttention`` are ``[d, heads, head_dim]`` and are seen as
+``(d, heads*head_dim)`` (``MatrixDims(0, (1, 2))``), one matrix per layer,
+not ``(d*heads, head_dim)``; their output kernel ``[heads, head_dim, d]`` is
+``(heads*head_dim, d)`` (``MatrixDims((0, 1), 2)``). They are recognised by
+path: a rank-3 leaf under a component named ``query``, ``key``, ``value``
+(resp. ``out``). :func:`optax_lite.flax_matrix_dims` spells the same rule out
+as an explicit tree, and also knows the short names ``q``/``k``/``v``/``o``.
 """
 
 from __future__ import annotations
@@ -60,6 +67,56 @@ def default_dims(shape: Sequence[int]) -> MatrixDims:
         'transforms need rank >= 2. Route vectors and scalars to AdamW '
         '(the named optimizers do) or pass an explicit MatrixDims.')
   return MatrixDims(tuple(range(ndim - 1)), ndim - 1)
+
+
+# Path components that mark the kernels of Flax attention modules.
+ATTENTION_INPUT_NAMES = ('query', 'key', 'value')
+ATTENTION_OUTPUT_NAMES = ('out',)
+
+
+def path_names(path) -> tuple[str, ...]:
+  """The components of a ``jax.tree_util`` key path, as strings.
+
+  A trailing ``value`` (the attribute that holds the array of a ``flax.nnx``
+  Variable) is dropped, so NNX and Linen trees give the same names.
+  """
+  names = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      names.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      names.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      names.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      names.append(str(k.key))
+    else:
+      names.append(str(k))
+  if names and names[-1] == 'value':
+    names = names[:-1]
+  return tuple(names)
+
+
+def path_dims(names: Sequence[str], shape: Sequence[int],
+              input_names: Sequence[str] = ATTENTION_INPUT_NAMES,
+              output_names: Sequence[str] = ATTENTION_OUTPUT_NAMES
+              ) -> MatrixDims | None:
+  """The :class:`MatrixDims` a leaf's path implies, or None (no opinion).
+
+  A rank-3 leaf with a path component in ``input_names`` (Flax attention's
+  ``[d, heads, head_dim]`` query/key/value kernels) -> ``MatrixDims(0, (1,
+  2))``; with a component in ``output_names`` (the ``[heads, head_dim, d]``
+  output kernel) -> ``MatrixDims((0, 1), 2)``. Names compare
+  case-insensitively.
+  """
+  if len(shape) != 3:
+    return None
+  comps = {str(c).lower() for c in names}
+  if comps & set(input_names):
+    return MatrixDims(0, (1, 2))
+  if comps & set(output_names):
+    return MatrixDims((0, 1), 2)
+  return None
 
 
 class MatrixView(NamedTuple):

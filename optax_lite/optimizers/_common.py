@@ -101,7 +101,7 @@ def resolve_labels(labels, params):
   elif callable(labels):
     tree = labels(params)
   else:
-    tree = labels
+    tree = labels_lib.strip_nnx_variables(labels)  # e.g. an nnx.State's labels
   for lab in jax.tree.leaves(tree):
     if lab not in ALL_LABELS:
       raise ValueError(f'labels: {lab!r} is not one of {ALL_LABELS}.')

@@ -7,10 +7,13 @@ from typing import Any, Callable
 import jax
 
 from optax_lite import _checks
-from optax_lite.linalg.matrices import MatrixDims, MatrixView, matrix_view
+from optax_lite.linalg.matrices import (MatrixDims, MatrixView, matrix_view,
+                                        path_dims, path_names)
 
 # ``dims`` accepted by every matrix transform:
-#   None                  -> the default rule of ``linalg.default_dims``;
+#   None                  -> Flax attention kernels by path
+#                            (``linalg.matrices.path_dims``), else the
+#                            default rule of ``linalg.default_dims``;
 #   MatrixDims            -> the same spec for every leaf;
 #   a tree (or prefix)    -> per-leaf MatrixDims, ``None`` = leave untouched;
 #   a callable(params)    -> returns such a tree.
@@ -31,7 +34,9 @@ def resolve_dims(dims: DimsSpec, tree) -> Any:
   if callable(dims) and not isinstance(dims, MatrixDims):
     dims = dims(tree)
   if dims is None:
-    return jax.tree.map(lambda _: _DEFAULT, tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: path_dims(path_names(p), getattr(x, 'shape', ()))
+        or _DEFAULT, tree)
   if isinstance(dims, MatrixDims):
     return jax.tree.map(lambda _: dims, tree)
   return jax.tree.map(

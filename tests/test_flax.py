@@ -1,0 +1,153 @@
+"""Flax attention: biases go to AdamW, kernels are (d, heads·head_dim)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import optax_lite as ol
+
+D, HEADS, HEAD_DIM = 8, 2, 4
+
+
+def _flat(tree):
+  leaves = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: x is None or isinstance(x, ol.MatrixDims))
+  return {ol.labels.path_str(p): x for p, x in leaves}
+
+
+def _nnx_attention():
+  return nnx.MultiHeadAttention(num_heads=HEADS, in_features=D,
+                                qkv_features=HEADS * HEAD_DIM, decode=False,
+                                rngs=nnx.Rngs(0))
+
+
+def _linen_attention_params():
+  attn = nn.MultiHeadDotProductAttention(num_heads=HEADS,
+                                         qkv_features=HEADS * HEAD_DIM)
+  x = jnp.ones((1, 3, D))
+  return attn, attn.init(jax.random.PRNGKey(0), x, x)
+
+
+def _svd_polar(m):
+  u, _, vt = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
+  return u @ vt
+
+
+def _assert_polar_of_view(update, grad, rows, cols):
+  """``update`` ∝ −polar(grad seen as a (rows, cols) matrix)."""
+  u = -np.asarray(update, np.float64).reshape(rows, cols)
+  want = _svd_polar(np.asarray(grad).reshape(rows, cols))
+  u = u / np.linalg.norm(u)
+  want = want / np.linalg.norm(want)
+  np.testing.assert_allclose(u, want, atol=1e-5)
+
+
+def test_attention_biases_are_not_matrices_nnx():
+  labels = _flat(ol.label_params(nnx.state(_nnx_attention(), nnx.Param)))
+  for name in ('query', 'key', 'value'):
+    assert labels[f'{name}/bias'] == 'other'  # shape (heads, head_dim)
+    assert labels[f'{name}/kernel'] == 'matrix'
+  assert labels['out/bias'] == 'other'
+  assert labels['out/kernel'] == 'matrix'
+
+
+def test_attention_biases_are_not_matrices_linen():
+  _, params = _linen_attention_params()
+  labels = _flat(ol.label_params(params))
+  for name in ('query', 'key', 'value'):
+    assert labels[f'params/{name}/bias'] == 'other'
+    assert labels[f'params/{name}/kernel'] == 'matrix'
+  # A 2-D leaf named like a bias is a bias, in a plain dict too.
+  plain = {'w': jnp.ones((3, 4)), 'q_bias': jnp.ones((3, 4))}
+  assert ol.label_params(plain) == {'w': 'matrix', 'q_bias': 'other'}
+
+
+def test_muon_default_sees_nnx_query_kernel_as_d_by_heads_head_dim():
+  model = _nnx_attention()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, D))
+
+  def loss(m):
+    return jnp.sum(jnp.tanh(m(x)) ** 2)
+
+  grads = nnx.grad(loss)(model)
+  before = nnx.state(model, nnx.Param)
+  q0 = np.asarray(before['query']['kernel'].get_value())
+  o0 = np.asarray(before['out']['kernel'].get_value())
+  opt = nnx.Optimizer(model, ol.muon(1.0, method='svd', weight_decay=0.0),
+                      wrt=nnx.Param)
+  opt.update(model, grads)
+  after = nnx.state(model, nnx.Param)
+  dq = np.asarray(after['query']['kernel'].get_value()) - q0
+  do = np.asarray(after['out']['kernel'].get_value()) - o0
+  assert dq.shape == (D, HEADS, HEAD_DIM)
+  _assert_polar_of_view(dq, grads['query']['kernel'], D, HEADS * HEAD_DIM)
+  _assert_polar_of_view(do, grads['out']['kernel'], HEADS * HEAD_DIM, D)
+  # The (d·heads, head_dim) view, the plain default rule, differs.
+  plain = _svd_polar(np.asarray(grads['query']['kernel']).reshape(
+      D * HEADS, HEAD_DIM)).reshape(D, HEADS * HEAD_DIM)
+  assert not np.allclose(-dq.reshape(D, -1) / np.linalg.norm(dq),
+                         plain / np.linalg.norm(plain), atol=1e-3)
+
+
+@pytest.mark.parametrize('name', ['soap', 'rmnp'])
+def test_named_optimizers_default_to_the_flax_view_linen(name):
+  """Linen attention: no dims= gives the (d, heads·head_dim) query view."""
+  attn, params = _linen_attention_params()
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, D))
+  grads = jax.grad(lambda p: jnp.sum(attn.apply(p, x, x) ** 2))(params)
+  outs = []
+  for dims in (None, ol.MatrixDims(0, (1, 2)), ol.MatrixDims((0, 1), 2)):
+    tx = getattr(ol, name)(0.1, dims=dims)
+    state = tx.init(params)
+    for _ in range(2):  # SOAP's first step is Adam in the identity basis
+      upd, state = tx.update(grads, state, params)
+    outs.append(upd['params']['query']['kernel'])
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+  # ... and not the plain rule's (d·heads, head_dim).
+  assert not np.allclose(outs[0], outs[2], rtol=1e-3, atol=1e-5)
+
+
+def test_flax_matrix_dims_accepts_nnx_state():
+  model = _nnx_attention()
+  state = nnx.state(model, nnx.Param)
+  dims = ol.flax_matrix_dims(state)
+  flat = _flat(dims)
+  assert flat['query/kernel'] == ol.MatrixDims(0, (1, 2))
+  assert flat['out/kernel'] == ol.MatrixDims((0, 1), 2)
+  assert flat['query/bias'] is None or isinstance(flat['query/bias'],
+                                                  ol.MatrixDims)
+  x = jnp.ones((1, 3, D))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+  # As dims= (the tree, built from the State), and labels= from the State.
+  for kwargs in ({'dims': dims},
+                 {'labels': ol.label_params(state)}):
+    m = _nnx_attention()
+    opt = nnx.Optimizer(m, ol.muon(0.1, **kwargs), wrt=nnx.Param)
+    opt.update(m, grads)
+    new = nnx.state(m, nnx.Param)['query']['kernel'].get_value()
+    assert np.all(np.isfinite(new))
+    assert not np.allclose(new, state['query']['kernel'].get_value())
+
+
+def test_flax_matrix_dims_of_a_module_says_what_to_pass():
+  with pytest.raises(TypeError, match=r'nnx\.state\(model, nnx\.Param\)'):
+    ol.flax_matrix_dims(_nnx_attention())
+
+
+def test_complex_leaf_error_says_what_to_do():
+  params = {'w': jnp.ones((4, 3), jnp.complex64)}
+  tx = ol.muon(0.1)
+  with pytest.raises(TypeError, match='(?i)complex') as err:
+    tx.update(params, tx.init(params), params)
+  msg = str(err.value)
+  assert 'integer' not in msg.lower()
+  assert 'real' in msg and 'labels' in msg
+  # What the message suggests works: send the leaf to AdamW by label.
+  tx = ol.muon(0.1, labels=lambda p: ol.label_params(
+      p, overrides={'^w$': 'other'}))
+  upd, _ = tx.update(params, tx.init(params), params)
+  assert upd['w'].dtype == jnp.complex64
+  assert np.all(np.isfinite(np.asarray(upd['w']).view(np.float32)))
