@@ -1,8 +1,14 @@
 """Named optimizers: chains of transforms, AdamW for non-matrix leaves."""
 
-from optax_lite.optimizers.muon import muon
-from optax_lite.optimizers.lite import adamw_lite, beta2_ramp, chi_schedule, muon_lite
-from optax_lite.optimizers.rmnp import rmnp
 from optax_lite.optimizers.fismo import fismo
-from optax_lite.optimizers.kron import shampoo, soap
-from optax_lite.optimizers.lite import fismo_lite, rmnp_lite, soap_lite
+from optax_lite.optimizers.kron import shampoo
+from optax_lite.optimizers.kron import soap
+from optax_lite.optimizers.lite import adamw_lite
+from optax_lite.optimizers.lite import beta2_ramp
+from optax_lite.optimizers.lite import chi_schedule
+from optax_lite.optimizers.lite import fismo_lite
+from optax_lite.optimizers.lite import muon_lite
+from optax_lite.optimizers.lite import rmnp_lite
+from optax_lite.optimizers.lite import soap_lite
+from optax_lite.optimizers.muon import muon
+from optax_lite.optimizers.rmnp import rmnp

@@ -1,10 +1,31 @@
-"""GradientTransformations, one idea each (NamedTuple state, pure init/update)."""
+"""GradientTransformations, one idea each (NamedTuple state, pure update)."""
 
-from optax_lite.transforms.momentum import MomentumState, momentum
+from optax_lite.transforms.fisher_whiten import FisherWhitenState
+from optax_lite.transforms.fisher_whiten import fisher_whiten
+from optax_lite.transforms.kron_precondition import ShampooState
+from optax_lite.transforms.kron_precondition import SoapDirection
+from optax_lite.transforms.kron_precondition import SoapLeaf
+from optax_lite.transforms.kron_precondition import SoapState
+from optax_lite.transforms.kron_precondition import kron_precondition
+from optax_lite.transforms.kron_precondition import rotate
+from optax_lite.transforms.kron_precondition import rotate_back
+from optax_lite.transforms.kron_precondition import scale_by_shampoo
+from optax_lite.transforms.kron_precondition import scale_by_soap
+from optax_lite.transforms.kron_precondition import soap_direction
+from optax_lite.transforms.kron_precondition import soap_init_bases
+from optax_lite.transforms.kron_precondition import soap_leaf_update
+from optax_lite.transforms.kron_precondition import soap_refresh_bases
+from optax_lite.transforms.kron_precondition import update_factors
+from optax_lite.transforms.lite import Geometry
+from optax_lite.transforms.lite import LeafDirections
+from optax_lite.transforms.lite import LiteState
+from optax_lite.transforms.lite import diagonal_geometry
+from optax_lite.transforms.lite import lite_flat_boost
+from optax_lite.transforms.lite import muon_geometry
+from optax_lite.transforms.lite_geometries import row_norm_geometry
+from optax_lite.transforms.lite_geometries import soap_geometry
+from optax_lite.transforms.momentum import MomentumState
+from optax_lite.transforms.momentum import momentum
 from optax_lite.transforms.orthogonalize import orthogonalize
-from optax_lite.transforms.scaling import scale_by_shape
-from optax_lite.transforms.lite import (Geometry, LeafDirections, LiteState, diagonal_geometry, lite_flat_boost, muon_geometry)
 from optax_lite.transforms.row_normalize import row_normalize
-from optax_lite.transforms.fisher_whiten import FisherWhitenState, fisher_whiten
-from optax_lite.transforms.lite_geometries import row_norm_geometry, soap_geometry
-from optax_lite.transforms.kron_precondition import (ShampooState, SoapDirection, SoapLeaf, SoapState, kron_precondition, rotate, rotate_back, scale_by_shampoo, scale_by_soap, soap_direction, soap_init_bases, soap_leaf_update, soap_refresh_bases, update_factors)
+from optax_lite.transforms.scaling import scale_by_shape
