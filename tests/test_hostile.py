@@ -345,10 +345,10 @@ def describe(names=NAMED):
         bad = sorted({jax.tree_util.keystr(k[:1]) for k, x in
                       jax.tree_util.tree_flatten_with_path(u)[0]
                       if not np.all(np.isfinite(np.asarray(x)))})
-        mx = max(float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(x), x, 0)))) for x in
-                 jax.tree.leaves(u))
-        what = (f'non-finite update in {",".join(bad)}' if bad else
-                'finite') + f'; max|finite u|={mx:.3g}; state finite: {_finite(s)}'
+        mx = max(float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(x), x, 0))))
+                 for x in jax.tree.leaves(u))
+        what = ((f'non-finite update in {",".join(bad)}' if bad else 'finite')
+                + f'; max|finite u|={mx:.3g}; state finite: {_finite(s)}')
       except Exception as e:
         what = f'raises {type(e).__name__}: {str(e)[:80]}'
       rows.append((name, case, what))

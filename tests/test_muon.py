@@ -151,8 +151,8 @@ def test_learning_rate_schedule():
       assert lr == 0.0
       assert all(not np.any(np.asarray(a)) for a in jax.tree.leaves(u))
     else:
-      assert_trees_close(u, jax.tree.map(lambda a: lr * a, v), rtol=1e-5,
-                         atol=1e-9)
+      scaled = jax.tree.map(lambda a, lr=lr: lr * a, v)
+      assert_trees_close(u, scaled, rtol=1e-5, atol=1e-9)
       assert np.any(np.asarray(u['l2']['kernel']))
 
 
@@ -232,8 +232,9 @@ def test_flax_matrix_dims_for_attention():
   attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8,
                                 decode=False, rngs=nnx.Rngs(0))
   dims = ol.flax_matrix_dims(nnx.state(attn, nnx.Param))
-  flat = {ol.labels.path_str(p): d for p, d in jax.tree_util.tree_leaves_with_path(
-      dims, is_leaf=lambda x: isinstance(x, ol.MatrixDims) or x is None)}
+  is_leaf = lambda x: isinstance(x, ol.MatrixDims) or x is None
+  flat = {ol.labels.path_str(p): d for p, d in
+          jax.tree_util.tree_leaves_with_path(dims, is_leaf=is_leaf)}
   assert flat['query/kernel'] == ol.MatrixDims(0, (1, 2))
   assert flat['out/kernel'] == ol.MatrixDims((0, 1), 2)
 

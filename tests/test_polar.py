@@ -27,7 +27,8 @@ def max_sv_error(p):
   return float(np.max(np.abs(s - 1)))
 
 
-@pytest.mark.parametrize('shape', [(48, 32), (32, 48), (3, 20, 30), (2, 2, 30, 20)])
+@pytest.mark.parametrize('shape', [(48, 32), (32, 48), (3, 20, 30),
+                                   (2, 2, 30, 20)])
 @pytest.mark.parametrize('cond', [10.0, 100.0])
 def test_polar_express_matches_svd(shape, cond):
   x = matrix_with_condition(jax.random.PRNGKey(0), shape, cond)
