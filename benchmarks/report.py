@@ -28,7 +28,8 @@ import lm  # noqa: E402  (its summarize() is the one source of the LM table)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NAMES = ('step_time', 'lm', 'synthetic', 'state_bytes', 'distributed_polar')
+NAMES = ('step_time', 'lm', 'synthetic', 'state_bytes', 'distributed_polar',
+         'gpu_suite')
 
 
 def _fmt(x, spec='.3g'):
@@ -376,7 +377,14 @@ def distributed_polar_section(path, d):
   return _head(path, d) + '\n\n' + _table(header, rows) + note
 
 
+def gpu_suite_section(path, d):
+  """The one-shot accelerator suite (tables built by gpu_suite.render)."""
+  import gpu_suite  # noqa: E402  (imports jax/flax only when needed)
+  return _head(path, d) + '\n\n' + gpu_suite.render(d)
+
+
 SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
+            'gpu_suite': gpu_suite_section,
             'synthetic': synthetic_section,
             'state_bytes': state_bytes_section,
             'distributed_polar': distributed_polar_section}
