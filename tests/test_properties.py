@@ -10,6 +10,7 @@
   shape scaling.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,11 +97,6 @@ def _run(name, gs, params):
   return _runner(name)(gs[0]['w'], gs[1]['w'], params['w'])
 
 
-def _finite(tree):
-  return all(bool(np.all(np.isfinite(np.asarray(x))))
-             for x in jax.tree.leaves(tree))
-
-
 @pytest.mark.parametrize('name', ALL)
 @settings(max_examples=8)
 @given(shape=shapes, log_scale=st.floats(-4, 4), seed=st.integers(0, 99))
@@ -109,9 +105,9 @@ def test_finite_in_finite_out(name, shape, log_scale, seed):
   params = {'w': jnp.ones(shape) * 0.1}
   outs, state = _run(name, [{'w': g1}, {'w': g2}], params)
   for u in outs:
-    assert u['w'].shape == shape and u['w'].dtype == jnp.float32
-  assert _finite(outs), (name, shape, log_scale)
-  assert _finite(state), (name, shape, log_scale)
+    chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
+  chex.assert_tree_all_finite(outs)
+  chex.assert_tree_all_finite(state)
 
 
 @pytest.mark.parametrize('name', ALL)
@@ -121,7 +117,8 @@ def test_zero_and_rank_one_input(name):
   z = jnp.zeros((3, 8))
   for pair in ([z, r1], [r1, z], [z, z]):
     outs, state = _run(name, [{'w': pair[0]}, {'w': pair[1]}], params)
-    assert _finite(outs) and _finite(state), name
+    chex.assert_tree_all_finite(outs)
+    chex.assert_tree_all_finite(state)
 
 
 @pytest.mark.parametrize('name', sorted(INVARIANT))
@@ -139,9 +136,8 @@ def test_scale_invariance(name, shape, log_c, seed, data):
   ref, _ = _run(name, [{'w': g1}, {'w': g2}], params)
   out, _ = _run(name, [{'w': c * g1}, {'w': c * g2}], params)
   for a, b in zip(out, ref):
-    a, b = np.asarray(a['w']), np.asarray(b['w'])
-    np.testing.assert_allclose(a, b, rtol=rtol,
-                               atol=rtol * max(1e-6, np.abs(b).max()))
+    chex.assert_trees_all_close(
+        a, b, rtol=rtol, atol=rtol * max(1e-6, float(jnp.abs(b['w']).max())))
 
 
 @pytest.mark.parametrize('name', HOMOGENEOUS)
@@ -154,8 +150,8 @@ def test_homogeneity(name, shape, log_c, seed):
   ref, _ = _run(name, [{'w': g1}, {'w': g2}], params)
   out, _ = _run(name, [{'w': c * g1}, {'w': c * g2}], params)
   for a, b in zip(out, ref):
-    np.testing.assert_allclose(np.asarray(a['w']), c * np.asarray(b['w']),
-                               rtol=1e-5, atol=1e-6 * c)
+    chex.assert_trees_all_close(a, jax.tree.map(lambda x: c * x, b),
+                                rtol=1e-5, atol=1e-6 * c)
 
 
 def test_orthogonalize_output_is_orthogonal_for_any_scale():
@@ -176,5 +172,4 @@ def test_soap_rank_deficient_noise():
   ref, _ = _run('soap', [{'w': g1}, {'w': g2}], params)
   out, _ = _run('soap', [{'w': 10 * g1}, {'w': 10 * g2}], params)
   for a, b in zip(out, ref):
-    np.testing.assert_allclose(np.asarray(a['w']), np.asarray(b['w']),
-                               rtol=2e-3, atol=2e-3)
+    chex.assert_trees_all_close(a, b, rtol=2e-3, atol=2e-3)
