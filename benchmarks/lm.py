@@ -160,7 +160,8 @@ class Trainer:
       return params, opt_state, losses
 
     def eval_fn(params, windows):
-      return jax.lax.map(lambda w: loss_of(params, w[None]), windows).mean()
+      return jax.lax.map(lambda w: loss_of(params, w[None]), windows,
+                         batch_size=16).mean()
 
     self.init_state = lambda params: build_tx(1.0, steps).init(params)
     self.opt_state = self.init_state(self.params)

@@ -28,8 +28,8 @@ import lm  # noqa: E402  (its summarize() is the one source of the LM table)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NAMES = ('step_time', 'lm', 'synthetic', 'state_bytes', 'distributed_polar',
-         'gpu_suite')
+NAMES = ('step_time', 'lm', 'horizon', 'synthetic', 'state_bytes',
+         'distributed_polar', 'gpu_suite')
 
 
 def _fmt(x, spec='.3g'):
@@ -53,7 +53,8 @@ def _files(results, stem):
   return sorted(files, key=lambda f: ('_quick_' in f, '_cpu' in f, f))
 
 
-_MODE_FLAGS = ('quick', 'out', 'no_plot')
+# Flags that choose a mode, a place or a label, not a setting.
+_MODE_FLAGS = ('quick', 'gpu', 'out', 'no_plot', 'note', 'resume')
 
 
 def _shell_word(arg: str) -> str:
@@ -377,6 +378,79 @@ def distributed_polar_section(path, d):
   return _head(path, d) + '\n\n' + _table(header, rows) + note
 
 
+def _speed(row):
+  """'1.25× (1.10–1.40)' from a horizon summary row."""
+  if not row or row.get('speedup_mean') is None:
+    return '–'
+  lo, hi = row['speedup_min'], row['speedup_max']
+  n = len([v for v in row['speedups'] if v is not None])
+  return (f'{row["speedup_mean"]:.2f}×' +
+          (f' ({lo:.2f}–{hi:.2f}, {n} seeds)' if n > 1 else ' (1 seed)'))
+
+
+def horizon_section(path, d):
+  """LITE's speedup over its base per token budget (benchmarks/horizon.py)."""
+  s = d['settings']
+  parts = [_head(path, d)]
+  if not d.get('complete'):
+    done = [f'{b["steps"]} steps: ' + ', '.join(b['optimizers'])
+            for b in d.get('budgets', [])]
+    parts.append('**Partial results** (the run was stopped before the end; '
+                 'finished so far — ' + '; '.join(done) + ').')
+  if d.get('note'):
+    parts.append(f'*Note recorded with the run: {d["note"]}*')
+  parts.append(
+      f'Model `{s["model"]}` ({d["n_params"] / 1e6:.2f}M params, seq '
+      f'{s["seq_len"]}, batch {s["batch"]}), warm-up {s["warmup"]} steps at '
+      f'every budget, seeds {s["seeds"]}; peak LR tuned per budget on '
+      f'{", ".join(s["tune_schedules"])} (grid extended until the best is '
+      f'interior, at most {s["max_extend"]} extensions; "edge" marks a best '
+      'that stayed at an edge), other schedules reuse the cosine LR. '
+      'Speedup (per seed, same schedule) = budget ÷ the step at which the '
+      "LITE run reaches its base's final val loss (interpolated between "
+      "evaluations); below 1 = the step at which the base reaches LITE's "
+      'final loss ÷ budget.')
+  parts.append(corpus_line(d))
+  rows_by = {(r['steps'], r['schedule'], r['optimizer']): r
+             for r in d.get('summary', [])}
+  keys = sorted({(r['steps'], r['tokens_per_param'], r['schedule'])
+                 for r in d.get('summary', [])},
+                key=lambda k: (k[2], k[0]))
+  table = []
+  for steps, tpp, sched in keys:
+    cell = lambda n: rows_by.get((steps, sched, n))  # noqa: E731
+    val = lambda n: (_fmt(cell(n)['final_val_loss'], '.4f')  # noqa: E731
+                     if cell(n) else '–')
+    table.append([f'{steps} ({tpp:.2g} tok/param)', sched, val('muon'),
+                  val('muon_lite'), _speed(cell('muon_lite')), val('soap'),
+                  val('soap_lite'), _speed(cell('soap_lite')), val('adamw')])
+  parts.append('Final validation loss (nats/byte, mean over seeds) and '
+               'LITE speedup (mean, min–max over seeds):')
+  parts.append(_table(['budget (steps)', 'schedule', '`muon`', '`muon_lite`',
+                       'speedup muon_lite', '`soap`', '`soap_lite`',
+                       'speedup soap_lite', '`adamw`'], table))
+  detail = []
+  for r in sorted(d.get('summary', []),
+                  key=lambda r: (r['schedule'], r['optimizer'], r['steps'])):
+    detail.append([f'`{r["optimizer"]}`', r['schedule'], r['steps'],
+                   _fmt(r['best_lr'], '.2g') + (
+                       '' if r['best_lr_interior'] else ' (edge)'),
+                   f'{r["final_val_loss"]:.4f} ± '
+                   f'{r["final_val_spread"] / 2:.4f}',
+                   _fmt(r.get('train_val_gap'), '+.3f'),
+                   _fmt(r['tokens_per_s'], '.0f')])
+  parts.append('Per optimizer: best peak LR, final val loss (± half the '
+               'spread over seeds), train–validation gap at the end (val − '
+               'train loss on fixed windows; near 0 = no memorisation), '
+               'tokens/s:')
+  parts.append(_table(['optimizer', 'schedule', 'steps', 'best peak LR',
+                       'final val loss', 'val − train', 'tokens/s'], detail))
+  png = path[:-5] + '.png'
+  if os.path.exists(png):
+    parts.append(f'![LITE speedup vs horizon]({_rel(png)})')
+  return '\n\n'.join(parts)
+
+
 def gpu_suite_section(path, d):
   """The one-shot accelerator suite (tables built by gpu_suite.render)."""
   import gpu_suite  # noqa: E402  (imports jax/flax only when needed)
@@ -385,6 +459,7 @@ def gpu_suite_section(path, d):
 
 SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
             'gpu_suite': gpu_suite_section,
+            'horizon': horizon_section,
             'synthetic': synthetic_section,
             'state_bytes': state_bytes_section,
             'distributed_polar': distributed_polar_section}

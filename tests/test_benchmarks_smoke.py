@@ -20,6 +20,7 @@ sys.path.insert(0, BENCH)
 os.environ.setdefault('BENCH_NO_PROGRESS', '1')
 
 import _common  # noqa: E402
+import horizon  # noqa: E402
 import lm  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
@@ -191,6 +192,58 @@ def test_tune_extends_grid_until_best_is_interior():
   # Out of extensions: reported as not interior.
   _, best, interior = lm.tune(run_at, [1.0, 0.1], max_extend=1)
   assert not interior and best['peak_lr'] == pytest.approx(0.01)
+
+
+def test_horizon_smoke(out_dir, capsys):
+  argv = ['--model', 'nano', '--seq-len', '16', '--batch', '2',
+          '--base-steps', '8', '--multipliers', '1', '2', '--grid', '1e-3',
+          '3e-3', '1e-2', '--max-extend', '0', '--seeds', '0', '1',
+          '--schedules', 'cos', '--tune-schedules', 'cos', '--evals', '4',
+          '--optimizers', 'muon', 'muon_lite', '--out', out_dir, '--no-plot']
+  out = horizon.main(argv)
+  path = _common.result_path('horizon', out_dir)
+  data = _load(path)
+  assert data['complete'] and data['corpus']['name'] == 'stdlib'
+  assert [b['steps'] for b in data['budgets']] == [8, 16]
+  b0, b1 = data['budgets']
+  for b in data['budgets']:
+    e = b['optimizers']['muon_lite']['schedules']['cos']
+    assert [r['seed'] for r in e['runs']] == [0, 1]
+    assert all(r['steps'] == b['steps'] for r in e['runs'])
+  assert [r['peak_lr'] for r in b0['optimizers']['muon_lite']['schedules'][
+      'cos']['sweep']] == [1e-3, 3e-3, 1e-2]
+  # The second budget's grid starts around the first budget's best LR.
+  best0 = b0['optimizers']['muon']['schedules']['cos']['best_lr']
+  assert [r['peak_lr'] for r in
+          b1['optimizers']['muon']['schedules']['cos']['sweep']] == (
+              pytest.approx(horizon.next_grid(best0, 3.0)))
+  rows = [r for r in out['summary'] if r['optimizer'] == 'muon_lite']
+  assert len(rows) == 2 and all(len(r['speedups']) == 2 for r in rows)
+  assert all(r['train_val_gap'] is not None for r in rows)
+  # --resume with the same settings reuses every finished entry.
+  capsys.readouterr()
+  again = horizon.main(argv + ['--resume', path])
+  assert '4 finished entries' in capsys.readouterr().out  # 2 budgets x 2
+  assert again['summary'] == out['summary']
+  text = report.horizon_section(path, data)
+  assert 'speedup muon_lite' in text and 'Partial' not in text
+
+
+def test_horizon_speedup_definition():
+  def run(vals, steps=None):
+    steps = steps or [10 * i for i in range(len(vals))]
+    return {'steps': steps[-1], 'val_steps': steps, 'val_loss': vals,
+            'final_val_loss': vals[-1], 'diverged': False}
+  base = run([4.0, 3.0, 2.0, 1.5, 1.0])  # 40 steps, ends at 1.0
+  # LITE crosses 1.0 halfway between steps 10 (1.2) and 20 (0.8): 2.67x.
+  assert horizon.speedup(run([4.0, 1.2, 0.8, 0.7, 0.6]), base) == (
+      pytest.approx(40 / 15))
+  # LITE ends at 2.0, which the base reaches at step 20: 0.5x.
+  assert horizon.speedup(run([4.0, 3.5, 3.0, 2.5, 2.0]), base) == (
+      pytest.approx(0.5))
+  assert horizon.crossing(run([4.0, float('nan')]), 1.0) is None
+  with pytest.raises(ValueError, match='optimizers'):
+    horizon.resolve_settings(horizon.parse_args(['--optimizers', 'sgd']))
 
 
 def test_lm_override_parsing():
