@@ -40,6 +40,8 @@ three budgets are the quick mode's).
                                          # on 2 idle CPU cores
   python benchmarks/horizon.py --resume benchmarks/results/horizon_quick_cpu.json
                                          # full CPU: + 2048 and 4096 steps, ~2 h
+  python benchmarks/horizon.py --assemble --resume A.json B.json
+                                         # gather finished parts, run nothing
   python benchmarks/horizon.py --gpu     # tiny model up to >= 20 tokens/param
 """
 
@@ -116,8 +118,11 @@ def parse_args(argv=None):
                  help=f'subset of {list(OPTIMIZERS)}')
   p.add_argument('--evals', type=int, default=None,
                  help='validation points per run (>= budget/chunk apart)')
-  p.add_argument('--resume', default=None,
-                 help='reuse finished entries of this results file')
+  p.add_argument('--resume', nargs='*', default=None, metavar='FILE',
+                 help='reuse the finished entries of these results files')
+  p.add_argument('--assemble', action='store_true',
+                 help='only gather the --resume entries into one file (and '
+                 'plot); run nothing; unfinished budgets stay partial')
   p.add_argument('--note', default=None,
                  help='recorded with the results (e.g. machine load)')
   p.add_argument('--out', default=None, help='results folder')
@@ -297,22 +302,27 @@ def summarize(budgets, s):
   return rows
 
 
-def _load_resume(path, s):
-  """Finished {(multiplier, name): entry} of ``path`` if its settings match."""
-  if not path:
-    return {}
-  with open(path) as f:
-    old = json.load(f)
-  o = old.get('settings', {})
-  diff = [k for k in _RESUME_KEYS if o.get(k) != s.get(k)]
-  if diff:
-    print(f'[note] --resume {path}: settings differ in {diff}; not reused')
-    return {}
+def _load_resume(paths, s):
+  """Finished {(multiplier, name): entry} of ``paths`` with matching settings.
+
+  An entry is reused when its file ran the same settings (``_RESUME_KEYS``)
+  and the same number of steps for that multiplier.
+  """
   done = {}
-  for b in old.get('budgets', []):
-    for name, entry in b['optimizers'].items():
-      done[(b['multiplier'], name)] = entry
-  print(f'[note] --resume: {len(done)} finished entries from {path}')
+  for path in paths or ():
+    with open(path) as f:
+      old = json.load(f)
+    o = old.get('settings', {})
+    diff = [k for k in _RESUME_KEYS if o.get(k) != s.get(k)]
+    if diff:
+      print(f'[note] --resume {path}: settings differ in {diff}; not reused')
+      continue
+    n = 0
+    for b in old.get('budgets', []):
+      for name, entry in b['optimizers'].items():
+        done.setdefault((b['multiplier'], name), entry)
+        n += 1
+    print(f'[note] --resume: {n} finished entries from {path}')
   return done
 
 
@@ -351,6 +361,8 @@ def main(argv=None):
     out['budgets'].append(b)
     for name, factory in reg.items():
       entry = done.get((mult, name))
+      if entry is None and args.assemble:
+        continue
       if entry is None:
         entry = run_optimizer(name, factory, s, steps, grids[name], data,
                               trainers)
@@ -360,7 +372,10 @@ def main(argv=None):
       out['summary'] = summarize(out['budgets'], s)
       out['elapsed_s'] = time.perf_counter() - t_start
       _common.write_json(path, out)  # partial results survive a stop
-  out['complete'] = True
+  out['complete'] = all(len(b['optimizers']) == len(reg)
+                        for b in out['budgets'])
+  out['budgets'] = [b for b in out['budgets'] if b['optimizers']]
+  out['summary'] = summarize(out['budgets'], s)
   _common.write_json(path, out)
   if not args.no_plot:
     plot(out, path[:-5] + '.png')

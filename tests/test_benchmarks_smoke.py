@@ -227,6 +227,13 @@ def test_horizon_smoke(out_dir, capsys):
   assert again['summary'] == out['summary']
   text = report.horizon_section(path, data)
   assert 'speedup muon_lite' in text and 'Partial' not in text
+  # --assemble gathers finished parts only: a budget never run is missing.
+  part = horizon.main(argv[:argv.index('--multipliers') + 1] + ['1', '2', '4']
+                      + argv[argv.index('--multipliers') + 3:] +
+                      ['--assemble', '--resume', path])
+  assert not part['complete']
+  assert [b['steps'] for b in part['budgets']] == [8, 16]
+  assert 'Partial' in report.horizon_section(path, _load(path))
 
 
 def test_horizon_speedup_definition():
