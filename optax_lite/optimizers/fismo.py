@@ -19,7 +19,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           damping: float = 1e-3, scale_invariant: bool = False,
           root_method: str = 'eigh', root_iters: int = 30,
           root_eps: float = 0.0, min_eig: float = 1e-5,
-          factor_dtype=jnp.float32, root_every: int = 1,
+          trace_damping: float = 1.0, factor_dtype=jnp.float32, root_every: int = 1,
           max_factor_size: int | None = 4096, method: str = 'polar_express',
           steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
           weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
@@ -64,6 +64,13 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   between, so the roots lag the factors by fewer than ``k`` steps.
   ``root_every=1`` is Algorithm 1 exactly.
 
+  ``trace_damping=1`` (default, not in the paper) adds a ridge of the
+  statistic's own mean eigenvalue to each factor's statistic, which keeps
+  every factor eigenvalue ``>= 1/2`` and the update within twice Muon's
+  spectral norm; without it FISMO diverged on non-square leaves where Muon
+  converged (see :func:`optax_lite.transforms.fisher_whiten`).
+  ``trace_damping=0, min_eig=0`` is Algorithm 1 literally.
+
   Args:
     learning_rate: float or optax schedule for the matrix leaves.
     momentum: ``β`` in ``[0, 1)``.
@@ -72,8 +79,8 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     gamma: factor EMA ``γ`` in ``[0, 1]``.
     damping: ``μ > 0``.
     scale_invariant: normalise the factor statistic before the EMA.
-    root_method, root_iters, root_eps, min_eig, factor_dtype,
-      max_factor_size, root_every: see
+    root_method, root_iters, root_eps, min_eig, trace_damping,
+      factor_dtype, max_factor_size, root_every: see
       :func:`optax_lite.transforms.fisher_whiten`.
     method, steps: polar-factor method, see :func:`optax_lite.polar_factor`.
     scaling, rms: shape scaling as in :func:`optax_lite.muon`.
@@ -101,7 +108,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       fisher_whiten(inner, gamma=gamma, damping=damping,
                     root_method=root_method, root_iters=root_iters,
                     root_eps=root_eps, min_eig=min_eig,
-                    factor_dtype=factor_dtype, root_every=root_every,
+                    trace_damping=trace_damping, factor_dtype=factor_dtype, root_every=root_every,
                     max_factor_size=max_factor_size,
                     scale_invariant=scale_invariant, dims=dims,
                     precision=precision),
