@@ -60,7 +60,8 @@ def check_decay(name: str, x: Any, *, allow_one: bool = False):
   check_number(name, x, low=0.0, high=1.0, high_open=not allow_one)
 
 
-def check_positive(name: str, x: Any, *, allow_zero=False, allow_schedule=False):
+def check_positive(name: str, x: Any, *, allow_zero=False,
+                   allow_schedule=False):
   check_number(name, x, low=0.0, low_open=not allow_zero,
                allow_schedule=allow_schedule)
 

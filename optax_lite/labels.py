@@ -28,7 +28,7 @@ Works on plain dicts, Flax Linen ``params`` and ``flax.nnx`` ``State`` trees.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 
@@ -65,9 +65,11 @@ def _default_label(path: str, leaf, head_names) -> str:
   return 'other'
 
 
+Overrides = Union[Mapping[str, str], Callable[[str, Any], Optional[str]]]
+
+
 def label_params(params, *, head_names=DEFAULT_HEAD_NAMES,
-                 overrides: Mapping[str, str] | Callable[[str, Any],
-                                                         str | None] | None = None,
+                 overrides: Overrides | None = None,
                  detect_head_by_shape: bool = True):
   """Returns a tree of labels (strings) shaped like ``params``.
 
