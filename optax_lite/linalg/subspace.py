@@ -41,11 +41,7 @@ from optax_lite.linalg import polar as polar_lib
 
 
 def _polar(x, method, steps, precision):
-  if method == 'svd':
-    return polar_lib.polar_svd(x)
-  return polar_lib.newton_schulz(
-      x, polar_lib.coefficients(method, steps),
-      norm_factor=polar_lib._NORM_FACTOR[method], precision=precision)
+  return polar_lib.polar_by_method(x, method, steps, precision=precision)
 
 
 def filter_from_polar(m: jax.Array, polar_m: jax.Array, tau: jax.Array, *,

@@ -40,10 +40,19 @@ from optax_lite.transforms.lite import (diagonal_geometry, lite_flat_boost,
 VARIANTS = ('lite', 'lite_l', 'lite_h')
 
 
+def _float(count):
+  """A step count as a float array (float64 when x64 is enabled)."""
+  return jnp.asarray(count, dtype=float)
+
+
 def _cosine(step, warmup, total, peak, min_ratio):
-  """The reference's ``cosine_lr_schedule``: linear warmup, cosine to floor."""
-  step = jnp.asarray(step, jnp.float32)
-  warm = peak * step / max(1, warmup)
+  """The reference's ``cosine_lr_schedule`` at the 0-based ``step``.
+
+  Linear warmup ``peak·(step + 1)/warmup`` for ``step < warmup``, then a
+  cosine from ``peak`` to ``min_ratio·peak``.
+  """
+  step = _float(step)
+  warm = peak * (step + 1) / max(1, warmup)
   frac = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
   cos = min_ratio * peak + (peak - min_ratio * peak) * 0.5 * (
       1 + jnp.cos(jnp.pi * frac))
@@ -63,13 +72,19 @@ def beta2_ramp(beta1: float, beta2: float, *, total_steps: int,
                ) -> optax.Schedule:
   """β₂ ramps linearly from β₁ (t ≤ warmup) to β₂ (t ≥ T_β) (reference).
 
-  ``T_β = ⌊flat_warmup·(total − warmup)⌋ + warmup``.
+  ``T_β = ⌊flat_warmup·(total − warmup)⌋ + warmup``; ``t`` is the 0-based
+  step (the count before the update, as optax's schedules and the
+  reference's iteration counter).
   """
   t_beta = int(flat_warmup * (total_steps - warmup_steps)) + warmup_steps
 
   def schedule(count):
-    t = jnp.asarray(count, jnp.float32)
+    t = _float(count)
+    if t_beta <= 0:
+      return beta2 + 0.0 * t
     frac = jnp.clip((t - warmup_steps) / max(1, t_beta - warmup_steps), 0, 1)
+    # Reference order: t ≥ T_β gives β₂ before t ≤ warmup gives β₁.
+    frac = jnp.where(t >= t_beta, 1.0, frac)
     return beta1 + (beta2 - beta1) * frac
 
   return schedule
@@ -79,6 +94,8 @@ def chi_schedule(chi: float, *, mode: str, total_steps: int,
                  warmup_steps: int = 0, min_lr_ratio: float = 0.1,
                  flat_warmup: float = 0.5) -> optax.Schedule:
   """The reference's ``get_lr_ratio`` under a cosine learning rate.
+
+  Evaluated at the 0-based step (the count before the update).
 
   ``mode="ramp"`` (matrix leaves, ``flat_mode=1``): 1 during warmup, then
   ``min(lr_f/lr_s, 1 + (t − W)/(T − W)·(χ − 1)/T_f)``.
@@ -94,7 +111,7 @@ def chi_schedule(chi: float, *, mode: str, total_steps: int,
     return lr_f / lr_s
 
   def schedule(count):
-    t = jnp.asarray(count, jnp.float32)
+    t = _float(count)
     r = ratio(t)
     if mode == 'decay':
       return jnp.maximum(r, 1.0)
@@ -205,7 +222,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               threshold_rate: float = 1.05,
               threshold_cap: float | None = 1.0,
               threshold_deadband: float = 0.0,
-              sharp_dim_rule: str = 'reference', mu_dtype=None, dims=None,
+              sharp_dim_rule: str = 'reference',
+              filter_route: str = 'small_side', mu_dtype=None, dims=None,
               labels=None, precision=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
@@ -239,6 +257,10 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
     reference_schedules: switch the ramps off.
     threshold_rate, threshold_cap, threshold_deadband, sharp_dim_rule: the
       filter's threshold controller (eq. 13 with the reference's cap).
+    filter_route: ``"small_side"`` (default, the more accurate projector)
+      or ``"reference"`` (the LITE code's ``T = ½(polar(M̃) + polar(M̃/τ −
+      polar(M̃)))``, ``P_flat = I − TᵀT``, reproducing ``muonlite.py``); see
+      :func:`optax_lite.muon_geometry` for the accuracy of each.
   """
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
@@ -251,7 +273,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
                       threshold_cap=threshold_cap,
                       sharp_dim_rule=sharp_dim_rule,
                       threshold_deadband=threshold_deadband,
-                      precision=precision),
+                      precision=precision, filter_route=filter_route),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay)
@@ -397,7 +419,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                flat_weight_decay: bool = True,
                total_steps: int | None = None, warmup_steps: int = 0,
                schedule: str = 'cosine', reference_schedules: bool = True,
-               threshold_rate: float = 1.05, mu_dtype=None, dims=None,
+               threshold_rate: float = 1.05,
+               filter_route: str = 'small_side', mu_dtype=None, dims=None,
                labels=None, precision=None,
                adam_learning_rate: optax.ScalarOrSchedule | None = None,
                adam_b1: float = 0.9, adam_b2: float = 0.95,
@@ -427,7 +450,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
     del flat_decay  # the whitened inner step sees no weights
     inner = lite_flat_boost(
         muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
-                      threshold_rate=threshold_rate, precision=precision),
+                      threshold_rate=threshold_rate, precision=precision,
+                      filter_route=filter_route),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none')
     return optax.chain(

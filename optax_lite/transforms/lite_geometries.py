@@ -31,13 +31,15 @@ Each function returns a :class:`optax_lite.transforms.lite.Geometry` for
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from optax_lite import _checks
 from optax_lite.linalg import subspace
-from optax_lite.transforms.lite import Geometry, LeafDirections
+from optax_lite.transforms.lite import (Geometry, LeafDirections,
+                                        smooth_fraction)
 from optax_lite.transforms.row_normalize import AXES, normalize_matrix
 
 # The module, not the function of the same name that the package exports.
@@ -137,6 +139,12 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
   return Geometry(init, directions, needs_matrix=True, momentum_ema=True)
 
 
+class RowNormGeometryState(NamedTuple):
+  """Per-leaf state of :func:`row_norm_geometry` (thresholds of eq. 16–18)."""
+  l_sharp: jax.Array   # (batch,): sharp threshold factor l_s
+  l_smooth: jax.Array  # (batch,): smooth threshold factor
+
+
 def row_norm_geometry(*, axis: str = 'input', eps: float = 1e-12,
                       sharp_ratio: float = 0.1, smooth_ratio: float = 0.1,
                       threshold_rate: float = 1.05) -> Geometry:
@@ -150,12 +158,12 @@ def row_norm_geometry(*, axis: str = 'input', eps: float = 1e-12,
   _checks.check_choice('axis', axis, AXES)
   _checks.check_positive('eps', eps)
   _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
-  smooth = min(1.0 - sharp_ratio, smooth_ratio)
+  smooth = smooth_fraction(sharp_ratio, smooth_ratio)
   red = -2 if axis == 'input' else -1
 
   def init(view, param):
     del param
-    return _mask_state(view.matrix_shape[0])
+    return RowNormGeometryState(*_mask_state(view.matrix_shape[0]))
 
   def directions(view, m_term, g, leaf_state, count, need_g):
     del count
@@ -168,7 +176,8 @@ def row_norm_geometry(*, axis: str = 'input', eps: float = 1e-12,
     units = unit_sq.shape[-1] if axis == 'input' else unit_sq.shape[-2]
     s = subspace.soft_mask(unit_sq, l_s, l_m, axes=(-2, -1))
     new_s, new_m = subspace.adapt_mask_thresholds(
-        unit_sq, l_s, l_m, max(1.0, sharp_ratio * units), smooth * units,
+        unit_sq, l_s, l_m, jnp.maximum(1.0, sharp_ratio * units),
+        smooth * units,
         axes=(-2, -1), rate=threshold_rate)
 
     def flat(x):
@@ -178,6 +187,7 @@ def row_norm_geometry(*, axis: str = 'input', eps: float = 1e-12,
       return view.to_matrix(w).astype(jnp.float32)
 
     return LeafDirections(d_m, d_g, flat, view.from_matrix, to_coords,
-                          (new_s, new_m))
+                          RowNormGeometryState(new_s, new_m))
 
-  return Geometry(init, directions, needs_matrix=True, momentum_ema=False)
+  return Geometry(init, directions, needs_matrix=True, momentum_ema=False,
+                  state_type=RowNormGeometryState)
