@@ -8,6 +8,7 @@ from flax import linen as nn
 from flax import nnx
 
 import optax_lite as ol
+from optimizer_zoo import NAMED, make
 
 D, HEADS, HEAD_DIM = 8, 2, 4
 
@@ -137,17 +138,23 @@ def test_flax_matrix_dims_of_a_module_says_what_to_pass():
     ol.flax_matrix_dims(_nnx_attention())
 
 
-def test_complex_leaf_error_says_what_to_do():
-  params = {'w': jnp.ones((4, 3), jnp.complex64)}
-  tx = ol.muon(0.1)
+@pytest.mark.parametrize('name', NAMED)
+def test_complex_leaf_error_says_what_to_do(name):
+  """Every named optimizer refuses a complex matrix leaf with the hint."""
+  params = {'w': jnp.ones((4, 3), jnp.complex64), 'v': jnp.ones((4, 3))}
+  tx = make(name)
   with pytest.raises(TypeError, match='(?i)complex') as err:
     tx.update(params, tx.init(params), params)
   msg = str(err.value)
   assert 'integer' not in msg.lower()
-  assert 'real' in msg and 'labels' in msg
-  # What the message suggests works: send the leaf to AdamW by label.
+  assert 'real' in msg and 'labels=' in msg
+
+
+def test_complex_leaf_routed_to_adamw_as_the_hint_says():
+  params = {'w': jnp.ones((4, 3), jnp.complex64), 'v': jnp.ones((4, 3))}
   tx = ol.muon(0.1, labels=lambda p: ol.label_params(
       p, overrides={'^w$': 'other'}))
   upd, _ = tx.update(params, tx.init(params), params)
   assert upd['w'].dtype == jnp.complex64
   assert np.all(np.isfinite(np.asarray(upd['w']).view(np.float32)))
+  assert np.any(np.asarray(upd['w']) != 0)
