@@ -103,6 +103,24 @@ def test_coefficient_table():
   np.testing.assert_allclose(t[0, 0], 8.28721201814563 / 1.01)
 
 
+@pytest.mark.parametrize('method', ['polar_express', 'jordan', 'cubic',
+                                    'svd'])
+def test_polar_by_method_is_the_one_dispatch(method):
+  """``polar_by_method`` is what ``polar_factor`` and ``orthogonalize`` run,
+  and Polar Express normalises by 1.01·‖X‖_F (its tuned σ_max)."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, 7))
+  got = polar_lib.polar_by_method(x, method)
+  np.testing.assert_allclose(got, ol.polar_factor(x, method), atol=1e-6)
+  u, _ = ol.orthogonalize(method).update({'w': x[0]}, optax.EmptyState())
+  np.testing.assert_allclose(u['w'], got[0], atol=1e-6)
+  if method == 'polar_express':
+    plain = polar_lib.newton_schulz(x, polar_lib.coefficients(method))
+    assert float(jnp.max(jnp.abs(plain - got))) > 1e-4  # factor matters
+    scaled = polar_lib.newton_schulz(x, polar_lib.coefficients(method),
+                                     norm_factor=1.01)
+    np.testing.assert_allclose(scaled, got, atol=1e-6)
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(method='newton'), 'method'), (dict(steps=0), 'steps'),
     (dict(steps=2.5), 'steps')])

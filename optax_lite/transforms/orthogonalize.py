@@ -31,26 +31,16 @@ def polar_of_leaf(view, x, method, steps, eps, precision, ns_dtype=None):
   """The polar factor of one leaf through its matrix view (None: identity)."""
   if view is None:
     return x
-  mat = view.to_matrix(x)
-  if method == 'svd':
-    out = polar_lib.polar_svd(mat)
-  else:
-    out = polar_lib.newton_schulz(
-        mat, polar_lib.coefficients(method, steps),
-        norm_factor=polar_lib._NORM_FACTOR[method], eps=eps,
-        precision=precision, ns_dtype=ns_dtype)
+  out = polar_lib.polar_by_method(view.to_matrix(x), method, steps, eps=eps,
+                                  precision=precision, ns_dtype=ns_dtype)
   return view.from_matrix(out)
 
 
 def polar_kernel(method, steps, eps, precision, ns_dtype=None):
   """The batched polar factor ``(B, m, n) -> (B, m, n)`` of a method."""
   def fn(x):
-    if method == 'svd':
-      return polar_lib.polar_svd(x)
-    return polar_lib.newton_schulz(
-        x, polar_lib.coefficients(method, steps),
-        norm_factor=polar_lib._NORM_FACTOR[method], eps=eps,
-        precision=precision, ns_dtype=ns_dtype)
+    return polar_lib.polar_by_method(x, method, steps, eps=eps,
+                                     precision=precision, ns_dtype=ns_dtype)
   return fn
 
 
