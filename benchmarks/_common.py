@@ -174,7 +174,8 @@ def time_fn(fn, *args, warmup: int = 1, repeats: int = 5,
     if (max_seconds is not None and len(times) >= min_repeats and
         time.perf_counter() - t_start > max_seconds):
       break
-  return {'median_s': statistics.median(times), 'mean_s': statistics.fmean(times),
+  return {'median_s': statistics.median(times),
+          'mean_s': statistics.fmean(times),
           'min_s': min(times), 'repeats': len(times)}
 
 
@@ -193,13 +194,14 @@ def tree_bytes(tree) -> int:
   total = 0
   for x in jax.tree.leaves(tree):
     if hasattr(x, 'shape') and hasattr(x, 'dtype'):
-      total += int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+      n = int(np.prod(x.shape, dtype=np.int64))
+      total += n * np.dtype(x.dtype).itemsize
   return total
 
 
 def tree_size(tree) -> int:
-  return sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree)
-             if hasattr(x, 'shape'))
+  return sum(int(np.prod(x.shape, dtype=np.int64))
+             for x in jax.tree.leaves(tree) if hasattr(x, 'shape'))
 
 
 def state_bytes_per_param(tx, params) -> float:

@@ -38,7 +38,8 @@ three budgets are the quick mode's).
 
   python benchmarks/horizon.py --quick   # nano, 32/128/512 steps: <= 10 min
                                          # on 2 idle CPU cores
-  python benchmarks/horizon.py --resume benchmarks/results/horizon_quick_cpu.json
+  python benchmarks/horizon.py --resume \
+      benchmarks/results/horizon_quick_cpu.json
                                          # full CPU: + 2048 and 4096 steps, ~2 h
   python benchmarks/horizon.py --assemble --resume A.json B.json
                                          # gather finished parts, run nothing
