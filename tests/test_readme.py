@@ -80,6 +80,12 @@ def test_directives_are_parsed(tmp_path):
 
 
 @pytest.mark.parametrize('rel,line,code', _cases())
-def test_block_runs(rel, line, code):
+def test_block_runs(rel, line, code, request):
+  if request.node.get_closest_marker('multidevice'):
+    import jax
+    # As in test_multidevice.py: fewer devices is a failure, not a skip.
+    assert jax.device_count() >= 8, (
+        f'{rel}:{line} needs 8 devices: run it as ./run test does, with '
+        'XLA_FLAGS=--xla_force_host_platform_device_count=8 -m multidevice')
   namespace = {'__name__': '__main__'}
   exec(compile(code, f'{rel}:{line}', 'exec'), namespace)  # noqa: S102
