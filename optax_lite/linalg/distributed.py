@@ -33,17 +33,28 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+LAYOUTS = ('sharded', 'replicated')
+
+
 class PolarSharding(NamedTuple):
-  """Where to spread polar-factor work: a mesh and some of its axis names.
+  """Where to spread per-matrix work: a mesh, some of its axes, a layout.
 
   Attributes:
     mesh: a ``jax.sharding.Mesh``.
-    axes: mesh axis name(s) over which the stacked matrices are split;
+    axes: mesh axis name(s) over which whole matrices are spread;
       ``None`` (default) uses all axes of the mesh, i.e. every device gets a
       share. Devices along axes not named here repeat their share.
+    layout: how the parameters (and so the gradients) are laid out:
+      ``"sharded"`` (default; FSDP / tensor parallel: the inputs reach their
+      owner by one all-to-all, ``≈ |W| / D`` bytes per device) or
+      ``"replicated"`` (data parallel: each device slices its own inputs,
+      no input collective). Either is correct for any layout; the other
+      one moves more bytes (``"sharded"`` on replicated parameters makes
+      XLA shard the preceding elementwise work and gather it back).
   """
   mesh: Mesh
   axes: str | tuple[str, ...] | None = None
+  layout: str = 'sharded'
 
   def axis_names(self) -> tuple[str, ...]:
     if self.axes is None:
@@ -62,13 +73,16 @@ def check_polar_sharding(spec: Any, name: str = 'shard_polar'
   if isinstance(spec, Mesh):
     spec = PolarSharding(spec)
   elif isinstance(spec, tuple) and not isinstance(spec, PolarSharding):
-    if len(spec) != 2 or not isinstance(spec[0], Mesh):
+    if len(spec) not in (2, 3) or not isinstance(spec[0], Mesh):
       raise TypeError(f'{name} must be a PolarSharding, a Mesh or a '
-                      f'(mesh, axes) pair, got {spec!r}.')
+                      f'(mesh, axes[, layout]) tuple, got {spec!r}.')
     spec = PolarSharding(*spec)
   if not isinstance(spec, PolarSharding):
     raise TypeError(f'{name} must be a PolarSharding, a Mesh or a '
                     f'(mesh, axes) pair, got {type(spec).__name__}.')
+  if spec.layout not in LAYOUTS:
+    raise ValueError(f'{name}: layout must be one of {LAYOUTS}, got '
+                     f'{spec.layout!r}.')
   for a in spec.axis_names():
     if a not in spec.mesh.axis_names:
       raise ValueError(f'{name}: axis {a!r} is not an axis of the mesh '

@@ -209,83 +209,134 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
   cost = cost or matrix_cost
   n_items = [sum(sz) for sz in sizes]
   costs = [float(cost([s for s, _ in gkey[0]])) for gkey, _ in glist]
+  return _owner_computes(call, glist, stacks, sizes, n_items, costs, spec,
+                         out)
+
+
+def _split_axis(shape: tuple[int, ...], num: int) -> int | None:
+  """The per-slice axis to split over ``num`` devices (largest divisible)."""
+  best = None
+  for a, n in enumerate(shape):
+    if n % num == 0 and (best is None or n > shape[best]):
+      best = a
+  return best
+
+
+def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
+  """The multi-device half of :func:`grouped_map`.
+
+  Per group, the items are put in owner order (device 0's items, padded
+  with zero items to ``K_g``, then device 1's, ...) by a gather along the
+  unsharded item axis.
+
+  ``spec.layout == "sharded"`` (FSDP / TP parameters): each array is split
+  over the devices along one per-slice axis (the largest one divisible by
+  ``D``), which for an FSDP parameter is its own layout; one ``all_to_all``
+  inside ``shard_map`` then gives every device its ``K_g`` whole items
+  (``≈ |group| / D`` bytes received). ``"replicated"`` (data parallelism):
+  the arrays enter replicated and each device slices its own rows, no
+  collective. Either way the device's branch computes the first
+  ``k_{g,d}`` items, and the reverse ``all_to_all`` returns the results
+  split along one axis (arrays with no divisible axis: gathered).
+  """
   num = spec.num_shards()
+  gather_in = spec.layout == 'replicated'
   asg = assign_lpt(n_items, costs, num)
-  kmax = asg.counts.max(axis=0)  # K_g
-  # Per group, (D, K_g) table of item rows; unused slots point at row 0
-  # (never computed: each branch takes only its first k_{g,d} entries).
-  tables = []
-  for g in range(len(glist)):
-    t = np.zeros((num, max(1, kmax[g])), np.int32)
-    t[asg.device[g], asg.slot[g]] = np.arange(n_items[g])
-    tables.append(t)
-  vectors = sorted({tuple(c) for c in asg.counts})
-  branch_of = np.asarray([vectors.index(tuple(c)) for c in asg.counts],
-                         np.int32)
-  # Per-slice output structure of each group.
+  kmax = [max(1, int(k)) for k in asg.counts.max(axis=0)]
+  axes = spec.axis_names()
+  ax = axes if len(axes) > 1 else axes[0]
+  vectors = sorted({tuple(int(c) for c in row) for row in asg.counts})
+  branch_of = np.asarray([vectors.index(tuple(int(c) for c in row))
+                          for row in asg.counts], np.int32)
   out_struct = []
   for (gkey, _), stack in zip(glist, stacks):
     one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype) for x in stack]
     out_struct.append(jax.eval_shape(lambda *xs, k=gkey[1]: call(k, *xs),
                                      *one))
 
-  def make_branch(vec):
-    def branch(d, *flat_stacks):
-      res = []
-      pos = 0
-      for g, (gkey, _) in enumerate(glist):
-        k_in = len(stacks[g])
-        stack = flat_stacks[pos:pos + k_in]
-        pos += k_in
-        c, kg = vec[g], max(1, int(kmax[g]))
-        if c == 0:
-          res.append(jax.tree.map(
-              lambda s, kg=kg: jnp.zeros((kg,) + s.shape[1:], s.dtype),
-              out_struct[g]))
-          continue
-        rows = jnp.asarray(tables[g])[d, :c]
-        y = call(gkey[1], *(jnp.take(x, rows, axis=0) for x in stack))
-        pad = kg - c
-        if pad:
-          y = jax.tree.map(lambda a, pad=pad: jnp.concatenate(
-              [a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]), y)
-        res.append(y)
-      return res
-    return branch
+  def pspec(ndim, axis):
+    parts = [None] * ndim
+    if axis is not None:
+      parts[axis] = ax
+    return P(*parts)
 
-  branches = [make_branch(v) for v in vectors]
-  axes = spec.axis_names()
-  ax = axes if len(axes) > 1 else axes[0]
-  flat_stacks = [x for stack in stacks for x in stack]
+  # Owner-ordered inputs: row d*K + k is item (d, k); pads read a zero row.
+  flat_in, in_specs, in_axes, perms = [], [], [], []
+  for g, stack in enumerate(stacks):
+    perm = np.full(num * kmax[g], n_items[g], np.int64)
+    perm[asg.device[g].astype(np.int64) * kmax[g] + asg.slot[g]] = (
+        np.arange(n_items[g]))
+    perms.append(perm)
+    for x in stack:
+      x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+      x = jnp.take(x, jnp.asarray(perm, np.int32), axis=0)
+      a = None if gather_in else _split_axis(x.shape[1:], num)
+      axis = None if a is None else a + 1
+      sh = pspec(x.ndim, axis)
+      flat_in.append(jax.lax.with_sharding_constraint(
+          x, NamedSharding(spec.mesh, sh)))
+      in_specs.append(sh)
+      in_axes.append(axis)
+  out_axes = [jax.tree.map(lambda o: _split_axis(o.shape[1:], num), st)
+              for st in out_struct]
 
   def body(dev, *xs):
     d = dev[0]
-    if len(branches) == 1:
-      res = branches[0](d, *xs)
-    else:
-      res = jax.lax.switch(jnp.asarray(branch_of)[d], branches, d, *xs)
-    return jax.tree.map(lambda a: a[None], res)
+    local = []
+    for x, axis in zip(xs, in_axes):
+      if axis is None:  # replicated: take this device's K rows
+        k = x.shape[0] // num
+        local.append(jax.lax.dynamic_slice_in_dim(x, d * k, k, axis=0))
+      else:
+        local.append(jax.lax.all_to_all(x, ax, 0, axis, tiled=True))
 
-  in_specs = (P(ax),) + tuple(P() for _ in flat_stacks)
-  out_specs = [jax.tree.map(lambda _: P(ax), s) for s in out_struct]
-  mapped = jax.shard_map(body, mesh=spec.mesh, in_specs=in_specs,
+    def make_branch(vec):
+      def branch(*ls):
+        res, pos = [], 0
+        for g, (gkey, _) in enumerate(glist):
+          k_in = len(stacks[g])
+          grp = ls[pos:pos + k_in]
+          pos += k_in
+          c, kg = vec[g], kmax[g]
+          if c == 0:
+            res.append(jax.tree.map(
+                lambda o, kg=kg: jnp.zeros((kg,) + o.shape[1:], o.dtype),
+                out_struct[g]))
+            continue
+          y = call(gkey[1], *(x[:c] for x in grp))
+          if kg > c:
+            y = jax.tree.map(lambda o, pad=kg - c: jnp.concatenate(
+                [o, jnp.zeros((pad,) + o.shape[1:], o.dtype)]), y)
+          res.append(y)
+        return res
+      return branch
+
+    branches = [make_branch(v) for v in vectors]
+    if len(branches) == 1:
+      res = branches[0](*local)
+    else:
+      res = jax.lax.switch(jnp.asarray(branch_of)[d], branches, *local)
+
+    def back(y, a):
+      if a is None:
+        return y  # (K, ...) block of the (D*K, ...) output
+      return jax.lax.all_to_all(y, ax, a + 1, 0, tiled=True)
+
+    return [jax.tree.map(back, r, oa) for r, oa in zip(res, out_axes)]
+
+  out_specs = [jax.tree.map(
+      lambda o, a: pspec(o.ndim, 0 if a is None else a + 1), st, oa)
+      for st, oa in zip(out_struct, out_axes)]
+  mapped = jax.shard_map(body, mesh=spec.mesh,
+                         in_specs=(P(ax),) + tuple(in_specs),
                          out_specs=out_specs, check_vma=False)
-  replicated = NamedSharding(spec.mesh, P())
-  flat_stacks = [jax.lax.with_sharding_constraint(x, replicated)
-                 for x in flat_stacks]
   dev_ids = jax.lax.with_sharding_constraint(
       jnp.arange(num, dtype=jnp.int32), NamedSharding(spec.mesh, P(ax)))
-  bufs = mapped(dev_ids, *flat_stacks)
-  for g, ((gkey, idx), sz) in enumerate(zip(glist, sizes)):
-    kg = max(1, int(kmax[g]))
-    flat_index = asg.device[g].astype(np.int64) * kg + asg.slot[g]
-
-    def collect(a, kg=kg, flat_index=flat_index):
-      a = jax.lax.with_sharding_constraint(a, replicated)  # the all-gather
-      a = a.reshape((num * kg,) + a.shape[2:])
-      return jnp.take(a, jnp.asarray(flat_index, np.int32), axis=0)
-
-    res = jax.tree.map(collect, bufs[g])
+  bufs = mapped(dev_ids, *flat_in)
+  for g, ((_, idx), sz) in enumerate(zip(glist, sizes)):
+    inv = (asg.device[g].astype(np.int64) * kmax[g] + asg.slot[g])
+    res = jax.tree.map(lambda y, inv=inv: jnp.take(
+        y, jnp.asarray(inv, np.int32), axis=0), bufs[g])
     for i, piece in zip(idx, _split(res, sz)):
       out[i] = piece
   return out
