@@ -82,7 +82,7 @@ def train(name, tx, data, val, args):
   return curve, time.perf_counter() - t0
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument('--steps', type=int, default=500)
   ap.add_argument('--batch', type=int, default=128)
@@ -90,7 +90,7 @@ def main():
   ap.add_argument('--eval-every', type=int, default=50)
   ap.add_argument('--lr', type=float, default=1e-2)
   ap.add_argument('--out', default='demo_out')
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
 
   data = load_bytes()
   split = int(0.9 * len(data))
