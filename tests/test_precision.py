@@ -275,3 +275,41 @@ def test_muon_lite_update_within_10_percent_of_float32(emulation):
   with emulate_matmul_precision(emulation):
     emu = run()
   assert _rel(emu, ref) <= 0.10
+
+
+# --------------------------------------------------------------------------
+# The policy's float32 kernels and the per-optimizer override
+# --------------------------------------------------------------------------
+
+
+def test_float32_kernels_are_never_rounded():
+  q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((24, 24)))
+  a = jnp.asarray((q * np.logspace(0, -3, 24)) @ q.T, jnp.float32)
+  f = jax.jit(lambda a: (ol.linalg.inverse_root(a, 2, method='newton'),
+                         ol.linalg.inverse_root(a, 2, method='eigh')))
+  ref = f(a)
+  for emulation in EMULATIONS:
+    with emulate_matmul_precision(emulation):
+      got = f(a)
+    for x, y in zip(got, ref):
+      np.testing.assert_array_equal(x, y)
+
+
+def _one_update(name, **kw):
+  params = {'layer': {'kernel': jnp.zeros((16, 24), jnp.float32)}}
+  grads = {'layer': {'kernel': _matrix(16, 24, np.logspace(0, -1, 16), 9)}}
+  tx = zoo.make(name, learning_rate=0.1, **kw)
+  return jax.jit(lambda: tx.update(grads, tx.init(params), params)[0])
+
+
+@pytest.mark.parametrize('name', ['muon', 'fismo', 'muon_lite'])
+def test_precision_override_per_optimizer(name):
+  """``precision="highest"`` keeps every product in float32 under emulation;
+  the default (policy) does not."""
+  highest, policy = _one_update(name, precision='highest'), _one_update(name)
+  ref = highest()
+  with emulate_matmul_precision('bfloat16'):
+    got_highest, got_policy = highest(), policy()
+  np.testing.assert_array_equal(got_highest['layer']['kernel'],
+                                ref['layer']['kernel'])
+  assert _rel(got_policy['layer']['kernel'], ref['layer']['kernel']) > 1e-4
