@@ -73,3 +73,21 @@ def unzip(tree, n: int, like):
   leaves = treedef.flatten_up_to(tree)
   return tuple(treedef.unflatten([leaf[i] for leaf in leaves])
                for i in range(n))
+
+
+def identity_placeholder(dtype, batch_shape: tuple[int, ...] = ()
+                         ) -> jax.Array:
+  """State leaf standing for an identity (not stored) Kronecker side.
+
+  Shape ``batch_shape + (1,)``: ``(1,)`` for one matrix (``fisher_whiten``),
+  ``(B, 1)`` for a batch of ``B`` (``kron_precondition``). A stored factor
+  has shape ``batch_shape + (d, d)``, one more dimension, which is how
+  :func:`is_identity_placeholder` tells them apart. One element, not zero:
+  orbax-checkpoint refuses zero-size arrays.
+  """
+  return jax.numpy.zeros(tuple(batch_shape) + (1,), dtype)
+
+
+def is_identity_placeholder(x, batch_ndim: int = 0) -> bool:
+  """True for a leaf made by :func:`identity_placeholder` (static: by rank)."""
+  return x.ndim == batch_ndim + 1

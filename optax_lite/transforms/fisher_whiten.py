@@ -135,7 +135,8 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -158,21 +159,66 @@ class FisherWhitenState(NamedTuple):
   q_isqrt: optax.Updates
 
 
-def _empty(dtype):
-  """Placeholder leaf for an identity (not stored) factor.
+class _Config(NamedTuple):
+  """The hyperparameters every per-leaf function needs."""
+  gamma: Any
+  damping: Any
+  min_eig: Any
+  trace_damping: Any
+  scale_invariant: bool
+  root_method: str
+  root_iters: Any
+  root_eps: Any
+  factor_dtype: Any
+  precision: Any
 
-  One element, not zero: orbax-checkpoint refuses zero-size arrays. Real
-  factors have rank >= 2, so rank 1 marks the placeholder.
-  """
-  return jnp.zeros((1,), dtype)
+
+class _Pair(NamedTuple):
+  """One leaf's output-side (``p``) and input-side (``q``) matrices, as
+  ``(b, d, d)`` arrays; ``None`` marks an identity side."""
+  p: jax.Array | None
+  q: jax.Array | None
 
 
-def _is_identity(f) -> bool:
-  return f.ndim == 1
+class _Factors(NamedTuple):
+  """Steps 4–5 of Algorithm 1 for one leaf: the new factors and the inverse
+  square roots used this step (``None`` on identity sides)."""
+  new: _Pair
+  isqrt: _Pair
+
+
+class _LeafStep(NamedTuple):
+  """What whitening one leaf produces, as stored leaves (placeholders on
+  identity sides)."""
+  whitened: jax.Array
+  p: jax.Array         # P_t
+  q: jax.Array         # Q_t
+  p_isqrt: jax.Array   # the roots used this step (to map back)
+  q_isqrt: jax.Array
+  p_cache: jax.Array   # the roots cached for the next steps
+  q_cache: jax.Array
 
 
 def _trace(a):
   return jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
+
+
+def _is_identity(f) -> bool:
+  return _tree.is_identity_placeholder(f)
+
+
+def _mm(a, b, cfg: _Config):
+  return jnp.matmul(a, b, precision=cfg.precision)
+
+
+def _isqrt(a, cfg: _Config):
+  return roots_lib.inverse_root(a, 2, method=cfg.root_method,
+                                eps=cfg.root_eps, iters=cfg.root_iters,
+                                precision=cfg.precision)
+
+
+def _compute_dtype(cfg: _Config):
+  return jnp.promote_types(cfg.factor_dtype, jnp.float32)
 
 
 def factor_step(prev: jax.Array, stat: jax.Array, gamma: float,
@@ -210,6 +256,151 @@ def factor_step(prev: jax.Array, stat: jax.Array, gamma: float,
   if min_eig:
     f = (1.0 - min_eig) * f + min_eig * eye
   return f
+
+
+def _gram(a, transpose_first: bool, cfg: _Config):
+  """``aᵀa`` or ``aaᵀ``: symmetric positive semi-definite in floating point
+  too."""
+  at = jnp.swapaxes(a, -1, -2)
+  return _mm(at, a, cfg) if transpose_first else _mm(a, at, cfg)
+
+
+def _factors(x, prev: _Pair, cached: _Pair | None, cfg: _Config
+             ) -> _Factors:
+  """Steps 4–5 of Algorithm 1 for ``x`` of shape ``(b, fan_in, fan_out)``.
+
+  ``cached=None``: exact roots (``Q_{t-1}^{-1/2}`` for the P statistic, then
+  ``P_t^{-1/2}``, ``Q_t^{-1/2}``); otherwise the cached ``P_s^{-1/2}``,
+  ``Q_s^{-1/2}`` are used instead and no root is computed.
+  """
+  r, c = x.shape[-2:]
+  p_new = q_new = p_isqrt = q_isqrt = None
+  step = functools.partial(
+      factor_step, gamma=cfg.gamma, damping=cfg.damping,
+      scale_invariant=cfg.scale_invariant, min_eig=cfg.min_eig,
+      trace_damping=cfg.trace_damping)
+  if prev.p is not None:  # Step 4: P from Q_{t-1}; L = Xᵀ Q⁻¹ X / fan_in.
+    qx = x
+    if prev.q is not None:
+      q_root = _isqrt(prev.q, cfg) if cached is None else cached.q
+      qx = _mm(q_root, x, cfg)
+    p_new = step(prev.p, _gram(qx, True, cfg) / r)
+    p_isqrt = _isqrt(p_new, cfg) if cached is None else cached.p
+  if prev.q is not None:  # Step 5: Q from the new P; R = X P⁻¹ Xᵀ / fan_out.
+    xp = x if prev.p is None else _mm(x, p_isqrt, cfg)
+    q_new = step(prev.q, _gram(xp, False, cfg) / c)
+    q_isqrt = _isqrt(q_new, cfg) if cached is None else cached.q
+  return _Factors(_Pair(p_new, q_new), _Pair(p_isqrt, q_isqrt))
+
+
+def _sandwich(x, isqrt: _Pair, cfg: _Config):
+  """``Q^{-1/2} x P^{-1/2}`` (Flax view); ``None`` sides are the identity."""
+  if isqrt.q is not None:
+    x = _mm(isqrt.q, x, cfg)
+  if isqrt.p is not None:
+    x = _mm(x, isqrt.p, cfg)
+  return x
+
+
+def _as_matrices(view, p, q, cfg: _Config) -> _Pair:
+  """Stored leaves -> ``(b, d, d)`` compute-dtype matrices (``None`` for
+  placeholders)."""
+  b, r, c = view.matrix_shape
+  ct = _compute_dtype(cfg)
+  return _Pair(None if _is_identity(p) else p.reshape(b, c, c).astype(ct),
+               None if _is_identity(q) else q.reshape(b, r, r).astype(ct))
+
+
+def _init_leaf(view, x, cfg: _Config, max_factor_size, cache: bool):
+  """-> ``(P_0, Q_0, P cache, Q cache)`` for one leaf (``I`` or
+  placeholders)."""
+  del x
+  empty = _tree.identity_placeholder(cfg.factor_dtype)
+  def eye(d):
+    if max_factor_size is not None and d > max_factor_size:
+      return empty
+    return jnp.broadcast_to(jnp.eye(d, dtype=cfg.factor_dtype),
+                            view.batch_shape + (d, d))
+  p, q = (empty, empty) if view is None else (eye(view.cols), eye(view.rows))
+  if cache:  # Cached roots start at I (overwritten on the first step).
+    return p, q, p, q
+  return p, q, empty, empty
+
+
+def _whiten_leaf(view, g, p, q, p_cache, q_cache, refresh, cfg: _Config,
+                 cache: bool) -> _LeafStep:
+  """Steps 4–6 of Algorithm 1 for one leaf (the roots from the cache on the
+  steps between refreshes when ``cache``)."""
+  if view is None:
+    return _LeafStep(g, p, q, p, q, p_cache, q_cache)
+  x = view.to_matrix(g).astype(_compute_dtype(cfg))  # = paper Gᵀ
+  prev = _as_matrices(view, p, q, cfg)
+  if not cache:
+    f = _factors(x, prev, None, cfg)
+  else:
+    cached = _as_matrices(view, p_cache, q_cache, cfg)
+
+    def fresh(x, prev, cached):
+      del cached
+      return _factors(x, prev, None, cfg)
+
+    def lagged(x, prev, cached):
+      return _factors(x, prev, cached, cfg)
+
+    # Only the chosen branch runs: skipped steps compute no root.
+    f = jax.lax.cond(refresh, fresh, lagged, x, prev, cached)
+
+  def store(m, like):
+    if m is None:
+      return like
+    return m.astype(cfg.factor_dtype).reshape(view.batch_shape
+                                              + m.shape[-2:])
+
+  used_p, used_q = store(f.isqrt.p, p), store(f.isqrt.q, q)
+  if cache:  # The roots used this step, stored for the next ones.
+    p_cache, q_cache = store(f.isqrt.p, p_cache), store(f.isqrt.q, q_cache)
+  return _LeafStep(
+      whitened=view.from_matrix(_sandwich(x, f.isqrt, cfg)).astype(g.dtype),
+      p=store(f.new.p, p), q=store(f.new.q, q), p_isqrt=used_p,
+      q_isqrt=used_q, p_cache=p_cache, q_cache=q_cache)
+
+
+def _unwhiten_leaf(view, u, p_isqrt, q_isqrt, cfg: _Config):
+  """Step 8's map back: ``Q^{-1/2} U P^{-1/2}`` in the Flax view."""
+  if view is None:
+    return u
+  x = view.to_matrix(u).astype(_compute_dtype(cfg))
+  x = _sandwich(x, _as_matrices(view, p_isqrt, q_isqrt, cfg), cfg)
+  return view.from_matrix(x).astype(u.dtype)
+
+
+def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
+          cache: bool) -> FisherWhitenState:
+  out = _tree.map_leaves(
+      functools.partial(_init_leaf, cfg=cfg, max_factor_size=max_factor_size,
+                        cache=cache), params, dims=dims, name='params')
+  p, q, p_cache, q_cache = _tree.unzip(out, 4, params)
+  return FisherWhitenState(count=jnp.zeros([], jnp.int32), p=p, q=q,
+                           inner_state=inner.init(params),
+                           p_isqrt=p_cache, q_isqrt=q_cache)
+
+
+def _update(updates, state: FisherWhitenState, params=None, *, inner,
+            cfg: _Config, dims, root_every, cache: bool):
+  del params  # the inner transform lives in the whitened space
+  refresh = state.count % root_every == 0
+  out = _tree.map_leaves(
+      functools.partial(_whiten_leaf, refresh=refresh, cfg=cfg, cache=cache),
+      updates, state.p, state.q, state.p_isqrt, state.q_isqrt, dims=dims)
+  step = _LeafStep(*_tree.unzip(out, len(_LeafStep._fields), updates))
+  inner_updates, inner_state = inner.update(step.whitened, state.inner_state,
+                                            None)
+  new_updates = _tree.map_leaves(
+      functools.partial(_unwhiten_leaf, cfg=cfg), inner_updates,
+      step.p_isqrt, step.q_isqrt, dims=dims)
+  return new_updates, FisherWhitenState(
+      count=optax.safe_increment(state.count), p=step.p, q=step.q,
+      inner_state=inner_state, p_isqrt=step.p_cache, q_isqrt=step.q_cache)
 
 
 def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
@@ -278,146 +469,18 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   if max_factor_size is not None:
     _checks.check_int('max_factor_size', max_factor_size, low=1)
   _checks.check_int('root_every', root_every, low=1)
-  root_every = int(root_every)
-  cache = root_every > 1
   factor_dtype = jnp.dtype(factor_dtype)
   if not jnp.issubdtype(factor_dtype, jnp.floating):
     raise ValueError(f'factor_dtype must be a floating dtype, got '
                      f'{factor_dtype}.')
-  gamma, damping, min_eig = float(gamma), float(damping), float(min_eig)
-  trace_damping = float(trace_damping)
-
-  def keep(size: int) -> bool:
-    return max_factor_size is None or size <= max_factor_size
-
-  def mm(a, b):
-    return jnp.matmul(a, b, precision=precision)
-
-  def root(a, p):
-    return roots_lib.inverse_root(a, p, method=root_method, eps=root_eps,
-                                  iters=root_iters, precision=precision)
-
-  def init_fn(params):
-    def leaf(view, x):
-      if view is None:
-        return _empty(factor_dtype), _empty(factor_dtype)
-      def eye(d):
-        if not keep(d):
-          return _empty(factor_dtype)
-        return jnp.broadcast_to(jnp.eye(d, dtype=factor_dtype),
-                                view.batch_shape + (d, d))
-      return eye(view.cols), eye(view.rows)
-
-    pq = _tree.map_leaves(leaf, params, dims=dims, name='params')
-    p, q = _tree.unzip(pq, 2, params)
-    if cache:  # Cached roots start at I (overwritten on the first step).
-      p_isqrt, q_isqrt = p, q
-    else:
-      p_isqrt = q_isqrt = jax.tree.map(lambda _: _empty(factor_dtype), params)
-    return FisherWhitenState(count=jnp.zeros([], jnp.int32), p=p, q=q,
-                             inner_state=inner.init(params),
-                             p_isqrt=p_isqrt, q_isqrt=q_isqrt)
-
-  def factors(x, p_prev, q_prev, cached):
-    """Steps 4–5 of Algorithm 1 -> (P_t, Q_t, P^{-1/2}, Q^{-1/2}).
-
-    ``cached=None``: exact roots (``Q_{t-1}^{-1/2}`` for the P statistic,
-    then ``P_t^{-1/2}``, ``Q_t^{-1/2}``); ``cached=(P_s^{-1/2}, Q_s^{-1/2})``:
-    those are used instead and no root is computed. ``None`` marks an
-    identity side.
-    """
-    r, c = x.shape[-2:]
-    has_p, has_q = p_prev is not None, q_prev is not None
-    p_new = q_new = p_isqrt = q_isqrt = None
-    def gram(a, transpose_first):
-      # aᵀa or aaᵀ: symmetric positive semi-definite in floating point too.
-      at = jnp.swapaxes(a, -1, -2)
-      return mm(at, a) if transpose_first else mm(a, at)
-    if has_p:  # Step 4: P from Q_{t-1}; L = Xᵀ Q⁻¹ X / fan_in.
-      if has_q:
-        q_root = root(q_prev, 2) if cached is None else cached[1]
-        qx = mm(q_root, x)
-      else:
-        qx = x
-      stat = gram(qx, True) / r
-      p_new = factor_step(p_prev, stat, gamma, damping, scale_invariant,
-                          min_eig, trace_damping)
-      p_isqrt = root(p_new, 2) if cached is None else cached[0]
-    if has_q:  # Step 5: Q from the new P; R = X P⁻¹ Xᵀ / fan_out.
-      xp = mm(x, p_isqrt) if has_p else x
-      stat = gram(xp, False) / c
-      q_new = factor_step(q_prev, stat, gamma, damping, scale_invariant,
-                          min_eig, trace_damping)
-      q_isqrt = root(q_new, 2) if cached is None else cached[1]
-    return p_new, q_new, p_isqrt, q_isqrt
-
-  def whiten_leaf(view, g, p_prev, q_prev, p_cache, q_cache, refresh):
-    """-> (whitened g, new P, new Q, (P^{-1/2}, Q^{-1/2}) used this step,
-    (P^{-1/2}, Q^{-1/2}) cached for the next steps) for one leaf."""
-    if view is None:
-      return g, p_prev, q_prev, (p_prev, q_prev), (p_cache, q_cache)
-    b, r, c = view.matrix_shape
-    ct = jnp.promote_types(factor_dtype, jnp.float32)
-    x = view.to_matrix(g).astype(ct)  # (b, fan_in, fan_out) = paper Gᵀ
-    has_p, has_q = not _is_identity(p_prev), not _is_identity(q_prev)
-    pp = p_prev.reshape(b, c, c).astype(ct) if has_p else None
-    qp = q_prev.reshape(b, r, r).astype(ct) if has_q else None
-    if not cache:
-      p_new, q_new, p_isqrt, q_isqrt = factors(x, pp, qp, None)
-    else:
-      pc = p_cache.reshape(b, c, c).astype(ct) if has_p else None
-      qc = q_cache.reshape(b, r, r).astype(ct) if has_q else None
-      # Only the chosen branch runs: skipped steps compute no root.
-      p_new, q_new, p_isqrt, q_isqrt = jax.lax.cond(
-          refresh, lambda x, pp, qp, pc, qc: factors(x, pp, qp, None),
-          lambda x, pp, qp, pc, qc: factors(x, pp, qp, (pc, qc)),
-          x, pp, qp, pc, qc)
-    xw = sandwich(x, q_isqrt, p_isqrt)
-    def store(f, like):
-      if f is None:
-        return like
-      return f.astype(factor_dtype).reshape(view.batch_shape + f.shape[-2:])
-    if cache:  # The roots used this step, stored for the next ones.
-      p_root, q_root = store(p_isqrt, p_cache), store(q_isqrt, q_cache)
-    else:
-      p_root, q_root = p_cache, q_cache
-    return (view.from_matrix(xw).astype(g.dtype),
-            store(p_new, p_prev), store(q_new, q_prev),
-            (p_isqrt if has_p else p_prev, q_isqrt if has_q else q_prev),
-            (p_root, q_root))
-
-  def sandwich(x, q_isqrt, p_isqrt):
-    if q_isqrt is not None:
-      x = mm(q_isqrt, x)
-    if p_isqrt is not None:
-      x = mm(x, p_isqrt)
-    return x
-
-  def unwhiten_leaf(view, u, p_isqrt, q_isqrt):
-    if view is None:
-      return u
-    ct = jnp.promote_types(factor_dtype, jnp.float32)
-    x = view.to_matrix(u).astype(ct)
-    x = sandwich(x, None if _is_identity(q_isqrt) else q_isqrt,
-                 None if _is_identity(p_isqrt) else p_isqrt)
-    return view.from_matrix(x).astype(u.dtype)
-
-  def update_fn(updates, state, params=None):
-    del params
-    refresh = state.count % root_every == 0
-    out = _tree.map_leaves(
-        lambda view, g, p, q, pc, qc: whiten_leaf(view, g, p, q, pc, qc,
-                                                  refresh),
-        updates, state.p, state.q, state.p_isqrt, state.q_isqrt, dims=dims)
-    whitened, p, q, used, cached = _tree.unzip(out, 5, updates)
-    p_isqrt, q_isqrt = _tree.unzip(used, 2, updates)
-    p_cache, q_cache = _tree.unzip(cached, 2, updates)
-    inner_updates, inner_state = inner.update(whitened, state.inner_state,
-                                              None)
-    new_updates = _tree.map_leaves(unwhiten_leaf, inner_updates, p_isqrt,
-                                   q_isqrt, dims=dims)
-    return new_updates, FisherWhitenState(
-        count=optax.safe_increment(state.count), p=p, q=q,
-        inner_state=inner_state, p_isqrt=p_cache, q_isqrt=q_cache)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  cfg = _Config(gamma=float(gamma), damping=float(damping),
+                min_eig=float(min_eig), trace_damping=float(trace_damping),
+                scale_invariant=scale_invariant, root_method=root_method,
+                root_iters=root_iters, root_eps=root_eps,
+                factor_dtype=factor_dtype, precision=precision)
+  cache = int(root_every) > 1
+  return optax.GradientTransformation(
+      functools.partial(_init, inner=inner, cfg=cfg, dims=dims,
+                        max_factor_size=max_factor_size, cache=cache),
+      functools.partial(_update, inner=inner, cfg=cfg, dims=dims,
+                        root_every=int(root_every), cache=cache))
