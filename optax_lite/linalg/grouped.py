@@ -236,8 +236,9 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
   (``≈ |group| / D`` bytes received). ``"replicated"`` (data parallelism):
   the arrays enter replicated and each device slices its own rows, no
   collective. Either way the device's branch computes the first
-  ``k_{g,d}`` items, and the reverse ``all_to_all`` returns the results
-  split along one axis (arrays with no divisible axis: gathered).
+  ``k_{g,d}`` items; the reverse ``all_to_all`` returns the results split
+  along one axis (arrays with no divisible axis: gathered), or, for
+  ``"replicated"``, one ``all_gather`` gives every device every result.
   """
   num = spec.num_shards()
   gather_in = spec.layout == 'replicated'
@@ -318,6 +319,8 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
       res = jax.lax.switch(jnp.asarray(branch_of)[d], branches, *local)
 
     def back(y, a):
+      if gather_in:  # replicated parameters: every device gets every result
+        return jax.lax.all_gather(y, ax, axis=0, tiled=True)
       if a is None:
         return y  # (K, ...) block of the (D*K, ...) output
       return jax.lax.all_to_all(y, ax, a + 1, 0, tiled=True)
@@ -325,7 +328,8 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
     return [jax.tree.map(back, r, oa) for r, oa in zip(res, out_axes)]
 
   out_specs = [jax.tree.map(
-      lambda o, a: pspec(o.ndim, 0 if a is None else a + 1), st, oa)
+      lambda o, a: P() if gather_in else pspec(
+          o.ndim, 0 if a is None else a + 1), st, oa)
       for st, oa in zip(out_struct, out_axes)]
   mapped = jax.shard_map(body, mesh=spec.mesh,
                          in_specs=(P(ax),) + tuple(in_specs),

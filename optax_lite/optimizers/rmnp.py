@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import distributed
 from optax_lite.optimizers import _common
 from optax_lite.transforms.momentum import momentum as momentum_tx
 from optax_lite.transforms.row_normalize import AXES, row_normalize
@@ -18,6 +19,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          ema: bool | None = None, axis: str = 'input', eps: float = 1e-12,
          scaling: str = 'width', rms: float = 0.2, weight_decay: float = 0.1,
          weight_decay_mask=None, mu_dtype=None, dims=None, labels=None,
+         distribute=None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float = 0.1, adam_nesterov: bool = False
@@ -74,6 +76,13 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     dims: matrix view of leaves, see :func:`optax_lite.orthogonalize`.
     labels: ``None`` (:func:`optax_lite.label_params`), a callable
       ``params -> label tree`` or a label tree.
+    distribute: accepted for a uniform interface (a
+      :class:`optax_lite.PolarSharding`, ``Mesh`` or ``(mesh, axes)``,
+      validated) and deliberately unused: RMNP's per-matrix work is
+      ``O(m·n)`` (one norm per row), which XLA's SPMD partitioner already
+      splits with the parameter's sharding at the cost of one small
+      all-reduce of the row norms (``fan_out`` numbers per matrix); moving
+      whole matrices to owner devices would cost more bytes than it saves.
     adam_learning_rate: AdamW's learning rate; ``None`` uses
       ``learning_rate``.
     adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_nesterov: AdamW's
@@ -88,6 +97,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   _checks.check_choice('variant', variant, VARIANTS)
   _checks.check_choice('axis', axis, AXES)
   _checks.check_positive('eps', eps)
+  distributed.check_polar_sharding(distribute, 'distribute')
   if nesterov is None:
     nesterov = variant == 'code'
   if ema is None:
