@@ -349,7 +349,8 @@ def main(argv=None):
   ap.add_argument('--compile', action='store_true',
                   help='also time compilation at 6 vs 24 layers')
   ap.add_argument('--compile-only', action='store_true')
-  ap.add_argument('--optimizers', default=','.join(NAMES))
+  ap.add_argument('--optimizers', default=None,
+                  help='comma-separated; default: all named optimizers')
   ap.add_argument('--models', default=None)
   ap.add_argument('--out', default=None)
   args = ap.parse_args(argv)
@@ -358,7 +359,8 @@ def main(argv=None):
     raise SystemExit(f'needs 8 devices, got {len(devices)}; set XLA_FLAGS='
                      '--xla_force_host_platform_device_count=8 before JAX '
                      'starts.')
-  names = [n for n in args.optimizers.split(',') if n]
+  names = ([n for n in args.optimizers.split(',') if n] if args.optimizers
+           else list(NAMES))
   unknown = [n for n in names if not hasattr(ol, n)]
   if unknown:
     raise SystemExit(f'--optimizers: unknown {unknown}')

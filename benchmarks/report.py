@@ -29,7 +29,7 @@ import lm  # noqa: E402  (its summarize() is the one source of the LM table)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NAMES = ('step_time', 'lm', 'horizon', 'synthetic', 'state_bytes',
-         'distributed_polar', 'gpu_suite')
+         'distributed', 'distributed_polar', 'gpu_suite')
 
 
 def _fmt(x, spec='.3g'):
@@ -49,12 +49,18 @@ def _rel(path):
 def _files(results, stem):
   files = sorted(glob.glob(os.path.join(results, f'{stem}_*.json')) +
                  glob.glob(os.path.join(results, f'{stem}.json')))
+  # 'distributed_*' must not pick up 'distributed_polar_*' (a longer stem).
+  longer = [n for n in NAMES if n != stem and n.startswith(stem + '_')]
+  files = [f for f in files if not any(
+      os.path.basename(f).startswith(n + '_') or
+      os.path.basename(f) == n + '.json' for n in longer)]
   # Full runs first, then quick; GPU results before CPU.
   return sorted(files, key=lambda f: ('_quick_' in f, '_cpu' in f, f))
 
 
 # Flags that choose a mode, a place or a label, not a setting.
-_MODE_FLAGS = ('quick', 'gpu', 'out', 'no_plot', 'note', 'resume')
+_MODE_FLAGS = ('quick', 'gpu', 'out', 'no_plot', 'note', 'resume',
+               'compile', 'compile_only')
 
 
 def _shell_word(arg: str) -> str:
@@ -365,6 +371,64 @@ def state_bytes_section(path, d):
           + _table(header, rows))
 
 
+def distributed_section(path, d):
+  """Owner-computes vs plain GSPMD per optimizer (benchmarks/distributed.py)."""
+  t = d.get('targets', {})
+  parts = [_head(path, d)]
+
+  def cell(v, key, spec):
+    if v is None:
+      return 'not integrated'
+    if 'error' in v:
+      return 'error'
+    return _fmt(v.get(key), spec)
+
+  if d.get('rows'):
+    rows = []
+    for r in d['rows']:
+      p, q = r.get('plain') or {}, r.get('distribute')
+      rows.append([r['model'], f'`{r["optimizer"]}`', r['layout'],
+                   cell(p, 'bytes_over_params', '.2f'),
+                   cell(q, 'bytes_over_params', '.2f'),
+                   f'{cell(p, "collective_count", "d")} / '
+                   f'{cell(q, "collective_count", "d")}',
+                   cell(p, 'flops_over_ideal', '.2f'),
+                   cell(q, 'flops_over_ideal', '.2f'),
+                   cell(q if q else p, 'max_abs_diff', '.1e')])
+    parts.append(
+        'Per step, 8 host devices, read from the compiled program: '
+        'collective bytes per device / parameter bytes (target ≤ '
+        f'{t.get("bytes_over_params", 2)}), collectives executed (while '
+        'loops × trip count), per-device FLOPs / (single-device FLOPs / 8) '
+        f'(target ≤ {t.get("flops_over_ideal", 1.2)}), max |difference| of '
+        'the updated parameters to one device (`distribute` where '
+        f'integrated, else plain; target ≤ {t.get("max_abs_diff", 1e-5)}).')
+    parts.append(_table(['model', 'optimizer', 'layout', 'bytes plain',
+                         'bytes distribute', 'collectives plain / dist.',
+                         'FLOPs plain', 'FLOPs distribute', 'max diff'],
+                        rows))
+  if d.get('compile'):
+    rows = []
+    for r in d['compile']:
+      row = [f'`{r["optimizer"]}`']
+      for v in ('one_device', 'distribute'):
+        c = r.get(v)
+        row += (['not integrated', '–'] if c is None else
+                [' → '.join(f'{x:.1f}' for x in c['seconds']),
+                 f'{c["ratio"]:.2f}'])
+      rows.append(row)
+    depths = d['compile'][0].get('depths', [6, 24])
+    parts.append(
+        f'Compile time of `jax.jit(tx.update)` (s), small tree at '
+        f'{depths[0]} → {depths[-1]} layers (target ratio ≤ '
+        f'{t.get("compile_ratio", 1.5)}):')
+    parts.append(_table(['optimizer', 'one device (s)', 'ratio',
+                         'distribute, FSDP (s)', 'ratio'], rows))
+  if d.get('note'):
+    parts.append(d['note'])
+  return '\n\n'.join(parts)
+
+
 def distributed_polar_section(path, d):
   """``shard_polar`` vs per-leaf polar factors on host devices."""
   header = ['layout', 'mesh', 'matrices', 'per-leaf (s)', 'shard_polar (s)',
@@ -462,6 +526,7 @@ SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
             'horizon': horizon_section,
             'synthetic': synthetic_section,
             'state_bytes': state_bytes_section,
+            'distributed': distributed_section,
             'distributed_polar': distributed_polar_section}
 
 
