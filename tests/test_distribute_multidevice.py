@@ -170,3 +170,36 @@ def test_distribute_accepted_unless_listed(name):
   make(name, distribute=_mesh())
   with pytest.raises((TypeError, ValueError), match='distribute'):
     make(name, distribute='fsdp')
+
+
+@pytest.mark.parametrize('layout', ['sharded', 'replicated'])
+def test_stacked_leaf_slices_are_separate_work_items(layout):
+  """A ``[layers, in, out]`` leaf is spread matrix by matrix."""
+  mesh = _mesh()
+  ks = jax.random.split(jax.random.PRNGKey(3), 3)
+  g = {'stacked': jax.random.normal(ks[0], (6, 16, 32)),   # nnx.scan-style
+       'single': jax.random.normal(ks[1], (16, 32)),
+       'other': jax.random.normal(ks[2], (32, 16))}
+  dims = {'stacked': ol.MatrixDims(1, 2), 'single': ol.MatrixDims(0, 1),
+          'other': ol.MatrixDims(0, 1)}
+  ref = {k: ol.polar_factor(v) for k, v in g.items()}
+  put = _fsdp if layout == 'sharded' else _replicated
+  tx = ol.orthogonalize(dims=dims, distribute=ol.PolarSharding(
+      mesh, layout=layout))
+  seen = []
+  from optax_lite.linalg import grouped
+  orig = grouped.assign_lpt
+
+  def spy(sizes, costs, num):
+    seen.append(list(sizes))
+    return orig(sizes, costs, num)
+
+  grouped.assign_lpt = spy
+  try:
+    out, _ = jax.jit(tx.update)(put(g, mesh), None)
+  finally:
+    grouped.assign_lpt = orig
+  # One shape group of 6 + 1 + 1 = 8 matrices: one per device.
+  assert seen == [[8]]
+  for k in g:
+    np.testing.assert_allclose(out[k], ref[k], atol=1e-5)
