@@ -700,3 +700,73 @@ def test_fismo_converges_on_non_square_leaves_where_muon_does():
       ratio = curve / curve[0]
       assert ratio[-1] <= 1e-2, (name, k, ratio[-1])
       assert ratio.max() <= 1.5, (name, k, ratio.max())
+
+
+# ------------------------------------- optax.inject_hyperparams (issue 14)
+
+
+def _inject_run(tx, grads, params, n=4, update=None):
+  state = tx.init(params)
+  update = update or jax.jit(tx.update)
+  outs = []
+  for g in grads[:n]:
+    u, state = update(g, state, params)
+    outs.append(u)
+  return outs, state
+
+
+def _model_grads(params, n, seed=30):
+  rng = np.random.default_rng(seed)
+  return [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                             p.dtype), params)
+          for _ in range(n)]
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(learning_rate=0.02),
+    dict(learning_rate=0.02, gamma=0.8, damping=1e-2, min_eig=1e-4,
+         trace_damping=0.5, momentum=0.9, root_every=3, root_iters=12,
+         root_method='newton')])
+def test_fismo_inject_hyperparams_matches_plain(kwargs):
+  params = _model_params()
+  grads = _model_grads(params, 4)
+  plain, _ = _inject_run(ol.fismo(**kwargs), grads, params)
+  injected = optax.inject_hyperparams(ol.fismo)(**kwargs)
+  outs, state = _inject_run(injected, grads, params)
+  for x, y in zip(outs, plain):
+    assert_trees_close(x, y, rtol=1e-5, atol=1e-7)
+  # The learning rate and γ are live hyperparameters of the jitted step.
+  update = jax.jit(injected.update)
+  u1, _ = update(grads[0], state, params)
+  half = state._replace(hyperparams={**state.hyperparams,
+                                     'learning_rate': jnp.asarray(0.01)})
+  u2, _ = update(grads[0], half, params)
+  assert_trees_close(u2, jax.tree.map(lambda u: 0.5 * u, u1), rtol=1e-5,
+                     atol=1e-8)
+  fresh = injected.init(params)  # a refresh step (count 0)
+  u1, _ = update(grads[0], fresh, params)
+  other = fresh._replace(hyperparams={**fresh.hyperparams,
+                                      'gamma': jnp.asarray(0.3)})
+  u3, _ = update(grads[0], other, params)
+  k1, k3 = u1['dense']['kernel'], u3['dense']['kernel']
+  assert float(jnp.max(jnp.abs(k1 - k3))) > 1e-4 * float(
+      jnp.max(jnp.abs(k1)))
+
+
+def test_fismo_inject_structural_ints_name_static_args():
+  params = _model_params()
+  grads = _model_grads(params, 2)
+  injected = optax.inject_hyperparams(ol.fismo)(learning_rate=0.02,
+                                                root_every=2)
+  expected = r"static_args=\('max_factor_size', 'root_every'\)"
+  with pytest.raises(TypeError, match=expected):
+    jax.jit(injected.init)(params)
+  static = optax.inject_hyperparams(ol.fismo, static_args=(
+      'root_every', 'max_factor_size'))(learning_rate=0.02, root_every=2)
+  a, _ = _inject_run(static, grads, params, n=2,
+                     update=jax.jit(static.update))
+  b, _ = _inject_run(ol.fismo(0.02, root_every=2), grads, params, n=2)
+  for x, y in zip(a, b):
+    assert_trees_close(x, y, rtol=1e-5, atol=1e-7)
+  with pytest.raises(TypeError, match='root_every'):
+    fisher_whiten(root_every=2.5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
@@ -19,7 +18,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           damping: float = 1e-3, scale_invariant: bool = False,
           root_method: str = 'eigh', root_iters: int = 30,
           root_eps: float = 0.0, min_eig: float = 1e-5,
-          trace_damping: float = 1.0, factor_dtype=jnp.float32, root_every: int = 1,
+          trace_damping: float = 1.0, factor_dtype=None, root_every: int = 1,
           max_factor_size: int | None = 4096, method: str = 'polar_express',
           steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
           weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
@@ -81,7 +80,8 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     scale_invariant: normalise the factor statistic before the EMA.
     root_method, root_iters, root_eps, min_eig, trace_damping,
       factor_dtype, max_factor_size, root_every: see
-      :func:`optax_lite.transforms.fisher_whiten`.
+      :func:`optax_lite.transforms.fisher_whiten` (``factor_dtype=None``:
+      float32).
     method, steps: polar-factor method, see :func:`optax_lite.polar_factor`.
     scaling, rms: shape scaling as in :func:`optax_lite.muon`.
     weight_decay: decoupled weight decay of the matrix leaves.
@@ -93,6 +93,15 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     precision: matmul precision (polar iteration and whitening).
     adam_*: AdamW for the non-matrix leaves; ``adam_learning_rate=None`` uses
       ``learning_rate`` and ``adam_weight_decay=None`` uses ``weight_decay``.
+
+  ``optax.inject_hyperparams(ol.fismo)(learning_rate=…)`` works: every float
+  argument (``learning_rate``, ``momentum``, ``gamma``, ``damping``,
+  ``min_eig``, ``trace_damping``, ``root_eps``, ``rms``, ``weight_decay``,
+  ``adam_*``) may be a traced hyperparameter, and so may ``root_iters`` and
+  the value of ``root_every``. ``max_factor_size`` and whether
+  ``root_every > 1`` fix the state's structure: they are read when the
+  state is created, so if ``init`` is jitted pass them in ``static_args``
+  (the error says so). Booleans, strings and dtypes are static already.
 
   References:
     Xu, Yan, Zhang, `FISMO: Fisher-Structured Momentum-Orthogonalized

@@ -199,6 +199,40 @@ class _LeafStep(NamedTuple):
   q_cache: jax.Array
 
 
+def _is_static_zero(x) -> bool:
+  """``x == 0`` known at trace time (a traced hyperparameter is not)."""
+  return _checks.is_static_number(x) and float(x) == 0.0
+
+
+def _require_static(**values):
+  """Raises one ``TypeError`` naming every traced value among ``values``
+  (integers that decide the state's structure)."""
+  traced = tuple(k for k, v in values.items()
+                 if isinstance(v, jax.core.Tracer))
+  if traced:
+    raise TypeError(
+        f'{", ".join(traced)} arrived as traced values, but they decide the '
+        'shape of the optimizer state and must be Python ints when the state '
+        'is created. optax.inject_hyperparams turns every numeric argument '
+        f'into a traced hyperparameter: pass static_args={traced!r} to '
+        'optax.inject_hyperparams (or do not jit init).')
+
+
+def _int_arg(name: str, x, low: int):
+  """An integer hyperparameter: a Python int, or the tracer itself when it
+  is traced (``optax.inject_hyperparams`` under ``jit``), checked when its
+  value is known."""
+  if isinstance(x, jax.core.Tracer):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f'{name} must be an int, got a traced {x.dtype}.')
+    return x
+  if (hasattr(x, 'shape') and x.shape == ()
+      and jnp.issubdtype(x.dtype, jnp.integer)):
+    x = int(x)  # a concrete array from optax.inject_hyperparams
+  _checks.check_int(name, x, low=low)
+  return int(x)
+
+
 def _trace(a):
   return jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
 
@@ -248,12 +282,12 @@ def factor_step(prev: jax.Array, stat: jax.Array, gamma: float,
     stat = jnp.where(tr_s > 0, d * stat / jnp.where(tr_s > 0, tr_s, 1.0),
                      0.0)
   ridge = damping * (_trace(prev) / d)
-  if trace_damping:
+  if not _is_static_zero(trace_damping):
     ridge = ridge + trace_damping * (_trace(stat) / d)
   lt = stat + ridge * eye
   ft = gamma * prev + (1.0 - gamma) * lt
   f = roots_lib.symmetrize(d / _trace(ft) * ft)
-  if min_eig:
+  if not _is_static_zero(min_eig):
     f = (1.0 - min_eig) * f + min_eig * eye
   return f
 
@@ -327,12 +361,13 @@ def _init_leaf(view, x, cfg: _Config, max_factor_size, cache: bool):
   return p, q, empty, empty
 
 
-def _whiten_leaf(view, g, p, q, p_cache, q_cache, refresh, cfg: _Config,
-                 cache: bool) -> _LeafStep:
+def _whiten_leaf(view, g, p, q, p_cache, q_cache, refresh, cfg: _Config
+                 ) -> _LeafStep:
   """Steps 4–6 of Algorithm 1 for one leaf (the roots from the cache on the
-  steps between refreshes when ``cache``)."""
+  steps between refreshes when the state caches roots, ``root_every > 1``)."""
   if view is None:
     return _LeafStep(g, p, q, p, q, p_cache, q_cache)
+  cache = not (_is_identity(p_cache) and _is_identity(q_cache))
   x = view.to_matrix(g).astype(_compute_dtype(cfg))  # = paper Gᵀ
   prev = _as_matrices(view, p, q, cfg)
   if not cache:
@@ -375,7 +410,9 @@ def _unwhiten_leaf(view, u, p_isqrt, q_isqrt, cfg: _Config):
 
 
 def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
-          cache: bool) -> FisherWhitenState:
+          root_every) -> FisherWhitenState:
+  _require_static(max_factor_size=max_factor_size, root_every=root_every)
+  cache = root_every > 1
   out = _tree.map_leaves(
       functools.partial(_init_leaf, cfg=cfg, max_factor_size=max_factor_size,
                         cache=cache), params, dims=dims, name='params')
@@ -386,11 +423,11 @@ def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
 
 
 def _update(updates, state: FisherWhitenState, params=None, *, inner,
-            cfg: _Config, dims, root_every, cache: bool):
+            cfg: _Config, dims, root_every):
   del params  # the inner transform lives in the whitened space
   refresh = state.count % root_every == 0
   out = _tree.map_leaves(
-      functools.partial(_whiten_leaf, refresh=refresh, cfg=cfg, cache=cache),
+      functools.partial(_whiten_leaf, refresh=refresh, cfg=cfg),
       updates, state.p, state.q, state.p_isqrt, state.q_isqrt, dims=dims)
   step = _LeafStep(*_tree.unzip(out, len(_LeafStep._fields), updates))
   inner_updates, inner_state = inner.update(step.whitened, state.inner_state,
@@ -407,7 +444,7 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                   gamma: float = 0.95, damping: float = 1e-3,
                   root_method: str = 'eigh', root_iters: int = 30,
                   root_eps: float = 0.0, min_eig: float = 1e-5,
-                  trace_damping: float = 1.0, factor_dtype=jnp.float32,
+                  trace_damping: float = 1.0, factor_dtype=None,
                   max_factor_size: int | None = 4096,
                   scale_invariant: bool = False, root_every: int = 1,
                   dims: _tree.DimsSpec = None, precision=None
@@ -433,7 +470,7 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       ``>= 1/2`` and the update within twice Muon's spectral norm; ``0``
       with ``min_eig=0`` and ``root_eps=0`` is Algorithm 1 literally.
     factor_dtype: dtype of the stored factors and of the factor arithmetic
-      (float32 by default; bfloat16 is not recommended).
+      (``None``: float32; bfloat16 is not recommended).
     max_factor_size: a side larger than this keeps an identity factor
       (``None``: no limit).
     scale_invariant: normalise the statistic before the EMA (see module
@@ -447,6 +484,12 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       unwhitened (the inner transform still sees them).
     precision: ``jax.lax.Precision`` of the matrix products.
 
+  ``gamma``, ``damping``, ``min_eig``, ``trace_damping``, ``root_eps``,
+  ``root_iters`` and the value of ``root_every`` may be traced (e.g. by
+  ``optax.inject_hyperparams``); ``max_factor_size`` and whether
+  ``root_every > 1`` are read when the state is created and must then be
+  Python ints (a ``TypeError`` names ``static_args`` otherwise).
+
   Returns:
     An ``optax.GradientTransformation`` with state :class:`FisherWhitenState`.
 
@@ -456,31 +499,33 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       outside ``[0, 1)``, ``trace_damping < 0``, ``max_factor_size < 1`` or
       ``root_every < 1``.
     TypeError: ``root_every`` (or ``root_iters``, ``max_factor_size``) not
-      an int.
+      an int; ``max_factor_size`` or ``root_every`` traced when the state is
+      created.
   """
   inner = optax.identity() if inner is None else inner
   _checks.check_decay('gamma', gamma, allow_one=True)
   _checks.check_positive('damping', damping)
   _checks.check_choice('root_method', root_method, roots_lib.ROOT_METHODS)
-  _checks.check_int('root_iters', root_iters, low=1)
+  root_iters = _int_arg('root_iters', root_iters, 1)
   _checks.check_positive('root_eps', root_eps, allow_zero=True)
   _checks.check_decay('min_eig', min_eig)
   _checks.check_positive('trace_damping', trace_damping, allow_zero=True)
   if max_factor_size is not None:
-    _checks.check_int('max_factor_size', max_factor_size, low=1)
-  _checks.check_int('root_every', root_every, low=1)
-  factor_dtype = jnp.dtype(factor_dtype)
+    max_factor_size = _int_arg('max_factor_size', max_factor_size, 1)
+  root_every = _int_arg('root_every', root_every, 1)
+  factor_dtype = jnp.dtype(jnp.float32 if factor_dtype is None
+                           else factor_dtype)
   if not jnp.issubdtype(factor_dtype, jnp.floating):
     raise ValueError(f'factor_dtype must be a floating dtype, got '
                      f'{factor_dtype}.')
-  cfg = _Config(gamma=float(gamma), damping=float(damping),
-                min_eig=float(min_eig), trace_damping=float(trace_damping),
+  cfg = _Config(gamma=gamma, damping=damping, min_eig=min_eig,
+                trace_damping=trace_damping,
                 scale_invariant=scale_invariant, root_method=root_method,
                 root_iters=root_iters, root_eps=root_eps,
                 factor_dtype=factor_dtype, precision=precision)
-  cache = int(root_every) > 1
   return optax.GradientTransformation(
       functools.partial(_init, inner=inner, cfg=cfg, dims=dims,
-                        max_factor_size=max_factor_size, cache=cache),
+                        max_factor_size=max_factor_size,
+                        root_every=root_every),
       functools.partial(_update, inner=inner, cfg=cfg, dims=dims,
-                        root_every=int(root_every), cache=cache))
+                        root_every=root_every))
