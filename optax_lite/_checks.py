@@ -67,6 +67,14 @@ def check_positive(name: str, x: Any, *, allow_zero=False,
 
 
 def check_int(name: str, x: Any, *, low: int = 1):
+  if hasattr(x, 'shape') and hasattr(x, 'dtype') and not isinstance(
+      x, (int, float)):
+    # An array or traced value, e.g. from optax.inject_hyperparams, which
+    # turns every numeric argument into an array.
+    raise TypeError(
+        f'{name} is structural (an int fixed when the transform is built) and '
+        f'cannot be an array or traced value; with optax.inject_hyperparams '
+        f'pass static_args=({name!r},).')
   if isinstance(x, bool) or not isinstance(x, (int,)) and not (
       hasattr(x, '__index__') and not hasattr(x, 'shape')):
     raise TypeError(f'{name} must be an int, got {type(x).__name__} {x!r}.')

@@ -33,9 +33,13 @@ import optax
 from optax_lite import _checks
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
+from optax_lite.transforms.fisher_whiten import fisher_whiten
 from optax_lite.transforms.kron_precondition import soap_warmup_leaves
 from optax_lite.transforms.lite import (diagonal_geometry, lite_flat_boost,
                                         muon_geometry)
+from optax_lite.transforms.lite_geometries import (row_norm_geometry,
+                                                   soap_geometry)
+from optax_lite.transforms.scaling import scale_by_shape
 
 VARIANTS = ('lite', 'lite_l', 'lite_h')
 
@@ -132,20 +136,40 @@ def _variant(variant, chi, beta1, beta2, h_beta):
   return chi, beta1, beta2
 
 
+def structural_int(name: str, value, default: int | None, *, low: int = 0
+                   ) -> int | None:
+  """An integer fixed when the optimizer is built; ``None`` gives ``default``.
+
+  Such arguments default to ``None`` so that ``optax.inject_hyperparams``
+  (which turns every numeric argument into an array) leaves them alone; an
+  array or traced value raises a ``TypeError`` that names ``static_args``.
+  """
+  if value is None:
+    return default
+  _checks.check_int(name, value, low=low)
+  return int(value)
+
+
 def lite_schedules(chi, beta1, beta2, *, total_steps, warmup_steps, schedule,
                    mode, reference_schedules):
-  """χ and β₂ as schedules (reference ramps) or constants."""
+  """χ and β₂ as schedules (reference ramps) or constants.
+
+  Traced χ/β values (``optax.inject_hyperparams``) get the same ramps as
+  numbers do; only a static ``χ ≤ 1`` or ``β₂ = β₁`` skips its ramp.
+  """
   if total_steps is None or not reference_schedules:
     return chi, beta2
   _checks.check_int('total_steps', total_steps, low=1)
   tf = flat_warmup_fraction(schedule, total_steps, warmup_steps)
+  static = _checks.is_static_number
   b2 = beta2
-  if _checks.is_static_number(beta2) and float(beta2) != float(beta1):
+  if not callable(beta2) and not (static(beta2) and static(beta1) and
+                                  float(beta2) == float(beta1)):
     b2 = beta2_ramp(beta1, beta2, total_steps=total_steps,
                     warmup_steps=warmup_steps, flat_warmup=tf)
   c = chi
-  if (schedule == 'cosine' and _checks.is_static_number(chi) and
-      float(chi) > 1.0):
+  if (schedule == 'cosine' and not callable(chi) and
+      not (static(chi) and float(chi) <= 1.0)):
     c = chi_schedule(chi, mode=mode, total_steps=total_steps,
                      warmup_steps=warmup_steps, flat_warmup=tf)
   return c, b2
@@ -166,6 +190,7 @@ def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
   AdamW-LITE, the head and other leaves AdamW.
   """
   chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, lite_h_betas)
+  warmup_steps = structural_int('warmup_steps', warmup_steps, 0)
   if variant == 'lite_h':
     emb_chi = 1.0
   _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
@@ -195,18 +220,6 @@ def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
                             {'embedding': emb_tx, 'norm': emb_tx})
 
 
-def _common_kwargs(local_vars, lite_h_betas, emb_smooth_ratio):
-  keys = ('learning_rate', 'variant', 'chi', 'beta1', 'beta2', 'emb_chi',
-          'emb_sharp_ratio', 'weight_decay', 'flat_weight_decay',
-          'total_steps', 'warmup_steps', 'schedule', 'reference_schedules',
-          'threshold_rate', 'mu_dtype', 'labels', 'adam_learning_rate',
-          'adam_b1', 'adam_b2', 'adam_eps', 'adam_weight_decay')
-  kw = {k: local_vars[k] for k in keys}
-  kw.update(lite_h_betas=lite_h_betas, emb_smooth_ratio=emb_smooth_ratio)
-  return kw
-
-
-
 def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               variant: str = 'lite', chi: optax.ScalarOrSchedule = 2.0,
               beta1: float = -0.25, beta2: optax.ScalarOrSchedule = 1.0,
@@ -217,7 +230,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               steps: int | None = None, scaling: str = 'rms',
               rms: float = 0.2, weight_decay: float = 0.1,
               flat_weight_decay: bool = True, total_steps: int | None = None,
-              warmup_steps: int = 0, schedule: str = 'cosine',
+              warmup_steps: int | None = None, schedule: str = 'cosine',
               reference_schedules: bool = True,
               threshold_rate: float = 1.05,
               threshold_cap: float | None = 1.0,
@@ -251,9 +264,9 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
     momentum, method, steps, scaling, rms, weight_decay, mu_dtype, dims,
       labels, precision, adam_*: as for :func:`optax_lite.muon`.
     flat_weight_decay: add the reference's extra decay along flat directions.
-    total_steps, warmup_steps, schedule: run length and LR schedule kind
-      (``"cosine"`` or ``"wsd"``) for the reference χ/β₂ ramps; without
-      ``total_steps`` χ and β₂ are constant.
+    total_steps, warmup_steps, schedule: run length, warmup (``None``: 0)
+      and LR schedule kind (``"cosine"`` or ``"wsd"``) for the reference
+      χ/β₂ ramps; without ``total_steps`` χ and β₂ are constant.
     reference_schedules: switch the ramps off.
     threshold_rate, threshold_cap, threshold_deadband, sharp_dim_rule: the
       filter's threshold controller (eq. 13 with the reference's cap).
@@ -261,10 +274,15 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
       or ``"reference"`` (the LITE code's ``T = ½(polar(M̃) + polar(M̃/τ −
       polar(M̃)))``, ``P_flat = I − TᵀT``, reproducing ``muonlite.py``); see
       :func:`optax_lite.muon_geometry` for the accuracy of each.
+
+  ``optax.inject_hyperparams(muon_lite)(learning_rate=...)`` works: every
+  float argument may be traced. The integers ``total_steps``,
+  ``warmup_steps`` (``None``: 0) and ``steps`` are structural: leave them
+  ``None`` or pass them in ``static_args`` (otherwise a ``TypeError`` says
+  so). The same holds for every LITE optimizer.
   """
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
-  kw = _common_kwargs(locals(), (-0.25, 2.0), emb_smooth_ratio)
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(
@@ -278,7 +296,16 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay)
 
-  return _assemble(matrix_lite, **kw)
+  return _assemble(
+      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
+      beta1=beta1, beta2=beta2, lite_h_betas=(-0.25, 2.0), emb_chi=emb_chi,
+      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=emb_smooth_ratio,
+      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
+      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
+      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
+      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
+      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
+      adam_weight_decay=adam_weight_decay)
 
 
 def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -311,10 +338,11 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               emb_chi: optax.ScalarOrSchedule = 4.0,
               emb_sharp_ratio: float = 0.2, b1: float = 0.95,
               b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
-              precondition_frequency: int = 10, max_precond_dim: int = 4096,
+              precondition_frequency: int | None = None,
+              max_precond_dim: int | None = None,
               skip_first_update: bool = True, weight_decay: float = 0.1,
               flat_weight_decay: bool = True, total_steps: int | None = None,
-              warmup_steps: int = 0, schedule: str = 'cosine',
+              warmup_steps: int | None = None, schedule: str = 'cosine',
               reference_schedules: bool = True, threshold_rate: float = 1.05,
               mu_dtype=None, precond_dtype=jnp.float32, dims=None,
               labels=None, precision=None,
@@ -336,10 +364,16 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   The authors' repository has no SOAP-LITE code; this follows the paper's
   Appendix B.2, with the reference Muon-LITE's schedules and extra flat decay
   as options (see :func:`muon_lite`).
+
+  ``precondition_frequency`` (default 10) and ``max_precond_dim`` (default
+  4096) are structural: ``None`` gives the default, and under
+  ``optax.inject_hyperparams`` a value must be passed with ``static_args``.
   """
-  from optax_lite.transforms.lite_geometries import soap_geometry
   precision = jax.lax.Precision.HIGHEST if precision is None else precision
-  kw = _common_kwargs(locals(), (0.0, 0.5), smooth_ratio)
+  precondition_frequency = structural_int(
+      'precondition_frequency', precondition_frequency, 10, low=1)
+  max_precond_dim = structural_int('max_precond_dim', max_precond_dim, 4096,
+                                   low=1)
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(
@@ -358,7 +392,17 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
                if skip_first_update else None)
-  return _assemble(matrix_lite, warmup_fn=warmup_fn, **kw)
+  return _assemble(
+      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
+      beta1=beta1, beta2=beta2, lite_h_betas=(0.0, 0.5), emb_chi=emb_chi,
+      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=smooth_ratio,
+      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
+      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
+      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
+      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
+      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
+      adam_weight_decay=adam_weight_decay,
+      warmup_fn=warmup_fn)
 
 
 def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -369,7 +413,8 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
               emb_sharp_ratio: float = 0.1, momentum: float = 0.95,
               axis: str = 'input', scaling: str = 'width', rms: float = 0.2,
               weight_decay: float = 0.1, flat_weight_decay: bool = True,
-              total_steps: int | None = None, warmup_steps: int = 0,
+              total_steps: int | None = None,
+              warmup_steps: int | None = None,
               schedule: str = 'cosine', reference_schedules: bool = True,
               threshold_rate: float = 1.05, mu_dtype=None, dims=None,
               labels=None, adam_learning_rate: optax.ScalarOrSchedule | None
@@ -388,9 +433,7 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``rmnp`` (Nesterov 0.95, width scaling). With ``chi=1, beta1=beta2=0,
   emb_chi=1`` this is exactly ``ol.rmnp``.
   """
-  from optax_lite.transforms.lite_geometries import row_norm_geometry
   _checks.check_decay('momentum', momentum)
-  kw = _common_kwargs(locals(), (-0.25, 2.0), smooth_ratio)
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(
@@ -401,7 +444,16 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay)
 
-  return _assemble(matrix_lite, **kw)
+  return _assemble(
+      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
+      beta1=beta1, beta2=beta2, lite_h_betas=(-0.25, 2.0), emb_chi=emb_chi,
+      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=smooth_ratio,
+      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
+      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
+      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
+      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
+      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
+      adam_weight_decay=adam_weight_decay)
 
 
 def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -412,12 +464,13 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                momentum: float = 0.95, gamma: float = 0.95,
                damping: float = 1e-3, scale_invariant: bool = False,
                root_method: str = 'eigh', max_factor_size: int | None = 4096,
-               factor_dtype=jnp.float32, root_every: int = 1,
+               factor_dtype=None, root_every: int = 1,
                method: str = 'polar_express',
                steps: int | None = None, scaling: str = 'rms',
                rms: float = 0.2, weight_decay: float = 0.1,
                flat_weight_decay: bool = True,
-               total_steps: int | None = None, warmup_steps: int = 0,
+               total_steps: int | None = None,
+               warmup_steps: int | None = None,
                schedule: str = 'cosine', reference_schedules: bool = True,
                threshold_rate: float = 1.05,
                filter_route: str = 'small_side', mu_dtype=None, dims=None,
@@ -439,12 +492,14 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   γ = 0.95, μ = 1e-3) and χ = 2, (β₁, β₂) = (0, 1.0) (β₁ = 0 because FISMO's
   momentum has no Nesterov term to damp). With ``chi=1, beta2=0, emb_chi=1``
   this is exactly ``ol.fismo``.
+
+  Under ``optax.inject_hyperparams`` the whitening's arguments behave as in
+  :func:`optax_lite.fismo` (``max_factor_size`` and whether ``root_every >
+  1`` are read when the state is created); the rest as in
+  :func:`muon_lite`.
   """
-  from optax_lite.transforms.fisher_whiten import fisher_whiten
-  from optax_lite.transforms.scaling import scale_by_shape
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
-  kw = _common_kwargs(locals(), (0.0, 2.0), emb_smooth_ratio)
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     del flat_decay  # the whitened inner step sees no weights
@@ -462,4 +517,13 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       precision=precision),
         scale_by_shape(scaling, rms, dims))
 
-  return _assemble(matrix_lite, **kw)
+  return _assemble(
+      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
+      beta1=beta1, beta2=beta2, lite_h_betas=(0.0, 2.0), emb_chi=emb_chi,
+      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=emb_smooth_ratio,
+      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
+      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
+      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
+      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
+      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
+      adam_weight_decay=adam_weight_decay)

@@ -78,7 +78,7 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
   kron._check_common(b1, b2, shampoo_beta, eps, precondition_frequency,
                      max_precond_dim)
   _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
-  smooth = min(1.0 - sharp_ratio, smooth_ratio)
+  smooth = smooth_fraction(sharp_ratio, smooth_ratio)
   pdt = jnp.dtype(precond_dtype)
 
   def init(view, param):
