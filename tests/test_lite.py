@@ -592,3 +592,31 @@ def test_lite_state_keeps_parameter_sharding():
            if x.shape in ((8, 6), (10, 4))]
   assert len(found) >= 3  # mu of w, mu and nu of the embedding
   assert all(x.sharding == spec for x in found), [x.sharding for x in found]
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize('name', ['muon_lite', 'rmnp_lite', 'fismo_lite'])
+def test_lite_state_keeps_fsdp_sharding(name):
+  """On 8 devices, FSDP-sharded params give equally sharded momentum and
+  second moments: eagerly, and under ``jax.jit(tx.init)`` with explicit
+  sharding (where ``jnp.zeros(p.shape)`` would come out unsharded)."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  if len(jax.devices()) < 8:
+    pytest.fail('needs XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(AxisType.Explicit,))
+
+  def check(state):
+    found = [x for x in jax.tree.leaves(state)
+             if x.shape in ((16, 8), (24, 4))]
+    assert len(found) >= 3
+    for x in found:
+      assert x.sharding.is_equivalent_to(spec, x.ndim), x.sharding
+
+  with jax.set_mesh(mesh):
+    spec = NamedSharding(mesh, P('fsdp'))
+    params = {'w': jax.device_put(jnp.ones((16, 8)), spec),
+              'embed': {'embedding': jax.device_put(jnp.ones((24, 4)),
+                                                    spec)}}
+    tx = getattr(ol, name)(0.01)
+    check(tx.init(params))
+    check(jax.jit(tx.init)(params))
