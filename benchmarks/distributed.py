@@ -260,9 +260,10 @@ def tree_bytes(t):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
 
 
-def run_layouts(names, model_names, devices, log):
+def run_layouts(names, model_names, devices, log, only=None):
   rows = []
-  lay = layouts(devices)
+  lay = {k: v for k, v in layouts(devices).items()
+         if only is None or k in only}
   for model in model_names:
     params = params_tree(model)
     grads = grads_like(params)
@@ -352,6 +353,8 @@ def main(argv=None):
   ap.add_argument('--optimizers', default=None,
                   help='comma-separated; default: all named optimizers')
   ap.add_argument('--models', default=None)
+  ap.add_argument('--layouts', default=None,
+                  help='comma-separated subset of fsdp,replicated,fsdp_tp')
   ap.add_argument('--out', default=None)
   args = ap.parse_args(argv)
   devices = jax.devices()
@@ -373,7 +376,8 @@ def main(argv=None):
           'targets': {'bytes_over_params': 2.0, 'flops_over_ideal': 1.2,
                       'max_abs_diff': 1e-5, 'compile_ratio': 1.5}}
   if not args.compile_only:
-    data['rows'] = run_layouts(names, model_names, devices, log)
+    only = args.layouts.split(',') if args.layouts else None
+    data['rows'] = run_layouts(names, model_names, devices, log, only)
   if args.compile or args.compile_only:
     data['compile'] = run_compile(names, devices, log)
   stem = 'distributed' + ('_quick' if args.quick else '')
