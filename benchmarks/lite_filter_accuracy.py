@@ -13,8 +13,8 @@ target, and each ``P`` is compared with the SVD projector onto the top
 
   python benchmarks/lite_filter_accuracy.py
 
-Prints the median, 90th percentile and worst error of each route (quoted in the docstring of
-``optax_lite.muon_geometry``). Seconds on a CPU.
+Prints the median, 90th percentile and worst error of each route (quoted
+in the docstring of ``optax_lite.muon_geometry``). Seconds on a CPU.
 """
 
 from __future__ import annotations

@@ -118,8 +118,8 @@ def _trajectory(tx, params, steps=4):
   upd = jax.jit(tx.update)
   outs = []
   for i in range(steps):
-    g = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i),
-                                                 p.shape), params)
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
+                                                      p.shape), params)
     u, state = upd(g, state, params)
     params = optax.apply_updates(params, u)
     outs.append(u)
@@ -161,8 +161,9 @@ def test_boost_amplifies_flat_component_only():
   """chi scales the flat part of the update, leaves the sharp part."""
   m = gapped_matrix(jax.random.PRNGKey(3), 32, 20, top=8.0, ds=2)
   g = {'w': m}
-  t1 = ol.lite_flat_boost(ol.muon_geometry(sharp_ratio=0.05, method='svd'), chi=1.0)
-  t3 = ol.lite_flat_boost(ol.muon_geometry(sharp_ratio=0.05, method='svd'), chi=3.0)
+  geo_svd = ol.muon_geometry(sharp_ratio=0.05, method='svd')
+  t1 = ol.lite_flat_boost(geo_svd, chi=1.0)
+  t3 = ol.lite_flat_boost(geo_svd, chi=3.0)
   u1, _ = t1.update(g, t1.init(g))
   u3, _ = t3.update(g, t3.init(g))
   geo = ol.muon_geometry(sharp_ratio=0.05, method='svd')
@@ -531,8 +532,8 @@ def test_inject_hyperparams_matches_plain_and_lr_is_live(name):
   sp, si = plain.init(params), inj.init(params)
   up, ui = jax.jit(plain.update), jax.jit(inj.update)
   for i in range(3):
-    g = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(i),
-                                                 p.shape), params)
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
+                                                      p.shape), params)
     a, sp = up(g, sp, params)
     b, si = ui(g, si, params)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -569,10 +570,10 @@ def test_tree_map_params_on_lite_state(name):
   mapped = optax.tree_utils.tree_map_params(
       tx, lambda x: x + 1.0, state, transform_non_params=lambda x: x)
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
-  lite = [(a, b) for a, b in zip(
-      jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, lite_lib.LiteState)),
-      jax.tree.leaves(mapped, is_leaf=lambda x: isinstance(x, lite_lib.LiteState)))
-          if isinstance(a, lite_lib.LiteState)]
+  is_lite = lambda x: isinstance(x, lite_lib.LiteState)
+  lite = [(a, b) for a, b in zip(jax.tree.leaves(state, is_leaf=is_lite),
+                                 jax.tree.leaves(mapped, is_leaf=is_lite))
+          if is_lite(a)]
   assert lite
   for before, after in lite:  # momentum mapped, count left alone
     assert int(after.count) == int(before.count)

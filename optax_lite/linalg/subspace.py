@@ -4,7 +4,8 @@ LITE (Zhu et al. 2026, Appendix B.1, eq. 12–15) finds the top singular
 subspace of the momentum ``M = U Σ Vᵀ`` with two polar factors and no SVD:
 
 .. math::
-   T = \tfrac12\,\mathrm{polar}(M) + \tfrac12\,\mathrm{polar}(M/τ - \mathrm{polar}(M))
+   T = \tfrac12\,\mathrm{polar}(M)
+     + \tfrac12\,\mathrm{polar}(M/τ - \mathrm{polar}(M))
      = U\,\mathrm{diag}(\mathbb 1[σ_i > τ])\,V^\top,
 
 because ``M/τ − polar(M) = U diag(σᵢ/τ − 1) Vᵀ`` and the polar factor maps
@@ -89,13 +90,14 @@ def small_side_projector(m: jax.Array, polar_m: jax.Array, tau, *,
                          method: str = 'polar_express',
                          steps: int | None = None, precision=None
                          ) -> jax.Array:
-  """The sharp projector on the *smaller* side of ``m``, from a symmetric sign.
+  r"""The sharp projector on the *smaller* side of ``m``, from a symmetric sign.
 
   With ``O = polar(M) = U Vᵀ`` the symmetric factor of the polar
   decomposition on the small side is ``H = M Oᵀ = U Σ Uᵀ`` (wide ``M``) or
   ``H = Oᵀ M = V Σ Vᵀ`` (tall), and
 
-  .. math::  P = ½\,(I + \mathrm{sign}(H/τ - I)) = U\,\mathrm{diag}(\mathbb 1[σ_i > τ])\,U^\top,
+  .. math::  P = ½\,(I + \mathrm{sign}(H/τ - I))
+     = U\,\mathrm{diag}(\mathbb 1[σ_i > τ])\,U^\top,
 
   the same eigen-structure as eq. (12–15) (``sign(H/τ − I)`` has
   eigenvalues ``sign(σᵢ/τ − 1)``) but the second polar factor runs on an

@@ -24,7 +24,6 @@ your own optax schedules.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -247,7 +246,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
   Matrix leaves:
 
   .. math::
-     U = \mathrm{polar}(M̃)(P + χ(I − P)) + \mathrm{polar}(G)(β_1 P + χβ_2(I − P)),
+     U = \mathrm{polar}(M̃)(P + χ(I − P))
+       + \mathrm{polar}(G)(β_1 P + χβ_2(I − P)),
 
   with the sharp projector ``P`` from the spectral filter on ``M̃`` (fan-in
   side of the ``(fan_in, fan_out)`` Flax kernel, which is the input side of
@@ -488,10 +488,10 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   the Fisher geometry, and maps back with the same factors. The reference's
   extra flat-direction decay is not applied to the matrix leaves (the
   whitened inner step sees no weights); ``flat_weight_decay`` acts on the
-  emb/norm leaves only. Defaults: FISMO's (``ol.fismo``: EMA momentum 0.95 without Nesterov,
-  γ = 0.95, μ = 1e-3) and χ = 2, (β₁, β₂) = (0, 1.0) (β₁ = 0 because FISMO's
-  momentum has no Nesterov term to damp). With ``chi=1, beta2=0, emb_chi=1``
-  this is exactly ``ol.fismo``.
+  emb/norm leaves only. Defaults: FISMO's (``ol.fismo``: EMA momentum 0.95
+  without Nesterov, γ = 0.95, μ = 1e-3) and χ = 2, (β₁, β₂) = (0, 1.0)
+  (β₁ = 0 because FISMO's momentum has no Nesterov term to damp). With
+  ``chi=1, beta2=0, emb_chi=1`` this is exactly ``ol.fismo``.
 
   Under ``optax.inject_hyperparams`` the whitening's arguments behave as in
   :func:`optax_lite.fismo` (``max_factor_size`` and whether ``root_every >

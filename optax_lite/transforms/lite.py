@@ -43,7 +43,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +172,8 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
   Accuracy against the exact SVD projector onto the top ``d_s`` singular
   vectors (spectral norm of the difference; float32, Polar Express 6 steps;
   24 Gaussian matrices from 64×64 to 256×64 and 64×256, ``τ`` halfway
-  between ``σ_{d_s}`` and ``σ_{d_s+1}``; ``benchmarks/lite_filter_accuracy.py``):
+  between ``σ_{d_s}`` and ``σ_{d_s+1}``;
+  ``benchmarks/lite_filter_accuracy.py``):
   small side median 1.3e-3, 90th percentile 5.1e-3, worst 0.56; reference
   route median 2.7e-3, 90th percentile 9.2e-3, worst 0.34 (the small side
   is closer on 15 of 24). Both worst cases are the same 96×160 matrix, whose
