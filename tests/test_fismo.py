@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import optax_lite as ol
+from optax_lite.linalg import roots as roots_lib
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 from optax_lite.transforms.momentum import momentum
 from optax_lite.transforms.orthogonalize import orthogonalize
@@ -770,3 +771,76 @@ def test_fismo_inject_structural_ints_name_static_args():
     assert_trees_close(x, y, rtol=1e-5, atol=1e-7)
   with pytest.raises(TypeError, match='root_every'):
     fisher_whiten(root_every=2.5)
+
+
+# ----------------------------------------- warm-started roots (issue 13 §6)
+
+
+def test_warm_inverse_sqrt_refines_a_previous_root():
+  rng = np.random.default_rng(40)
+  d = 24
+  a = rng.normal(size=(d, d))
+  prev = a @ a.T / d + 0.5 * np.eye(d)
+  prev *= d / np.trace(prev)
+  s = rng.normal(size=(d, 16))
+  s = s @ s.T / 16 + np.eye(d)
+  new = 0.95 * prev + 0.05 * d * s / np.trace(s)  # one EMA step
+  ref = _isqrt(new)
+  start = jnp.asarray(_isqrt(prev), jnp.float32)
+  errs = []
+  for iters in (1, 3, 6):
+    z = roots_lib.inverse_sqrt_warm(jnp.asarray(new, jnp.float32), start,
+                                    iters=iters)
+    errs.append(np.linalg.norm(np.asarray(z, np.float64) - ref)
+                / np.linalg.norm(ref))
+  # From 4.5e-2 (the previous root): 6e-3, 8e-5, 1.6e-6 (float32 eigh: 7e-7).
+  assert errs[0] > 1e-3 and errs[1] < 2e-4 and errs[2] < 5e-6, errs
+  # A far start (the factor jumped) falls back to the cold iteration.
+  far = roots_lib.inverse_sqrt_warm(jnp.asarray(new, jnp.float32),
+                                    5.0 * jnp.eye(d), iters=3)
+  np.testing.assert_allclose(far, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('root_every', [1, 3])
+def test_newton_warm_roots_agree_with_eigh(root_every):
+  rng = np.random.default_rng(41)
+  params = {'k': jnp.zeros((10, 6))}
+  grads = [{'k': jnp.asarray(rng.normal(size=(10, 6)), jnp.float32)}
+           for _ in range(12)]
+  a, sa = _run(fisher_whiten(_inner(), root_every=root_every), grads,
+               params)
+  b, sb = _run(fisher_whiten(_inner(), root_method='newton_warm',
+                             root_every=root_every), grads, params)
+  assert_trees_close(sa.p, sb.p, atol=1e-5)
+  assert_trees_close(sa.q, sb.q, atol=1e-5)
+  for x, y in zip(a, b):
+    assert_trees_close(x, y, rtol=1e-4, atol=1e-5)
+  # The roots live in the state (warm starts), equal to eigh's of the
+  # factors of the last refresh.
+  assert sb.p_isqrt['k'].shape == (6, 6)
+  if root_every == 1:
+    np.testing.assert_allclose(sb.p_isqrt['k'],
+                               _isqrt(np.asarray(sb.p['k'], np.float64)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_fismo_roots_benchmark_smoke(tmp_path):
+  import importlib
+  import json
+  import os
+  import sys
+  bench_dir = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'benchmarks')
+  sys.path.insert(0, bench_dir)
+  try:
+    fismo_roots = importlib.import_module('fismo_roots')
+  finally:
+    sys.path.remove(bench_dir)
+  fismo_roots.main(['--sizes', '8', '--leaf', '', '--repeats', '1',
+                    '--out', str(tmp_path)])
+  (path,) = tmp_path.glob('fismo_roots_*.json')
+  data = json.loads(path.read_text())
+  (r,) = data['roots']
+  assert r['warm_6']['rel_error'] < 1e-5 < r['start_rel_error']
+  assert r['eigh']['rel_error'] < 1e-5
+  assert r['warm_3']['eigh_over_this'] > 0.0

@@ -17,6 +17,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           nesterov: bool = False, ema: bool = True, gamma: float = 0.95,
           damping: float = 1e-3, scale_invariant: bool = False,
           root_method: str = 'eigh', root_iters: int = 30,
+          warm_iters: int = 3,
           root_eps: float = 0.0, min_eig: float = 1e-5,
           trace_damping: float = 1.0, factor_dtype=None, root_every: int = 1,
           max_factor_size: int | None = 4096, method: str = 'polar_express',
@@ -78,7 +79,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     gamma: factor EMA ``γ`` in ``[0, 1]``.
     damping: ``μ > 0``.
     scale_invariant: normalise the factor statistic before the EMA.
-    root_method, root_iters, root_eps, min_eig, trace_damping,
+    root_method, root_iters, warm_iters, root_eps, min_eig, trace_damping,
       factor_dtype, max_factor_size, root_every: see
       :func:`optax_lite.transforms.fisher_whiten` (``factor_dtype=None``:
       float32).
@@ -116,6 +117,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   matrix_tx = optax.chain(
       fisher_whiten(inner, gamma=gamma, damping=damping,
                     root_method=root_method, root_iters=root_iters,
+                    warm_iters=warm_iters,
                     root_eps=root_eps, min_eig=min_eig,
                     trace_damping=trace_damping, factor_dtype=factor_dtype, root_every=root_every,
                     max_factor_size=max_factor_size,

@@ -56,6 +56,19 @@ accelerators). Each step computes three inverse square roots,
 formed as Gram matrices, ``G Q⁻¹ Gᵀ = (G Q^{-1/2})(G Q^{-1/2})ᵀ``, so they are
 positive semi-definite in floating point too.
 
+**Warm-started roots** (``root_method="newton_warm"``, not in the paper).
+The factors move by an EMA step, so the previous step's roots are good
+starting points: the roots are kept in the state (as with ``root_every >
+1``) and each new one is refined from the previous by ``warm_iters`` (3)
+steps of the symmetrised Newton–Schulz iteration ``Z ← sym(½ Z (3I − Z F
+Z))`` (:func:`optax_lite.linalg.roots.inverse_sqrt_warm`), matmul only;
+with ``root_every=1`` the stored ``Q_{t-1}^{-1/2}`` is reused for the
+Gauss–Seidel statistic, so two roots are computed per step instead of
+three. When a factor jumped too far (``‖Z₀FZ₀ − I‖₂ > 0.5``) the cold
+coupled Newton iteration (``root_iters`` steps) is used for that leaf.
+Accuracy and CPU timings against ``eigh`` are in
+``benchmarks/results/fismo_roots_cpu.json`` (``benchmarks/fismo_roots.py``).
+
 **Amortised roots** (``root_every = k``, not in the paper; this is how
 Shampoo and SOAP amortise their eigendecompositions). The factors ``P`` and
 ``Q`` are still updated every step (EMA, trace normalisation, ``min_eig``
@@ -171,6 +184,9 @@ class _Config(NamedTuple):
   root_eps: Any
   factor_dtype: Any
   precision: Any
+  warm_iters: Any = 3
+  # root_every == 1 known statically: every step refreshes.
+  every_step: bool = True
 
 
 class _Pair(NamedTuple):
@@ -245,7 +261,19 @@ def _mm(a, b, cfg: _Config):
   return jnp.matmul(a, b, precision=cfg.precision)
 
 
-def _isqrt(a, cfg: _Config):
+_ROOT_METHODS = roots_lib.ROOT_METHODS + ('newton_warm',)
+
+
+def _isqrt(a, cfg: _Config, start=None):
+  """``a^{-1/2}``; with ``root_method="newton_warm"``, refined from
+  ``start`` (a previous root) when given, else the cold Newton iteration."""
+  if cfg.root_method == 'newton_warm':
+    if start is None:
+      return roots_lib.inverse_root_newton(a, 2, cfg.root_eps,
+                                           cfg.root_iters, cfg.precision)
+    return roots_lib.inverse_sqrt_warm(
+        a, start, iters=cfg.warm_iters, eps=cfg.root_eps,
+        cold_iters=cfg.root_iters, precision=cfg.precision)
   return roots_lib.inverse_root(a, 2, method=cfg.root_method,
                                 eps=cfg.root_eps, iters=cfg.root_iters,
                                 precision=cfg.precision)
@@ -299,13 +327,16 @@ def _gram(a, transpose_first: bool, cfg: _Config):
   return _mm(at, a, cfg) if transpose_first else _mm(a, at, cfg)
 
 
-def _factors(x, prev: _Pair, cached: _Pair | None, cfg: _Config
-             ) -> _Factors:
+def _factors(x, prev: _Pair, cached: _Pair | None, cfg: _Config,
+             warm: _Pair | None = None) -> _Factors:
   """Steps 4–5 of Algorithm 1 for ``x`` of shape ``(b, fan_in, fan_out)``.
 
-  ``cached=None``: exact roots (``Q_{t-1}^{-1/2}`` for the P statistic, then
+  ``cached=None``: fresh roots (``Q_{t-1}^{-1/2}`` for the P statistic, then
   ``P_t^{-1/2}``, ``Q_t^{-1/2}``); otherwise the cached ``P_s^{-1/2}``,
-  ``Q_s^{-1/2}`` are used instead and no root is computed.
+  ``Q_s^{-1/2}`` are used instead and no root is computed. ``warm``: the
+  stored roots of the last refresh, starting points of
+  ``root_method="newton_warm"`` (with ``root_every=1`` the stored
+  ``Q_{t-1}^{-1/2}`` is used as is: it is that root).
   """
   r, c = x.shape[-2:]
   p_new = q_new = p_isqrt = q_isqrt = None
@@ -313,17 +344,25 @@ def _factors(x, prev: _Pair, cached: _Pair | None, cfg: _Config
       factor_step, gamma=cfg.gamma, damping=cfg.damping,
       scale_invariant=cfg.scale_invariant, min_eig=cfg.min_eig,
       trace_damping=cfg.trace_damping)
+  warm_p = None if warm is None else warm.p
+  warm_q = None if warm is None else warm.q
   if prev.p is not None:  # Step 4: P from Q_{t-1}; L = Xᵀ Q⁻¹ X / fan_in.
     qx = x
     if prev.q is not None:
-      q_root = _isqrt(prev.q, cfg) if cached is None else cached.q
+      if cached is not None:
+        q_root = cached.q
+      elif warm_q is not None and cfg.every_step:
+        q_root = warm_q
+      else:
+        q_root = _isqrt(prev.q, cfg, warm_q)
+      warm_q = q_root if warm_q is not None else None
       qx = _mm(q_root, x, cfg)
     p_new = step(prev.p, _gram(qx, True, cfg) / r)
-    p_isqrt = _isqrt(p_new, cfg) if cached is None else cached.p
+    p_isqrt = _isqrt(p_new, cfg, warm_p) if cached is None else cached.p
   if prev.q is not None:  # Step 5: Q from the new P; R = X P⁻¹ Xᵀ / fan_out.
     xp = x if prev.p is None else _mm(x, p_isqrt, cfg)
     q_new = step(prev.q, _gram(xp, False, cfg) / c)
-    q_isqrt = _isqrt(q_new, cfg) if cached is None else cached.q
+    q_isqrt = _isqrt(q_new, cfg, warm_q) if cached is None else cached.q
   return _Factors(_Pair(p_new, q_new), _Pair(p_isqrt, q_isqrt))
 
 
@@ -374,16 +413,18 @@ def _whiten_leaf(view, g, p, q, p_cache, q_cache, refresh, cfg: _Config
     f = _factors(x, prev, None, cfg)
   else:
     cached = _as_matrices(view, p_cache, q_cache, cfg)
+    warm = cfg.root_method == 'newton_warm'
 
     def fresh(x, prev, cached):
-      del cached
-      return _factors(x, prev, None, cfg)
+      return _factors(x, prev, None, cfg, cached if warm else None)
 
     def lagged(x, prev, cached):
       return _factors(x, prev, cached, cfg)
 
-    # Only the chosen branch runs: skipped steps compute no root.
-    f = jax.lax.cond(refresh, fresh, lagged, x, prev, cached)
+    if cfg.every_step:
+      f = fresh(x, prev, cached)
+    else:  # Only the chosen branch runs: skipped steps compute no root.
+      f = jax.lax.cond(refresh, fresh, lagged, x, prev, cached)
 
   def store(m, like):
     if m is None:
@@ -412,7 +453,7 @@ def _unwhiten_leaf(view, u, p_isqrt, q_isqrt, cfg: _Config):
 def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
           root_every) -> FisherWhitenState:
   _require_static(max_factor_size=max_factor_size, root_every=root_every)
-  cache = root_every > 1
+  cache = root_every > 1 or cfg.root_method == 'newton_warm'
   out = _tree.map_leaves(
       functools.partial(_init_leaf, cfg=cfg, max_factor_size=max_factor_size,
                         cache=cache), params, dims=dims, name='params')
@@ -443,6 +484,7 @@ def _update(updates, state: FisherWhitenState, params=None, *, inner,
 def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                   gamma: float = 0.95, damping: float = 1e-3,
                   root_method: str = 'eigh', root_iters: int = 30,
+                  warm_iters: int = 3,
                   root_eps: float = 0.0, min_eig: float = 1e-5,
                   trace_damping: float = 1.0, factor_dtype=None,
                   max_factor_size: int | None = 4096,
@@ -458,9 +500,11 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
     gamma: factor EMA ``γ`` in ``[0, 1]`` (``1`` freezes ``P = Q = I``).
     damping: ``μ > 0``; absolute (gradient² units) in the exact algorithm,
       relative to the mean eigenvalue with ``scale_invariant=True``.
-    root_method: ``"eigh"`` (exact) or ``"newton"`` (matmul-only coupled
-      Newton iteration).
-    root_iters: iterations of the Newton method.
+    root_method: ``"eigh"`` (exact), ``"newton"`` (matmul-only coupled
+      Newton iteration) or ``"newton_warm"`` (matmul-only, refined from the
+      previous roots, see "Warm-started roots" in the module doc).
+    root_iters: iterations of the (cold) Newton method.
+    warm_iters: iterations of ``"newton_warm"`` from the previous root.
     root_eps: ridge added before each inverse root (``>= 0``).
     min_eig: identity mix after each trace normalisation, in ``[0, 1)``
       (see module doc; ``0`` is the literal algorithm).
@@ -505,8 +549,9 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   inner = optax.identity() if inner is None else inner
   _checks.check_decay('gamma', gamma, allow_one=True)
   _checks.check_positive('damping', damping)
-  _checks.check_choice('root_method', root_method, roots_lib.ROOT_METHODS)
+  _checks.check_choice('root_method', root_method, _ROOT_METHODS)
   root_iters = _int_arg('root_iters', root_iters, 1)
+  warm_iters = _int_arg('warm_iters', warm_iters, 1)
   _checks.check_positive('root_eps', root_eps, allow_zero=True)
   _checks.check_decay('min_eig', min_eig)
   _checks.check_positive('trace_damping', trace_damping, allow_zero=True)
@@ -522,7 +567,9 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                 trace_damping=trace_damping,
                 scale_invariant=scale_invariant, root_method=root_method,
                 root_iters=root_iters, root_eps=root_eps,
-                factor_dtype=factor_dtype, precision=precision)
+                factor_dtype=factor_dtype, precision=precision,
+                warm_iters=warm_iters,
+                every_step=isinstance(root_every, int) and root_every == 1)
   return optax.GradientTransformation(
       functools.partial(_init, inner=inner, cfg=cfg, dims=dims,
                         max_factor_size=max_factor_size,
