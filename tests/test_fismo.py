@@ -265,7 +265,8 @@ def test_theorem_4_2_direction_is_optimal_in_the_trust_region():
 
 
 def _noisy_kronecker_grads(steps, scale, seed=0):
-  """Gradients A C B + A^{1/2} Z B^{1/2} (paper layout), cond(A) = cond(B) = 10."""
+  """Gradients A C B + A^{1/2} Z B^{1/2} (paper layout), cond(A) = cond(B)
+  = 10."""
   rng = np.random.default_rng(seed)
   m, n = 16, 24
 

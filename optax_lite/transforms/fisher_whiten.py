@@ -8,12 +8,16 @@ with gradient ``G``, EMA ``γ`` and damping ``μ`` (Gauss–Seidel: ``P`` first,
 then ``Q`` with the *new* ``P``):
 
 .. math::
-   L_t &= \tfrac1n G Q_{t-1}^{-1} G^\top + μ\,\tfrac{\mathrm{tr} P_{t-1}}{m} I_m,
+   L_t &= \tfrac1n G Q_{t-1}^{-1} G^\top
+          + μ\,\tfrac{\mathrm{tr} P_{t-1}}{m} I_m,
    \quad \tilde P_t = γ P_{t-1} + (1-γ) L_t,
-   \quad P_t = \mathrm{sym}\big(\tfrac{m}{\mathrm{tr}\tilde P_t}\tilde P_t\big)\\
-   R_t &= \tfrac1m G^\top P_t^{-1} G + μ\,\tfrac{\mathrm{tr} Q_{t-1}}{n} I_n,
+   \quad P_t = \mathrm{sym}\big(
+     \tfrac{m}{\mathrm{tr}\tilde P_t}\tilde P_t\big)\\
+   R_t &= \tfrac1m G^\top P_t^{-1} G
+          + μ\,\tfrac{\mathrm{tr} Q_{t-1}}{n} I_n,
    \quad \tilde Q_t = γ Q_{t-1} + (1-γ) R_t,
-   \quad Q_t = \mathrm{sym}\big(\tfrac{n}{\mathrm{tr}\tilde Q_t}\tilde Q_t\big)\\
+   \quad Q_t = \mathrm{sym}\big(
+     \tfrac{n}{\mathrm{tr}\tilde Q_t}\tilde Q_t\big)\\
    \tilde G_t &= P_t^{-1/2} G Q_t^{-1/2}, \qquad
    U_t = \mathrm{inner}(\tilde G_t), \qquad
    \Delta_t = P_t^{-1/2} U_t Q_t^{-1/2}.
