@@ -244,9 +244,9 @@ G = {'w': M}
 params = {'w': jnp.zeros((m, n))}
 for chi_ in (1.0, 2.0):
   tx = lite_tx.lite_flat_boost(lite_tx.muon_geometry(sharp_ratio=k / n), chi=chi_)
-  state = tx.init(params)
+  state, update = tx.init(params), jax.jit(tx.update)
   for _ in range(20):   # let the threshold controller settle
-    u, state = tx.update(G, state, params)
+    u, state = update(G, state, params)
   sv = np.linalg.svd(np.asarray(u['w']), compute_uv=False)
   print(f'chi={chi_}: σ(update) = {np.round(sv[:6], 2)} ... {np.round(sv[-3:], 2)}')
 '''),
@@ -361,6 +361,8 @@ if data:
 
 def write(name, cells):
   nb = new_notebook(cells=cells)
+  for i, cell in enumerate(nb.cells):  # stable ids: regenerating is no churn
+    cell.id = f'{name.split(".")[0]}-{i}'
   nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3',
                                'language': 'python'}
   nb.metadata['language_info'] = {'name': 'python'}

@@ -1,8 +1,19 @@
 """Shared test helpers (small equivalents of optax's private test_utils)."""
 
 import os
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# A persistent XLA compilation cache shared by the two xdist workers, the
+# multi-device run and later runs: most of this suite's CPU time is compiling
+# optimizer steps, often the same ones in different test files. Set
+# OPTAX_LITE_JAX_CACHE=0 to compile everything afresh; JAX's own
+# JAX_COMPILATION_CACHE_DIR chooses another folder.
+if os.environ.get('OPTAX_LITE_JAX_CACHE', '1') != '0':
+  os.environ.setdefault(
+      'JAX_COMPILATION_CACHE_DIR',
+      os.path.join(tempfile.gettempdir(), 'optax_lite_jax_cache'))
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
 import jax
 import numpy as np

@@ -39,6 +39,20 @@ SMALL = {
     'fismo_lite': {},
 }
 
+# The dtype argument of each optimizer's Kronecker factors / bases (the others
+# keep no such state).
+FACTOR_DTYPE = {'fismo': 'factor_dtype', 'fismo_lite': 'factor_dtype',
+                'soap': 'precond_dtype', 'shampoo': 'precond_dtype',
+                'soap_lite': 'precond_dtype'}
+
+
+def state_dtype_kw(name: str, dtype) -> dict:
+  """``mu_dtype`` and the factor dtype (where there is one) set to ``dtype``."""
+  kw = {'mu_dtype': dtype}
+  if name in FACTOR_DTYPE:
+    kw[FACTOR_DTYPE[name]] = dtype
+  return kw
+
 
 def get(name: str):
   """The optimizer factory ``optax_lite.<name>`` (AttributeError if missing)."""
@@ -104,8 +118,10 @@ def cached(name: str, wrap=None, **kw):
   """``(tx, step, update)`` built once per (name, wrap, kw) and reused.
 
   ``step(p, s, g) -> (p, s, u)`` and ``update(g, s, p)`` are jitted; reusing
-  them across tests avoids recompiling the same optimizer (tests share
-  shapes). ``wrap`` (e.g. ``optax.apply_if_finite``) is applied to the tx.
+  them across tests (and test files: ``test_hostile``, ``test_checkpoint``)
+  avoids recompiling the same optimizer on the same shapes, which is most of
+  the suite's time on a CPU. ``wrap`` (e.g. ``optax.apply_if_finite``) is
+  applied to the tx.
   """
   import optax
   key = (name, getattr(wrap, '__name__', repr(wrap)), _freeze(kw))

@@ -140,12 +140,14 @@ def test_learning_rate_schedule():
   sched = optax.warmup_cosine_decay_schedule(0.0, 0.02, 3, 10)
   scheduled, unit = ol.muon(sched), ol.muon(1.0)
   s, t = scheduled.init(params), unit.init(params)
+  scheduled_update = jax.jit(scheduled.update)
+  unit_update = jax.jit(unit.update)
   x = jax.random.normal(jax.random.PRNGKey(2), (32, 8))
   y = jax.random.normal(jax.random.PRNGKey(3), (32, 4))
   g = jax.grad(mlp_loss)(params, x, y)
   for k in range(5):
-    u, s = scheduled.update(g, s, params)
-    v, t = unit.update(g, t, params)
+    u, s = scheduled_update(g, s, params)
+    v, t = unit_update(g, t, params)
     lr = float(sched(k))
     if k == 0:  # the warm-up starts at 0: no step at all
       assert lr == 0.0
