@@ -84,11 +84,12 @@ PRESETS = {
     'full': dict(_COMMON, model='nano', base_steps=32, warmup=8,
                  multipliers=[1, 4, 16, 64, 128], grid=[3e-3, 1e-2, 3e-2]),
     # One accelerator: base steps chosen so that the largest budget gives
-    # >= 20 tokens per parameter (``tokens_per_param``).
+    # >= 20 tokens per parameter (``tokens_per_param``); 17 MB for the tiny
+    # model, so the corpus includes the test packages (~30 MB, no repeat).
     'gpu': dict(_COMMON, model='tiny', seq_len=128, batch=32, val_windows=256,
                 warmup=64, multipliers=[1, 4, 16], grid=[1e-3, 3e-3, 1e-2],
                 tune_schedules=['cos', 'wsd'], tokens_per_param=20.0,
-                base_steps=None),
+                base_steps=None, corpus='stdlib_tests'),
 }
 # Settings that must match for --resume to reuse a finished entry.
 _RESUME_KEYS = ('model', 'seq_len', 'batch', 'val_windows', 'seeds',
@@ -117,6 +118,9 @@ def parse_args(argv=None):
                  help='schedules with their own LR sweep (others reuse cos)')
   p.add_argument('--optimizers', nargs='*', default=None,
                  help=f'subset of {list(OPTIMIZERS)}')
+  p.add_argument('--corpus', default=None, choices=models.CORPORA,
+                 help="default stdlib; stdlib_tests for the GPU preset's "
+                 'largest budgets')
   p.add_argument('--evals', type=int, default=None,
                  help='validation points per run (>= budget/chunk apart)')
   p.add_argument('--resume', nargs='*', default=None, metavar='FILE',
@@ -137,7 +141,7 @@ def resolve_settings(args, n_params_of=None):
   s = dict(PRESETS[mode], mode=mode)
   for k in ('model', 'base_steps', 'multipliers', 'batch', 'seq_len',
             'warmup', 'grid', 'max_extend', 'seeds', 'schedules',
-            'tune_schedules', 'evals'):
+            'tune_schedules', 'evals', 'corpus'):
     if getattr(args, k) is not None:
       s[k] = getattr(args, k)
   s['optimizers'] = list(args.optimizers or OPTIMIZERS)

@@ -200,17 +200,22 @@ _EXCLUDED_DIRS = frozenset({'site-packages', 'dist-packages', 'test', 'tests',
                             'idle_test', '__pycache__'})
 
 
-def stdlib_files(root: str | None = None) -> list[str]:
+_TEST_DIRS = frozenset({'test', 'tests', 'idle_test'})
+
+
+def stdlib_files(root: str | None = None, tests: bool = False) -> list[str]:
   """Relative paths of the stdlib's ``.py`` files, sorted (POSIX separators).
 
   Skips ``site-packages``/``dist-packages`` (installed packages, not the
-  standard library) and the test packages (``test``, ``tests``,
-  ``idle_test``: generated and deliberately malformed sources).
+  standard library) and, unless ``tests``, the test packages (``test``,
+  ``tests``, ``idle_test``: generated and deliberately malformed sources,
+  ~18 MB more on CPython 3.11).
   """
   root = root or sysconfig.get_paths()['stdlib']
+  excluded = _EXCLUDED_DIRS - _TEST_DIRS if tests else _EXCLUDED_DIRS
   out = []
   for d, dirs, files in os.walk(root):
-    dirs[:] = [x for x in dirs if x not in _EXCLUDED_DIRS]
+    dirs[:] = sorted(x for x in dirs if x not in excluded)
     rel = os.path.relpath(d, root)
     for f in files:
       if f.endswith('.py'):
@@ -234,10 +239,10 @@ def _info(name, data_train, data_val, **extra):
 
 
 @functools.lru_cache(maxsize=4)
-def _stdlib_corpus(root, val_fraction):
+def _stdlib_corpus(root, val_fraction, tests=False):
   root = root or sysconfig.get_paths()['stdlib']
   train, val = [], []
-  for rel in stdlib_files(root):
+  for rel in stdlib_files(root, tests):
     with open(os.path.join(root, rel), 'rb') as f:
       text = f.read()
     if is_val_file(rel, val_fraction):
@@ -248,7 +253,7 @@ def _stdlib_corpus(root, val_fraction):
   tr = np.frombuffer(b'\n'.join(train), np.uint8).copy()
   va = np.frombuffer(b'\n'.join(val), np.uint8).copy()
   return Corpus(tr, va, _info(
-      'stdlib', tr, va, root=root, python=platform.python_version(),
+      'stdlib_tests' if tests else 'stdlib', tr, va, root=root, python=platform.python_version(),
       val_fraction=val_fraction, train_files=len(train), val_files=len(val)))
 
 
@@ -263,7 +268,7 @@ def _pydoc_corpus(val_fraction):
                               val_fraction=val_fraction))
 
 
-CORPORA = ('stdlib', 'pydoc')
+CORPORA = ('stdlib', 'stdlib_tests', 'pydoc')
 
 
 def load_corpus(name: str = 'stdlib', val_fraction: float = 0.1,
@@ -271,13 +276,14 @@ def load_corpus(name: str = 'stdlib', val_fraction: float = 0.1,
   """A :class:`Corpus`; ``train, val = load_corpus()`` unpacks the streams.
 
   ``'stdlib'`` (default): the standard library's sources, split by file (see
-  the module docstring). ``'pydoc'``: ``pydoc_data.topics``, last 10 % of the
+  the module docstring); ``'stdlib_tests'``: the same with the test packages
+  (~2.5x the bytes, for budgets that would repeat ``'stdlib'``). ``'pydoc'``: ``pydoc_data.topics``, last 10 % of the
   bytes held out; only for tiny demonstrations (it repeats quickly).
   """
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f'val_fraction: must be in (0, 1), got {val_fraction}')
-  if name == 'stdlib':
-    return _stdlib_corpus(root, float(val_fraction))
+  if name in ('stdlib', 'stdlib_tests'):
+    return _stdlib_corpus(root, float(val_fraction), name == 'stdlib_tests')
   if name == 'pydoc':
     return _pydoc_corpus(val_fraction)
   raise ValueError(f'corpus: unknown name {name!r}; one of {CORPORA}')

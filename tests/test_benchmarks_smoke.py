@@ -135,6 +135,8 @@ def test_stdlib_corpus_split_by_file(tmp_path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
   assert models.stdlib_files(str(tmp_path)) == ['a.py', 'pkg/b.py']
+  assert models.stdlib_files(str(tmp_path), tests=True) == [
+      'a.py', 'pkg/b.py', 'test/t.py', 'z/tests/u.py']
   with pytest.raises(ValueError, match='val_fraction'):
     models.load_corpus(val_fraction=1.5)
   with pytest.raises(ValueError, match='corpus'):
