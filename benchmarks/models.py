@@ -253,8 +253,9 @@ def _stdlib_corpus(root, val_fraction, tests=False):
   tr = np.frombuffer(b'\n'.join(train), np.uint8).copy()
   va = np.frombuffer(b'\n'.join(val), np.uint8).copy()
   return Corpus(tr, va, _info(
-      'stdlib_tests' if tests else 'stdlib', tr, va, root=root, python=platform.python_version(),
-      val_fraction=val_fraction, train_files=len(train), val_files=len(val)))
+      'stdlib_tests' if tests else 'stdlib', tr, va, root=root,
+      python=platform.python_version(), val_fraction=val_fraction,
+      train_files=len(train), val_files=len(val)))
 
 
 def _pydoc_corpus(val_fraction):
@@ -277,8 +278,9 @@ def load_corpus(name: str = 'stdlib', val_fraction: float = 0.1,
 
   ``'stdlib'`` (default): the standard library's sources, split by file (see
   the module docstring); ``'stdlib_tests'``: the same with the test packages
-  (~2.5x the bytes, for budgets that would repeat ``'stdlib'``). ``'pydoc'``: ``pydoc_data.topics``, last 10 % of the
-  bytes held out; only for tiny demonstrations (it repeats quickly).
+  (~2.5x the bytes, for budgets that would repeat ``'stdlib'``).
+  ``'pydoc'``: ``pydoc_data.topics``, last 10 % of the bytes held out; only
+  for tiny demonstrations (it repeats quickly).
   """
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f'val_fraction: must be in (0, 1), got {val_fraction}')
