@@ -42,7 +42,8 @@ from optax_lite.transforms import ShampooState
 from optax_lite.transforms import SoapState
 from optax_lite.transforms import diagonal_geometry
 from optax_lite.transforms import fisher_whiten
-from optax_lite.transforms import kron_precondition
+# The function; ``optax_lite.transforms.kron_precondition`` is its module.
+from optax_lite.transforms.kron_precondition import kron_precondition
 from optax_lite.transforms import lite_flat_boost
 from optax_lite.transforms import momentum
 from optax_lite.transforms import muon_geometry

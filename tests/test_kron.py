@@ -1,6 +1,4 @@
-"""Tests for SOAP / Shampoo: eigenbasis helpers, kron_precondition, named opts."""
-
-import importlib
+"""SOAP / Shampoo: eigenbasis helpers, kron_precondition, named optimizers."""
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +6,12 @@ import numpy as np
 import optax
 import pytest
 
+import optax_lite as ol
 from conftest import assert_tree_finite, assert_trees_close
 from optax_lite.linalg import eigenbasis as eig_lib
 from optax_lite.linalg.matrices import MatrixDims
 from optax_lite.optimizers import kron as kron_opt
-
-# The package attribute ``kron_precondition`` is the transform function; get
-# the module itself.
-kp = importlib.import_module('optax_lite.transforms.kron_precondition')
+from optax_lite.transforms import kron_precondition as kp
 
 
 def _designed(m, n, svals, seed=0):
@@ -88,8 +84,9 @@ def test_refresh_sorts_columns_and_permutes_nu():
   a = jnp.asarray(g @ g.T, jnp.float32)[None]
   swapped = jnp.asarray(qe[:, [1, 0, 2, 3]], jnp.float32)[None]
   nu = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4)
-  q_l, q_r, nu2 = kp.soap_refresh_bases(a, jnp.zeros((1, 1)), swapped,
-                                        jnp.zeros((1, 1)), nu)
+  q_l, q_r, nu2, lam_l, _ = kp.soap_refresh_bases(
+      a, jnp.zeros((1, 1)), swapped, jnp.zeros((1, 1)), nu)
+  np.testing.assert_allclose(lam_l[0], lam, rtol=1e-3, atol=1e-4)
   assert q_r.shape == (1, 1)
   np.testing.assert_array_equal(nu2[0], np.asarray(nu[0])[[1, 0, 2, 3]])
   _assert_same_columns(q_l[0], qe, 4)
@@ -199,6 +196,40 @@ def test_soap_helpers_reproduce_transform():
                                atol=1e-6)
     assert d.numerator.shape == d.denominator.shape == d.grad_rot.shape
   np.testing.assert_allclose(leaf.nu, s.nu['w'], rtol=1e-6)
+
+
+def test_soap_pieces_compose_to_scale_by_soap():
+  """Basis upkeep and rotated Adam, each public, make ``scale_by_soap``;
+  the basis upkeep alone follows its rules (EMA factors, eigh at call 1,
+  refresh after real step k)."""
+  k = 2
+  g0 = jax.random.normal(jax.random.PRNGKey(3), (1, 5, 3))
+  tx = kp.scale_by_soap(precondition_frequency=k)
+  s = tx.init({'w': g0[0]})
+  basis = kp.soap_basis_init(1, 5, 3, left=True, right=True)
+  mu = nu = jnp.zeros((1, 5, 3))
+  ema = np.zeros((5, 5))
+  for c in range(1, 7):
+    g = g0 * c - 0.3 * (c % 2)
+    count = jnp.int32(c)
+    u, s = tx.update({'w': g[0]}, s)
+    basis = kp.soap_basis_update(basis, g, count, shampoo_beta=0.95)
+    ema = 0.95 * ema + 0.05 * np.asarray(g[0] @ g[0].T, np.float64)
+    np.testing.assert_allclose(basis.stats_l[0], ema, rtol=1e-5, atol=1e-6)
+    t, first = kp.soap_step_index(count, basis)
+    assert int(t) == c - 1 and bool(first) == (c == 1)
+    mu, nu, d = kp.soap_rotated_adam(mu, nu, g, basis, t, first, b1=0.95,
+                                     b2=0.99, eps=1e-8)
+    np.testing.assert_allclose(kp.soap_direction(d)[0], u['w'], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(d.denominator, np.sqrt(d.nu_hat) + 1e-8
+                               if c > 1 else 1.0, rtol=1e-6)
+    q_before = basis.q_l
+    basis, nu = kp.soap_basis_refresh(basis, nu, t, precondition_frequency=k)
+    refreshed = not np.allclose(q_before, basis.q_l)
+    assert refreshed == (c > 1 and (c - 1) % k == 0), c
+  np.testing.assert_allclose(basis.q_l[0], s.q_l['w'][0], atol=1e-5)
+  np.testing.assert_allclose(nu[0], s.nu['w'], rtol=1e-5, atol=1e-9)
 
 
 def test_soap_one_sided_and_state_shapes():
@@ -397,6 +428,8 @@ def test_bfloat16_params_float32_state(mode):
     ('shampoo', dict(exponent=0.0), 'exponent'),
     ('shampoo', dict(exponent=0.3, root_method='newton'), 'exponent'),
     ('soap', dict(max_precond_dim=-1), 'max_precond_dim'),
+    ('soap', dict(null_threshold=-1e-3), 'null_threshold'),
+    ('shampoo', dict(null_threshold=-1.0), 'null_threshold'),
     ('cholesky', dict(), 'mode'),
 ])
 def test_bad_input_raises(mode, kwargs, name):
@@ -610,7 +643,7 @@ def test_soap_matches_reference_transcription(shape, k):
   g1, _, _ = _designed(*shape, np.linspace(2.0, 1.0, min(shape)), seed=k)
   grads = [g1] + [rng.standard_normal(shape) for _ in range(steps - 1)]
   w0 = rng.standard_normal(shape) * 0.1
-  extra = {}
+  extra = {} if shape[0] == shape[1] else dict(null_threshold=0.0)
   ours, states = _soap_trajectory(w0, grads, learning_rate=lr,
                                   weight_decay=0.0, precondition_frequency=k,
                                   **kw, **extra)
@@ -631,6 +664,22 @@ def test_soap_matches_reference_transcription(shape, k):
   np.testing.assert_array_equal(ours[0], w0)  # step 1: statistics only
 
 
+def test_soap_null_rule_leaves_full_rank_reference_match():
+  """The default null_threshold changes nothing on full-rank factors (here
+  a first gradient with singular values 3 … 0.05, so λ_min/λ_max = 2.8e-4,
+  well above τ = 1e-5): the reference match above holds with it on."""
+  lr, k, shape = 1e-2, 3, (5, 5)
+  rng = np.random.default_rng(11)
+  g1, _, _ = _designed(*shape, [3.0, 1.0, 0.3, 0.1, 0.05], seed=2)
+  grads = [g1] + [rng.standard_normal(shape) for _ in range(11)]
+  w0 = rng.standard_normal(shape) * 0.1
+  on, _ = _soap_trajectory(w0, grads, learning_rate=lr, weight_decay=0.0,
+                           precondition_frequency=k)
+  off, _ = _soap_trajectory(w0, grads, learning_rate=lr, weight_decay=0.0,
+                            precondition_frequency=k, null_threshold=0.0)
+  np.testing.assert_allclose(on, off, rtol=0, atol=1e-13)
+
+
 def test_soap_weight_decay_reference_deviation():
   """Weight decay: none on step 1 (as the reference); then the decay of the
   old weight (optax) instead of the updated one differs by O(lr·wd)."""
@@ -647,3 +696,118 @@ def test_soap_weight_decay_reference_deviation():
   travelled = np.linalg.norm(ref[-1].T - w0)
   err = max(np.linalg.norm(a - b.T) for a, b in zip(ours, ref)) / travelled
   assert err <= 2 * lr * wd, err
+
+
+# ------------------------------------------------ round-off is no update ---
+PERTURB_SHAPES = [(1, 7), (7, 1), (4, 16), (16, 4), (32, 80), (80, 32)]
+
+
+@pytest.mark.parametrize('k,steps', [(10, 4), (2, 6)])
+@pytest.mark.parametrize('name', ['soap', 'soap_lite', 'shampoo'])
+def test_gradient_perturbation_moves_little(name, k, steps):
+  """A 1e-6 relative change of the gradients moves the parameters by at
+  most 1e-4 of the distance travelled after 4 steps, on rank-deficient
+  (non-square) leaves too: null-space round-off gets no update. With k = 2
+  the bases are refreshed twice while still rank-deficient."""
+  rng = np.random.default_rng(0)
+  params = {f'w{i}': jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32)
+            for i, s in enumerate(PERTURB_SHAPES)}
+  grads, perturbed = [], []
+  for _ in range(steps):
+    g = {n: rng.standard_normal(v.shape) for n, v in params.items()}
+    r = {n: rng.standard_normal(v.shape) for n, v in params.items()}
+    grads.append(g)
+    perturbed.append({n: g[n] + 1e-6 * np.linalg.norm(g[n]) * r[n]
+                      / np.linalg.norm(r[n]) for n in g})
+  kw = dict(weight_decay=0.0, precondition_frequency=k,
+            labels=lambda p: jax.tree.map(lambda _: 'matrix', p))
+  if name == 'soap_lite':
+    kw['total_steps'] = 100
+  opt = getattr(ol, name)(1e-2, **kw)
+
+  @jax.jit
+  def run(params, grads):
+    s = opt.init(params)
+    for g in grads:
+      u, s = opt.update(g, s, params)
+      params = optax.apply_updates(params, u)
+    return params
+
+  as_f32 = lambda gs: [jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+                       for g in gs]
+  a = run(params, as_f32(grads))
+  b = run(params, as_f32(perturbed))
+  for n, w0 in params.items():
+    travelled = np.linalg.norm(np.asarray(a[n]) - np.asarray(w0))
+    moved = np.linalg.norm(np.asarray(a[n]) - np.asarray(b[n]))
+    assert travelled > 0 and moved <= 1e-4 * travelled, (
+        n, w0.shape, moved / travelled)
+
+
+def test_soap_null_coordinates_get_zero_update():
+  """1×7: R has rank 1 after step 1; only the gradient's direction moves."""
+  g1 = jax.random.normal(jax.random.PRNGKey(0), (1, 7))
+  g2 = jax.random.normal(jax.random.PRNGKey(1), (1, 7))
+  tx = kp.scale_by_soap()
+  s = tx.init({'w': g1})
+  _, s = tx.update({'w': g1}, s)
+  lam = np.asarray(s.lam_r['w'][0])
+  assert lam[0] > 0 and np.all(np.abs(lam[1:]) <= 1e-5 * lam[0])
+  u, _ = tx.update({'w': g2}, s)
+  q = np.asarray(s.q_r['w'][0])
+  rot = np.asarray(u['w']) @ q
+  assert np.abs(rot[0, 0]) > 0.1
+  np.testing.assert_allclose(rot[0, 1:], 0.0, atol=1e-6)
+  # The reference's behaviour (rule off) moves along the arbitrary ones.
+  tx0 = kp.scale_by_soap(null_threshold=0.0)
+  u0, _ = tx0.update({'w': g2}, s)
+  assert np.abs(np.asarray(u0['w']) @ q)[0, 1:].max() > 0.1
+
+
+# ---------------------------------------------- optax.inject_hyperparams ---
+@pytest.mark.parametrize('name,kw', [
+    ('soap', {}), ('soap', dict(b1=0, precondition_frequency=2)),
+    ('shampoo', dict(b1=0)), ('shampoo', dict(exponent=0.5, eps=1e-7))])
+def test_inject_hyperparams_matches_plain_and_lr_is_live(name, kw):
+  """``inject_hyperparams(ol.X)(learning_rate=…)`` equals ``ol.X(…)`` step
+  for step (integer float-args such as ``b1=0`` included), and the injected
+  learning rate is live."""
+  params = {'w': jax.random.normal(jax.random.PRNGKey(0), (4, 3)) * 0.1,
+            'b': jnp.zeros(3)}
+  plain = getattr(ol, name)(0.01, **kw)
+  inj = optax.inject_hyperparams(getattr(ol, name))(learning_rate=0.01, **kw)
+  sp, si = plain.init(params), inj.init(params)
+  up, ui = jax.jit(plain.update), jax.jit(inj.update)
+  for i in range(5):
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
+                                                      p.shape), params)
+    a, sp = up(g, sp, params)
+    b, si = ui(g, si, params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert float(jnp.linalg.norm(y - x)) <= 1e-5 * float(
+          jnp.linalg.norm(x)) + 1e-9, (name, i, x.shape)
+  a, _ = ui(g, si, params)
+  si.hyperparams['learning_rate'] = jnp.asarray(0.03)
+  b, _ = ui(g, si, params)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert float(jnp.abs(x).max()) > 0
+    # wd·W is scaled by the learning rate too: the whole step triples.
+    np.testing.assert_allclose(y, 3 * x, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize('name', ['soap', 'shampoo'])
+def test_inject_hyperparams_structural_ints_name_static_args(name):
+  params = {'w': jnp.ones((4, 3))}
+  inj = optax.inject_hyperparams(getattr(ol, name))(learning_rate=0.01)
+  with pytest.raises(TypeError, match=r"static_args=\('max_precond_dim',\)"):
+    jax.jit(inj.init)(params)
+  static = optax.inject_hyperparams(
+      getattr(ol, name), static_args=('max_precond_dim',))(learning_rate=0.01)
+  state = jax.jit(static.init)(params)
+  u, _ = jax.jit(static.update)({'w': jnp.ones((4, 3))}, state, params)
+  assert_tree_finite(u)
+  newton = optax.inject_hyperparams(ol.shampoo)(
+      learning_rate=0.01, root_method='newton', exponent=0.25)
+  with pytest.raises(TypeError, match=r"static_args=\('exponent',\)"):
+    jax.jit(newton.update)({'w': jnp.ones((4, 3))}, newton.init(params),
+                           params)

@@ -47,6 +47,7 @@ def adamw_for_rest(learning_rate, adam_learning_rate, *, b1, b2, eps,
 
 class WarmupDecayState(NamedTuple):
   count: jax.Array        # int32 scalar
+  warm: Any               # bool scalar per leaf: no decay on step 1
   inner: optax.OptState   # add_decayed_weights' state
 
 
@@ -55,21 +56,24 @@ def decay_after_warmup(weight_decay, weight_decay_mask, warmup_fn
   """``add_decayed_weights``, skipped on step 1 where ``warmup_fn`` says.
 
   SOAP's reference skips its whole statistics-only first step, weight decay
-  included. ``warmup_fn(updates)`` returns a tree of Python bools shaped
-  like ``updates`` (True: no decay on step 1 for that leaf).
+  included. ``warmup_fn(params)`` returns a tree of Python bools shaped
+  like ``params`` (True: no decay on step 1 for that leaf); it is evaluated
+  once, in ``init``.
   """
   inner = optax.add_decayed_weights(weight_decay, weight_decay_mask)
 
   def init_fn(params):
-    return WarmupDecayState(jnp.zeros([], jnp.int32), inner.init(params))
+    warm = jax.tree.map(jnp.asarray, warmup_fn(params))
+    return WarmupDecayState(jnp.zeros([], jnp.int32), warm,
+                            inner.init(params))
 
   def update_fn(updates, state, params=None):
     decayed, inner_state = inner.update(updates, state.inner, params)
     first = state.count == 0
-    out = jax.tree.map(lambda u, d, w: jnp.where(first, u, d) if w else d,
-                       updates, decayed, warmup_fn(updates))
+    out = jax.tree.map(lambda u, d, w: jnp.where(first & w, u, d),
+                       updates, decayed, state.warm)
     return out, WarmupDecayState(optax.safe_increment(state.count),
-                                 inner_state)
+                                 state.warm, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

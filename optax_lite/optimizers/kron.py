@@ -9,8 +9,6 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite.optimizers import _common
-# ``optax_lite.transforms.kron_precondition`` (the attribute) is the function
-# once the package is imported; import the names from the module itself.
 from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
                                                      scale_by_soap,
                                                      soap_warmup_leaves)
@@ -19,7 +17,8 @@ from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
 def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
          precondition_frequency: int = 10, max_precond_dim: int = 4096,
-         skip_first_update: bool = True, weight_decay: float = 0.1,
+         skip_first_update: bool = True, null_threshold: float = 1e-5,
+         weight_decay: float = 0.1,
          weight_decay_mask=None, mu_dtype=None,
          precond_dtype=jnp.float32, dims=None, labels=None,
          precision=jax.lax.Precision.HIGHEST,
@@ -43,7 +42,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   Args:
     learning_rate: float or optax schedule for the matrix leaves.
     b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
-    skip_first_update: see
+    skip_first_update, null_threshold: see
       :func:`optax_lite.transforms.kron_precondition.scale_by_soap` (step 1
       gives a zero update on the matrix leaves by default, as the reference;
       the weight decay skips that step too). That docstring lists what
@@ -59,6 +58,12 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
     adam_*: AdamW settings for the non-matrix leaves (``None``: the matrix
       learning rate / weight decay).
 
+  ``optax.inject_hyperparams(soap)(learning_rate=…)`` works as is: every
+  float (learning rate, betas, ε, decays, ``null_threshold``) and
+  ``precondition_frequency`` may be traced; ``max_precond_dim`` decides the
+  state's shapes, so a jitted ``init`` needs
+  ``static_args=('max_precond_dim',)`` (a ``TypeError`` says so).
+
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, ICLR 2025.
   """
@@ -71,7 +76,8 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   matrix_tx = optax.chain(
       scale_by_soap(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
-          dims, skip_first_update=skip_first_update, mu_dtype=mu_dtype,
+          dims, skip_first_update=skip_first_update,
+          null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype, precision=precision), *tail)
   adam = _common.adamw_for_rest(
       learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
@@ -85,7 +91,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
             precondition_frequency: int = 10, max_precond_dim: int = 4096,
             accumulation: str = 'ema', exponent: float | None = None,
             root_method: str = 'eigh', matrix_eps: float = 1e-6,
-            graft: str = 'adam', weight_decay: float = 0.1,
+            graft: str = 'adam', null_threshold: float = 1e-5,
+            weight_decay: float = 0.1,
             weight_decay_mask=None, mu_dtype=None, precond_dtype=jnp.float32,
             dims=None, labels=None, precision=jax.lax.Precision.HIGHEST,
             adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -109,10 +116,14 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
   Args:
     learning_rate: float or optax schedule for the matrix leaves.
     b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
-    accumulation, exponent, root_method, matrix_eps, graft: see
+    accumulation, exponent, root_method, matrix_eps, graft, null_threshold:
+      see
       ``scale_by_shampoo``.
     weight_decay, weight_decay_mask, mu_dtype, precond_dtype, dims, labels,
     precision, adam_*: as in :func:`soap`.
+
+  ``optax.inject_hyperparams(shampoo)`` as for :func:`soap`; in addition
+  ``exponent`` must be static with ``root_method="newton"``.
 
   References:
     Gupta et al., `Shampoo <https://arxiv.org/abs/1802.09568>`_, 2018.
@@ -125,7 +136,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, accumulation=accumulation, exponent=exponent,
           root_method=root_method, matrix_eps=matrix_eps, graft=graft,
-          mu_dtype=mu_dtype, precond_dtype=precond_dtype,
+          null_threshold=null_threshold, mu_dtype=mu_dtype,
+          precond_dtype=precond_dtype,
           precision=precision),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        weight_decay_mask))

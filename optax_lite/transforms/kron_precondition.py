@@ -30,7 +30,8 @@ Shampoo (``mode="shampoo"``, :func:`scale_by_shampoo`; Gupta et al. 2018,
 Shi et al. 2023)::
 
     L ← L + G Gᵀ  (accumulation="sum")  or  β_s L + (1−β_s) G Gᵀ  ("ema")
-    every k steps (from step 1):  P_l = (L̂ + ε_l I)^{-e},  P_r = (R̂ + ε_r I)^{-e}
+    every k steps (from step 1):  P_l = (L̂ + ε_l I)^{-e},
+                                  P_r = (R̂ + ε_r I)^{-e}
     M ← b1 M + (1−b1) G;   U = P_l M̂ P_r
     grafting "adam":  U ← U · ‖Adam(M̂, V)‖_F / ‖U‖_F   per matrix
 
@@ -46,6 +47,16 @@ array). Leaves of rank < 2 under the default dims, and leaves whose dims
 entry is ``None``, get the identity on both sides: SOAP is then exactly Adam,
 Shampoo is its graft (Adam) or plain momentum. ``max_precond_dim=0`` turns
 every side into the identity.
+
+Public pieces (per leaf, matrix form ``(B, m, n)``): SOAP is its basis
+upkeep (:class:`SoapBasis`: :func:`soap_basis_init`,
+:func:`soap_basis_update` for the statistics and the first ``eigh``,
+:func:`soap_basis_refresh` for the QR refresh) and its rotated Adam
+(:func:`soap_rotated_adam`, or :func:`soap_second_moment` alone for ``V``
+and ``V̂``), tied by :func:`soap_step_index` (the statistics-only first
+step); :func:`soap_leaf_update` composes them and SOAP-LITE
+(:func:`optax_lite.transforms.lite_geometries.soap_geometry`) reuses them
+with its own first moment.
 
 State layout: every per-leaf field is a tree shaped like the params. The
 moments ``mu``/``nu`` have the parameter's own shape (so they shard like it);
@@ -84,11 +95,15 @@ import optax
 
 from optax_lite import _checks
 from optax_lite.linalg import eigenbasis as eig_lib
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.linalg.matrices import MatrixView, matrix_view
 from optax_lite.transforms import _tree
 
 MODES = ('soap', 'shampoo')
+# Relative energy below which a basis direction carries no gradient (see
+# ``null_threshold`` of scale_by_soap / scale_by_shampoo).
+NULL_THRESHOLD = 1e-5
 ACCUMULATIONS = ('ema', 'sum')
 GRAFTS = ('adam', 'none')
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -113,6 +128,12 @@ class SoapState(NamedTuple):
     q_l: eigenbasis of ``L``, columns by descending eigenvalue, ``(B, m, m)``
       (``(B, 1)``: identity).
     q_r: eigenbasis of ``R``, ``(B, n, n)`` (``(B, 1)``: identity).
+    lam_l: ``(B, m)``, the energy of each column of ``q_l`` when the basis
+      was last computed (eigenvalues at ``eigh``, Rayleigh quotients
+      ``diag(Q_lᵀ L Q_l)`` after a refresh); ``(B, 1)`` on identity sides.
+      Coordinates whose energy is at most ``null_threshold`` times the
+      largest get a zero update.
+    lam_r: the same for ``q_r``, ``(B, n)``.
   """
   count: jax.Array
   mu: optax.Updates
@@ -121,6 +142,8 @@ class SoapState(NamedTuple):
   stats_r: optax.Updates
   q_l: optax.Updates
   q_r: optax.Updates
+  lam_l: optax.Updates
+  lam_r: optax.Updates
 
 
 class ShampooState(NamedTuple):
@@ -151,6 +174,8 @@ class SoapLeaf(NamedTuple):
   stats_r: jax.Array
   q_l: jax.Array
   q_r: jax.Array
+  lam_l: jax.Array
+  lam_r: jax.Array
 
 
 class SoapDirection(NamedTuple):
@@ -165,12 +190,19 @@ class SoapDirection(NamedTuple):
     grad_rot: ``Q_lᵀ G Q_r`` (rotated gradient).
     denominator: ``sqrt(V̂) + ε`` (bias-corrected, rotated basis).
     q_l, q_r: the bases used for this step (before any refresh).
+    keep: ``(B, m, n)`` booleans (broadcastable), False on the coordinates
+      without gradient energy (see :func:`null_coordinates`): their update
+      must be exactly zero.
+    nu_hat: ``V̂``, the bias-corrected second moment in the rotated basis
+      (SOAP's eigenvalue estimates; 0 on a statistics-only step).
   """
   numerator: jax.Array
   grad_rot: jax.Array
   denominator: jax.Array
   q_l: jax.Array
   q_r: jax.Array
+  keep: jax.Array
+  nu_hat: jax.Array
 
 
 class ShampooLeaf(NamedTuple):
@@ -192,11 +224,11 @@ def has_side(q: jax.Array) -> bool:
   The placeholder has one element per batch entry rather than zero because
   orbax-checkpoint refuses zero-size arrays; real factors are ``(B, n, n)``.
   """
-  return q.ndim == 3
+  return not _tree.is_identity_placeholder(q, batch_ndim=1)
 
 
 def _mm(a, b, precision):
-  return jnp.matmul(a, b, precision=precision)
+  return matmul_lib.matmul(a, b, kernel='kron', precision=precision)
 
 
 def _t(x):
@@ -205,7 +237,7 @@ def _t(x):
 
 def rotate(x: jax.Array, q_l: jax.Array, q_r: jax.Array, *,
            precision=_HIGHEST) -> jax.Array:
-  """``Q_lᵀ x Q_r`` for ``x`` of shape ``(…, m, n)``; placeholder ``q`` = identity."""
+  """``Q_lᵀ x Q_r`` for ``x`` of shape ``(…, m, n)`` (placeholder: identity)."""
   if has_side(q_l):
     x = _mm(_t(q_l), x, precision)
   if has_side(q_r):
@@ -243,37 +275,278 @@ def update_factors(stats_l: jax.Array, stats_r: jax.Array, g: jax.Array,
   return stats_l, stats_r
 
 
+def _no_energy(stats: jax.Array) -> jax.Array:
+  """Energies of an identity side: the ``(B, 1)`` placeholder."""
+  return jnp.zeros(stats.shape[:1] + (1,), stats.dtype)
+
+
 def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
-  """Exact eigenbases (descending eigenvalues) of ``L`` and ``R`` by eigh."""
-  q_l = eig_lib.eigenbasis_init(stats_l)[0] if has_side(stats_l) else stats_l
-  q_r = eig_lib.eigenbasis_init(stats_r)[0] if has_side(stats_r) else stats_r
-  return q_l.astype(stats_l.dtype), q_r.astype(stats_r.dtype)
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Exact eigenbases (descending eigenvalues) of ``L`` and ``R`` by eigh.
+
+  Returns ``(q_l, q_r, lam_l, lam_r)``: bases and their eigenvalues
+  (``(B, m)``, ``(B, n)``; ``(B, 1)`` zeros on identity sides).
+  """
+  out = []
+  for s in (stats_l, stats_r):
+    if has_side(s):
+      q, lam = eig_lib.eigenbasis_init(s)
+      out.append((q.astype(s.dtype), lam.astype(s.dtype)))
+    else:
+      out.append((s, _no_energy(s)))
+  (q_l, lam_l), (q_r, lam_r) = out
+  return q_l, q_r, lam_l, lam_r
+
+
+def _transport(q_old: jax.Array, q_new: jax.Array, keep_old: jax.Array
+               ) -> jax.Array:
+  """``(B, k_new, k_old)`` weights ``(q_newⱼᵀ q_oldᵢ)²``, old null columns 0.
+
+  Carries a second moment that is diagonal in the old basis over to the
+  new one (exact when it is diagonal in both).
+  """
+  overlap = jnp.square(_mm(_t(q_new), q_old, None))
+  return overlap * keep_old[..., None, :]
+
+
+def _refresh_side(stats, q, lam, threshold):
+  """One side's refresh: ``(q, lam, mix)`` where ``mix(nu, axis)`` carries
+  the rotated second moment over to the new basis along ``axis``."""
+  q_qr, perm = eig_lib.eigenbasis_refresh(stats, q)
+  keep_old = energetic(lam, threshold)
+  redo = ~jnp.all(keep_old, axis=-1)  # (B,): a null column to re-derive
+
+  def qr_only():
+    return (q_qr, eig_lib.rayleigh_eigenvalues(stats, q_qr),
+            jnp.zeros(q.shape, q_qr.dtype))
+
+  def with_eigh():
+    q_e, lam_e = eig_lib.eigenbasis_init(stats)
+    w = _transport(q.astype(q_e.dtype), q_e, keep_old)
+    sel = redo[..., None, None]
+    return (jnp.where(sel, q_e, q_qr),
+            jnp.where(redo[..., None], lam_e,
+                      eig_lib.rayleigh_eigenvalues(stats, q_qr)),
+            w)
+
+  q_new, lam_new, w = jax.lax.cond(jnp.any(redo), with_eigh, qr_only)
+
+  def mix(nu, axis):
+    if axis == -2:
+      permuted = jnp.take_along_axis(nu, perm[..., :, None], axis=-2)
+      carried = _mm(w.astype(nu.dtype), nu, None)
+    else:
+      permuted = jnp.take_along_axis(nu, perm[..., None, :], axis=-1)
+      carried = _mm(nu, _t(w).astype(nu.dtype), None)
+    return jnp.where(redo[..., None, None], carried, permuted)
+
+  return q_new.astype(q.dtype), lam_new.astype(lam.dtype), mix
 
 
 def soap_refresh_bases(stats_l: jax.Array, stats_r: jax.Array,
-                       q_l: jax.Array, q_r: jax.Array, nu: jax.Array
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       q_l: jax.Array, q_r: jax.Array, nu: jax.Array,
+                       lam_l: jax.Array | None = None,
+                       lam_r: jax.Array | None = None,
+                       null_threshold: float = 0.0
+                       ) -> tuple[jax.Array, ...]:
   """One QR power step per side; ``V`` is permuted with the sorted columns.
 
-  Returns ``(q_l, q_r, nu)``; see :func:`optax_lite.linalg.eigenbasis
-  .eigenbasis_refresh`. ``nu`` is ``(B, m, n)``.
+  Returns ``(q_l, q_r, nu, lam_l, lam_r)``; see
+  :func:`optax_lite.linalg.eigenbasis.eigenbasis_refresh`. ``nu`` is
+  ``(B, m, n)``; ``lam_*`` are the energies of the new columns (Rayleigh
+  quotients ``diag(Qᵀ L Q)``; ``(B, 1)`` zeros on identity sides).
+
+  A basis that still has null columns (``lam <= null_threshold·max``, given
+  ``lam_l`` / ``lam_r``) is recomputed by ``eigh`` instead: its null columns
+  are an arbitrary basis chosen by rounding, and a power step from them
+  would carry that arbitrariness into the directions that have gained
+  energy since. ``V`` is then carried over by the squared overlaps of the
+  old (energetic) and new columns, ``V ← W V`` with ``W = (Q_newᵀ Q_old)²``
+  (the null columns' ``V`` is dropped).
   """
+  out_lam = [_no_energy(stats_l), _no_energy(stats_r)]
   if has_side(q_l):
-    q_new, perm = eig_lib.eigenbasis_refresh(stats_l, q_l)
-    q_l = q_new.astype(q_l.dtype)
-    nu = jnp.take_along_axis(nu, perm[..., :, None], axis=-2)
+    lam = _no_energy(stats_l) if lam_l is None else lam_l
+    q_l, out_lam[0], mix = _refresh_side(stats_l, q_l, lam, null_threshold)
+    nu = mix(nu, -2)
   if has_side(q_r):
-    q_new, perm = eig_lib.eigenbasis_refresh(stats_r, q_r)
-    q_r = q_new.astype(q_r.dtype)
-    nu = jnp.take_along_axis(nu, perm[..., None, :], axis=-1)
-  return q_l, q_r, nu
+    lam = _no_energy(stats_r) if lam_r is None else lam_r
+    q_r, out_lam[1], mix = _refresh_side(stats_r, q_r, lam, null_threshold)
+    nu = mix(nu, -1)
+  return q_l, q_r, nu, out_lam[0], out_lam[1]
+
+
+def energetic(lam: jax.Array, threshold) -> jax.Array:
+  """``lam > threshold · max(lam)`` per basis column (``(B, k)`` booleans).
+
+  True everywhere when ``threshold <= 0`` or when the factor has no energy
+  at all (a zero factor: its basis is the identity, as the reference's).
+  """
+  top = jnp.max(lam, axis=-1, keepdims=True)
+  return (lam > threshold * top) | (top <= 0) | (threshold <= 0)
+
+
+def null_coordinates(lam_l: jax.Array, lam_r: jax.Array, threshold, *,
+                     sides: tuple[bool, bool]) -> jax.Array:
+  """``(B, m, n)``-broadcastable booleans: True where a rotated coordinate
+  carries gradient energy (see :func:`scale_by_soap`, ``null_threshold``).
+
+  ``sides``: whether each side is preconditioned (identity sides keep all).
+  """
+  keep = jnp.ones(lam_l.shape[:1] + (1, 1), bool)
+  if sides[0]:
+    keep = keep & energetic(lam_l, threshold)[..., :, None]
+  if sides[1]:
+    keep = keep & energetic(lam_r, threshold)[..., None, :]
+  return keep
+
+
+class SoapBasis(NamedTuple):
+  """SOAP's basis upkeep for one leaf in matrix form (see :class:`SoapState`).
+
+  ``stats_*``: ``L``, ``R``; ``q_*``: their eigenbases; ``lam_*``: each
+  column's energy when the basis was computed. Identity sides hold
+  ``(B, 1)`` placeholders (:func:`optax_lite.transforms._tree
+  .identity_placeholder`).
+  """
+  stats_l: jax.Array
+  stats_r: jax.Array
+  q_l: jax.Array
+  q_r: jax.Array
+  lam_l: jax.Array
+  lam_r: jax.Array
+
+
+def soap_basis_init(batch: int, m: int, n: int, *, left: bool, right: bool,
+                    dtype=jnp.float32) -> SoapBasis:
+  """Zero statistics and identity bases for a ``(batch, m, n)`` leaf.
+
+  ``left`` / ``right``: whether each side is preconditioned (else the
+  identity, stored as a placeholder).
+  """
+  return SoapBasis(_factor(batch, m, left, dtype), _factor(batch, n, right,
+                                                           dtype),
+                   _factor(batch, m, left, dtype, eye=True),
+                   _factor(batch, n, right, dtype, eye=True),
+                   _energies(batch, m, left, dtype),
+                   _energies(batch, n, right, dtype))
+
+
+def soap_basis_sides(basis: SoapBasis) -> tuple[bool, bool]:
+  """Whether each side is preconditioned (static)."""
+  return has_side(basis.q_l), has_side(basis.q_r)
+
+
+def soap_step_index(count: jax.Array, basis: SoapBasis,
+                    skip_first_update: bool = True
+                    ) -> tuple[jax.Array, jax.Array | None]:
+  """``(t, first)``: Adam's step index and the statistics-only flag.
+
+  With ``skip_first_update`` on a leaf with a preconditioned side, call 1
+  only builds the statistics (``first`` is then the traced ``count == 1``)
+  and ``t = count − 1`` counts the real steps; otherwise ``t = count`` and
+  ``first`` is None. ``t`` is an int32 scalar ``>= 0``.
+  """
+  if skip_first_update and any(soap_basis_sides(basis)):
+    return count - 1, count == 1
+  return count, None
+
+
+def soap_basis_update(basis: SoapBasis, g: jax.Array, count: jax.Array, *,
+                      shampoo_beta, precision=_HIGHEST) -> SoapBasis:
+  """Accumulates ``L``, ``R`` from ``g`` (``(B, m, n)``); ``eigh`` at call 1.
+
+  Returns the basis to use for this step (in the computing dtype, float32
+  or wider); :func:`soap_basis_refresh` runs after the step.
+  """
+  sdt = jnp.promote_types(basis.stats_l.dtype, jnp.float32)
+  b = SoapBasis(*(x.astype(sdt) for x in basis))
+  stats_l, stats_r = update_factors(b.stats_l, b.stats_r, g.astype(sdt),
+                                    shampoo_beta, precision=precision)
+  q_l, q_r, lam_l, lam_r = b.q_l, b.q_r, b.lam_l, b.lam_r
+  if any(soap_basis_sides(basis)):
+    q_l, q_r, lam_l, lam_r = jax.lax.cond(
+        count == 1, lambda: soap_init_bases(stats_l, stats_r),
+        lambda: (q_l, q_r, lam_l, lam_r))
+  return SoapBasis(stats_l, stats_r, q_l, q_r, lam_l, lam_r)
+
+
+def soap_basis_refresh(basis: SoapBasis, nu: jax.Array, t: jax.Array, *,
+                       precondition_frequency, null_threshold=NULL_THRESHOLD
+                       ) -> tuple[SoapBasis, jax.Array]:
+  """After real step ``t``: one QR power step when ``t mod k = 0``.
+
+  ``nu`` (``(B, m, n)``, any statistic held in the rotated basis) is
+  carried over to the new basis; see :func:`soap_refresh_bases`.
+  """
+  if not any(soap_basis_sides(basis)):
+    return basis, nu
+  q_l, q_r, nu, lam_l, lam_r = jax.lax.cond(
+      (t > 0) & (t % precondition_frequency == 0),
+      lambda: soap_refresh_bases(basis.stats_l, basis.stats_r, basis.q_l,
+                                 basis.q_r, nu, basis.lam_l, basis.lam_r,
+                                 null_threshold),
+      lambda: (basis.q_l, basis.q_r, nu, basis.lam_l, basis.lam_r))
+  return basis._replace(q_l=q_l, q_r=q_r, lam_l=lam_l, lam_r=lam_r), nu
+
+
+def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD) -> jax.Array:
+  """Coordinates of the rotated basis that carry gradient energy."""
+  return null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
+                          sides=soap_basis_sides(basis))
+
+
+def soap_second_moment(nu: jax.Array, g_rot: jax.Array, t: jax.Array,
+                       first: jax.Array | None = None, *, b2
+                       ) -> tuple[jax.Array, jax.Array]:
+  """``V ← β_v V + (1−β_v) G_rot²`` and ``V̂ = V / (1 − β_vᵗ)``.
+
+  On a statistics-only step (``first`` True) ``V`` is kept and ``V̂ = 0``.
+  """
+  new = b2 * nu + (1.0 - b2) * jnp.square(g_rot)
+  tf = jnp.maximum(t, 1).astype(nu.dtype)
+  if first is None:
+    return new, new / (1.0 - b2 ** tf)
+  new = jnp.where(first, nu, new)
+  return new, jnp.where(first, 0.0, new / (1.0 - b2 ** tf))
+
+
+def soap_rotated_adam(mu: jax.Array, nu: jax.Array, g: jax.Array,
+                      basis: SoapBasis, t: jax.Array,
+                      first: jax.Array | None = None, *, b1, b2, eps,
+                      null_threshold=NULL_THRESHOLD, precision=_HIGHEST
+                      ) -> tuple[jax.Array, jax.Array, SoapDirection]:
+  """Adam in SOAP's rotated basis: ``(mu, nu, direction)``.
+
+  ``mu`` (original basis) and ``nu`` (rotated basis) are ``(B, m, n)`` in
+  the computing dtype; ``t``, ``first`` from :func:`soap_step_index`. On a
+  statistics-only step the moments are kept and the direction is zero.
+  """
+  g_rot = rotate(g, basis.q_l, basis.q_r, precision=precision)
+  new_mu = b1 * mu + (1.0 - b1) * g
+  if first is not None:
+    new_mu = jnp.where(first, mu, new_mu)
+  nu, nu_hat = soap_second_moment(nu, g_rot, t, first, b2=b2)
+  tf = jnp.maximum(t, 1).astype(mu.dtype)
+  numerator = rotate(new_mu / (1.0 - b1 ** tf), basis.q_l, basis.q_r,
+                     precision=precision)
+  denominator = jnp.sqrt(nu_hat) + eps
+  keep = soap_keep(basis, null_threshold)
+  if first is not None:
+    # 0·G_rot, not 0: a non-finite gradient still gives a non-finite step.
+    numerator = jnp.where(first, 0.0 * g_rot, numerator)
+    denominator = jnp.where(first, 1.0, denominator)
+  direction = SoapDirection(numerator=numerator, grad_rot=g_rot,
+                            denominator=denominator, q_l=basis.q_l,
+                            q_r=basis.q_r, keep=keep, nu_hat=nu_hat)
+  return new_mu, nu, direction
 
 
 def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
                      b1: float, b2: float, shampoo_beta: float, eps: float,
                      precondition_frequency: int,
-                     skip_first_update: bool = True, precision=_HIGHEST
+                     skip_first_update: bool = True,
+                     null_threshold: float = 1e-5, precision=_HIGHEST
                      ) -> tuple[SoapLeaf, SoapDirection]:
   """One SOAP step for one leaf in matrix form (see module doc).
 
@@ -281,8 +554,8 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
     leaf: the leaf's state (:class:`SoapLeaf`, all ``(B, ·, ·)`` arrays).
     g: the gradient ``(B, m, n)``.
     count: the 1-based index ``t`` of this step (int32 scalar).
-    b1, b2, shampoo_beta, eps, precondition_frequency, skip_first_update:
-      see :func:`scale_by_soap`.
+    b1, b2, shampoo_beta, eps, precondition_frequency, skip_first_update,
+    null_threshold: see :func:`scale_by_soap`.
     precision: matmul precision.
 
   Returns:
@@ -293,73 +566,66 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
     first step (``skip_first_update`` and a preconditioned side) ``M`` and
     ``V`` are left unchanged, ``numerator = 0`` and ``denominator = 1``.
   """
-  # Compute in float32 (or wider); store back in each field's own dtype.
   sdt = jnp.promote_types(leaf.nu.dtype, jnp.float32)
-  g = g.astype(sdt)
-  q_l, q_r = leaf.q_l.astype(sdt), leaf.q_r.astype(sdt)
-  stats_l, stats_r = update_factors(leaf.stats_l.astype(sdt),
-                                    leaf.stats_r.astype(sdt), g,
-                                    shampoo_beta, precision=precision)
-  if has_side(q_l) or has_side(q_r):
-    q_l, q_r = jax.lax.cond(count == 1,
-                            lambda: soap_init_bases(stats_l, stats_r),
-                            lambda: (q_l, q_r))
-  skip = skip_first_update and (has_side(q_l) or has_side(q_r))
-  first = count == 1
-  # With the skipped first step, Adam's step index is t − 1 on this leaf.
-  t = jnp.maximum(count - 1 if skip else count, 1).astype(sdt)
-  g_rot = rotate(g, q_l, q_r, precision=precision)
-  mu_old, nu_old = leaf.mu.astype(sdt), leaf.nu.astype(sdt)
-  mu = b1 * mu_old + (1.0 - b1) * g
-  nu = b2 * nu_old + (1.0 - b2) * jnp.square(g_rot)
-  if skip:
-    mu = jnp.where(first, mu_old, mu)
-    nu = jnp.where(first, nu_old, nu)
-  mu_hat = mu / (1.0 - b1 ** t)
-  nu_hat = nu / (1.0 - b2 ** t)
-  numerator = rotate(mu_hat, q_l, q_r, precision=precision)
-  denominator = jnp.sqrt(nu_hat) + eps
-  if skip:
-    # 0·G_rot, not 0: a non-finite gradient still gives a non-finite step.
-    numerator = jnp.where(first, 0.0 * g_rot, numerator)
-    denominator = jnp.where(first, 1.0, denominator)
-  direction = SoapDirection(numerator=numerator, grad_rot=g_rot,
-                            denominator=denominator, q_l=q_l, q_r=q_r)
-  new_q_l, new_q_r = q_l, q_r
-  if has_side(q_l) or has_side(q_r):
-    # The reference counts real steps only: with the statistics-only first
-    # call, refresh after calls k+1, 2k+1, ... (real steps k, 2k, ...).
-    real = count - 1 if skip else count
-    new_q_l, new_q_r, nu = jax.lax.cond(
-        (real > 0) & (real % precondition_frequency == 0),
-        lambda: soap_refresh_bases(stats_l, stats_r, q_l, q_r, nu),
-        lambda: (q_l, q_r, nu))
+  basis = soap_basis_update(
+      SoapBasis(leaf.stats_l, leaf.stats_r, leaf.q_l, leaf.q_r, leaf.lam_l,
+                leaf.lam_r), g, count, shampoo_beta=shampoo_beta,
+      precision=precision)
+  t, first = soap_step_index(count, basis, skip_first_update)
+  mu, nu, direction = soap_rotated_adam(
+      leaf.mu.astype(sdt), leaf.nu.astype(sdt), g.astype(sdt), basis, t,
+      first, b1=b1, b2=b2, eps=eps, null_threshold=null_threshold,
+      precision=precision)
+  # The reference counts real steps only: with the statistics-only first
+  # call, refresh after calls k+1, 2k+1, ... (real steps k, 2k, ...).
+  basis, nu = soap_basis_refresh(basis, nu, t,
+                                 precondition_frequency=precondition_frequency,
+                                 null_threshold=null_threshold)
   new_leaf = SoapLeaf(mu=mu.astype(leaf.mu.dtype), nu=nu.astype(leaf.nu.dtype),
-                      stats_l=stats_l.astype(leaf.stats_l.dtype),
-                      stats_r=stats_r.astype(leaf.stats_r.dtype),
-                      q_l=new_q_l.astype(leaf.q_l.dtype),
-                      q_r=new_q_r.astype(leaf.q_r.dtype))
+                      **{f: getattr(basis, f).astype(getattr(leaf, f).dtype)
+                         for f in SoapBasis._fields})
   return new_leaf, direction
 
 
 def soap_direction(d: SoapDirection, *, precision=_HIGHEST) -> jax.Array:
-  """The plain SOAP update ``Q_l (num / den) Q_rᵀ`` from a direction."""
-  return rotate_back(d.numerator / d.denominator, d.q_l, d.q_r,
-                     precision=precision)
+  """The plain SOAP update ``Q_l (num / den) Q_rᵀ`` from a direction.
+
+  Coordinates without gradient energy (``d.keep`` False) contribute
+  exactly zero; ``0·num`` keeps a non-finite gradient visible.
+  """
+  u = jnp.where(d.keep, d.numerator / d.denominator, 0.0 * d.numerator)
+  return rotate_back(u, d.q_l, d.q_r, precision=precision)
 
 
 def shampoo_inverse_root(stats: jax.Array, exponent: float, *,
-                         matrix_eps: float, root_method: str = 'eigh'
-                         ) -> jax.Array:
-  """``(S + ε‖S‖_F I)^{-exponent}``; a zero ``S`` gives the identity."""
+                         matrix_eps: float, root_method: str = 'eigh',
+                         null_threshold: float = 0.0) -> jax.Array:
+  """``(S + ε‖S‖_F I)^{-exponent}``; a zero ``S`` gives the identity.
+
+  With ``root_method="eigh"`` and ``null_threshold = τ > 0`` the eigen-
+  directions of ``S`` with eigenvalue ``<= τ·λ_max`` get 0 instead of
+  ``(λ + ε‖S‖_F)^{-exponent}`` (a pseudo-inverse root): the gradient's
+  component there is round-off, which the damped root would amplify by
+  ``(ε‖S‖_F)^{-exponent}``. The Newton iteration has no eigenbasis and
+  keeps the damped root.
+  """
   norm = jnp.sqrt(jnp.sum(jnp.square(stats), axis=(-2, -1), keepdims=True))
   eye = jnp.broadcast_to(jnp.eye(stats.shape[-1], dtype=stats.dtype),
                          stats.shape)
-  damped = stats + matrix_eps * norm * eye
-  p = 1.0 / exponent
   if root_method == 'newton':
-    p = int(round(p))
-  root = roots_lib.inverse_root(damped, p, method=root_method)
+    damped = stats + matrix_eps * norm * eye
+    root = roots_lib.inverse_root(damped, int(round(1.0 / exponent)),
+                                  method='newton')
+  else:
+    wide = roots_lib.symmetrize(
+        stats.astype(jnp.promote_types(stats.dtype, jnp.float32)))
+    lam, q = jnp.linalg.eigh(wide)
+    lam = jnp.maximum(lam, 0.0)
+    damped = lam + matrix_eps * norm[..., 0].astype(lam.dtype)
+    inv = jnp.where(damped > 0, damped, 1.0) ** (-exponent)
+    inv = jnp.where(energetic(lam, null_threshold) & (damped > 0), inv, 0.0)
+    root = matmul_lib.matmul(q * inv[..., None, :], _t(q),
+                             kernel='inverse_root').astype(stats.dtype)
   ok = (norm > 0) & jnp.all(jnp.isfinite(root), axis=(-2, -1), keepdims=True)
   return jnp.where(ok, root, eye)
 
@@ -369,6 +635,7 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
                         accumulation: str, eps: float, matrix_eps: float,
                         exponent: float, root_method: str,
                         precondition_frequency: int, graft: str,
+                        null_threshold: float = 0.0,
                         precision=_HIGHEST) -> tuple[ShampooLeaf, jax.Array]:
   """One Shampoo step for one leaf in matrix form; returns (state, update)."""
   sdt = jnp.promote_types(leaf.stats_l.dtype, jnp.float32)
@@ -385,8 +652,8 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
     for s in (stats_l, stats_r):
       if has_side(s):
         out.append(shampoo_inverse_root(
-            s / bc, exponent, matrix_eps=matrix_eps,
-            root_method=root_method).astype(s.dtype))
+            s / bc, exponent, matrix_eps=matrix_eps, root_method=root_method,
+            null_threshold=null_threshold).astype(s.dtype))
       else:
         out.append(s)
     return tuple(out)
@@ -396,7 +663,7 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
     p_l, p_r = jax.lax.cond((count - 1) % precondition_frequency == 0, roots,
                             lambda: (p_l, p_r))
   mu = b1 * leaf.mu.astype(sdt) + (1.0 - b1) * g
-  mu_hat = mu / (1.0 - b1 ** t) if b1 > 0 else mu
+  mu_hat = mu / (1.0 - b1 ** t)  # b1 = 0: 0ᵗ = 0, no correction
   u = mu_hat
   if has_side(p_l):
     u = _mm(p_l, u, precision)
@@ -445,20 +712,25 @@ def _sides(view: MatrixView, is_matrix: bool, max_precond_dim: int
 
 def _factor(batch: int, size: int, on: bool, dtype, eye: bool = False):
   if not on:
-    return jnp.zeros((batch, 1), dtype)  # identity side (see has_side)
+    return _tree.identity_placeholder(dtype, (batch,))  # see has_side
   if eye:
     return jnp.broadcast_to(jnp.eye(size, dtype=dtype), (batch, size, size))
   return jnp.zeros((batch, size, size), dtype)
+
+
+def _energies(batch: int, size: int, on: bool, dtype):
+  """Initial per-column energies (zeros; ``(B, 1)`` on identity sides)."""
+  return jnp.zeros((batch, size if on else 1), dtype)
 
 
 def _leaves_of(tree, like):
   return jax.tree.structure(like).flatten_up_to(tree)
 
 
-def _auto_exponent(exponent, n_sides: int) -> float:
-  if exponent is not None:
-    return float(exponent)
-  return 1.0 / (2.0 * max(n_sides, 1))
+def _auto_exponent(exponent, n_sides: int):
+  if exponent is None:
+    return 1.0 / (2.0 * max(n_sides, 1))
+  return exponent if isinstance(exponent, jax.core.Tracer) else float(exponent)
 
 
 def soap_warmup_leaves(tree, dims: _tree.DimsSpec = None,
@@ -482,21 +754,57 @@ def soap_warmup_leaves(tree, dims: _tree.DimsSpec = None,
 # --------------------------------------------------------------------------
 # Transforms.
 # --------------------------------------------------------------------------
-def _check_common(b1, b2, shampoo_beta, eps, precondition_frequency,
-                  max_precond_dim):
+def _int_hyper(name: str, x, low: int):
+  """An integer hyperparameter: a Python int, a concrete integer array
+  (``optax.inject_hyperparams`` turns every numeric argument into one),
+  checked and returned as an int, or a traced integer, returned as is."""
+  if isinstance(x, jax.core.Tracer):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f'{name} must be an int, got a traced {x.dtype}.')
+    return x
+  if (hasattr(x, 'shape') and x.shape == ()
+      and jnp.issubdtype(x.dtype, jnp.integer)):
+    x = int(x)
+  _checks.check_int(name, x, low=low)
+  return int(x)
+
+
+def require_static(why: str = 'it decides the shapes of the optimizer '
+                   'state (init under jit)', **values):
+  """Raises a ``TypeError`` naming ``static_args`` for every traced value
+  among ``values`` (hyperparameters that must be known when tracing)."""
+  traced = tuple(k for k, v in values.items()
+                 if isinstance(v, jax.core.Tracer))
+  if traced:
+    raise TypeError(
+        f'{", ".join(traced)}: got a traced value, but {why}. '
+        'optax.inject_hyperparams turns every numeric argument into a '
+        f'traced hyperparameter: pass static_args={traced!r} to it.')
+
+
+def check_soap_args(b1, b2, shampoo_beta, eps, precondition_frequency,
+                    max_precond_dim):
+  """Validates SOAP's shared hyperparameters (named errors).
+
+  Floats may be traced (``optax.inject_hyperparams``); returns
+  ``(precondition_frequency, max_precond_dim)`` as ints, or as the traced
+  values themselves (``max_precond_dim`` must then be static when the state
+  is created, see :func:`require_static`).
+  """
   _checks.check_decay('b1', b1)
   _checks.check_decay('b2', b2)
   _checks.check_decay('shampoo_beta', shampoo_beta)
   _checks.check_positive('eps', eps)
-  _checks.check_int('precondition_frequency', precondition_frequency, low=1)
-  _checks.check_int('max_precond_dim', max_precond_dim, low=0)
+  return (_int_hyper('precondition_frequency', precondition_frequency, 1),
+          _int_hyper('max_precond_dim', max_precond_dim, 0))
 
 
 def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
                   shampoo_beta: float = 0.95, eps: float = 1e-8,
                   precondition_frequency: int = 10,
                   max_precond_dim: int = 4096, dims: _tree.DimsSpec = None, *,
-                  skip_first_update: bool = True, mu_dtype=None,
+                  skip_first_update: bool = True,
+                  null_threshold: float = NULL_THRESHOLD, mu_dtype=None,
                   precond_dtype=jnp.float32,
                   precision=_HIGHEST) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
@@ -524,6 +832,26 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       With ``False``, step 1 updates in the fresh eigenbasis of ``G`` itself,
       where Adam's sign-like first step also amplifies the round-off
       entries of ``Q_lᵀ G Q_r`` to ±1.
+    null_threshold: ``τ``; the rotated coordinate ``(i, j)`` gets exactly
+      zero update when ``λ_l[i] <= τ·max λ_l`` or ``λ_r[j] <= τ·max λ_r``,
+      with ``λ`` the energy of each basis column when the basis was
+      computed (``SoapState.lam_l``). On a rank-deficient factor (any
+      non-square leaf at step 1, or a leaf whose gradients span fewer
+      directions than its side) ``eigh`` fills the null space with an
+      arbitrary basis in which ``Q_lᵀ G Q_r`` is round-off, and Adam turns
+      round-off divided by round-off into ±1 steps; the null-space basis
+      also changes at random with the rounding, so any gradient energy that
+      later reaches it is preconditioned in an arbitrary basis. The default
+      ``1e-5`` is ~100× float32's ε, above the round-off of float32
+      statistics (measured ≲ 1e-6 relative up to 80 × 80 factors) and below
+      what a full-rank gradient carries. It makes the step continuous in
+      the gradient: a 1e-6 relative change of the gradients moves SOAP by
+      ≲ 1e-5 of the distance travelled after 4 steps on 1×7 to 32×80 leaves,
+      instead of 0.5–0.8. The price: until the next refresh (every ``k``
+      steps) a non-square leaf is updated only in the directions its first
+      gradients spanned, where the reference moves along arbitrary ones.
+      ``0`` switches the rule off (the reference's behaviour); with
+      bfloat16 statistics the round-off is ~1e-2, so raise it.
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q`` (float32 default).
     precision: matmul precision of the rotations and statistics.
@@ -562,8 +890,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     a :class:`~optax_lite.MatrixDims` away.
   * 1-D leaves are Adam (the reference's ``precondition_1d=False``).
   """
-  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency,
-                max_precond_dim)
+  precondition_frequency, max_precond_dim = check_soap_args(
+      b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
+  _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   precond_dtype = jnp.dtype(precond_dtype)
   mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
 
@@ -571,16 +900,15 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     view, is_matrix = _leaf_view(x, d)
     b, m, n = view.matrix_shape
     on_l, on_r = _sides(view, is_matrix, max_precond_dim)
-    return (jnp.zeros(x.shape, mu_dtype), jnp.zeros(x.shape, precond_dtype),
-            _factor(b, m, on_l, precond_dtype),
-            _factor(b, n, on_r, precond_dtype),
-            _factor(b, m, on_l, precond_dtype, eye=True),
-            _factor(b, n, on_r, precond_dtype, eye=True))
+    return (jnp.zeros(x.shape, mu_dtype),
+            jnp.zeros(x.shape, precond_dtype)) + tuple(soap_basis_init(
+                b, m, n, left=on_l, right=on_r, dtype=precond_dtype))
 
   def init_fn(params):
+    require_static(max_precond_dim=max_precond_dim)
     resolved = _tree.resolve_dims(dims, params)
     out = jax.tree.map(init_leaf, params, resolved)
-    fields = _tree.unzip(out, 6, params)
+    fields = _tree.unzip(out, 8, params)
     return SoapState(jnp.zeros([], jnp.int32), *fields)
 
   def update_fn(updates, state, params=None):
@@ -595,15 +923,17 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
           parts, view.to_matrix(g), count, b1=b1, b2=b2,
           shampoo_beta=shampoo_beta, eps=eps,
           precondition_frequency=precondition_frequency,
-          skip_first_update=skip_first_update, precision=precision)
+          skip_first_update=skip_first_update, null_threshold=null_threshold,
+          precision=precision)
       u = soap_direction(direc, precision=precision)
       new = new._replace(mu=view.from_matrix(new.mu),
                          nu=view.from_matrix(new.nu))
       return (view.from_matrix(u).astype(g.dtype),) + tuple(new)
 
     out = jax.tree.map(leaf, updates, resolved, state.mu, state.nu,
-                       state.stats_l, state.stats_r, state.q_l, state.q_r)
-    new_updates, *fields = _tree.unzip(out, 7, updates)
+                       state.stats_l, state.stats_r, state.q_l, state.q_r,
+                       state.lam_l, state.lam_r)
+    new_updates, *fields = _tree.unzip(out, 9, updates)
     return new_updates, SoapState(count, *fields)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -616,6 +946,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
                      *, accumulation: str = 'ema',
                      exponent: float | None = None, root_method: str = 'eigh',
                      matrix_eps: float = 1e-6, graft: str = 'adam',
+                     null_threshold: float = NULL_THRESHOLD,
                      mu_dtype=None, precond_dtype=jnp.float32,
                      precision=_HIGHEST) -> optax.GradientTransformation:
   r"""Shampoo with EMA or summed factors, cached inverse roots and grafting.
@@ -643,6 +974,15 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       ``> 0``.
     graft: ``"adam"`` (default) rescales each matrix's update to the
       Frobenius norm of Adam's; ``"none"`` keeps Shampoo's own scale.
+    null_threshold: ``τ``; with ``root_method="eigh"`` the eigendirections
+      of ``L̂`` (``R̂``) with eigenvalue ``<= τ·λ_max`` get a zero root
+      (pseudo-inverse root) instead of ``(λ + ε‖L̂‖_F)^{-e}``: on a
+      rank-deficient factor the gradient's component there is round-off,
+      which the damped root amplifies ``(matrix_eps)^{-e}``-fold. A 1e-6
+      relative change of the gradients then moves Shampoo by ≲ 1e-6 of the
+      distance travelled after 4 steps on 1×7 to 32×80 leaves (9.8e-3
+      without). See :func:`scale_by_soap` for the default; ``0`` switches
+      the rule off. Newton roots keep the damped root.
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of the factors, roots and ``V`` (float32 default).
     precision: matmul precision.
@@ -650,19 +990,22 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ShampooState`.
   """
-  _check_common(b1, b2, shampoo_beta, eps, precondition_frequency,
-                max_precond_dim)
+  precondition_frequency, max_precond_dim = check_soap_args(
+      b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
   _checks.check_choice('accumulation', accumulation, ACCUMULATIONS)
   _checks.check_choice('root_method', root_method, roots_lib.ROOT_METHODS)
   _checks.check_choice('graft', graft, GRAFTS)
   _checks.check_positive('matrix_eps', matrix_eps)
+  _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   if exponent is not None:
     _checks.check_number('exponent', exponent, low=0.0, low_open=True,
                          high=1.0)
-    if root_method == 'newton' and abs(1.0 / exponent
-                                       - round(1.0 / exponent)) > 1e-9:
-      raise ValueError('exponent: root_method="newton" needs 1/exponent to be '
-                       f'an integer, got exponent={exponent}.')
+    if root_method == 'newton':
+      require_static('the Newton iteration needs a static root order',
+                     exponent=exponent)
+      if abs(1.0 / float(exponent) - round(1.0 / float(exponent))) > 1e-9:
+        raise ValueError('exponent: root_method="newton" needs 1/exponent to '
+                         f'be an integer, got exponent={exponent}.')
   precond_dtype = jnp.dtype(precond_dtype)
   mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
 
@@ -679,6 +1022,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
             _factor(b, n, on_r, precond_dtype, eye=True))
 
   def init_fn(params):
+    require_static(max_precond_dim=max_precond_dim)
     resolved = _tree.resolve_dims(dims, params)
     out = jax.tree.map(init_leaf, params, resolved)
     fields = _tree.unzip(out, 6, params)
@@ -701,7 +1045,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
           matrix_eps=matrix_eps, exponent=_auto_exponent(exponent, n_sides),
           root_method=root_method,
           precondition_frequency=precondition_frequency, graft=graft,
-          precision=precision)
+          null_threshold=null_threshold, precision=precision)
       new = new._replace(mu=view.from_matrix(new.mu))
       if graft == 'adam':
         new = new._replace(nu=view.from_matrix(new.nu))

@@ -15,9 +15,10 @@ Each function returns a :class:`optax_lite.transforms.lite.Geometry` for
      U = Q_l\big(V^{-1/2}⊙(β_1P + χβ_2(1-P))⊙G_{rot}
          + V^{-1/2}⊙(P + χ(1-P))⊙M_{rot}\big)Q_r^\top .
 
-  The statistics, bases and ``V`` are exactly SOAP's
-  (:func:`~optax_lite.transforms.kron_precondition.soap_leaf_update`), so
-  with ``χ = 1, β = 0`` this is SOAP.
+  The statistics, bases and ``V`` are exactly SOAP's, from its public
+  pieces (:func:`~optax_lite.transforms.kron_precondition.soap_basis_update`,
+  ``soap_second_moment``, ``soap_basis_refresh``), so with ``χ = 1, β = 0``
+  this is SOAP.
 
 * :func:`row_norm_geometry` – RMNP-LITE, beyond the paper. RMNP's
   preconditioner is ``F = diag(V Vᵀ)^{1/2} ⊗ I`` (one scale per output unit,
@@ -30,7 +31,6 @@ Each function returns a :class:`optax_lite.transforms.lite.Geometry` for
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple
 
 import jax
@@ -40,10 +40,12 @@ from optax_lite import _checks
 from optax_lite.linalg import subspace
 from optax_lite.transforms.lite import (Geometry, LeafDirections,
                                         smooth_fraction)
+from optax_lite.transforms.kron_precondition import (
+    NULL_THRESHOLD, SoapBasis, check_soap_args, rotate, rotate_back,
+    soap_basis_init, soap_basis_refresh, soap_basis_update, soap_keep,
+    soap_second_moment, soap_step_index)
 from optax_lite.transforms.row_normalize import AXES, normalize_matrix
 
-# The module, not the function of the same name that the package exports.
-kron = importlib.import_module('optax_lite.transforms.kron_precondition')
 
 
 def _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate):
@@ -59,12 +61,32 @@ def _mask_state(batch):
                                                     jnp.float32))
 
 
+class SoapGeometryState(NamedTuple):
+  """Per-leaf state of :func:`soap_geometry` (matrix form ``(B, ·, ·)``).
+
+  ``nu``: SOAP's second moment ``V`` in the rotated basis; ``stats_*``,
+  ``q_*``, ``lam_*``: SOAP's basis upkeep
+  (:class:`~optax_lite.transforms.kron_precondition.SoapBasis`);
+  ``l_sharp``, ``l_smooth``: the mask's thresholds (eq. 16–18).
+  """
+  nu: jax.Array
+  stats_l: jax.Array
+  stats_r: jax.Array
+  q_l: jax.Array
+  q_r: jax.Array
+  lam_l: jax.Array
+  lam_r: jax.Array
+  l_sharp: jax.Array
+  l_smooth: jax.Array
+
+
 def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
                   shampoo_beta: float = 0.95, eps: float = 1e-8,
                   precondition_frequency: int = 10,
                   max_precond_dim: int = 4096, skip_first_update: bool = True,
                   precond_dtype=jnp.float32, sharp_ratio: float = 0.2,
                   smooth_ratio: float = 0.1, threshold_rate: float = 1.05,
+                  null_threshold: float = NULL_THRESHOLD,
                   precision=jax.lax.Precision.HIGHEST) -> Geometry:
   """SOAP's eigenbasis with the soft sharp mask on ``V`` (SOAP-LITE).
 
@@ -74,9 +96,11 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
   owned by ``lite_flat_boost``, which must use ``momentum=b1``). The mask:
   ``sharp_ratio`` = ``r_s`` (``d_s = r_s·mn``), ``smooth_ratio`` (``d_smooth
   = min(1 − r_s, smooth)·mn``), ``threshold_rate`` of eq. (17–18).
+  ``null_threshold``: as SOAP's; coordinates without gradient energy get a
+  zero ``D_m`` and ``D_g`` and count as ``V̂ = 0`` in the mask.
   """
-  kron._check_common(b1, b2, shampoo_beta, eps, precondition_frequency,
-                     max_precond_dim)
+  precondition_frequency, max_precond_dim = check_soap_args(
+      b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
   _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
   smooth = smooth_fraction(sharp_ratio, smooth_ratio)
   pdt = jnp.dtype(precond_dtype)
@@ -84,57 +108,63 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
   def init(view, param):
     del param
     b, m, n = view.matrix_shape
-    on_l, on_r = m <= max_precond_dim, n <= max_precond_dim
-    return (jnp.zeros((b, m, n), pdt), kron._factor(b, m, on_l, pdt),
-            kron._factor(b, n, on_r, pdt), kron._factor(b, m, on_l, pdt, True),
-            kron._factor(b, n, on_r, pdt, True)) + _mask_state(b)
+    basis = soap_basis_init(b, m, n, left=m <= max_precond_dim,
+                            right=n <= max_precond_dim, dtype=pdt)
+    return SoapGeometryState(jnp.zeros((b, m, n), pdt), *basis,
+                             *_mask_state(b))
 
   def directions(view, m_term, g, leaf_state, count, need_g):
-    nu, stats_l, stats_r, q_l, q_r, l_s, l_m = leaf_state
-    gm = view.to_matrix(g).astype(pdt)
-    # b1 = 0 inside: SOAP's own first moment is not used (LITE owns it).
-    leaf = kron.SoapLeaf(gm, nu, stats_l, stats_r, q_l, q_r)
-    new, d = kron.soap_leaf_update(
-        leaf, gm, count, b1=0.0, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
-        precondition_frequency=precondition_frequency,
-        skip_first_update=skip_first_update, precision=precision)
-    skip = skip_first_update and (kron.has_side(q_l) or kron.has_side(q_r))
-    first = count == 1
-    t = jnp.maximum(count - 1 if skip else count, 1).astype(pdt)
-    num = kron.rotate(view.to_matrix(m_term).astype(pdt) / (1.0 - b1 ** t),
-                      d.q_l, d.q_r, precision=precision)
-    d_m = num / d.denominator
-    d_g = d.grad_rot / d.denominator if need_g else None
-    if skip:  # zero update on the warm-up step; 0·x keeps NaN visible
-      d_m = jnp.where(first, 0.0 * num, d_m)
-      if d_g is not None:
-        d_g = jnp.where(first, 0.0 * d.grad_rot, d_g)
-    v_hat = jnp.square(d.denominator - eps)  # SOAP's V̂ (eigenvalues)
+    st = SoapGeometryState(*leaf_state)
+    basis = soap_basis_update(SoapBasis(*st[1:7]), view.to_matrix(g), count,
+                              shampoo_beta=shampoo_beta, precision=precision)
+    ct = basis.stats_l.dtype
+    t, first = soap_step_index(count, basis, skip_first_update)
+    g_rot = rotate(view.to_matrix(g).astype(ct), basis.q_l, basis.q_r,
+                   precision=precision)
+    nu, v_hat = soap_second_moment(st.nu.astype(ct), g_rot, t, first, b2=b2)
+    keep = soap_keep(basis, null_threshold)
+    if first is not None:  # zero update on the statistics-only step
+      keep = keep & ~first
+    tf = jnp.maximum(t, 1).astype(ct)
+    num = rotate(view.to_matrix(m_term).astype(ct) / (1.0 - b1 ** tf),
+                 basis.q_l, basis.q_r, precision=precision)
+    den = jnp.sqrt(v_hat) + eps
+    # 0·x where masked: a non-finite gradient stays visible.
+    d_m = jnp.where(keep, num / den, 0.0 * num)
+    d_g = (jnp.where(keep, g_rot / den, 0.0 * g_rot) if need_g else None)
+    v_hat = jnp.where(keep, v_hat, 0.0)  # SOAP's eigenvalues, for the mask
     mn = view.rows * view.cols
+    l_s, l_m = st.l_sharp, st.l_smooth
     s = subspace.soft_mask(v_hat, l_s, l_m, axes=(-2, -1))
     new_s, new_m = subspace.adapt_mask_thresholds(
         v_hat, l_s, l_m, sharp_ratio * mn, smooth * mn, axes=(-2, -1),
         rate=threshold_rate)
-    if skip:  # no statistics yet: keep the thresholds
+    if first is not None:  # no statistics yet: keep the thresholds
       new_s = jnp.where(first, l_s, new_s)
       new_m = jnp.where(first, l_m, new_m)
+    new_basis, nu = soap_basis_refresh(
+        basis, nu, t, precondition_frequency=precondition_frequency,
+        null_threshold=null_threshold)
 
     def flat(x):
       return (1.0 - s) * x
 
     def finish(x):
-      return view.from_matrix(kron.rotate_back(x, d.q_l, d.q_r,
-                                               precision=precision))
+      return view.from_matrix(rotate_back(x, basis.q_l, basis.q_r,
+                                          precision=precision))
 
     def to_coords(w):
-      w = kron.rotate(view.to_matrix(w).astype(pdt), d.q_l, d.q_r,
-                      precision=precision)
+      w = rotate(view.to_matrix(w).astype(ct), basis.q_l, basis.q_r,
+                 precision=precision)
       # No flat weight decay on the statistics-only first step either.
-      return jnp.where(first, 0.0, w) if skip else w
+      return w if first is None else jnp.where(first, 0.0, w)
 
-    state = (new.nu, new.stats_l, new.stats_r, new.q_l, new.q_r, new_s, new_m)
+    state = SoapGeometryState(
+        nu.astype(st.nu.dtype),
+        *(x.astype(y.dtype) for x, y in zip(new_basis, st[1:7])),
+        new_s, new_m)
     return LeafDirections(d_m, d_g, flat, finish, to_coords, state,
-                          keep_momentum=first if skip else None)
+                          keep_momentum=first)
 
   return Geometry(init, directions, needs_matrix=True, momentum_ema=True)
 
