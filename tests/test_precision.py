@@ -2,8 +2,9 @@
 
 Every test that runs an optimizer runs it under both emulations
 (:func:`optax_lite.testing.emulate_matmul_precision`): ``"bfloat16"`` (a
-TPU's one-pass default) and ``"tensorfloat32"`` (a GPU's default). The bounds
-asserted here are the ones documented in the README ("Precision policy").
+TPU's one-pass default) and ``"tensorfloat32"`` (a GPU's default). The
+bounds asserted here are the ones documented in the README ("Precision on
+accelerators").
 """
 
 import inspect
@@ -313,3 +314,12 @@ def test_precision_override_per_optimizer(name):
   np.testing.assert_array_equal(got_highest['layer']['kernel'],
                                 ref['layer']['kernel'])
   assert _rel(got_policy['layer']['kernel'], ref['layer']['kernel']) > 1e-4
+
+
+@pytest.mark.parametrize('name', ['muon_lite', 'fismo'])
+def test_ns_dtype_on_muon_family(name):
+  """bf16 Newton–Schulz inside muon_lite / fismo: close to float32."""
+  ref = _one_update(name)()['layer']['kernel']
+  bf = _one_update(name, ns_dtype=jnp.bfloat16)()['layer']['kernel']
+  assert bf.dtype == jnp.float32
+  assert 0 < _rel(bf, ref) <= 0.05

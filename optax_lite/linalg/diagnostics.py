@@ -36,6 +36,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg.matrices import MatrixDims, matrix_view
 
 
@@ -74,8 +75,7 @@ def dominance_ratios(v: jax.Array, *, eps: float = 1e-30) -> jax.Array:
     raise ValueError(f'v: the diagonal dominance ratio needs at least 2 rows, '
                      f'got shape {v.shape}.')
   v = _wide(v)
-  gram = jnp.matmul(v, jnp.swapaxes(v, -1, -2),
-                    precision=jax.lax.Precision.HIGHEST)
+  gram = matmul_lib.matmul(v, jnp.swapaxes(v, -1, -2), kernel='diagnostics')
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
   off = (jnp.sum(jnp.abs(gram), axis=-1) - jnp.abs(diag)) / (m - 1)
   return diag / (off + eps)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg.roots import symmetrize
 
 
@@ -71,7 +72,7 @@ def eigenbasis_init(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 def rayleigh_eigenvalues(a: jax.Array, q: jax.Array) -> jax.Array:
   """``diag(qᵀ a q)``: eigenvalue estimates of ``a`` in the basis ``q``."""
   af = _wide(a)
-  return jnp.sum(q * (af @ q), axis=-2)
+  return jnp.sum(q * matmul_lib.matmul(af, q, kernel='eigenbasis'), axis=-2)
 
 
 def eigenbasis_refresh(a: jax.Array, q: jax.Array, *, sort: bool = True
@@ -95,7 +96,8 @@ def eigenbasis_refresh(a: jax.Array, q: jax.Array, *, sort: bool = True
   af = _wide(a)
   q = q.astype(af.dtype)
   n = af.shape[-1]
-  power = af @ q  # one matmul: the Rayleigh quotients and the power step
+  # One matmul: the Rayleigh quotients and the power step.
+  power = matmul_lib.matmul(af, q, kernel='eigenbasis')
   if sort:
     est = jnp.sum(q * power, axis=-2)
     perm = jnp.argsort(-est, axis=-1, stable=True)

@@ -119,7 +119,7 @@ def check_ns_dtype(ns_dtype, name: str = 'ns_dtype'):
 
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_factor=1.0,
                   eps: float = 1e-7, precision=None,
-                  ns_dtype=None) -> jax.Array:
+                  ns_dtype=None, kernel: str = 'polar') -> jax.Array:
   """Runs the odd-polynomial iteration given a static ``(steps, 3)`` table.
 
   ``x`` has shape ``(..., m, n)``. The iteration runs on the wide orientation
@@ -129,7 +129,7 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_factor=1.0,
   and the polynomial's combinations are formed in float32 then rounded (as
   Keller Jordan's Muon runs it in bfloat16). ``None``: ``x``'s dtype
   throughout. Products go through :func:`optax_lite.linalg.matmul.matmul`
-  (kernel ``"polar"``).
+  as ``kernel`` (``"polar"``; the LITE filter passes ``"lite_filter"``).
   """
   coeffs = np.asarray(coeffs, dtype=np.float64)
   ns_dtype = check_ns_dtype(ns_dtype)
@@ -152,7 +152,7 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_factor=1.0,
   cubic_only = bool(np.all(coeffs[:, 2] == 0.0))
 
   def mm(u, v):
-    return matmul_lib.matmul(u, v, kernel='polar', precision=precision,
+    return matmul_lib.matmul(u, v, kernel=kernel, precision=precision,
                              preferred_element_type=acc)
 
   def step(x, abc):
@@ -187,7 +187,8 @@ def polar_svd(x: jax.Array) -> jax.Array:
 
 def polar_by_method(x: jax.Array, method: str = 'polar_express',
                     steps: int | None = None, *, eps: float = 1e-7,
-                    precision=None, ns_dtype=None) -> jax.Array:
+                    precision=None, ns_dtype=None,
+                    kernel: str = 'polar') -> jax.Array:
   """The polar factor of ``x`` by ``method``, unjitted, for use inside a step.
 
   The one place that maps a method name to its computation:
@@ -201,7 +202,7 @@ def polar_by_method(x: jax.Array, method: str = 'polar_express',
     return polar_svd(x)
   return newton_schulz(x, coefficients(method, steps),
                        norm_factor=_NORM_FACTOR[method], eps=eps,
-                       precision=precision, ns_dtype=ns_dtype)
+                       precision=precision, ns_dtype=ns_dtype, kernel=kernel)
 
 
 @functools.partial(jax.jit, static_argnames=('method', 'steps', 'precision',

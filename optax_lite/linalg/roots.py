@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_lite import _checks
+from optax_lite.linalg import matmul as matmul_lib
 
 ROOT_METHODS = ('eigh', 'newton')
 
@@ -55,7 +56,8 @@ def inverse_root_eigh(a: jax.Array, p: float, eps: float = 0.0) -> jax.Array:
   lam = jnp.maximum(lam, 0.0) + eps
   # Zero eigenvalues with eps=0 would give inf: map them to 0 (pseudo-inverse).
   inv = jnp.where(lam > 0, lam ** (-1.0 / p), 0.0)
-  return ((q * inv[..., None, :]) @ jnp.swapaxes(q, -1, -2)).astype(dtype)
+  return matmul_lib.matmul(q * inv[..., None, :], jnp.swapaxes(q, -1, -2),
+                           kernel='inverse_root').astype(dtype)
 
 
 def inverse_root_newton(a: jax.Array, p: int, eps: float = 0.0,
@@ -76,7 +78,8 @@ def inverse_root_newton(a: jax.Array, p: int, eps: float = 0.0,
   h = eye * z ** (1.0 / p)
 
   def mm(x, y):
-    return jnp.matmul(x, y, precision=precision)
+    return matmul_lib.matmul(x, y, kernel='inverse_root',
+                             precision=precision)
 
   def body(_, mh):
     m, h = mh
@@ -120,7 +123,8 @@ def inverse_sqrt_warm(a: jax.Array, init: jax.Array, *, iters: int = 3,
   z0 = symmetrize(init.astype(ct))
 
   def mm(x, y):
-    return jnp.matmul(x, y, precision=precision)
+    return matmul_lib.matmul(x, y, kernel='inverse_root',
+                             precision=precision)
 
   def warm(af, z):
     def body(_, z):
@@ -143,13 +147,14 @@ def _spectral_norm_estimate(r: jax.Array, iters: int = 12) -> jax.Array:
                        r.shape[:-1])[..., None]
 
   def body(_, v):
-    w = r @ v
+    w = matmul_lib.matmul(r, v, kernel='inverse_root')
     return w / jnp.maximum(jnp.linalg.norm(w, axis=-2, keepdims=True),
                            jnp.finfo(r.dtype).tiny)
 
   v = jax.lax.fori_loop(0, iters, body, v / jnp.linalg.norm(
       v, axis=-2, keepdims=True))
-  return jnp.linalg.norm(r @ v, axis=(-2, -1))
+  return jnp.linalg.norm(matmul_lib.matmul(r, v, kernel='inverse_root'),
+                         axis=(-2, -1))
 
 
 def inverse_root(a: jax.Array, p: float, *, method: str = 'eigh',

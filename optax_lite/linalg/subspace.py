@@ -38,11 +38,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 
 
 def _polar(x, method, steps, precision):
-  return polar_lib.polar_by_method(x, method, steps, precision=precision)
+  return polar_lib.polar_by_method(x, method, steps, precision=precision,
+                                   kernel='lite_filter')
+
+
+def _mm(a, b, kernel='lite_filter', precision=None):
+  return matmul_lib.matmul(a, b, kernel=kernel, precision=precision)
 
 
 def filter_from_polar(m: jax.Array, polar_m: jax.Array, tau: jax.Array, *,
@@ -83,7 +89,8 @@ def sharp_projector(m: jax.Array, tau, *, side: str = 'left',
     raise ValueError(f'side must be "left" or "right", got {side!r}.')
   t = spectral_filter(m, tau, method=method, steps=steps, precision=precision)
   tt = jnp.swapaxes(t, -1, -2)
-  return t @ tt if side == 'left' else tt @ t
+  return _mm(t, tt, precision=precision) if side == 'left' else _mm(
+      tt, t, precision=precision)
 
 
 def small_side_projector(m: jax.Array, polar_m: jax.Array, tau, *,
@@ -110,8 +117,8 @@ def small_side_projector(m: jax.Array, polar_m: jax.Array, tau, *,
   """
   rows, cols = m.shape[-2:]
   ot = jnp.swapaxes(polar_m, -1, -2)
-  h = jnp.matmul(m, ot, precision=precision) if rows <= cols else jnp.matmul(
-      ot, m, precision=precision)
+  h = (_mm(m, ot, precision=precision) if rows <= cols else
+       _mm(ot, m, precision=precision))
   h = 0.5 * (h + jnp.swapaxes(h, -1, -2))
   eye = jnp.eye(h.shape[-1], dtype=h.dtype)
   tau = jnp.asarray(tau, h.dtype)[..., None, None]
@@ -127,7 +134,7 @@ def exact_sharp_projector(m: jax.Array, rank: int, side: str = 'left'
     b = u[..., :, :rank]
   else:
     b = jnp.swapaxes(vt, -1, -2)[..., :, :rank]
-  return b @ jnp.swapaxes(b, -1, -2)
+  return _mm(b, jnp.swapaxes(b, -1, -2), precision=jax.lax.Precision.HIGHEST)
 
 
 def apply_left(t: jax.Array, x: jax.Array) -> jax.Array:
@@ -135,15 +142,15 @@ def apply_left(t: jax.Array, x: jax.Array) -> jax.Array:
   rows, cols = t.shape[-2:]
   tt = jnp.swapaxes(t, -1, -2)
   if cols < rows:
-    return t @ (tt @ x)  # 2·rows·cols·cols'
-  return (t @ tt) @ x
+    return _mm(t, _mm(tt, x, 'lite_project'), 'lite_project')  # 2·r·c·c'
+  return _mm(_mm(t, tt), x, 'lite_project')
 
 
 def projector_rank(t: jax.Array) -> jax.Array:
   """``‖T Tᵀ‖_F`` (= ``√rank`` for an exact filter), per batch element."""
   rows, cols = t.shape[-2:]
   tt = jnp.swapaxes(t, -1, -2)
-  gram = tt @ t if cols <= rows else t @ tt
+  gram = _mm(tt, t) if cols <= rows else _mm(t, tt)
   return jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1)))
 
 

@@ -23,7 +23,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           max_factor_size: int | None = 4096, method: str = 'polar_express',
           steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
           weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
-          dims=None, labels=None, precision=None,
+          dims=None, labels=None, precision=None, ns_dtype=None,
           adam_learning_rate: optax.ScalarOrSchedule | None = None,
           adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
           adam_weight_decay: float | None = None, adam_nesterov: bool = False
@@ -91,7 +91,10 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     dims: matrix view of leaves.
     labels: ``None`` (:func:`optax_lite.label_params`), a callable or a
       label tree.
-    precision: matmul precision (polar iteration and whitening).
+    precision: matmul precision (polar iteration and whitening; ``None``:
+      the policy of :mod:`optax_lite.linalg.matmul`).
+    ns_dtype: ``None`` or ``jnp.bfloat16``: the inner polar iteration in
+      that dtype with float32 accumulation (see :func:`optax_lite.muon`).
     adam_*: AdamW for the non-matrix leaves; ``adam_learning_rate=None`` uses
       ``learning_rate`` and ``adam_weight_decay=None`` uses ``weight_decay``.
 
@@ -113,7 +116,8 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   polar_lib.check_method(method, steps)
   inner = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
-      orthogonalize(method, steps, dims, precision=precision))
+      orthogonalize(method, steps, dims, precision=precision,
+                    ns_dtype=ns_dtype))
   matrix_tx = optax.chain(
       fisher_whiten(inner, gamma=gamma, damping=damping,
                     root_method=root_method, root_iters=root_iters,

@@ -236,7 +236,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               threshold_deadband: float = 0.0,
               sharp_dim_rule: str = 'reference',
               filter_route: str = 'small_side', mu_dtype=None, dims=None,
-              labels=None, precision=None,
+              labels=None, precision=None, ns_dtype=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None
@@ -262,7 +262,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
     sharp_ratio: ``r_s``: ``d_s ≈ r_s·min(m, n)``.
     emb_chi, emb_sharp_ratio, emb_smooth_ratio: AdamW-LITE on emb/norm.
     momentum, method, steps, scaling, rms, weight_decay, mu_dtype, dims,
-      labels, precision, adam_*: as for :func:`optax_lite.muon`.
+      labels, precision, ns_dtype, adam_*: as for :func:`optax_lite.muon`
+      (``ns_dtype``: the polar factors; the filter keeps the input dtype).
     flat_weight_decay: add the reference's extra decay along flat directions.
     total_steps, warmup_steps, schedule: run length, warmup (``None``: 0)
       and LR schedule kind (``"cosine"`` or ``"wsd"``) for the reference
@@ -291,7 +292,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
                       threshold_cap=threshold_cap,
                       sharp_dim_rule=sharp_dim_rule,
                       threshold_deadband=threshold_deadband,
-                      precision=precision, filter_route=filter_route),
+                      precision=precision, filter_route=filter_route,
+                      ns_dtype=ns_dtype),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay)

@@ -160,6 +160,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.transforms import _tree
 
@@ -262,7 +263,7 @@ def _is_identity(f) -> bool:
 
 
 def _mm(a, b, cfg: _Config):
-  return jnp.matmul(a, b, precision=cfg.precision)
+  return matmul_lib.matmul(a, b, kernel='whiten', precision=cfg.precision)
 
 
 _ROOT_METHODS = roots_lib.ROOT_METHODS + ('newton_warm',)

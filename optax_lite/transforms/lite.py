@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.linalg import subspace
 from optax_lite.transforms import _tree
@@ -148,7 +149,8 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
                   threshold_cap: float | None = 1.0,
                   sharp_dim_rule: str = 'reference',
                   threshold_deadband: float = 0.0, precision=None,
-                  filter_route: str = 'small_side') -> Geometry:
+                  filter_route: str = 'small_side',
+                  ns_dtype=None) -> Geometry:
   r"""Muon's geometry: polar factors, sharp subspace from the momentum.
 
   The sharp subspace is the top singular subspace of ``M̃`` on the fan-in
@@ -192,6 +194,9 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
       paper's eq. (13); see :func:`optax_lite.linalg.subspace.adapt_threshold`).
     precision: ``jax.lax.Precision`` of the matrix products.
     filter_route: ``"small_side"`` or ``"reference"`` (see above).
+    ns_dtype: ``None`` or ``jnp.bfloat16``: the Newton–Schulz iteration of
+      ``polar(M̃)`` and ``polar(G)`` in that dtype with float32
+      accumulation (the filter's sign iteration stays in the input dtype).
   """
   steps = polar_lib.check_method(method, steps)
   _checks.check_number('sharp_ratio', sharp_ratio, low=0.0, high=1.0,
@@ -203,9 +208,11 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
   _checks.check_positive('threshold_deadband', threshold_deadband,
                          allow_zero=True)
   _checks.check_choice('filter_route', filter_route, FILTER_ROUTES)
+  ns_dtype = polar_lib.check_ns_dtype(ns_dtype)
 
   def polar(x):
-    return polar_lib.polar_by_method(x, method, steps, precision=precision)
+    return polar_lib.polar_by_method(x, method, steps, precision=precision,
+                                     ns_dtype=ns_dtype)
 
   def init(view, param):
     b, rows, cols = view.matrix_shape
@@ -229,7 +236,8 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
     tau = (ratio * norm + 1e-9).astype(m.dtype)
 
     def mm(x, y):
-      return jnp.matmul(x, y, precision=precision)
+      return matmul_lib.matmul(x, y, kernel='lite_project',
+                               precision=precision)
 
     if filter_route == 'reference':
       # T = ½(polar(M̃) + polar(M̃/τ − polar(M̃))), (fan_in, fan_out); the
