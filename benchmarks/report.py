@@ -60,7 +60,7 @@ def _files(results, stem):
 
 # Flags that choose a mode, a place or a label, not a setting.
 _MODE_FLAGS = ('quick', 'gpu', 'out', 'no_plot', 'note', 'resume',
-               'compile', 'compile_only')
+               'assemble', 'compile', 'compile_only')
 
 
 def _shell_word(arg: str) -> str:
