@@ -55,7 +55,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

@@ -100,7 +100,7 @@ def main(argv=None):
   }
   rows = []
   for layout, (mesh, spec) in layouts.items():
-    g = jax.tree.map(lambda x: jax.device_put(x, spec(x)), mats)
+    g = jax.tree.map(lambda x, spec=spec: jax.device_put(x, spec(x)), mats)
     out_sh = jax.tree.map(lambda x: x.sharding, g)
     res = {}
     outs = {}

@@ -482,9 +482,12 @@ def horizon_section(path, d):
                 key=lambda k: (k[2], k[0]))
   table = []
   for steps, tpp, sched in keys:
-    cell = lambda n: rows_by.get((steps, sched, n))  # noqa: E731
-    val = lambda n: (_fmt(cell(n)['final_val_loss'], '.4f')  # noqa: E731
-                     if cell(n) else '–')
+    def cell(n, steps=steps, sched=sched):
+      return rows_by.get((steps, sched, n))
+
+    def val(n, cell=cell):
+      return _fmt(cell(n)['final_val_loss'], '.4f') if cell(n) else '–'
+
     table.append([f'{steps} ({tpp:.2g} tok/param)', sched, val('muon'),
                   val('muon_lite'), _speed(cell('muon_lite')), val('soap'),
                   val('soap_lite'), _speed(cell('soap_lite')), val('adamw')])
@@ -561,8 +564,9 @@ def update_readme(readme, text):
   for n in NAMES:
     pat = re.compile(rf'(<!-- BEGIN GENERATED:{n} -->)(.*?)'
                      rf'(<!-- END GENERATED:{n} -->)', re.S)
-    src = pat.sub(lambda m: m.group(1) + '\n' + text[n] + '\n' + m.group(3),
-                  src)
+    body = text[n]
+    src = pat.sub(lambda m, body=body: m.group(1) + '\n' + body + '\n'
+                  + m.group(3), src)
   with open(readme, 'w') as f:
     f.write(src if src.endswith('\n') else src + '\n')
 

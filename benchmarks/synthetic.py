@@ -38,7 +38,6 @@ scaling, as in every optimizer here); the grid runs under ``jax.vmap``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -432,7 +431,8 @@ def print_summary(out):
       print(f'LITE quadratic {tag}: flat-convex steps to 1e-2 '
             f'{lq[tag]["steps_flat_convex_to_1e-2"]}, negative escape '
             f'{["%.3g" % v for v in lq[tag]["escape_factor_negative"]]}, '
-            f'sharp |e| {["%.1e" % v for v in lq[tag]["sharp_final_abs_error"]]}')
+            'sharp |e| '
+            f'{["%.1e" % v for v in lq[tag]["sharp_final_abs_error"]]}')
   kr = out.get('kronecker')
   if kr:
     for run in kr['runs']:
