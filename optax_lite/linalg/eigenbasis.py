@@ -11,7 +11,8 @@ lazily, since ``L`` changes slowly:
   .. math::  Q \leftarrow \mathrm{QR}(L\,Q)_Q ,
 
   after re-sorting the columns of ``Q`` by their Rayleigh quotients
-  ``diag(Qᵀ L Q)`` (the reference implementation's ``get_orthogonal_matrix_QR``).
+  ``diag(Qᵀ L Q)`` (the reference implementation's
+  ``get_orthogonal_matrix_QR``).
   Repeated refreshes on a fixed ``L`` converge to its eigenvectors (the
   column order follows the descending eigenvalues), at a cost of one matmul
   and one QR instead of an ``eigh``.
