@@ -557,11 +557,7 @@ def test_inject_hyperparams_structural_int_names_static_args():
 
 
 @pytest.mark.parametrize('name', [
-    'muon_lite', 'adamw_lite', 'rmnp_lite', 'fismo_lite',
-    pytest.param('soap_lite', marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason='soap_geometry state is a plain tuple (its NamedTuple is '
-        'issue 15 §5, soap_geometry owner); remove this mark then'))])
+    'muon_lite', 'adamw_lite', 'rmnp_lite', 'fismo_lite', 'soap_lite'])
 def test_tree_map_params_on_lite_state(name):
   """The state's params-shaped parts are found by optax's tree_map_params."""
   params = _inject_params()
@@ -579,6 +575,33 @@ def test_tree_map_params_on_lite_state(name):
     assert int(after.count) == int(before.count)
     for x, y in zip(jax.tree.leaves(before.mu), jax.tree.leaves(after.mu)):
       np.testing.assert_allclose(y, x + 1.0)
+
+
+@pytest.mark.parametrize('name, kw, base', [
+    ('soap_lite', dict(null_threshold=0.5), dict(precondition_frequency=2)),
+    ('fismo_lite', dict(trace_damping=0.0), {}),
+    ('fismo_lite', dict(min_eig=0.5), {}),
+    ('fismo_lite', dict(root_iters=2), dict(root_method='newton')),
+    ('fismo_lite', dict(warm_iters=1), dict(root_method='newton_warm')),
+    ('fismo_lite', dict(root_eps=1.0), {}),
+])
+def test_named_lite_passes_inner_keyword_through(name, kw, base):
+  """A changed keyword of SOAP's / the whitening's changes the update."""
+  params = {'w': _inject_params()['w']}
+  key = jax.random.PRNGKey(7)
+
+  def run(extra):
+    tx = getattr(ol, name)(0.01, **base, **extra)
+    state, k = tx.init(params), key
+    for _ in range(3):
+      k, sub = jax.random.split(k)
+      g = {'w': jax.random.normal(sub, params['w'].shape)}
+      u, state = tx.update(g, state, params)
+    return u['w']
+
+  a, b = run({}), run(kw)
+  assert bool(jnp.all(jnp.isfinite(a))) and bool(jnp.all(jnp.isfinite(b)))
+  assert float(jnp.linalg.norm(a - b)) > 1e-3 * float(jnp.linalg.norm(a))
 
 
 def test_lite_state_keeps_parameter_sharding():

@@ -59,9 +59,6 @@ def _params(square=False):
 
 
 KRONECKER = ('soap', 'shampoo', 'soap_lite')
-# Fields of SOAP-LITE's per-leaf geometry state (LiteState.geometry).
-SOAP_GEOMETRY_FIELDS = SoapGeometryState._fields
-
 
 def _spec(x, mesh):
   """Shard axis 0 over 'data' and the last axis over 'model' when divisible."""
@@ -134,17 +131,15 @@ def _without_null_space(state):
                                    is_leaf=lambda t: type(t) is tuple)
                       for i in range(3))
       return rec._replace(q_l=q_l, q_r=q_r, nu=nu)
-    f = SOAP_GEOMETRY_FIELDS
-    geo = list(rec.geometry)
-    if len(geo) != len(f):
+    geo = rec.geometry
+    if not isinstance(geo, SoapGeometryState):
       return rec
-    get = lambda k: geo[f.index(k)]
-    out = jax.tree.map(_mask_null, get('q_l'), get('q_r'), get('lam_l'),
-                       get('lam_r'), get('nu'))
-    for i, k in enumerate(('q_l', 'q_r', 'nu')):
-      geo[f.index(k)] = jax.tree.map(lambda t, i=i: t[i], out,
-                                     is_leaf=lambda t: type(t) is tuple)
-    return rec._replace(geometry=tuple(geo))
+    out = jax.tree.map(_mask_null, geo.q_l, geo.q_r, geo.lam_l, geo.lam_r,
+                       geo.nu)
+    q_l, q_r, nu = (jax.tree.map(lambda t, i=i: t[i], out,
+                                 is_leaf=lambda t: type(t) is tuple)
+                    for i in range(3))
+    return rec._replace(geometry=geo._replace(q_l=q_l, q_r=q_r, nu=nu))
 
   is_rec = lambda x: isinstance(x, (SoapState, LiteState))
   return jax.tree.map(lambda x: fix(x) if is_rec(x) else x, state,

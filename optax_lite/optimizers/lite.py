@@ -342,7 +342,8 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
               precondition_frequency: int | None = None,
               max_precond_dim: int | None = None,
-              skip_first_update: bool = True, weight_decay: float = 0.1,
+              skip_first_update: bool = True, null_threshold: float = 1e-5,
+              weight_decay: float = 0.1,
               flat_weight_decay: bool = True, total_steps: int | None = None,
               warmup_steps: int | None = None, schedule: str = 'cosine',
               reference_schedules: bool = True, threshold_rate: float = 1.05,
@@ -360,6 +361,10 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   Q_rᵀ``. Paper defaults (C.2): ``r_s = 0.2``, ``(β₁, β₂) = (0, 0.25)``,
   ``χ = 2`` (matrix) and 4 (emb/norm), ``d_smooth = 0.1·mn``; SOAP's own
   defaults as ``ol.soap``. The head and other leaves use AdamW.
+  ``null_threshold``: see
+  :func:`optax_lite.transforms.kron_precondition.scale_by_soap` (coordinates
+  without gradient energy get a zero update and count as ``V = 0`` in the
+  mask).
   ``variant="lite_l"``: only χ; ``"lite_h"``: ``χ = 1``, ``(β₁, β₂) = (0,
   0.5)``. With ``chi=1, beta2=0, emb_chi=1`` this is exactly ``ol.soap``.
 
@@ -385,7 +390,8 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
                       skip_first_update=skip_first_update,
                       precond_dtype=precond_dtype, sharp_ratio=sharp_ratio,
                       smooth_ratio=smooth_ratio,
-                      threshold_rate=threshold_rate, precision=precision),
+                      threshold_rate=threshold_rate,
+                      null_threshold=null_threshold, precision=precision),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=b1,
         nesterov=False, mu_dtype=mu_dtype or jnp.dtype(precond_dtype),
         dims=dims, scaling='none', flat_weight_decay=flat_decay)
@@ -465,7 +471,10 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                emb_sharp_ratio: float = 0.1, emb_smooth_ratio: float = 0.1,
                momentum: float = 0.95, gamma: float = 0.95,
                damping: float = 1e-3, scale_invariant: bool = False,
-               root_method: str = 'eigh', max_factor_size: int | None = 4096,
+               root_method: str = 'eigh', root_iters: int = 30,
+               warm_iters: int = 3, root_eps: float = 0.0,
+               min_eig: float = 1e-5, trace_damping: float = 1.0,
+               max_factor_size: int | None = 4096,
                factor_dtype=None, root_every: int = 1,
                method: str = 'polar_express',
                steps: int | None = None, scaling: str = 'rms',
@@ -495,6 +504,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   (β₁ = 0 because FISMO's momentum has no Nesterov term to damp). With
   ``chi=1, beta2=0, emb_chi=1`` this is exactly ``ol.fismo``.
 
+  The whitening's arguments (``gamma`` ... ``root_every``) are
+  :func:`optax_lite.fismo`'s, with its defaults.
   Under ``optax.inject_hyperparams`` the whitening's arguments behave as in
   :func:`optax_lite.fismo` (``max_factor_size`` and whether ``root_every >
   1`` are read when the state is created); the rest as in
@@ -513,7 +524,10 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
         nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none')
     return optax.chain(
         fisher_whiten(inner, gamma=gamma, damping=damping,
-                      root_method=root_method, factor_dtype=factor_dtype,
+                      root_method=root_method, root_iters=root_iters,
+                      warm_iters=warm_iters, root_eps=root_eps,
+                      min_eig=min_eig, trace_damping=trace_damping,
+                      factor_dtype=factor_dtype,
                       root_every=root_every, max_factor_size=max_factor_size,
                       scale_invariant=scale_invariant, dims=dims,
                       precision=precision),

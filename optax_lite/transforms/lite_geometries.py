@@ -166,7 +166,8 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
     return LeafDirections(d_m, d_g, flat, finish, to_coords, state,
                           keep_momentum=first)
 
-  return Geometry(init, directions, needs_matrix=True, momentum_ema=True)
+  return Geometry(init, directions, needs_matrix=True, momentum_ema=True,
+                  state_type=SoapGeometryState)
 
 
 class RowNormGeometryState(NamedTuple):
