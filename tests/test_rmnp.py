@@ -186,6 +186,23 @@ def test_rmnp_matches_authors_code_on_flax_layout(shape_in_out):
     np.testing.assert_allclose(params['layer']['bias'], bias, rtol=1e-6)
 
 
+def test_rmnp_adam_weight_decay_none_inherits_weight_decay():
+  """``adam_weight_decay=None`` (default) uses ``weight_decay``, as muon."""
+  params = {'layer': {'kernel': jnp.ones((6, 4)), 'bias': jnp.ones((4,))}}
+  g = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+
+  def bias_update(**kw):
+    tx = ol.rmnp(0.05, **kw)
+    return tx.update(g, tx.init(params), params)[0]['layer']['bias']
+
+  for wd in (0.0, 0.3):
+    np.testing.assert_allclose(bias_update(weight_decay=wd),
+                               bias_update(weight_decay=wd,
+                                           adam_weight_decay=wd))
+  assert not np.allclose(bias_update(weight_decay=0.0),
+                         bias_update(weight_decay=0.0, adam_weight_decay=0.3))
+
+
 def test_rmnp_paper_variant_is_algorithm_2_and_momentum_forms_agree():
   rng = np.random.default_rng(3)
   grads = [{'k': jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)}

@@ -22,7 +22,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          distribute=None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
-         adam_weight_decay: float = 0.1, adam_nesterov: bool = False
+         adam_weight_decay: float | None = None, adam_nesterov: bool = False
          ) -> optax.GradientTransformation:
   r"""RMNP: row-normalised momentum for hidden matrices, AdamW elsewhere.
 
@@ -85,8 +85,10 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       whole matrices to owner devices would cost more bytes than it saves.
     adam_learning_rate: AdamW's learning rate; ``None`` uses
       ``learning_rate``.
-    adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_nesterov: AdamW's
-      other settings for the non-matrix leaves.
+    adam_weight_decay: AdamW's weight decay; ``None`` (default) uses
+      ``weight_decay`` (0.1, the paper's AdamW decay, by default).
+    adam_b1, adam_b2, adam_eps, adam_nesterov: AdamW's other settings for
+      the non-matrix leaves.
 
   References:
     Deng et al., `Row-Momentum Normalized Preconditioning
