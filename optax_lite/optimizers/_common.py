@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +130,8 @@ def partition(by_label: Mapping[str, optax.GradientTransformation], labels
 
 def with_adamw(matrix_tx: optax.GradientTransformation, labels,
                adam: optax.GradientTransformation,
-               overrides: Mapping[str, optax.GradientTransformation] | None = None
+               overrides: (Mapping[str, optax.GradientTransformation]
+                           | None) = None
                ) -> optax.GradientTransformation:
   """``matrix_tx`` for "matrix" leaves, ``adam`` for the rest (or overrides)."""
   by_label = {lab: adam for lab in labels_lib.LABELS}
