@@ -128,6 +128,42 @@ def partition(by_label: Mapping[str, optax.GradientTransformation], labels
   return optax.partition(txs, label_fn)
 
 
+class AdamRest(NamedTuple):
+  """A named optimizer's ``adam_*`` settings for its non-matrix leaves.
+
+  ``learning_rate`` / ``weight_decay`` of ``None`` inherit the matrix
+  leaves' (see :func:`adamw_for_rest`).
+  """
+  learning_rate: Any
+  b1: Any
+  b2: Any
+  eps: Any
+  weight_decay: Any
+  nesterov: bool
+
+
+def matrix_and_adamw(labels, rest: AdamRest, learning_rate, weight_decay,
+                     weight_decay_mask, mu_dtype,
+                     *matrix_txs: optax.GradientTransformation,
+                     warmup_fn=None) -> optax.GradientTransformation:
+  """The tail every named optimizer shares.
+
+  ``chain(*matrix_txs, decay, −learning_rate)`` on the "matrix" leaves
+  (:func:`decay_and_learning_rate`) and AdamW with ``rest`` on the others
+  (:func:`adamw_for_rest`, :func:`with_adamw`).
+  """
+  matrix_tx = optax.chain(
+      *matrix_txs,
+      *decay_and_learning_rate(learning_rate, weight_decay,
+                               weight_decay_mask, warmup_fn=warmup_fn))
+  adam = adamw_for_rest(
+      learning_rate, rest.learning_rate, b1=rest.b1, b2=rest.b2,
+      eps=rest.eps, weight_decay=weight_decay,
+      adam_weight_decay=rest.weight_decay, mu_dtype=mu_dtype,
+      nesterov=rest.nesterov)
+  return with_adamw(matrix_tx, labels, adam)
+
+
 def with_adamw(matrix_tx: optax.GradientTransformation, labels,
                adam: optax.GradientTransformation,
                overrides: (Mapping[str, optax.GradientTransformation]

@@ -118,7 +118,10 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
                     ns_dtype=ns_dtype))
-  matrix_tx = optax.chain(
+  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
+                          adam_weight_decay, adam_nesterov)
+  return _common.matrix_and_adamw(
+      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       fisher_whiten(inner, gamma=gamma, damping=damping,
                     root_method=root_method, root_iters=root_iters,
                     warm_iters=warm_iters, root_eps=root_eps,
@@ -127,11 +130,4 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
                     max_factor_size=max_factor_size,
                     scale_invariant=scale_invariant, dims=dims,
                     precision=precision),
-      scale_by_shape(scaling, rms, dims),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay,
-                                       weight_decay_mask))
-  adam = _common.adamw_for_rest(
-      learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype, nesterov=adam_nesterov)
-  return _common.with_adamw(matrix_tx, labels, adam)
+      scale_by_shape(scaling, rms, dims))

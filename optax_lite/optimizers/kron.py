@@ -71,19 +71,16 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
                if skip_first_update else None)
-  tail = _common.decay_and_learning_rate(learning_rate, weight_decay,
-                                        weight_decay_mask, warmup_fn=warmup_fn)
-  matrix_tx = optax.chain(
+  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
+                          adam_weight_decay, adam_nesterov)
+  return _common.matrix_and_adamw(
+      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       scale_by_soap(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, skip_first_update=skip_first_update,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
-          precond_dtype=precond_dtype, precision=precision), *tail)
-  adam = _common.adamw_for_rest(
-      learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype, nesterov=adam_nesterov)
-  return _common.with_adamw(matrix_tx, labels, adam)
+          precond_dtype=precond_dtype, precision=precision),
+      warmup_fn=warmup_fn)
 
 
 def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
@@ -131,18 +128,14 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     Shi et al., `Distributed Shampoo <https://arxiv.org/abs/2309.06497>`_,
     2023.
   """
-  matrix_tx = optax.chain(
+  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
+                          adam_weight_decay, adam_nesterov)
+  return _common.matrix_and_adamw(
+      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       scale_by_shampoo(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, accumulation=accumulation, exponent=exponent,
           root_method=root_method, matrix_eps=matrix_eps, graft=graft,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype,
-          precision=precision),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay,
-                                       weight_decay_mask))
-  adam = _common.adamw_for_rest(
-      learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype, nesterov=adam_nesterov)
-  return _common.with_adamw(matrix_tx, labels, adam)
+          precision=precision))

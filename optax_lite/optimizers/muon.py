@@ -80,17 +80,13 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
-  matrix_tx = optax.chain(
+  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
+                          adam_weight_decay, adam_nesterov)
+  return _common.matrix_and_adamw(
+      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       momentum_tx(momentum, nesterov=nesterov, ema=ema,
                   bias_correction=bias_correction, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
                     distribute=distribute, shard_polar=shard_polar,
                     ns_dtype=ns_dtype),
-      scale_by_shape(scaling, rms, dims),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay,
-                                       weight_decay_mask))
-  adam = _common.adamw_for_rest(
-      learning_rate, adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-      weight_decay=weight_decay, adam_weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype, nesterov=adam_nesterov)
-  return _common.with_adamw(matrix_tx, labels, adam)
+      scale_by_shape(scaling, rms, dims))
