@@ -273,3 +273,50 @@ def setup_matplotlib():
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   return plt
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+  """Lays out ``fig``, writes it to ``path``, closes it and says so."""
+  plt = setup_matplotlib()
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  print(f'wrote {path}')
+
+
+def rand_like(key, tree, scale=1.0):
+  """A tree shaped like ``tree`` of ``scale`` times standard normals."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      scale * jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(keys, leaves)])
+
+
+def time_step(tx, params, grads, timing):
+  """Step time of ``tx`` (update + apply) with the state carried across calls.
+
+  ``timing`` holds ``time_fn``'s keyword arguments. The result is
+  ``time_fn``'s plus ``wall_incl_compile_s`` (wall time including the jit).
+  """
+
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, g
+
+  state = jax.jit(tx.init)(params)
+  t0 = time.perf_counter()
+  res = time_fn(step, params, state, grads, carry=True, **timing)
+  res['wall_incl_compile_s'] = time.perf_counter() - t0
+  return res
+
+
+def require_devices(n: int = 8) -> list:
+  """``jax.devices()``, or a SystemExit saying how to get ``n`` CPU devices."""
+  devices = jax.devices()
+  if len(devices) < n:
+    raise SystemExit(f'needs {n} devices, got {len(devices)}; set XLA_FLAGS='
+                     f'--xla_force_host_platform_device_count={n} before JAX '
+                     'starts.')
+  return devices

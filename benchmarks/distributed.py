@@ -45,12 +45,8 @@ import re
 import sys
 import time
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS',
-                                                                ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import dataclasses
 
@@ -62,7 +58,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
 import models
-from _common import RESULTS_DIR, device_slug, metadata, write_json
+from _common import (RESULTS_DIR, device_slug, metadata, require_devices,
+                     write_json)
 
 NAMES = ('muon', 'rmnp', 'fismo', 'soap', 'shampoo', 'muon_lite',
          'soap_lite', 'rmnp_lite', 'fismo_lite')
@@ -356,11 +353,7 @@ def main(argv=None):
                   help='comma-separated subset of fsdp,replicated,fsdp_tp')
   ap.add_argument('--out', default=None)
   args = ap.parse_args(argv)
-  devices = jax.devices()
-  if len(devices) < 8:
-    raise SystemExit(f'needs 8 devices, got {len(devices)}; set XLA_FLAGS='
-                     '--xla_force_host_platform_device_count=8 before JAX '
-                     'starts.')
+  devices = require_devices(8)
   names = ([n for n in args.optimizers.split(',') if n] if args.optimizers
            else list(NAMES))
   unknown = [n for n in names if not hasattr(ol, n)]

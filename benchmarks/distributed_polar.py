@@ -33,12 +33,8 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS',
-                                                                ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +42,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
-from _common import RESULTS_DIR, device_slug, metadata, write_json
+from _common import (RESULTS_DIR, device_slug, metadata, require_devices,
+                     write_json)
 
 
 def matrices(n_square, n_wide, d, key=0):
@@ -84,11 +81,7 @@ def main(argv=None):
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--out', default=None)
   args = ap.parse_args(argv)
-  devices = jax.devices()
-  if len(devices) < 8:
-    raise SystemExit(f'needs 8 devices, got {len(devices)}; set XLA_FLAGS='
-                     '--xla_force_host_platform_device_count=8 before JAX '
-                     'starts.')
+  devices = require_devices(8)
   d, n_sq, n_wide, repeats = ((128, 8, 4, 3) if args.quick else
                               (256, 12, 6, 5))
   mats = matrices(n_sq, n_wide, d)

@@ -149,30 +149,9 @@ def polar_part(sizes, timing):
 # ---------------------------------------------------------------------------
 
 
-def _rand_like(key, tree, scale):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      scale * jax.random.normal(k, x.shape, x.dtype)
-      for k, x in zip(keys, leaves)])
-
-
-def time_step(tx, params, grads, timing):
-  @jax.jit
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, g
-
-  state = jax.jit(tx.init)(params)
-  t0 = time.perf_counter()
-  res = _common.time_fn(step, params, state, grads, carry=True, **timing)
-  res['wall_incl_compile_s'] = time.perf_counter() - t0
-  return res
-
-
 def step_part(model_name, timing, names=None, lr=1e-3):
   params = nnx.state(models.make_model(model_name, 0), nnx.Param)
-  grads = _rand_like(jax.random.key(1), params, 0.01)
+  grads = _common.rand_like(jax.random.key(1), params, 0.01)
   reg = _common.registry()
   jobs = list(reg.items()) + [
       (name, functools.partial(reg[base], **kw))
@@ -182,7 +161,7 @@ def step_part(model_name, timing, names=None, lr=1e-3):
   rows = {}
   for name, factory in jobs:
     try:
-      rows[name] = time_step(factory(lr), params, grads, timing)
+      rows[name] = _common.time_step(factory(lr), params, grads, timing)
     except Exception as e:  # record and keep going
       rows[name] = {'error': f'{type(e).__name__}: {e}'[:300]}
     r = rows[name]

@@ -429,10 +429,7 @@ def plot(out, path):
          + ('' if out.get('complete') else ' (partial)'))
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  print(f'wrote {path}')
+  _common.save_figure(fig, path)
 
 
 if __name__ == '__main__':

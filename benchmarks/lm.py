@@ -566,10 +566,7 @@ def plot(out, path):
   fig.suptitle(f'byte-level LLaMA {out["settings"]["model"]} '
                f'({out["n_params"] / 1e6:.2f}M), {out["settings"]["steps"]} '
                'steps')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  print(f'wrote {path}')
+  _common.save_figure(fig, path)
 
 
 if __name__ == '__main__':

@@ -43,7 +43,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,26 +62,9 @@ LR = 1e-3
 WDN = {'w': optax.contrib.MuonDimensionNumbers(0, 1)}
 
 
-def _rand_like(key, tree, scale=1.0):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys,
-                                                                     leaves)])
-
-
 def time_optimizer(tx, params, grads, timing):
   """Median/mean step time of ``tx`` with the state carried across calls."""
-
-  @jax.jit
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, g
-
-  state = jax.jit(tx.init)(params)
-  t0 = time.perf_counter()
-  res = _common.time_fn(step, params, state, grads, carry=True, **timing)
-  res['wall_incl_compile_s'] = time.perf_counter() - t0
+  res = _common.time_step(tx, params, grads, timing)
   res['state_bytes_per_param'] = _common.state_bytes_per_param(tx, params)
   return res
 
@@ -245,7 +227,7 @@ def time_group(kind, what, reg, timing, quick, bar):
   else:
     params = nnx.state(models.make_model(what, 0), nnx.Param)
     label = what
-  grads = _rand_like(jax.random.fold_in(key, 1), params, 0.01)
+  grads = _common.rand_like(jax.random.fold_in(key, 1), params, 0.01)
   rows = {}
   for name, factory in reg.items():
     bar.set_postfix_str(f'{label} {name}')
@@ -497,10 +479,7 @@ def plot(out, path):
   for ax in axes:
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  print(f'wrote {path}')
+  _common.save_figure(fig, path)
 
 
 if __name__ == '__main__':

@@ -462,10 +462,7 @@ def plot(out, stem):
       axes[1, j].set(xlabel='step', ylabel='ρ = ‖∇f‖*²L / (‖∇f‖F² J)')
       axes[0, j].legend(fontsize=7)
       axes[1, j].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(stem + '_muon_vs_gd.png', dpi=100)
-    plt.close(fig)
-    print(f'wrote {stem}_muon_vs_gd.png')
+    _common.save_figure(fig, stem + '_muon_vs_gd.png', dpi=100)
   lq = out.get('lite_quadratic')
   if lq:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -482,10 +479,7 @@ def plot(out, stem):
                 title='per-direction error (dashed: base, solid: LITE)')
     axes[0].legend()
     axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(stem + '_lite.png', dpi=100)
-    plt.close(fig)
-    print(f'wrote {stem}_lite.png')
+    _common.save_figure(fig, stem + '_lite.png', dpi=100)
   kr = out.get('kronecker')
   if kr:
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -497,10 +491,7 @@ def plot(out, stem):
            title=f'Kronecker quadratic {kr["shape"]}, cond(H) = '
                  f'{kr["info"]["cond_H"]:.0e}')
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(stem + '_kronecker.png', dpi=100)
-    plt.close(fig)
-    print(f'wrote {stem}_kronecker.png')
+    _common.save_figure(fig, stem + '_kronecker.png', dpi=100)
 
 
 if __name__ == '__main__':

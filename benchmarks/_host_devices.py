@@ -1,0 +1,16 @@
+"""Asks XLA for 8 host (CPU) devices; import it before JAX.
+
+Shared by the 8-device benchmarks (``distributed.py``,
+``distributed_polar.py``): importing this module defaults ``JAX_PLATFORMS``
+to ``cpu`` and adds ``--xla_force_host_platform_device_count=8`` to
+``XLA_FLAGS`` unless a device count is already set there. It must run before
+``jax`` is first imported, so it imports nothing but ``os``.
+"""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS',
+                                                                ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8')
