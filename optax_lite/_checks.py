@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 
@@ -118,3 +119,16 @@ def check_float_leaf(name: str, x: Any):
 def resolve(x: Any | Callable[[Any], Any], count) -> Any:
   """Evaluates a ``ScalarOrSchedule`` at ``count``."""
   return x(count) if callable(x) else x
+
+
+def require_static(why: str = 'it decides the shapes of the optimizer '
+                   'state (init under jit)', **values) -> None:
+  """Raises a ``TypeError`` naming ``static_args`` for every traced value
+  among ``values`` (hyperparameters that must be known when tracing)."""
+  traced = tuple(k for k, v in values.items()
+                 if isinstance(v, jax.core.Tracer))
+  if traced:
+    raise TypeError(
+        f'{", ".join(traced)}: got a traced value, but {why}. '
+        'optax.inject_hyperparams turns every numeric argument into a '
+        f'traced hyperparameter: pass static_args={traced!r} to it.')

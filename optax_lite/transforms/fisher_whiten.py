@@ -225,20 +225,6 @@ def _is_static_zero(x) -> bool:
   return _checks.is_static_number(x) and float(x) == 0.0
 
 
-def _require_static(**values):
-  """Raises one ``TypeError`` naming every traced value among ``values``
-  (integers that decide the state's structure)."""
-  traced = tuple(k for k, v in values.items()
-                 if isinstance(v, jax.core.Tracer))
-  if traced:
-    raise TypeError(
-        f'{", ".join(traced)} arrived as traced values, but they decide the '
-        'shape of the optimizer state and must be Python ints when the state '
-        'is created. optax.inject_hyperparams turns every numeric argument '
-        f'into a traced hyperparameter: pass static_args={traced!r} to '
-        'optax.inject_hyperparams (or do not jit init).')
-
-
 def _int_arg(name: str, x, low: int):
   """An integer hyperparameter: a Python int, or the tracer itself when it
   is traced (``optax.inject_hyperparams`` under ``jit``), checked when its
@@ -457,7 +443,10 @@ def _unwhiten_leaf(view, u, p_isqrt, q_isqrt, cfg: _Config):
 
 def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
           root_every) -> FisherWhitenState:
-  _require_static(max_factor_size=max_factor_size, root_every=root_every)
+  _checks.require_static(
+      'they decide the shape of the optimizer state and must be Python ints '
+      'when the state is created (or do not jit init)',
+      max_factor_size=max_factor_size, root_every=root_every)
   cache = root_every > 1 or cfg.root_method == 'newton_warm'
   out = _tree.map_leaves(
       functools.partial(_init_leaf, cfg=cfg, max_factor_size=max_factor_size,

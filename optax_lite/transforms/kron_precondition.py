@@ -769,17 +769,7 @@ def _int_hyper(name: str, x, low: int):
   return int(x)
 
 
-def require_static(why: str = 'it decides the shapes of the optimizer '
-                   'state (init under jit)', **values):
-  """Raises a ``TypeError`` naming ``static_args`` for every traced value
-  among ``values`` (hyperparameters that must be known when tracing)."""
-  traced = tuple(k for k, v in values.items()
-                 if isinstance(v, jax.core.Tracer))
-  if traced:
-    raise TypeError(
-        f'{", ".join(traced)}: got a traced value, but {why}. '
-        'optax.inject_hyperparams turns every numeric argument into a '
-        f'traced hyperparameter: pass static_args={traced!r} to it.')
+require_static = _checks.require_static
 
 
 def check_soap_args(b1, b2, shampoo_beta, eps, precondition_frequency,
