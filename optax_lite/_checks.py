@@ -132,3 +132,22 @@ def require_static(why: str = 'it decides the shapes of the optimizer '
         f'{", ".join(traced)}: got a traced value, but {why}. '
         'optax.inject_hyperparams turns every numeric argument into a '
         f'traced hyperparameter: pass static_args={traced!r} to it.')
+
+
+def int_hyperparameter(name: str, x, low: int):
+  """An integer hyperparameter, checked where its value is known.
+
+  A Python int, or a concrete integer scalar array (what
+  ``optax.inject_hyperparams`` turns every numeric argument into), is checked
+  (``>= low``) and returned as an int; a traced integer (injected under
+  ``jit``) is returned as is; a traced non-integer is a ``TypeError``.
+  """
+  if isinstance(x, jax.core.Tracer):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f'{name} must be an int, got a traced {x.dtype}.')
+    return x
+  if (hasattr(x, 'shape') and x.shape == ()
+      and jnp.issubdtype(x.dtype, jnp.integer)):
+    x = int(x)
+  check_int(name, x, low=low)
+  return int(x)

@@ -225,21 +225,6 @@ def _is_static_zero(x) -> bool:
   return _checks.is_static_number(x) and float(x) == 0.0
 
 
-def _int_arg(name: str, x, low: int):
-  """An integer hyperparameter: a Python int, or the tracer itself when it
-  is traced (``optax.inject_hyperparams`` under ``jit``), checked when its
-  value is known."""
-  if isinstance(x, jax.core.Tracer):
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-      raise TypeError(f'{name} must be an int, got a traced {x.dtype}.')
-    return x
-  if (hasattr(x, 'shape') and x.shape == ()
-      and jnp.issubdtype(x.dtype, jnp.integer)):
-    x = int(x)  # a concrete array from optax.inject_hyperparams
-  _checks.check_int(name, x, low=low)
-  return int(x)
-
-
 def _trace(a):
   return jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
 
@@ -544,14 +529,15 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   _checks.check_decay('gamma', gamma, allow_one=True)
   _checks.check_positive('damping', damping)
   _checks.check_choice('root_method', root_method, _ROOT_METHODS)
-  root_iters = _int_arg('root_iters', root_iters, 1)
-  warm_iters = _int_arg('warm_iters', warm_iters, 1)
+  root_iters = _checks.int_hyperparameter('root_iters', root_iters, 1)
+  warm_iters = _checks.int_hyperparameter('warm_iters', warm_iters, 1)
   _checks.check_positive('root_eps', root_eps, allow_zero=True)
   _checks.check_decay('min_eig', min_eig)
   _checks.check_positive('trace_damping', trace_damping, allow_zero=True)
   if max_factor_size is not None:
-    max_factor_size = _int_arg('max_factor_size', max_factor_size, 1)
-  root_every = _int_arg('root_every', root_every, 1)
+    max_factor_size = _checks.int_hyperparameter('max_factor_size',
+                                                 max_factor_size, 1)
+  root_every = _checks.int_hyperparameter('root_every', root_every, 1)
   factor_dtype = jnp.dtype(jnp.float32 if factor_dtype is None
                            else factor_dtype)
   if not jnp.issubdtype(factor_dtype, jnp.floating):

@@ -754,21 +754,6 @@ def soap_warmup_leaves(tree, dims: _tree.DimsSpec = None,
 # --------------------------------------------------------------------------
 # Transforms.
 # --------------------------------------------------------------------------
-def _int_hyper(name: str, x, low: int):
-  """An integer hyperparameter: a Python int, a concrete integer array
-  (``optax.inject_hyperparams`` turns every numeric argument into one),
-  checked and returned as an int, or a traced integer, returned as is."""
-  if isinstance(x, jax.core.Tracer):
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-      raise TypeError(f'{name} must be an int, got a traced {x.dtype}.')
-    return x
-  if (hasattr(x, 'shape') and x.shape == ()
-      and jnp.issubdtype(x.dtype, jnp.integer)):
-    x = int(x)
-  _checks.check_int(name, x, low=low)
-  return int(x)
-
-
 require_static = _checks.require_static
 
 
@@ -785,8 +770,9 @@ def check_soap_args(b1, b2, shampoo_beta, eps, precondition_frequency,
   _checks.check_decay('b2', b2)
   _checks.check_decay('shampoo_beta', shampoo_beta)
   _checks.check_positive('eps', eps)
-  return (_int_hyper('precondition_frequency', precondition_frequency, 1),
-          _int_hyper('max_precond_dim', max_precond_dim, 0))
+  return (_checks.int_hyperparameter('precondition_frequency',
+                                     precondition_frequency, 1),
+          _checks.int_hyperparameter('max_precond_dim', max_precond_dim, 0))
 
 
 def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
