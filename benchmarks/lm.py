@@ -57,6 +57,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -340,6 +341,9 @@ def parse_args(argv=None):
                  help='LR values added beyond an edge of the grid until the '
                  'best is interior (default: 4; quick: 0)')
   p.add_argument('--out', default=None, help='results folder')
+  p.add_argument('--resume', action='store_true',
+                 help='keep the optimizers already finished in the results '
+                 'file (written after each optimizer) and run the rest')
   p.add_argument('--no-plot', action='store_true')
   return p.parse_args(argv)
 
@@ -449,26 +453,48 @@ def main(argv=None):
                    seed=seed, train=corpus.train, val_windows=val_w,
                    train_windows=train_w)
 
-  results = {}
+  path = _common.result_path('lm', args.out, quick=args.quick)
+  results = resumed_results(path, s) if args.resume else {}
+
+  def record():
+    out = {'meta': _common.metadata(args), 'settings': s,
+           'n_params': n_params, 'corpus': corpus.info,
+           'model_config': cfg.__dict__, 'reference': REFERENCE,
+           'summary': summarize(results, s), 'results': results}
+    if set(results) != set(reg):
+      out['partial'] = sorted(set(reg) - set(results))
+    _common.write_json(path, out)
+    return out
+
   for name, factory in reg.items():
+    if name in results:
+      print(f'[resume] {name}: kept from {path}')
+      continue
     try:
       results[name] = race_one(name, factory, s, trainer)
     except Exception as e:  # report and go on: one broken optimizer
       print(f'[error] {name}: {type(e).__name__}: {e}')
       results[name] = {'sweep': [], 'runs': [],
                        'error': f'{type(e).__name__}: {e}'}
-
-  summary = summarize(results, s)
-  out = {'meta': _common.metadata(args), 'settings': s, 'n_params': n_params,
-         'corpus': corpus.info, 'model_config': cfg.__dict__,
-         'reference': REFERENCE,
-         'summary': summary, 'results': results}
-  path = _common.result_path('lm', args.out, quick=args.quick)
-  _common.write_json(path, out)
+    out = record()  # a stopped run keeps every optimizer it finished
+  out = record()
+  summary = out['summary']
   if not args.no_plot:
     plot(out, path[:-5] + '.png')
   print_summary(summary)
   return out
+
+
+def resumed_results(path, s):
+  """The finished optimizers of an earlier run with the same settings."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  if old.get('settings') != json.loads(json.dumps(s)):
+    raise ValueError(f'--resume: {path} was written with other settings; '
+                     'remove it or use another --out.')
+  return {k: v for k, v in old['results'].items() if 'error' not in v}
 
 
 def summarize(results, s):
