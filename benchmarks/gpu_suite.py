@@ -77,7 +77,12 @@ DRY = dict(
 # Fixed peak learning rates for the LM race (the best of the grid on the
 # tiny model in benchmarks/results/lm_tiny1000_cpu.json).
 LM_LR = {'adamw': 3e-3, 'muon': 1e-2, 'muon_lite': 3e-3}
-STEP_VARIANTS = {'muon[ns_dtype=bf16]': ('muon', {'ns_dtype': jnp.bfloat16})}
+STEP_VARIANTS = {
+    'muon[ns_dtype=bf16]': ('muon', {'ns_dtype': jnp.bfloat16}),
+    # FISMO's root methods side by side ("auto" picks one per platform).
+    'fismo[eigh]': ('fismo', {'root_method': 'eigh'}),
+    'fismo[newton_warm]': ('fismo', {'root_method': 'newton_warm'}),
+}
 
 
 def parse_args(argv=None):
@@ -284,9 +289,25 @@ def roots_part(sizes, timing, cond=1e3, eps=1e-6):
       row[f'newton{iters}_ms'] = _ms(_common.time_fn(newton, a, **timing))
       row[f'newton{iters}_rel_err'] = float(
           jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    # FISMO's newton_warm: 3 steps from the root before one EMA step
+    # F <- 0.95 F + 0.05 S (S a trace-normalised rank-n/2 statistic).
+    g = jnp.asarray(np.random.default_rng(n + 1).standard_normal(
+        (n, max(1, n // 2))), jnp.float32)
+    stat = g @ g.T
+    prev = (a - 0.05 * stat * (jnp.trace(a) / jnp.trace(stat))) / 0.95
+    prev = 0.5 * (prev + prev.T) + 0.1 * jnp.eye(n) * jnp.trace(a) / n
+    new_a = 0.95 * prev + 0.05 * stat * (jnp.trace(prev) / jnp.trace(stat))
+    start, ref_new = eigh(prev), eigh(new_a)
+    warm = jax.jit(functools.partial(ol.linalg.roots.inverse_sqrt_warm,
+                                     iters=3, eps=eps))
+    out = warm(new_a, start)
+    row['warm3_ms'] = _ms(_common.time_fn(warm, new_a, start, **timing))
+    row['warm3_rel_err'] = float(jnp.linalg.norm(out - ref_new)
+                                 / jnp.linalg.norm(ref_new))
     rows.append(row)
     print(f'  roots {n}: eigh {row["eigh_ms"]:.2f} ms, newton30 '
-          f'{row["newton30_ms"]:.2f} ms (err {row["newton30_rel_err"]:.1e})')
+          f'{row["newton30_ms"]:.2f} ms (err {row["newton30_rel_err"]:.1e}), '
+          f'warm3 {row["warm3_ms"]:.2f} ms (err {row["warm3_rel_err"]:.1e})')
   return rows
 
 
@@ -372,12 +393,14 @@ def render(d) -> str:
   if d.get('roots'):
     rows = [[str(r['n']), _f(r['eigh_ms']), _f(r['newton30_ms']),
              _f(r['newton30_rel_err'], '.1e'), _f(r['newton5_ms']),
-             _f(r['newton5_rel_err'], '.1e')] for r in d['roots']]
+             _f(r['newton5_rel_err'], '.1e'), _f(r.get('warm3_ms')),
+             _f(r.get('warm3_rel_err'), '.1e')] for r in d['roots']]
     parts.append('Inverse square roots of SPD matrices (condition '
-                 f'{d["roots"][0]["cond"]:g}), eigh vs coupled Newton:\n\n'
+                 f'{d["roots"][0]["cond"]:g}), eigh vs coupled Newton '
+                 '(cold, and warm-started as FISMO\'s `newton_warm`):\n\n'
                  + _table(['n', 'eigh (ms)', 'Newton 30 it (ms)',
-                           'rel. err', 'Newton 5 it (ms)', 'rel. err'],
-                          rows))
+                           'rel. err', 'Newton 5 it (ms)', 'rel. err',
+                           'warm 3 it (ms)', 'rel. err'], rows))
   return '\n\n'.join(parts)
 
 

@@ -16,7 +16,7 @@ from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           nesterov: bool = False, ema: bool = True, gamma: float = 0.95,
           damping: float = 1e-3, scale_invariant: bool = False,
-          root_method: str = 'eigh', root_iters: int = 30,
+          root_method: str = 'auto', root_iters: int = 30,
           warm_iters: int = 3,
           root_eps: float = 0.0, min_eig: float = 1e-5,
           trace_damping: float = 1.0, factor_dtype=None, root_every: int = 1,
