@@ -399,6 +399,44 @@ def test_fisher_whiten_bad_hyperparameters():
     fisher_whiten(factor_dtype=jnp.int32)
 
 
+# ------------------------------------------- owner-computes (distribute=)
+
+
+def test_distribute_bad_input_names_distribute():
+  for make in (lambda d: fisher_whiten(distribute=d),
+               lambda d: ol.fismo(0.01, distribute=d)):
+    with pytest.raises(TypeError, match='distribute'):
+      make('fsdp')
+    with pytest.raises(ValueError, match='distribute'):
+      make((jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('x',)),
+            'y'))
+
+
+@pytest.mark.parametrize('kw', [
+    {}, {'root_method': 'newton_warm', 'root_every': 2,
+         'max_factor_size': 8}])
+def test_distribute_one_device_mesh_equals_per_leaf(kw):
+  """A one-device mesh runs the grouped (stacked) path; it equals the
+  per-leaf path of ``distribute=None``, state included, over 3 steps."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('x',))
+  rng = np.random.default_rng(3)
+  shapes = {'a': (6, 10), 'b': (10, 6), 'c': (6, 10), 'd': (2, 6, 10),
+            'v': (5,)}
+  dims = {'a': ol.MatrixDims(0, 1), 'b': ol.MatrixDims(0, 1),
+          'c': ol.MatrixDims(0, 1), 'd': ol.MatrixDims(1, 2), 'v': None}
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32)
+            for k, s in shapes.items()} for _ in range(3)]
+  inner = optax.chain(momentum(0.9, ema=True, nesterov=False),
+                      orthogonalize('svd', dims=dims))
+  ref_u, ref_s = _run(fisher_whiten(inner, dims=dims, **kw), grads, params)
+  out_u, out_s = _run(fisher_whiten(inner, dims=dims, distribute=mesh, **kw),
+                      grads, params)
+  assert_trees_close(out_u, ref_u, atol=1e-5, rtol=1e-5)
+  assert jax.tree.structure(out_s) == jax.tree.structure(ref_s)
+  assert_trees_close(out_s, ref_s, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------- amortised roots (root_every)
 
 

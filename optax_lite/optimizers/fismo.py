@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import distributed
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.transforms.fisher_whiten import fisher_whiten
@@ -24,6 +25,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
           weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
           dims=None, labels=None, precision=None, ns_dtype=None,
+          distribute=None,
           adam_learning_rate: optax.ScalarOrSchedule | None = None,
           adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
           adam_weight_decay: float | None = None, adam_nesterov: bool = False
@@ -95,6 +97,16 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       the policy of :mod:`optax_lite.linalg.matmul`).
     ns_dtype: ``None`` or ``jnp.bfloat16``: the inner polar iteration in
       that dtype with float32 accumulation (see :func:`optax_lite.muon`).
+    distribute: spread the per-matrix work over devices, owner-computes
+      (a :class:`optax_lite.PolarSharding`, ``Mesh`` or ``(mesh, axes)``;
+      ``None``: as the SPMD partitioner lays it out). Each device computes
+      whole matrices assigned by cost: the factor updates, inverse roots
+      and whitening, the polar factor of the whitened momentum, and the map
+      back (three grouped calls per step, an all-to-all in and out each,
+      none inside an iteration); see
+      :func:`optax_lite.transforms.fisher_whiten` and
+      ``docs/multi_device.md``. Same state; the update equals the
+      single-device one up to round-off.
     adam_*: AdamW for the non-matrix leaves; ``adam_learning_rate=None`` uses
       ``learning_rate`` and ``adam_weight_decay=None`` uses ``weight_decay``.
 
@@ -114,10 +126,11 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
   polar_lib.check_method(method, steps)
+  distribute = distributed.check_distribute(distribute)
   inner = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
-                    ns_dtype=ns_dtype))
+                    ns_dtype=ns_dtype, distribute=distribute))
   rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
                           adam_weight_decay, adam_nesterov)
   return _common.matrix_and_adamw(
@@ -129,5 +142,5 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
                     factor_dtype=factor_dtype, root_every=root_every,
                     max_factor_size=max_factor_size,
                     scale_invariant=scale_invariant, dims=dims,
-                    precision=precision),
+                    precision=precision, distribute=distribute),
       scale_by_shape(scaling, rms, dims))

@@ -170,6 +170,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import distributed as distributed_lib
+from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.transforms import _tree
@@ -406,6 +408,32 @@ def _init_leaf(view, x, cfg: _Config, max_factor_size, cache: bool):
   return p, q, empty, empty
 
 
+def _step_factors(x, prev: _Pair, cached: _Pair | None, refresh,
+                  cfg: _Config) -> _Factors:
+  """Steps 4–5 for ``x`` of shape ``(b, fan_in, fan_out)`` (compute dtype).
+
+  ``cached``: ``None`` when the state caches no roots (``root_every=1``
+  without warm roots), else the stored roots of the last refresh (fresh
+  roots on ``refresh`` steps, warm-started from them with
+  ``"newton_warm"``; the stored ones on the others). Slice-wise in ``b``
+  (the warm roots' cold fallback is chosen for the whole batch).
+  """
+  if cached is None:
+    return _factors(x, prev, None, cfg)
+  warm = cfg.root_method == 'newton_warm'
+
+  def fresh(x, prev, cached):
+    return _factors(x, prev, None, cfg, cached if warm else None)
+
+  def lagged(x, prev, cached):
+    return _factors(x, prev, cached, cfg)
+
+  if cfg.every_step:
+    return fresh(x, prev, cached)
+  # Only the chosen branch runs: skipped steps compute no root.
+  return jax.lax.cond(refresh, fresh, lagged, x, prev, cached)
+
+
 def _whiten_leaf(view, g, p, q, p_cache, q_cache, refresh, cfg: _Config
                  ) -> _LeafStep:
   """Steps 4–6 of Algorithm 1 for one leaf (the roots from the cache on the
@@ -415,22 +443,8 @@ def _whiten_leaf(view, g, p, q, p_cache, q_cache, refresh, cfg: _Config
   cache = not (_is_identity(p_cache) and _is_identity(q_cache))
   x = view.to_matrix(g).astype(_compute_dtype(cfg))  # = paper Gᵀ
   prev = _as_matrices(view, p, q, cfg)
-  if not cache:
-    f = _factors(x, prev, None, cfg)
-  else:
-    cached = _as_matrices(view, p_cache, q_cache, cfg)
-    warm = cfg.root_method == 'newton_warm'
-
-    def fresh(x, prev, cached):
-      return _factors(x, prev, None, cfg, cached if warm else None)
-
-    def lagged(x, prev, cached):
-      return _factors(x, prev, cached, cfg)
-
-    if cfg.every_step:
-      f = fresh(x, prev, cached)
-    else:  # Only the chosen branch runs: skipped steps compute no root.
-      f = jax.lax.cond(refresh, fresh, lagged, x, prev, cached)
+  cached = _as_matrices(view, p_cache, q_cache, cfg) if cache else None
+  f = _step_factors(x, prev, cached, refresh, cfg)
 
   def store(m, like):
     if m is None:
@@ -456,6 +470,165 @@ def _unwhiten_leaf(view, u, p_isqrt, q_isqrt, cfg: _Config):
   return view.from_matrix(x).astype(u.dtype)
 
 
+# ----------------------------------------------------------------------------
+# Owner-computes (``distribute=``): the same per-leaf steps, on stacks of
+# same-shape matrices, each computed whole on one device.
+
+
+def _root_weight(cfg: _Config) -> float:
+  """Flops of one inverse root of a ``d × d`` factor, in units of ``d³``."""
+  if cfg.root_method == 'eigh':
+    return 10.0
+  iters = cfg.root_iters if isinstance(cfg.root_iters, int) else 30
+  if cfg.root_method == 'newton_warm':
+    iters = cfg.warm_iters if isinstance(cfg.warm_iters, int) else 3
+  return 6.0 * iters
+
+
+def _whiten_cost(cfg: _Config, cache: bool):
+  """Cost of one whitening item ``(X, [P], [Q], [P cache], [Q cache])``:
+  ``≈ 3·r·c·(r + c)`` matmul flops (``X`` is ``r × c``) plus three roots."""
+  weight = 1.5 * _root_weight(cfg)
+
+  def cost(shapes):
+    r, c = shapes[0][-2:]
+    factors = shapes[1:]
+    if cache:  # the caches repeat the factors' shapes
+      factors = factors[:len(factors) // 2]
+    return float(6 * r * c * (r + c)
+                 + weight * sum(s[-1] ** 3 for s in factors))
+  return cost
+
+
+def _leaf_sides(view, p, q):
+  """``(has P, has Q)`` of one leaf (``None`` view: neither)."""
+  if view is None:
+    return False, False
+  return not _is_identity(p), not _is_identity(q)
+
+
+def _whiten_kernel(refresh, cfg: _Config):
+  """Batched whitening of stacked items for :func:`grouped_map`.
+
+  Inputs ``(X, [P], [Q], [P cache], [Q cache])`` as stored (``X`` in the
+  gradient's dtype, factors in ``factor_dtype``, leading batch axis);
+  returns ``{"w": G̃, "p": P_t, "q": Q_t, "p_root": P^{-1/2},
+  "q_root": Q^{-1/2}}`` (only the stored sides; the roots are the ones used
+  this step, which are also the ones to cache).
+  """
+  ct = _compute_dtype(cfg)
+
+  def fn(x_in, *arrays, key):
+    has_p, has_q, cache = key
+    it = iter(arrays)
+    take = lambda flag: next(it).astype(ct) if flag else None
+    x = x_in.astype(ct)
+    prev = _Pair(take(has_p), take(has_q))
+    cached = _Pair(take(has_p), take(has_q)) if cache else None
+    f = _step_factors(x, prev, cached, refresh, cfg)
+    out = {'w': _sandwich(x, f.isqrt, cfg).astype(x_in.dtype)}
+    for name, flag, new, root in (('p', has_p, f.new.p, f.isqrt.p),
+                                  ('q', has_q, f.new.q, f.isqrt.q)):
+      if flag:
+        out[name] = new.astype(cfg.factor_dtype)
+        out[name + '_root'] = root.astype(cfg.factor_dtype)
+    return out
+  return fn
+
+
+def _unwhiten_kernel(cfg: _Config):
+  """Batched map back ``Q^{-1/2} U P^{-1/2}`` of stacked ``(U, [P^{-1/2}],
+  [Q^{-1/2}])`` items for :func:`grouped_map`."""
+  ct = _compute_dtype(cfg)
+
+  def fn(u_in, *roots, key):
+    has_p, has_q = key
+    it = iter(roots)
+    isqrt = _Pair(next(it).astype(ct) if has_p else None,
+                  next(it).astype(ct) if has_q else None)
+    return _sandwich(u_in.astype(ct), isqrt, cfg).astype(u_in.dtype)
+  return fn
+
+
+def _update_distributed(updates, state: FisherWhitenState, *, inner,
+                        cfg: _Config, dims, root_every, spec):
+  """:func:`_update` with owner-computes: two :func:`grouped_map` calls
+  (whitening: factor update, roots, ``G̃``; map back: ``Q^{-1/2} U
+  P^{-1/2}``), the inner transform on the whole tree in between. The state
+  has the same structure, shapes and dtypes as :func:`_update`'s."""
+  refresh = state.count % root_every == 0
+  g_leaves, treedef = jax.tree.flatten(updates)
+  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
+  views = [_tree.leaf_view(x, d, 'updates')
+           for x, d in zip(g_leaves, dims_leaves)]
+  p_l, q_l, pc_l, qc_l = (treedef.flatten_up_to(t) for t in (
+      state.p, state.q, state.p_isqrt, state.q_isqrt))
+  sides = [_leaf_sides(v, p, q) for v, p, q in zip(views, p_l, q_l)]
+  todo = [i for i, s in enumerate(sides) if any(s)]
+  cache = any(not (_is_identity(pc_l[i]) and _is_identity(qc_l[i]))
+              for i in todo)
+
+  def matrices(i, *leaves):
+    """Stored ``(batch_shape, d, d)`` factors -> ``(b, d, d)``."""
+    b = views[i].matrix_shape[0]
+    return tuple(x.reshape((b,) + x.shape[-2:]) for x in leaves)
+
+  items, keys = [], []
+  for i in todo:
+    has_p, has_q = sides[i]
+    stored = [f for f, flag in ((p_l[i], has_p), (q_l[i], has_q)) if flag]
+    if cache:
+      stored += [f for f, flag in ((pc_l[i], has_p), (qc_l[i], has_q))
+                 if flag]
+    items.append((views[i].to_matrix(g_leaves[i]),) + matrices(i, *stored))
+    keys.append((has_p, has_q, cache))
+  outs = grouped_lib.grouped_map(
+      _whiten_kernel(refresh, cfg), items, spec=spec, keys=keys,
+      cost=_whiten_cost(cfg, cache))
+
+  ct = _compute_dtype(cfg)
+  white = list(g_leaves)
+  for i, v in enumerate(views):  # no stored side: as _whiten_leaf casts
+    if v is not None and i not in todo:
+      white[i] = g_leaves[i].astype(ct).astype(g_leaves[i].dtype)
+  new_p, new_q, new_pc, new_qc = list(p_l), list(q_l), list(pc_l), list(qc_l)
+  root_p, root_q = list(p_l), list(q_l)  # the roots used (to map back)
+  for i, out in zip(todo, outs):
+    view = views[i]
+    white[i] = view.from_matrix(out['w'])
+    leaf = lambda m, like: m.reshape(like.shape)
+    if 'p' in out:
+      new_p[i] = leaf(out['p'], p_l[i])
+      root_p[i] = leaf(out['p_root'], p_l[i])
+      if cache:
+        new_pc[i] = root_p[i]
+    if 'q' in out:
+      new_q[i] = leaf(out['q'], q_l[i])
+      root_q[i] = leaf(out['q_root'], q_l[i])
+      if cache:
+        new_qc[i] = root_q[i]
+  inner_updates, inner_state = inner.update(
+      treedef.unflatten(white), state.inner_state, None)
+
+  u_leaves = treedef.flatten_up_to(inner_updates)
+  items = [(views[i].to_matrix(u_leaves[i]),) + matrices(
+      i, *[r for r, flag in zip((root_p[i], root_q[i]), sides[i]) if flag])
+           for i in todo]
+  backs = grouped_lib.grouped_map(_unwhiten_kernel(cfg), items, spec=spec,
+                                  keys=[sides[i] for i in todo])
+  new_u = list(u_leaves)
+  for i, v in enumerate(views):
+    if v is not None and i not in todo:
+      new_u[i] = u_leaves[i].astype(ct).astype(u_leaves[i].dtype)
+  for i, back in zip(todo, backs):
+    new_u[i] = views[i].from_matrix(back)
+  unflat = treedef.unflatten
+  return unflat(new_u), FisherWhitenState(
+      count=optax.safe_increment(state.count), p=unflat(new_p),
+      q=unflat(new_q), inner_state=inner_state, p_isqrt=unflat(new_pc),
+      q_isqrt=unflat(new_qc))
+
+
 def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
           root_every) -> FisherWhitenState:
   _checks.require_static(
@@ -473,8 +646,11 @@ def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
 
 
 def _update(updates, state: FisherWhitenState, params=None, *, inner,
-            cfg: _Config, dims, root_every):
+            cfg: _Config, dims, root_every, spec=None):
   del params  # the inner transform lives in the whitened space
+  if spec is not None:
+    return _update_distributed(updates, state, inner=inner, cfg=cfg,
+                               dims=dims, root_every=root_every, spec=spec)
   refresh = state.count % root_every == 0
   out = _tree.map_leaves(
       functools.partial(_whiten_leaf, refresh=refresh, cfg=cfg),
@@ -498,8 +674,8 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                   trace_damping: float = 1.0, factor_dtype=None,
                   max_factor_size: int | None = 4096,
                   scale_invariant: bool = False, root_every: int = 1,
-                  dims: _tree.DimsSpec = None, precision=None
-                  ) -> optax.GradientTransformation:
+                  dims: _tree.DimsSpec = None, precision=None,
+                  distribute=None) -> optax.GradientTransformation:
   """Whitens matrix leaves with FISMO's Kronecker factors around ``inner``.
 
   Args:
@@ -541,6 +717,23 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       :func:`optax_lite.orthogonalize`); ``None`` entries pass through
       unwhitened (the inner transform still sees them).
     precision: ``jax.lax.Precision`` of the matrix products.
+    distribute: ``None`` (default: leaf by leaf on each device, as the
+      SPMD partitioner lays it out) or a :class:`optax_lite.PolarSharding`
+      / ``Mesh`` / ``(mesh, axes)``: owner-computes
+      (:mod:`optax_lite.linalg.grouped`). Same-shape matrices are stacked
+      and each device computes whole matrices, assigned by cost
+      (``≈ 3·r·c·(r + c)`` matmul flops plus ``d³`` per root): one
+      grouped call does the factor update, the inverse roots and ``G̃``
+      (the gradient and the stored factors and roots go to the owner in
+      one all-to-all each, the new factors, roots and ``G̃`` come back the
+      same way); the inner transform then runs on the whole tree (pass it
+      ``distribute`` too, as :func:`optax_lite.fismo` does); a second
+      grouped call maps back, ``Q^{-1/2} U P^{-1/2}``. No collective inside
+      a root iteration. The state keeps its structure, shapes and dtypes
+      (it can move between ``None`` and a mesh); the update equals the
+      single-device one up to round-off, except that with
+      ``"newton_warm"`` the cold fallback is chosen per stack of
+      same-shape matrices on a device rather than per leaf.
 
   ``gamma``, ``damping``, ``min_eig``, ``trace_damping``, ``root_eps``,
   ``root_iters`` and the value of ``root_every`` may be traced (e.g. by
@@ -558,9 +751,11 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       ``root_every < 1``.
     TypeError: ``root_every`` (or ``root_iters``, ``max_factor_size``) not
       an int; ``max_factor_size`` or ``root_every`` traced when the state is
-      created.
+      created; ``distribute`` not a PolarSharding, Mesh or ``(mesh,
+      axes)`` (a ``ValueError`` for an unknown axis or layout).
   """
   inner = optax.identity() if inner is None else inner
+  spec = distributed_lib.check_distribute(distribute)
   _checks.check_decay('gamma', gamma, allow_one=True)
   _checks.check_positive('damping', damping)
   _checks.check_choice('root_method', root_method, _ROOT_METHODS)
@@ -592,4 +787,4 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                         max_factor_size=max_factor_size,
                         root_every=root_every),
       functools.partial(_update, inner=inner, cfg=cfg, dims=dims,
-                        root_every=root_every))
+                        root_every=root_every, spec=spec))

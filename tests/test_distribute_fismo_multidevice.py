@@ -1,0 +1,100 @@
+"""``fisher_whiten(distribute=)`` / ``fismo(distribute=)`` on 8 host devices.
+
+Beyond the shared ``tests/test_distribute_multidevice.py`` (two steps of the
+named optimizer): the whole state (factors, cached roots, momentum) after
+several steps with cached and warm-started roots, on tall, wide, stacked
+(``[layers, in, out]``) and one-sided (``max_factor_size``) leaves, equals
+the single-device state, and it moves between ``distribute=None`` and a
+mesh. Run with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+"""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import optax_lite as ol
+from optax_lite.transforms.fisher_whiten import fisher_whiten
+
+pytestmark = pytest.mark.multidevice
+
+
+def _mesh():
+  devices = jax.devices()
+  assert len(devices) >= 8, (
+      f'multidevice tests need 8 devices, got {len(devices)}: run with '
+      'XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  return Mesh(np.asarray(devices[:8]), ('fsdp',))
+
+
+def _tree(key=0, scale=1.0):
+  shapes = {'tall': (40, 16), 'wide': (16, 40), 'square': (16, 16),
+            'stacked': (3, 16, 24), 'vec': (16,)}
+  ks = jax.random.split(jax.random.PRNGKey(key), len(shapes))
+  return {k: scale * jax.random.normal(kk, s)
+          for kk, (k, s) in zip(ks, shapes.items())}
+
+
+DIMS = {'tall': ol.MatrixDims(0, 1), 'wide': ol.MatrixDims(0, 1),
+        'square': ol.MatrixDims(0, 1), 'stacked': ol.MatrixDims(1, 2),
+        'vec': None}
+
+
+def _fsdp(tree, mesh):
+  def put(x):
+    parts = [None] * x.ndim
+    if x.ndim >= 2 and x.shape[-2] % 8 == 0:
+      parts[-2] = 'fsdp'
+    return jax.device_put(x, NamedSharding(mesh, P(*parts)))
+  return jax.tree.map(put, tree)
+
+
+def _steps(update, state, grads):
+  outs = []
+  for g in grads:
+    u, state = update(g, state)
+    outs.append(u)
+  return outs, state
+
+
+def _close(a, b, tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), atol=tol, rtol=tol)
+
+
+def _inner(distribute=None):
+  return optax.chain(ol.momentum(0.9, ema=True, nesterov=False),
+                     ol.orthogonalize(dims=DIMS, distribute=distribute))
+
+
+@pytest.mark.parametrize('kw', [
+    {'root_method': 'newton_warm', 'root_every': 2},
+    pytest.param({'root_method': 'eigh', 'max_factor_size': 32},
+                 marks=pytest.mark.slow),
+])
+def test_state_equals_single_device_after_several_steps(kw):
+  mesh = _mesh()
+  params = _tree()
+  grads = [_tree(k, scale=0.3) for k in range(1, 4)]
+  tx = fisher_whiten(_inner(), dims=DIMS, **kw)
+  dtx = fisher_whiten(_inner(mesh), dims=DIMS, distribute=mesh, **kw)
+  update, dupdate = jax.jit(tx.update), jax.jit(dtx.update)
+  ref_u, ref_s = _steps(update, tx.init(params), grads)
+  out_u, out_s = _steps(dupdate, dtx.init(params),
+                        [_fsdp(g, mesh) for g in grads])
+  for a, b in zip(out_u, ref_u):
+    _close(a, b, 1e-5)
+  _close(out_s, ref_s, 1e-5)
+  if 'max_factor_size' in kw:  # the 40-sides stay identity placeholders
+    assert out_s.p['wide'].shape == (1,) and out_s.q['tall'].shape == (1,)
+  else:  # roots refreshed on steps 0 and 2, cached on step 1
+    assert out_s.p_isqrt['wide'].shape == (40, 40)
+  # The state moves between the two: continue each with the other's.
+  u1, s1 = update(grads[0], out_s)
+  u2, s2 = dupdate(_fsdp(grads[0], mesh), ref_s)
+  _close(u1, u2, 1e-5)
+  _close(s1, s2, 1e-5)
