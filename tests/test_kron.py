@@ -817,3 +817,49 @@ def test_inject_hyperparams_structural_ints_name_static_args(name):
   with pytest.raises(TypeError, match=r"static_args=\('exponent',\)"):
     jax.jit(newton.update)({'w': jnp.ones((4, 3))}, newton.init(params),
                            params)
+
+
+# ------------------------------------------------------------ distribute ---
+@pytest.mark.parametrize('make', [
+    lambda d: kp.scale_by_soap(distribute=d),
+    lambda d: kp.scale_by_shampoo(distribute=d),
+    lambda d: kp.kron_precondition('shampoo', distribute=d),
+    lambda d: kron_opt.soap(1e-3, distribute=d),
+    lambda d: kron_opt.shampoo(1e-3, distribute=d)])
+def test_bad_distribute_raises_naming_it(make):
+  with pytest.raises(TypeError, match='distribute'):
+    make('fsdp')
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('fsdp',))
+  with pytest.raises(ValueError, match='distribute'):
+    make((mesh, 'tp'))
+
+
+@pytest.mark.parametrize('mode,kw', [
+    ('soap', {}), ('shampoo', {}), ('shampoo', {'graft': 'none'}),
+    ('shampoo', {'root_method': 'newton', 'exponent': 0.25})])
+def test_distribute_one_device_equals_leaf_by_leaf(mode, kw):
+  """A 1-device mesh stacks same-shape matrices into one kernel call (and a
+  ``[3, m, n]`` leaf's slices with them); the state and updates equal the
+  leaf-by-leaf path (``distribute=None``) over steps with refreshes."""
+  rng = np.random.default_rng(5)
+  shapes = {'a': (6, 4), 'b': (6, 4), 'c': (3, 6, 4), 'd': (4, 9),
+            'v': (5,), 'big': (2, 40)}
+  dims = {'a': MatrixDims(0, 1), 'b': MatrixDims(0, 1),
+          'c': MatrixDims(1, 2), 'd': MatrixDims(0, 1), 'v': None,
+          'big': MatrixDims(0, 1)}
+  grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for k, s in shapes.items()} for _ in range(5)]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('fsdp',))
+  txs = [kp.kron_precondition(mode, dims=dims, precondition_frequency=2,
+                              max_precond_dim=20, distribute=d, **kw)
+         for d in (None, mesh)]
+  states = [tx.init(grads[0]) for tx in txs]
+  for g in grads:
+    outs = [jax.jit(tx.update)(g, s) for tx, s in zip(txs, states)]
+    (u0, s0), (u1, s1) = outs
+    states = [s0, s1]
+    assert jax.tree.structure(s0) == jax.tree.structure(s1)
+    for x, y in zip(jax.tree.leaves((u0, s0)), jax.tree.leaves((u1, s1))):
+      assert x.shape == y.shape and x.dtype == y.dtype
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(u0['c']).max()) > 0

@@ -24,8 +24,8 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          precision=jax.lax.Precision.HIGHEST,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
-         adam_weight_decay: float | None = None, adam_nesterov: bool = False
-         ) -> optax.GradientTransformation:
+         adam_weight_decay: float | None = None, adam_nesterov: bool = False,
+         distribute=None) -> optax.GradientTransformation:
   r"""SOAP for hidden matrices, AdamW for embeddings, head, norms, biases.
 
   For each matrix leaf (``fan_in × fan_out`` after the ``dims`` reshape):
@@ -57,6 +57,15 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
     precision: matmul precision of rotations and statistics.
     adam_*: AdamW settings for the non-matrix leaves (``None``: the matrix
       learning rate / weight decay).
+    distribute: spread the per-matrix work over devices, owner-computes
+      (a :class:`optax_lite.PolarSharding`, a ``Mesh`` or ``(mesh,
+      axes)``; see ``docs/multi_device.md``): each device runs whole SOAP
+      steps (statistics, ``eigh`` / QR refreshes, rotations) of the
+      matrices assigned to it by cost; see ``scale_by_soap``. The state
+      keeps the single-device layout (``mu``/``nu`` like the params, the
+      factors and bases ``(B, m, m)`` as ``ol.sharded_init`` places them)
+      and moves to the owner and back each step, one all-to-all per shape
+      group and array. ``None``: one device, unchanged.
 
   ``optax.inject_hyperparams(soap)(learning_rate=…)`` works as is: every
   float (learning rate, betas, ε, decays, ``null_threshold``) and
@@ -79,7 +88,8 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, skip_first_update=skip_first_update,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
-          precond_dtype=precond_dtype, precision=precision),
+          precond_dtype=precond_dtype, precision=precision,
+          distribute=distribute),
       warmup_fn=warmup_fn)
 
 
@@ -95,7 +105,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
             adam_learning_rate: optax.ScalarOrSchedule | None = None,
             adam_b1: float = 0.9, adam_b2: float = 0.95,
             adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
-            adam_nesterov: bool = False) -> optax.GradientTransformation:
+            adam_nesterov: bool = False, distribute=None
+            ) -> optax.GradientTransformation:
   r"""Shampoo (grafted to Adam) for hidden matrices, AdamW for the rest.
 
   For each matrix leaf:
@@ -118,6 +129,11 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
       ``scale_by_shampoo``.
     weight_decay, weight_decay_mask, mu_dtype, precond_dtype, dims, labels,
     precision, adam_*: as in :func:`soap`.
+    distribute: owner-computes over devices, as in :func:`soap`: each
+      device runs whole Shampoo steps (statistics, inverse roots, the
+      preconditioned and grafted update) of the matrices assigned to it;
+      the state keeps the single-device layout and moves to the owner and
+      back each step. ``None``: one device, unchanged.
 
   ``optax.inject_hyperparams(shampoo)`` as for :func:`soap`; in addition
   ``exponent`` must be static with ``root_method="newton"``.
@@ -138,4 +154,4 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
           root_method=root_method, matrix_eps=matrix_eps, graft=graft,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype,
-          precision=precision))
+          precision=precision, distribute=distribute))

@@ -94,7 +94,9 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import eigenbasis as eig_lib
+from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.linalg.matrices import MatrixView, matrix_view
@@ -752,6 +754,86 @@ def soap_warmup_leaves(tree, dims: _tree.DimsSpec = None,
 
 
 # --------------------------------------------------------------------------
+# Owner-computes (``distribute=``).
+# --------------------------------------------------------------------------
+def _owner_computes(updates, resolved, fields, item, kernel, unpack, local,
+                    spec, cost):
+  """Per-leaf results, the preconditioned matrices computed by their owners.
+
+  ``item(view, g, *state_leaves)`` gives a leaf's work item (its gradient
+  and state arrays, batch-leading) or ``None`` (the leaf stays on
+  ``local(g, d, *state_leaves)``); :func:`optax_lite.linalg.grouped
+  .grouped_map` runs ``kernel`` on the items of each shape group, on the
+  devices it assigns them to by ``cost``, and ``unpack(view, g,
+  state_leaves, result)`` turns an item's result back into the leaf's
+  tuple ``(update, *new state leaves)`` in the single-device layout.
+  """
+  g_leaves, treedef = jax.tree.flatten(updates)
+  d_leaves = treedef.flatten_up_to(resolved)
+  f_leaves = [treedef.flatten_up_to(f) for f in fields]
+  out, items, todo = [None] * len(g_leaves), [], []
+  for i, (g, d) in enumerate(zip(g_leaves, d_leaves)):
+    fs = [f[i] for f in f_leaves]
+    view, _ = _leaf_view(g, d)
+    it = item(view, g, *fs)
+    if it is None:
+      out[i] = local(g, d, *fs)
+    else:
+      todo.append((i, view, fs))
+      items.append(it)
+  results = grouped_lib.grouped_map(kernel, items, spec=spec, cost=cost)
+  for (i, view, fs), res in zip(todo, results):
+    out[i] = unpack(view, g_leaves[i], fs, res)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _frequency(precondition_frequency) -> float:
+  """``k`` for the cost model (a traced ``k``: the default 10)."""
+  if isinstance(precondition_frequency, int):
+    return float(precondition_frequency)
+  return 10.0
+
+
+def _sides_of(shapes, first_factor: int) -> tuple[int, int, bool, bool]:
+  m, n = shapes[0][-2:]
+  return (m, n, len(shapes[first_factor]) == 2,
+          len(shapes[first_factor + 1]) == 2)
+
+
+def _soap_cost(precondition_frequency):
+  """Flops of one SOAP item per step, up to a constant.
+
+  Per step and preconditioned side: the statistic ``G Gᵀ`` and three
+  rotations (``G``, ``M̂``, back), ``4·m²n``; every ``k`` steps a QR power
+  step (``L Q`` and the QR, ``≈ 4·m³``).
+  """
+  k = _frequency(precondition_frequency)
+
+  def cost(shapes):
+    m, n, left, right = _sides_of(shapes, 3)
+    return float(left * (4 * m * m * n + 4 * m ** 3 / k)
+                 + right * (4 * m * n * n + 4 * n ** 3 / k) + m * n)
+  return cost
+
+
+def _shampoo_cost(precondition_frequency, first_factor: int):
+  """Flops of one Shampoo item per step, up to a constant.
+
+  Per preconditioned side: the statistic and the product with the root,
+  ``4·m²n``; every ``k`` steps an inverse root (``eigh`` or Newton,
+  ``≈ 10·m³``). The item's factors start at ``first_factor`` (after the
+  gradient, ``M`` and, with grafting, ``V``).
+  """
+  k = _frequency(precondition_frequency)
+
+  def cost(shapes):
+    m, n, left, right = _sides_of(shapes, first_factor)
+    return float(left * (4 * m * m * n + 10 * m ** 3 / k)
+                 + right * (4 * m * n * n + 10 * n ** 3 / k) + m * n)
+  return cost
+
+
+# --------------------------------------------------------------------------
 # Transforms.
 # --------------------------------------------------------------------------
 require_static = _checks.require_static
@@ -782,7 +864,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
                   skip_first_update: bool = True,
                   null_threshold: float = NULL_THRESHOLD, mu_dtype=None,
                   precond_dtype=jnp.float32,
-                  precision=_HIGHEST) -> optax.GradientTransformation:
+                  precision=_HIGHEST, distribute=None
+                  ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
   See the module docstring for the update. Defaults are the LITE paper's SOAP
@@ -831,6 +914,24 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q`` (float32 default).
     precision: matmul precision of the rotations and statistics.
+    distribute: ``None`` (default: one device, leaf by leaf, the program
+      as without this argument) or a :class:`optax_lite.PolarSharding` /
+      ``Mesh`` / ``(mesh, axes)``: owner-computes. Every preconditioned
+      matrix (each slice of a stacked ``[B, m, n]`` leaf separately) is
+      assigned to one device by its cost (rotations ``≈ m²n + mn²`` per
+      step, QR refreshes ``≈ (m³ + n³)/k``); that device runs the whole
+      :func:`soap_leaf_update` on it (statistics, ``eigh`` at step 1,
+      rotations, the QR refresh). The gradient and the leaf's state arrays
+      (``mu``, ``nu``, ``stats_*``, ``q_*``, ``lam_*``) travel to the owner
+      and back in one all-to-all per shape group and array, none inside an
+      ``eigh`` / QR (:mod:`optax_lite.linalg.grouped`). The state keeps the
+      structure, shapes and values of the single-device path (a state can
+      move between ``distribute=None`` and a mesh); it does not live on the
+      owner, it moves there each step, so each step moves about
+      ``2·(3mn + 2m² + 2n²)/D`` floats per device per ``m × n`` matrix
+      (inputs and results), more than the gradient alone. Leaves without a
+      preconditioned side (Adam) stay where they are. Bad input raises
+      naming ``distribute``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`SoapState`.
@@ -869,6 +970,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
   precondition_frequency, max_precond_dim = check_soap_args(
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
   _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
+  spec = distributed_lib.check_distribute(distribute)
   precond_dtype = jnp.dtype(precond_dtype)
   mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
 
@@ -892,23 +994,40 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     count = optax.safe_increment(state.count)
     resolved = _tree.resolve_dims(dims, updates)
 
-    def leaf(g, d, mu, nu, *factors):
-      view, _ = _leaf_view(g, d)
-      parts = SoapLeaf(view.to_matrix(mu), view.to_matrix(nu), *factors)
+    def kernel(g, mu, nu, *factors):
+      """One step on ``(B, m, n)`` matrices: ``(u, *new SoapLeaf fields)``."""
       new, direc = soap_leaf_update(
-          parts, view.to_matrix(g), count, b1=b1, b2=b2,
+          SoapLeaf(mu, nu, *factors), g, count, b1=b1, b2=b2,
           shampoo_beta=shampoo_beta, eps=eps,
           precondition_frequency=precondition_frequency,
           skip_first_update=skip_first_update, null_threshold=null_threshold,
           precision=precision)
-      u = soap_direction(direc, precision=precision)
-      new = new._replace(mu=view.from_matrix(new.mu),
-                         nu=view.from_matrix(new.nu))
-      return (view.from_matrix(u).astype(g.dtype),) + tuple(new)
+      return (soap_direction(direc, precision=precision),) + tuple(new)
 
-    out = jax.tree.map(leaf, updates, resolved, state.mu, state.nu,
-                       state.stats_l, state.stats_r, state.q_l, state.q_r,
-                       state.lam_l, state.lam_r)
+    def unpack(view, g, res):
+      u, mu, nu, *factors = res
+      mu, nu = view.from_matrix(mu), view.from_matrix(nu)
+      return (view.from_matrix(u).astype(g.dtype), mu, nu) + tuple(factors)
+
+    def leaf(g, d, mu, nu, *factors):
+      view, _ = _leaf_view(g, d)
+      mu, nu = view.to_matrix(mu), view.to_matrix(nu)
+      return unpack(view, g, kernel(view.to_matrix(g), mu, nu, *factors))
+
+    fields = (state.mu, state.nu, state.stats_l, state.stats_r, state.q_l,
+              state.q_r, state.lam_l, state.lam_r)
+    if spec is None:
+      out = jax.tree.map(leaf, updates, resolved, *fields)
+    else:
+      def item(view, g, mu, nu, *factors):
+        if not (has_side(factors[0]) or has_side(factors[1])):
+          return None  # Adam: element-wise, stays where it is
+        return (view.to_matrix(g), view.to_matrix(mu),
+                view.to_matrix(nu)) + tuple(factors)
+
+      out = _owner_computes(updates, resolved, fields, item, kernel,
+                            lambda view, g, fs, res: unpack(view, g, res),
+                            leaf, spec, _soap_cost(precondition_frequency))
     new_updates, *fields = _tree.unzip(out, 9, updates)
     return new_updates, SoapState(count, *fields)
 
@@ -924,7 +1043,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
                      matrix_eps: float = 1e-6, graft: str = 'adam',
                      null_threshold: float = NULL_THRESHOLD,
                      mu_dtype=None, precond_dtype=jnp.float32,
-                     precision=_HIGHEST) -> optax.GradientTransformation:
+                     precision=_HIGHEST, distribute=None
+                     ) -> optax.GradientTransformation:
   r"""Shampoo with EMA or summed factors, cached inverse roots and grafting.
 
   See the module docstring for the update.
@@ -962,6 +1082,19 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of the factors, roots and ``V`` (float32 default).
     precision: matmul precision.
+    distribute: ``None`` (default: one device, the program as without
+      this argument) or a :class:`optax_lite.PolarSharding` / ``Mesh`` /
+      ``(mesh, axes)``: owner-computes, as in :func:`scale_by_soap`. Each
+      preconditioned matrix is assigned to one device by its cost
+      (products ``≈ m²n + mn²`` per step, inverse roots ``≈ (m³ + n³)/k``),
+      which runs the whole :func:`shampoo_leaf_update` (statistics, the
+      ``eigh`` / Newton roots, the preconditioned step, the graft); the
+      gradient and the leaf's state arrays (``mu``, ``nu`` with grafting,
+      ``stats_*``, ``precond_*``) move to the owner and back in one
+      all-to-all per shape group and array, none inside a root iteration.
+      The state keeps the single-device structure, shapes and values; it
+      moves to the owner each step. Leaves without a preconditioned side
+      stay local. Bad input raises naming ``distribute``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ShampooState`.
@@ -982,6 +1115,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       if abs(1.0 / float(exponent) - round(1.0 / float(exponent))) > 1e-9:
         raise ValueError('exponent: root_method="newton" needs 1/exponent to '
                          f'be an integer, got exponent={exponent}.')
+  spec = distributed_lib.check_distribute(distribute)
   precond_dtype = jnp.dtype(precond_dtype)
   mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
 
@@ -1009,27 +1143,64 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     count = optax.safe_increment(state.count)
     resolved = _tree.resolve_dims(dims, updates)
 
-    def leaf(g, d, mu, nu, *factors):
-      view, _ = _leaf_view(g, d)
-      if graft == 'adam':
-        nu = view.to_matrix(nu)
-      parts = ShampooLeaf(view.to_matrix(mu), nu, *factors)
+    def kernel(g, mu, nu, *factors):
+      """One step on ``(B, m, n)`` matrices: ``(u, *new ShampooLeaf fields)``.
+
+      Without grafting ``nu`` is the ``(1,)`` placeholder (unbatched).
+      """
+      parts = ShampooLeaf(mu, nu, *factors)
       n_sides = int(has_side(parts.stats_l)) + int(has_side(parts.stats_r))
       new, u = shampoo_leaf_update(
-          parts, view.to_matrix(g), count, b1=b1, b2=b2,
+          parts, g, count, b1=b1, b2=b2,
           shampoo_beta=shampoo_beta, accumulation=accumulation, eps=eps,
           matrix_eps=matrix_eps, exponent=_auto_exponent(exponent, n_sides),
           root_method=root_method,
           precondition_frequency=precondition_frequency, graft=graft,
           null_threshold=null_threshold, precision=precision)
-      new = new._replace(mu=view.from_matrix(new.mu))
-      if graft == 'adam':
-        new = new._replace(nu=view.from_matrix(new.nu))
-      return (view.from_matrix(u).astype(g.dtype),) + tuple(new)
+      return (u,) + tuple(new)
 
-    out = jax.tree.map(leaf, updates, resolved, state.mu, state.nu,
-                       state.stats_l, state.stats_r, state.precond_l,
-                       state.precond_r)
+    def unpack(view, g, res):
+      u, mu, nu, *factors = res
+      mu = view.from_matrix(mu)
+      if graft == 'adam':
+        nu = view.from_matrix(nu)
+      return (view.from_matrix(u).astype(g.dtype), mu, nu) + tuple(factors)
+
+    def leaf(g, d, mu, nu, *factors):
+      view, _ = _leaf_view(g, d)
+      if graft == 'adam':
+        nu = view.to_matrix(nu)
+      mu = view.to_matrix(mu)
+      return unpack(view, g, kernel(view.to_matrix(g), mu, nu, *factors))
+
+    fields = (state.mu, state.nu, state.stats_l, state.stats_r,
+              state.precond_l, state.precond_r)
+    if spec is None:
+      out = jax.tree.map(leaf, updates, resolved, *fields)
+    else:
+      def item(view, g, mu, nu, *factors):
+        if not (has_side(factors[0]) or has_side(factors[1])):
+          return None  # graft / momentum only: element-wise, stays local
+        if graft == 'adam':
+          return (view.to_matrix(g), view.to_matrix(mu),
+                  view.to_matrix(nu)) + tuple(factors)
+        return (view.to_matrix(g), view.to_matrix(mu)) + tuple(factors)
+
+      def distributed_kernel(g, mu, *rest):
+        if graft == 'adam':
+          return kernel(g, mu, *rest)
+        u, mu, _, *factors = kernel(g, mu, jnp.zeros((1,), mu.dtype), *rest)
+        return (u, mu) + tuple(factors)
+
+      def unpack_item(view, g, fs, res):
+        if graft != 'adam':  # the (1,) placeholder did not travel
+          res = tuple(res[:2]) + (fs[1],) + tuple(res[2:])
+        return unpack(view, g, res)
+
+      out = _owner_computes(updates, resolved, fields, item,
+                            distributed_kernel, unpack_item, leaf, spec,
+                            _shampoo_cost(precondition_frequency,
+                                          3 if graft == 'adam' else 2))
     new_updates, *fields = _tree.unzip(out, 7, updates)
     return new_updates, ShampooState(count, *fields)
 
