@@ -118,6 +118,14 @@ def test_distribute_equals_single_device(name, layout):
     assert x.sharding.is_equivalent_to(r.sharding, x.ndim)
 
 
+# Stateless per-matrix work (the polar factors): only the gradient (and the
+# momentum) travel, a small fraction of GSPMD's bytes. The Kronecker and
+# Fisher optimizers move their per-matrix state to the owner and back each
+# step, so the bound is only "fewer than GSPMD" (docs/multi_device.md).
+MAX_BYTES_VS_PLAIN = {'muon': 0.25, 'muon_lite': 0.25}
+POLAR_LOOPS = ('muon', 'muon_lite')
+
+
 @pytest.mark.parametrize('name', [n for n in NAMED if n in OWNER_COMPUTES])
 def test_distribute_collectives(name):
   """FSDP layout: no collective inside a loop, far fewer bytes."""
@@ -138,10 +146,12 @@ def test_distribute_collectives(name):
   # No collective inside a loop: counting with while trip counts gives the
   # number of collective ops in the program text.
   assert counts['distribute']['count'] == raw['distribute'], (counts, raw)
-  assert raw['plain'] < counts['plain']['count']  # plain: inside the loop
-  # Each matrix moves about once to its owner and back: well under what
-  # GSPMD moves for distributed Newton-Schulz matmuls.
-  assert counts['distribute']['bytes'] < counts['plain']['bytes'] / 4, counts
+  if name in POLAR_LOOPS:  # plain GSPMD: collectives inside Newton-Schulz
+    assert raw['plain'] < counts['plain']['count']
+  # Each matrix (with its per-matrix state) moves once to its owner and
+  # back: well under what GSPMD moves for the sharded matmuls.
+  assert (counts['distribute']['bytes'] <
+          counts['plain']['bytes'] * MAX_BYTES_VS_PLAIN.get(name, 1.0)), counts
 
 
 def test_loop_collectives_are_counted_per_trip():
@@ -162,8 +172,7 @@ def test_loop_collectives_are_counted_per_trip():
 
 
 # Named optimizers without ``distribute=`` yet (docs/multi_device.md says so).
-NOT_YET = ('fismo', 'soap', 'shampoo', 'muon_lite', 'soap_lite', 'rmnp_lite',
-           'fismo_lite')
+NOT_YET = ('fismo', 'soap', 'shampoo', 'fismo_lite')
 
 
 @pytest.mark.parametrize('name', NAMED)
@@ -207,3 +216,44 @@ def test_stacked_leaf_slices_are_separate_work_items(layout='sharded'):
   assert seen == [[8]]
   for k in g:
     np.testing.assert_allclose(out[k], ref[k], atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['muon_lite', 'soap_lite'])
+def test_owner_resident_state(name):
+  """The matrices' momentum and geometry state live on their owners: split
+  along the first axis of ``OwnerStacks`` (one block per device), kept so by
+  ``sharded_init`` and a jitted step, and ``tree_map_params`` still works."""
+  from optax_lite.linalg import grouped
+  mesh = _mesh()
+  sp = _fsdp(_params(), mesh)
+  tx = make(name, distribute=mesh)
+  state = ol.sharded_init(tx.init, sp)
+
+  def owned_arrays(s):
+    stacks = [x for x in jax.tree.leaves(
+        s, is_leaf=lambda x: isinstance(x, grouped.OwnerStacks))
+              if isinstance(x, grouped.OwnerStacks)]
+    assert len(stacks) == 1
+    return jax.tree.leaves(stacks[0])
+
+  def check(s):
+    arrays = owned_arrays(s)
+    # momentum + geometry state for each of the 3 shape groups
+    assert len(arrays) >= 6
+    for x in arrays:
+      assert x.shape[0] % 8 == 0
+      shard = x.addressable_shards[0].data
+      assert shard.shape == (x.shape[0] // 8,) + x.shape[1:], (
+          x.shape, shard.shape)
+
+  check(state)
+  shardings = ol.linalg.distributed.state_shardings(
+      jax.eval_shape(tx.init, sp), sp)
+  p_sh = jax.tree.map(lambda x: x.sharding, sp)
+  g = _fsdp(grad_stream(_params(), 1)[0], mesh)
+  step = jax.jit(_step(tx), out_shardings=(p_sh, shardings))
+  _, state = step(sp, state, g)
+  check(state)
+  mapped = optax.tree_utils.tree_map_params(
+      tx, lambda p: p, state, transform_non_params=lambda x: x)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)

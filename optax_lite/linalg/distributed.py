@@ -149,9 +149,12 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
 
   A state leaf gets the sharding of parameter ``p`` when the state leaf's
   path ends with ``p``'s path and both have the same shape (momenta, Adam
-  moments: the usual "state takes the sharding of its parameter"). Every
-  other leaf (step counts, Kronecker factors ``m × m``, per-leaf scalars) is
-  replicated over ``mesh``.
+  moments: the usual "state takes the sharding of its parameter"). The
+  leaves of an owner-resident :class:`~optax_lite.linalg.grouped.OwnerStacks`
+  (``distribute=``) are split along their first axis over its mesh axes,
+  each device holding the state of the matrices it owns. Every other leaf
+  (step counts, Kronecker factors ``m × m``, per-leaf scalars) is replicated
+  over ``mesh``.
 
   Args:
     state_shapes: the state, or ``jax.eval_shape(tx.init, params)``.
@@ -188,7 +191,18 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
           return p.sharding
     return replicated
 
-  return jax.tree_util.tree_map_with_path(pick, state_shapes)
+  from optax_lite.linalg import grouped  # noqa: PLC0415 (import cycle)
+
+  def pick_node(path, x):
+    # Owner-resident stacks (grouped.OwnerStacks) carry their own sharding.
+    if isinstance(x, grouped.OwnerStacks):
+      sh = x.sharding()
+      return jax.tree.map(lambda _: sh, x)
+    return pick(path, x)
+
+  return jax.tree_util.tree_map_with_path(
+      pick_node, state_shapes,
+      is_leaf=lambda x: isinstance(x, grouped.OwnerStacks))
 
 
 def sharded_init(init_fn: Callable[[Any], Any], params,

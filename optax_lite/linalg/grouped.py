@@ -159,7 +159,8 @@ def _split(tree, sizes):
 
 def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
                 spec=None, cost: Callable[[Sequence[tuple]], float] | None
-                = None, keys: Sequence[Hashable] | None = None) -> list[Any]:
+                = None, keys: Sequence[Hashable] | None = None,
+                resident: "OwnerStacks | None" = None):
   """Applies a slice-wise batched kernel to every item, one call per shape.
 
   Args:
@@ -179,16 +180,27 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
     keys: optional static hashable per leaf; only leaves with equal keys are
       stacked together (e.g. a per-leaf setting the kernel reads).
 
+    resident: optional :class:`OwnerStacks` made by :func:`owner_stacks`
+      for the same leaves, keys, cost and ``spec`` (several devices only):
+      per-item state that lives on its owner device. ``fn`` then takes the
+      resident arrays after the moving ones, ``fn(*arrays, *resident)``,
+      and returns ``(output pytree, tuple of new resident arrays)``; the new
+      resident state stays on the owners (no collective) and is returned.
+
   Returns:
-    A list, per leaf, of ``fn``'s output pytree with leading axis ``B_i``.
+    A list, per leaf, of ``fn``'s output pytree with leading axis ``B_i``;
+    with ``resident``, the pair ``(that list, new OwnerStacks)``.
     With ``keys``, ``fn`` is called as ``fn(*arrays, key=key)``.
   """
   from optax_lite.linalg import distributed  # PolarSharding, checks
   spec = distributed.check_polar_sharding(spec, 'distribute')
   groups = group_items(leaves, keys)
   out: list[Any] = [None] * len(leaves)
+  if resident is not None and (spec is None or spec.num_shards() == 1):
+    raise ValueError('resident: owner-resident state needs a distribute '
+                     'spec over more than one device.')
   if not groups:
-    return out
+    return out if resident is None else (out, resident)
   call = ((lambda key, *xs: fn(*xs)) if keys is None else
           (lambda key, *xs: fn(*xs, key=key)))
   glist = list(groups.items())
@@ -206,11 +218,119 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
         out[i] = piece
     return out
 
+  plan = _plan(glist, sizes, cost, spec)
+  if resident is not None and len(resident.groups) != len(glist):
+    raise ValueError(f'resident: {len(resident.groups)} groups, but the '
+                     f'leaves form {len(glist)}; build it with owner_stacks '
+                     'from the same leaves.')
+  res = _owner_computes(call, glist, stacks, sizes, plan, spec, out,
+                        None if resident is None else resident.groups)
+  if resident is None:
+    return res
+  out, new_groups = res
+  return out, OwnerStacks(tuple(new_groups), resident.mesh, resident.axes)
+
+
+class _Plan(NamedTuple):
+  asg: Assignment
+  kmax: list[int]
+  perms: list[np.ndarray]   # per group: (D·K_g,) item index of each row
+  n_items: list[int]
+
+
+def _plan(glist, sizes, cost, spec) -> _Plan:
+  """The owner assignment of the grouped items (deterministic)."""
   cost = cost or matrix_cost
   n_items = [sum(sz) for sz in sizes]
   costs = [float(cost([s for s, _ in gkey[0]])) for gkey, _ in glist]
-  return _owner_computes(call, glist, stacks, sizes, n_items, costs, spec,
-                         out)
+  num = spec.num_shards()
+  asg = assign_lpt(n_items, costs, num)
+  kmax = [max(1, int(k)) for k in asg.counts.max(axis=0)]
+  perms = []
+  for g in range(len(glist)):
+    perm = np.full(num * kmax[g], n_items[g], np.int64)  # pads: row N_g
+    perm[asg.device[g].astype(np.int64) * kmax[g] + asg.slot[g]] = (
+        np.arange(n_items[g]))
+    perms.append(perm)
+  return _Plan(asg, kmax, perms, n_items)
+
+
+def _owner_order(x, perm):
+  """Rows of ``x`` in owner order (row ``d·K + k`` = item (d, k)); pad rows
+  are zeros."""
+  x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+  return jnp.take(x, jnp.asarray(perm, np.int32), axis=0)
+
+
+@jax.tree_util.register_pytree_node_class
+class OwnerStacks:
+  """Per-item state that lives on its owner device (owner-computes).
+
+  ``groups``: one tuple of arrays per shape group of :func:`grouped_map`,
+  each ``(D·K_g, ...)`` in owner order (device ``d`` holds rows ``d·K_g``
+  to ``(d+1)·K_g − 1``: its items, then zero pads), sharded over the mesh
+  axes ``axes`` along axis 0. A pytree whose static data are the mesh and
+  axes, so :func:`optax_lite.linalg.distributed.state_shardings` gives its
+  leaves exactly that sharding (``jax.jit(tx.init, out_shardings=...)``,
+  orbax checkpoints).
+  """
+
+  def __init__(self, groups, mesh, axes):
+    self.groups = tuple(tuple(g) for g in groups)
+    self.mesh = mesh
+    self.axes = tuple(axes)
+
+  def sharding(self):
+    ax = self.axes if len(self.axes) > 1 else self.axes[0]
+    return NamedSharding(self.mesh, P(ax))
+
+  def tree_flatten(self):
+    return (self.groups,), (self.mesh, self.axes)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj.groups, (obj.mesh, obj.axes) = children[0], aux
+    return obj
+
+  def __repr__(self):
+    shapes = [[tuple(getattr(x, 'shape', ())) for x in g]
+              for g in self.groups]
+    return f'OwnerStacks(axes={self.axes}, groups={shapes})'
+
+
+def owner_stacks(leaves: Sequence[Item], state: Sequence[Item], *, spec,
+                 cost: Callable[[Sequence[tuple]], float] | None = None,
+                 keys: Sequence[Hashable] | None = None) -> OwnerStacks:
+  """Per-leaf state arrays stacked on their owner devices.
+
+  Args:
+    leaves: the items exactly as :func:`grouped_map` will get them (arrays
+      or ``jax.ShapeDtypeStruct``s: only shapes and dtypes are read), which
+      fixes the groups and the owner of every item.
+    state: per leaf, a tuple of arrays with the same leading axis ``B_i``
+      (the state of each of its items).
+    spec, cost, keys: as for :func:`grouped_map`.
+  """
+  from optax_lite.linalg import distributed  # PolarSharding, checks
+  spec = distributed.check_polar_sharding(spec, 'distribute')
+  if spec is None or spec.num_shards() == 1:
+    raise ValueError('distribute: owner_stacks needs a spec over more than '
+                     'one device.')
+  glist = list(group_items(leaves, keys).items())
+  sizes = [[leaves[i][0].shape[0] for i in idx] for _, idx in glist]
+  plan = _plan(glist, sizes, cost, spec)
+  axes = spec.axis_names()
+  sh = OwnerStacks((), spec.mesh, axes).sharding()
+  groups = []
+  for g, (_, idx) in enumerate(glist):
+    k = len(state[idx[0]])
+    groups.append(tuple(
+        jax.lax.with_sharding_constraint(
+            _owner_order(_concat([state[i][j] for i in idx]),
+                         plan.perms[g]), sh)
+        for j in range(k)))
+  return OwnerStacks(tuple(groups), spec.mesh, axes)
 
 
 def _split_axis(shape: tuple[int, ...], num: int) -> int | None:
@@ -222,7 +342,8 @@ def _split_axis(shape: tuple[int, ...], num: int) -> int | None:
   return best
 
 
-def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
+def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
+                    resident=None):
   """The multi-device half of :func:`grouped_map`.
 
   Per group, the items are put in owner order (device 0's items, padded
@@ -242,18 +363,19 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
   """
   num = spec.num_shards()
   gather_in = spec.layout == 'replicated'
-  asg = assign_lpt(n_items, costs, num)
-  kmax = [max(1, int(k)) for k in asg.counts.max(axis=0)]
+  asg, kmax = plan.asg, plan.kmax
+  res_in = resident or [()] * len(glist)
   axes = spec.axis_names()
   ax = axes if len(axes) > 1 else axes[0]
   vectors = sorted({tuple(int(c) for c in row) for row in asg.counts})
   branch_of = np.asarray([vectors.index(tuple(int(c) for c in row))
                           for row in asg.counts], np.int32)
   out_struct = []
-  for (gkey, _), stack in zip(glist, stacks):
-    one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype) for x in stack]
-    out_struct.append(jax.eval_shape(lambda *xs, k=gkey[1]: call(k, *xs),
-                                     *one))
+  for (gkey, _), stack, rs in zip(glist, stacks, res_in):
+    one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+           for x in stack + tuple(rs)]
+    st = jax.eval_shape(lambda *xs, k=gkey[1]: call(k, *xs), *one)
+    out_struct.append(st if resident is None else st[0])
 
   def pspec(ndim, axis):
     parts = [None] * ndim
@@ -262,15 +384,10 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
     return P(*parts)
 
   # Owner-ordered inputs: row d*K + k is item (d, k); pads read a zero row.
-  flat_in, in_specs, in_axes, perms = [], [], [], []
+  flat_in, in_specs, in_axes = [], [], []
   for g, stack in enumerate(stacks):
-    perm = np.full(num * kmax[g], n_items[g], np.int64)
-    perm[asg.device[g].astype(np.int64) * kmax[g] + asg.slot[g]] = (
-        np.arange(n_items[g]))
-    perms.append(perm)
     for x in stack:
-      x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-      x = jnp.take(x, jnp.asarray(perm, np.int32), axis=0)
+      x = _owner_order(x, plan.perms[g])
       a = None if gather_in else _split_axis(x.shape[1:], num)
       axis = None if a is None else a + 1
       sh = pspec(x.ndim, axis)
@@ -278,11 +395,18 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
           x, NamedSharding(spec.mesh, sh)))
       in_specs.append(sh)
       in_axes.append(axis)
+  n_moving = len(flat_in)
+  res_specs = []
+  for rs in res_in:
+    for r in rs:
+      flat_in.append(r)
+      res_specs.append(pspec(r.ndim, 0))
   out_axes = [jax.tree.map(lambda o: _split_axis(o.shape[1:], num), st)
               for st in out_struct]
 
   def body(dev, *xs):
     d = dev[0]
+    xs, res_local = xs[:n_moving], xs[n_moving:]
     local = []
     for x, axis in zip(xs, in_axes):
       if axis is None:  # replicated: take this device's K rows
@@ -293,30 +417,40 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
 
     def make_branch(vec):
       def branch(*ls):
-        res, pos = [], 0
+        ls, rl = ls[:len(local)], ls[len(local):]
+        res, new_res, pos, rpos = [], [], 0, 0
         for g, (gkey, _) in enumerate(glist):
-          k_in = len(stacks[g])
-          grp = ls[pos:pos + k_in]
-          pos += k_in
+          k_in, k_res = len(stacks[g]), len(res_in[g])
+          grp, rgrp = ls[pos:pos + k_in], rl[rpos:rpos + k_res]
+          pos, rpos = pos + k_in, rpos + k_res
           c, kg = vec[g], kmax[g]
           if c == 0:
             res.append(jax.tree.map(
                 lambda o, kg=kg: jnp.zeros((kg,) + o.shape[1:], o.dtype),
                 out_struct[g]))
+            new_res.extend(rgrp)
             continue
-          y = call(gkey[1], *(x[:c] for x in grp))
+          y = call(gkey[1], *(x[:c] for x in grp), *(r[:c] for r in rgrp))
+          if resident is not None:
+            y, ry = y
+            # The pad slots keep their (unused) old state.
+            new_res.extend(
+                (n.astype(r.dtype) if kg == c else
+                 jnp.concatenate([n.astype(r.dtype), r[c:]]))
+                for n, r in zip(ry, rgrp))
           if kg > c:
             y = jax.tree.map(lambda o, pad=kg - c: jnp.concatenate(
                 [o, jnp.zeros((pad,) + o.shape[1:], o.dtype)]), y)
           res.append(y)
-        return res
+        return res, new_res
       return branch
 
     branches = [make_branch(v) for v in vectors]
     if len(branches) == 1:
-      res = branches[0](*local)
+      res, new_res = branches[0](*local, *res_local)
     else:
-      res = jax.lax.switch(jnp.asarray(branch_of)[d], branches, *local)
+      res, new_res = jax.lax.switch(jnp.asarray(branch_of)[d], branches,
+                                    *local, *res_local)
 
     def back(y, a):
       if gather_in:  # replicated parameters: every device gets every result
@@ -325,22 +459,28 @@ def _owner_computes(call, glist, stacks, sizes, n_items, costs, spec, out):
         return y  # (K, ...) block of the (D*K, ...) output
       return jax.lax.all_to_all(y, ax, a + 1, 0, tiled=True)
 
-    return [jax.tree.map(back, r, oa) for r, oa in zip(res, out_axes)]
+    return ([jax.tree.map(back, r, oa) for r, oa in zip(res, out_axes)],
+            list(new_res))
 
   out_specs = [jax.tree.map(
       lambda o, a: P() if gather_in else pspec(
           o.ndim, 0 if a is None else a + 1), st, oa)
       for st, oa in zip(out_struct, out_axes)]
   mapped = jax.shard_map(body, mesh=spec.mesh,
-                         in_specs=(P(ax),) + tuple(in_specs),
-                         out_specs=out_specs, check_vma=False)
+                         in_specs=(P(ax),) + tuple(in_specs)
+                         + tuple(res_specs),
+                         out_specs=(out_specs, res_specs), check_vma=False)
   dev_ids = jax.lax.with_sharding_constraint(
       jnp.arange(num, dtype=jnp.int32), NamedSharding(spec.mesh, P(ax)))
-  bufs = mapped(dev_ids, *flat_in)
+  bufs, new_flat = mapped(dev_ids, *flat_in)
+  new_groups, pos = [], 0
+  for rs in res_in:
+    new_groups.append(tuple(new_flat[pos:pos + len(rs)]))
+    pos += len(rs)
   for g, ((_, idx), sz) in enumerate(zip(glist, sizes)):
     inv = (asg.device[g].astype(np.int64) * kmax[g] + asg.slot[g])
     res = jax.tree.map(lambda y, inv=inv: jnp.take(
         y, jnp.asarray(inv, np.int32), axis=0), bufs[g])
     for i, piece in zip(idx, _split(res, sz)):
       out[i] = piece
-  return out
+  return out if resident is None else (out, new_groups)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import distributed
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.transforms.fisher_whiten import fisher_whiten
@@ -236,7 +237,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               threshold_deadband: float = 0.0,
               sharp_dim_rule: str = 'reference',
               filter_route: str = 'small_side', mu_dtype=None, dims=None,
-              labels=None, precision=None, ns_dtype=None,
+              labels=None, precision=None, ns_dtype=None, distribute=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None
@@ -275,6 +276,10 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
       or ``"reference"`` (the LITE code's ``T = ½(polar(M̃) + polar(M̃/τ −
       polar(M̃)))``, ``P_flat = I − TᵀT``, reproducing ``muonlite.py``); see
       :func:`optax_lite.muon_geometry` for the accuracy of each.
+    distribute: ``None`` or a :class:`optax_lite.PolarSharding` / ``Mesh``
+      / ``(mesh, axes)``: owner-computes for the matrix leaves (each
+      device runs whole matrices' LITE steps, chosen by cost; see
+      :func:`optax_lite.lite_flat_boost` and ``docs/multi_device.md``).
 
   ``optax.inject_hyperparams(muon_lite)(learning_rate=...)`` works: every
   float argument may be traced. The integers ``total_steps``,
@@ -296,7 +301,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
                       ns_dtype=ns_dtype),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
-        rms=rms, flat_weight_decay=flat_decay)
+        rms=rms, flat_weight_decay=flat_decay, distribute=distribute)
 
   return _assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
@@ -348,7 +353,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               warmup_steps: int | None = None, schedule: str = 'cosine',
               reference_schedules: bool = True, threshold_rate: float = 1.05,
               mu_dtype=None, precond_dtype=jnp.float32, dims=None,
-              labels=None, precision=None,
+              labels=None, precision=None, distribute=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None
@@ -375,6 +380,11 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``precondition_frequency`` (default 10) and ``max_precond_dim`` (default
   4096) are structural: ``None`` gives the default, and under
   ``optax.inject_hyperparams`` a value must be passed with ``static_args``.
+
+  ``distribute``: ``None`` or a :class:`optax_lite.PolarSharding` / ``Mesh``
+  / ``(mesh, axes)``: owner-computes — each device runs whole matrices'
+  SOAP-LITE steps (statistics, rotations, eigenbasis refreshes), chosen by
+  cost; see :func:`optax_lite.lite_flat_boost`.
   """
   precision = jax.lax.Precision.HIGHEST if precision is None else precision
   precondition_frequency = structural_int(
@@ -394,7 +404,8 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
                       null_threshold=null_threshold, precision=precision),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=b1,
         nesterov=False, mu_dtype=mu_dtype or jnp.dtype(precond_dtype),
-        dims=dims, scaling='none', flat_weight_decay=flat_decay)
+        dims=dims, scaling='none', flat_weight_decay=flat_decay,
+        distribute=distribute)
 
   # SOAP's statistics-only first step skips the weight decay too.
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
@@ -425,8 +436,9 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
               warmup_steps: int | None = None,
               schedule: str = 'cosine', reference_schedules: bool = True,
               threshold_rate: float = 1.05, mu_dtype=None, dims=None,
-              labels=None, adam_learning_rate: optax.ScalarOrSchedule | None
-              = None, adam_b1: float = 0.9, adam_b2: float = 0.95,
+              labels=None, distribute=None,
+              adam_learning_rate: optax.ScalarOrSchedule | None = None,
+              adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None
               ) -> optax.GradientTransformation:
   r"""RMNP-LITE (beyond the papers): LITE around row-normalised momentum.
@@ -440,8 +452,13 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
   follow ``muon_lite`` (χ = 2, (β₁, β₂) = (−0.25, 1.0), r_s = 0.1) and
   ``rmnp`` (Nesterov 0.95, width scaling). With ``chi=1, beta1=beta2=0,
   emb_chi=1`` this is exactly ``ol.rmnp``.
+
+  ``distribute`` is accepted and checked for a uniform interface, as in
+  :func:`optax_lite.rmnp`: RMNP-LITE's per-matrix work is O(mn) row norms
+  and masks, which GSPMD shards without moving whole matrices.
   """
   _checks.check_decay('momentum', momentum)
+  distributed.check_polar_sharding(distribute, 'distribute')
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(
@@ -485,7 +502,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                schedule: str = 'cosine', reference_schedules: bool = True,
                threshold_rate: float = 1.05,
                filter_route: str = 'small_side', mu_dtype=None, dims=None,
-               labels=None, precision=None,
+               labels=None, precision=None, distribute=None,
                adam_learning_rate: optax.ScalarOrSchedule | None = None,
                adam_b1: float = 0.9, adam_b2: float = 0.95,
                adam_eps: float = 1e-8, adam_weight_decay: float | None = None
@@ -510,9 +527,17 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   :func:`optax_lite.fismo` (``max_factor_size`` and whether ``root_every >
   1`` are read when the state is created); the rest as in
   :func:`muon_lite`.
+
+  ``distribute``: ``None`` or a :class:`optax_lite.PolarSharding` / ``Mesh``
+  / ``(mesh, axes)``: owner-computes, as in :func:`optax_lite.fismo` — each
+  device computes whole matrices chosen by cost: the whitening (factor
+  updates, inverse roots, ``G̃``) and the map back in
+  :func:`optax_lite.transforms.fisher_whiten`, and the whitened Muon-LITE
+  step in :func:`optax_lite.lite_flat_boost`; see ``docs/multi_device.md``.
   """
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
+  distribute = distributed.check_distribute(distribute)
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     del flat_decay  # the whitened inner step sees no weights
@@ -521,7 +546,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       threshold_rate=threshold_rate, precision=precision,
                       filter_route=filter_route),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
-        nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none')
+        nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none',
+        distribute=distribute)
     return optax.chain(
         fisher_whiten(inner, gamma=gamma, damping=damping,
                       root_method=root_method, root_iters=root_iters,
@@ -530,7 +556,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       factor_dtype=factor_dtype,
                       root_every=root_every, max_factor_size=max_factor_size,
                       scale_invariant=scale_invariant, dims=dims,
-                      precision=precision),
+                      precision=precision, distribute=distribute),
         scale_by_shape(scaling, rms, dims))
 
   return _assemble(

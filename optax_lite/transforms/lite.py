@@ -43,13 +43,15 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import distributed as distributed_lib
+from optax_lite.linalg import grouped
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.linalg import subspace
@@ -102,9 +104,17 @@ class Geometry(NamedTuple):
 
 
 class LiteState(NamedTuple):
+  """State of :func:`lite_flat_boost`.
+
+  With ``distribute=`` over several devices, the momentum and geometry
+  state of every matrix leaf live in ``owned`` on the device that computes
+  that matrix (:class:`optax_lite.linalg.grouped.OwnerStacks`), and their
+  entries in ``mu`` and ``geometry`` are one-element placeholders.
+  """
   count: jax.Array     # int32 scalar
   mu: optax.Updates    # momentum, shaped like params (mu_dtype)
   geometry: tuple      # Geometry.state_type of trees shaped like params
+  owned: Any = None    # None, or OwnerStacks (distribute=)
 
 
 class MuonGeometryState(NamedTuple):
@@ -373,8 +383,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                     momentum: float = 0.95, nesterov: bool = True,
                     mu_dtype=None, dims: _tree.DimsSpec = None,
                     scaling: str = 'none', rms: float = 0.2,
-                    flat_weight_decay: optax.ScalarOrSchedule = 0.0
-                    ) -> optax.GradientTransformation:
+                    flat_weight_decay: optax.ScalarOrSchedule = 0.0,
+                    distribute=None) -> optax.GradientTransformation:
   r"""LITE around ``geometry``; see the module docstring for the math.
 
   Args:
@@ -394,6 +404,17 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     flat_weight_decay: ``λ_f``; adds ``λ_f·(χ − 1)·Q W`` to the update, the
       reference code's extra decoupled decay along flat directions (the
       learning rate multiplies it later in the chain). Needs ``params``.
+    distribute: ``None`` (one device) or a :class:`optax_lite.PolarSharding`
+      / ``Mesh`` / ``(mesh, axes)``: owner-computes. Every matrix slice's
+      whole LITE step (the geometry's polar factors, filter, rotations and
+      refreshes, the boost) runs on one device chosen by cost
+      (:func:`optax_lite.linalg.grouped.grouped_map`); its gradient (and
+      parameter, for the flat weight decay) goes there and its update
+      comes back in one ``all_to_all`` each, none inside an iteration; its
+      momentum and geometry state stay on that device (``LiteState.owned``,
+      split along its first axis; ``optax_lite.sharded_init`` and
+      ``state_shardings`` know). Same math, up to round-off. Only
+      geometries with ``needs_matrix`` use it.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`LiteState`.
@@ -410,6 +431,9 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
   _checks.check_number('flat_weight_decay', flat_weight_decay, low=0.0,
                        allow_schedule=True)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  spec = distributed_lib.check_distribute(distribute)
+  if not geometry.needs_matrix:
+    spec = None  # elementwise geometries: nothing super-linear to spread
   ema = geometry.momentum_ema
   need_g = not (_checks.is_static_number(beta1) and float(beta1) == 0.0 and
                 _checks.is_static_number(beta2) and float(beta2) == 0.0)
@@ -436,7 +460,10 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                                 dims=leaf_dims, name='params')
     n = n_fields(per_leaf, params)
     geom = pack(_tree.unzip(per_leaf, n, params)) if n else pack(())
-    return LiteState(jnp.zeros([], jnp.int32), mu, geom)
+    state = LiteState(jnp.zeros([], jnp.int32), mu, geom)
+    if spec is None or spec.num_shards() == 1:
+      return state
+    return _owner_init(state, params, spec, leaf_dims, use_wd, pack)
 
   def update_fn(updates, state, params=None):
     if use_wd and params is None:
@@ -477,9 +504,117 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       u = out.finish(scale * u + out.flat(boost))
       return (u.astype(g.dtype), m_new.astype(m.dtype)) + tuple(out.state)
 
+    if isinstance(state.owned, grouped.OwnerStacks):
+      return _owner_update(leaf, spec, updates, state, count, params_tree,
+                           leaf_dims, pack)
     res = _tree.map_leaves(leaf, updates, state.mu, params_tree,
                            *state.geometry, dims=leaf_dims)
     parts = _tree.unzip(res, 2 + len(state.geometry), updates)
     return parts[0], LiteState(count, parts[1], pack(parts[2:]))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _matrix_views(tree, dims, name):
+  """Flattened leaves, treedef and MatrixView (or None) of every leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  resolved = treedef.flatten_up_to(_tree.resolve_dims(dims, tree))
+  views = [_tree.leaf_view(x, d, name) for x, d in zip(leaves, resolved)]
+  return leaves, treedef, views
+
+
+def _compute_dtype(x):
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _moving_items(leaves, views, p_leaves):
+  """Per matrix leaf: the arrays that travel to the owner each step (the
+  gradient, and the parameter with flat weight decay), as ``(B, r, c)``."""
+  items = []
+  for i, (x, view) in enumerate(zip(leaves, views)):
+    if view is None:
+      continue
+    item = (view.to_matrix(x).astype(_compute_dtype(x)),)
+    if p_leaves is not None:
+      p = p_leaves[i]
+      item += (view.to_matrix(p).astype(_compute_dtype(p)),)
+    items.append(item)
+  return items
+
+
+def _owner_init(state, params, spec, dims, use_wd, pack):
+  """Moves the matrix leaves' momentum and geometry state to their owners.
+
+  Their places in ``mu`` / ``geometry`` keep one-element placeholders.
+  """
+  p_leaves, treedef, views = _matrix_views(params, dims, 'params')
+  if not p_leaves:
+    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
+    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
+    return state._replace(owned=jnp.zeros((), jnp.int32))
+  mu = treedef.flatten_up_to(state.mu)
+  geom = [treedef.flatten_up_to(t) for t in state.geometry]
+  structs = [
+      tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in item)
+      for item in _moving_items(p_leaves, views,
+                                p_leaves if use_wd else None)]
+  owned_state = [(views[i].to_matrix(mu[i]),) + tuple(t[i] for t in geom)
+                 for i, v in enumerate(views) if v is not None]
+  owned = grouped.owner_stacks(structs, owned_state, spec=spec)
+
+  def placeholder(x, view):
+    return x if view is None else _tree.identity_placeholder(x.dtype)
+
+  new_mu = treedef.unflatten([placeholder(x, v) for x, v in zip(mu, views)])
+  new_geom = pack([treedef.unflatten([placeholder(x, v)
+                                      for x, v in zip(t, views)])
+                   for t in geom])
+  return LiteState(state.count, new_mu, new_geom, owned)
+
+
+def _owner_update(leaf, spec, updates, state, count, params_tree, dims,
+                  pack):
+  """``lite_flat_boost``'s step with every matrix slice on its owner.
+
+  Every matrix leaf is one work item: its ``(B, rows, cols)`` gradient
+  (and parameter) travel to the owner; :func:`grouped_map` runs ``leaf``
+  on stacks of same-shape items, seen through a plain ``(K, rows, cols)``
+  view, next to their resident momentum and geometry state; the update
+  comes back. Leaves without a matrix view take the local path.
+  """
+  g_leaves, treedef, views = _matrix_views(updates, dims, 'updates')
+  p_all = treedef.flatten_up_to(params_tree)
+  use_p = any(p is not None for p in p_all)
+  mu = treedef.flatten_up_to(state.mu)
+  geom = [treedef.flatten_up_to(t) for t in state.geometry]
+  n_geom = len(geom)
+
+  def kernel(g, *rest):
+    p, rest = (rest[0], rest[1:]) if use_p else (None, rest)
+    m, geo = rest[0], rest[1:]
+    k, rows, cols = g.shape
+    view = _tree.MatrixView((0, 1, 2), (k,), rows, cols, (k, rows, cols))
+    out = leaf(view, g, m, p, *geo)
+    return (out[0],), tuple(out[1:])
+
+  items = _moving_items(g_leaves, views, p_all if use_p else None)
+  results, owned = grouped.grouped_map(kernel, items, spec=spec,
+                                       resident=state.owned)
+  new_u, new_mu, new_geom = [], [], [[] for _ in range(n_geom)]
+  results = iter(results)
+  for i, (g, view) in enumerate(zip(g_leaves, views)):
+    if view is None:
+      out = leaf(None, g, mu[i], p_all[i], *(t[i] for t in geom))
+      new_u.append(out[0])
+      new_mu.append(out[1])
+      for j in range(n_geom):
+        new_geom[j].append(out[2 + j])
+      continue
+    (u,) = next(results)
+    new_u.append(view.from_matrix(u).astype(g.dtype))
+    new_mu.append(mu[i])
+    for j in range(n_geom):
+      new_geom[j].append(geom[j][i])
+  return treedef.unflatten(new_u), LiteState(
+      count, treedef.unflatten(new_mu),
+      pack([treedef.unflatten(t) for t in new_geom]), owned)
