@@ -150,6 +150,18 @@ identity factor (nothing stored, no root): e.g. for a ``768 × 3072`` kernel
 with ``max_factor_size=2048`` only the 768-side is whitened, a one-sided
 (ASGO-like) preconditioner. The other side's statistic then uses ``I``.
 
+**Owner-computes** (``distribute=``, see :mod:`optax_lite.linalg.grouped`).
+Each device computes whole matrices, assigned by cost: one grouped call per
+step does steps 4–6 (factor updates, roots, ``G̃``) for the matrices a
+device owns, the inner transform runs on the whole tree, and a second
+grouped call maps back. The factors and cached roots stay where the state
+keeps them (leaf by leaf, as without ``distribute``), so each step moves
+them to their owner and back: per matrix about ``4·mn + 4·(m² + n²)``
+elements (``X`` in, ``G̃`` out, ``U`` in, ``Δ`` out; the factors in and
+out, the roots out and back in; the cached roots in too when the state
+keeps them), spread over the devices, plus what the inner transform moves;
+no collective inside an iteration.
+
 State per matrix: ``m² + n²`` factor entries (in ``factor_dtype``, float32 by
 default; twice that with ``root_every > 1``, for the cached roots) plus the
 inner state (``mn`` for momentum).
