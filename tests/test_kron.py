@@ -861,5 +861,6 @@ def test_distribute_one_device_equals_leaf_by_leaf(mode, kw):
     assert jax.tree.structure(s0) == jax.tree.structure(s1)
     for x, y in zip(jax.tree.leaves((u0, s0)), jax.tree.leaves((u1, s1))):
       assert x.shape == y.shape and x.dtype == y.dtype
-      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+      # Shampoo's tall leaves run transposed (L and R swapped): round-off.
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(u0['c']).max()) > 0
