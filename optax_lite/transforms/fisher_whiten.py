@@ -497,18 +497,18 @@ def _root_weight(cfg: _Config) -> float:
   return 6.0 * iters
 
 
-def _whiten_cost(cfg: _Config, cache: bool):
-  """Cost of one whitening item ``(X, [P], [Q], [P cache], [Q cache])``:
-  ``≈ 3·r·c·(r + c)`` matmul flops (``X`` is ``r × c``) plus three roots."""
+def _whiten_cost(cfg: _Config):
+  """Cost of one item whose first array is the ``r × c`` matrix ``X`` (or
+  ``U``): ``≈ 3·r·c·(r + c)`` matmul flops plus three roots, ``d³`` each.
+
+  Read from ``X``'s shape only, so that the whitening and the map back
+  assign every matrix to the same owner (the roots stay there in between).
+  """
   weight = 1.5 * _root_weight(cfg)
 
   def cost(shapes):
     r, c = shapes[0][-2:]
-    factors = shapes[1:]
-    if cache:  # the caches repeat the factors' shapes
-      factors = factors[:len(factors) // 2]
-    return float(6 * r * c * (r + c)
-                 + weight * sum(s[-1] ** 3 for s in factors))
+    return float(6 * r * c * (r + c) + weight * (r ** 3 + c ** 3))
   return cost
 
 
@@ -519,14 +519,17 @@ def _leaf_sides(view, p, q):
   return not _is_identity(p), not _is_identity(q)
 
 
-def _whiten_kernel(refresh, cfg: _Config):
+def _whiten_kernel(refresh, cfg: _Config, resident: bool):
   """Batched whitening of stacked items for :func:`grouped_map`.
 
   Inputs ``(X, [P], [Q], [P cache], [Q cache])`` as stored (``X`` in the
-  gradient's dtype, factors in ``factor_dtype``, leading batch axis);
-  returns ``{"w": G̃, "p": P_t, "q": Q_t, "p_root": P^{-1/2},
-  "q_root": Q^{-1/2}}`` (only the stored sides; the roots are the ones used
-  this step, which are also the ones to cache).
+  gradient's dtype, factors in ``factor_dtype``, leading batch axis), then,
+  with ``resident``, the owner-resident root buffers ``[P^{-1/2}],
+  [Q^{-1/2}]`` (overwritten). Returns ``{"w": G̃, "p": P_t, "q": Q_t,
+  "p_root": P^{-1/2}, "q_root": Q^{-1/2}}`` (only the stored sides; the
+  roots used this step, which are also the ones to cache); with
+  ``resident``, the pair ``(that dict, the roots)``, and the dict has the
+  roots only when the state caches them.
   """
   ct = _compute_dtype(cfg)
 
@@ -539,26 +542,31 @@ def _whiten_kernel(refresh, cfg: _Config):
     cached = _Pair(take(has_p), take(has_q)) if cache else None
     f = _step_factors(x, prev, cached, refresh, cfg)
     out = {'w': _sandwich(x, f.isqrt, cfg).astype(x_in.dtype)}
+    roots = []
     for name, flag, new, root in (('p', has_p, f.new.p, f.isqrt.p),
                                   ('q', has_q, f.new.q, f.isqrt.q)):
       if flag:
         out[name] = new.astype(cfg.factor_dtype)
-        out[name + '_root'] = root.astype(cfg.factor_dtype)
-    return out
+        roots.append(root.astype(cfg.factor_dtype))
+        if cache or not resident:
+          out[name + '_root'] = roots[-1]
+    return (out, tuple(roots)) if resident else out
   return fn
 
 
-def _unwhiten_kernel(cfg: _Config):
+def _unwhiten_kernel(cfg: _Config, resident: bool):
   """Batched map back ``Q^{-1/2} U P^{-1/2}`` of stacked ``(U, [P^{-1/2}],
-  [Q^{-1/2}])`` items for :func:`grouped_map`."""
+  [Q^{-1/2}])`` items for :func:`grouped_map` (with ``resident`` the roots
+  are the owner-resident buffers, returned unchanged)."""
   ct = _compute_dtype(cfg)
 
   def fn(u_in, *roots, key):
-    has_p, has_q = key
+    has_p, has_q = key[:2]
     it = iter(roots)
     isqrt = _Pair(next(it).astype(ct) if has_p else None,
                   next(it).astype(ct) if has_q else None)
-    return _sandwich(u_in.astype(ct), isqrt, cfg).astype(u_in.dtype)
+    out = _sandwich(u_in.astype(ct), isqrt, cfg).astype(u_in.dtype)
+    return (out, roots) if resident else out
   return fn
 
 
@@ -566,8 +574,11 @@ def _update_distributed(updates, state: FisherWhitenState, *, inner,
                         cfg: _Config, dims, root_every, spec):
   """:func:`_update` with owner-computes: two :func:`grouped_map` calls
   (whitening: factor update, roots, ``G̃``; map back: ``Q^{-1/2} U
-  P^{-1/2}``), the inner transform on the whole tree in between. The state
-  has the same structure, shapes and dtypes as :func:`_update`'s."""
+  P^{-1/2}``), the inner transform on the whole tree in between. On several
+  devices the roots stay on their owner between the two calls
+  (:func:`optax_lite.linalg.grouped.owner_stacks`; both calls assign the
+  same owners). The state has the same structure, shapes and dtypes as
+  :func:`_update`'s."""
   refresh = state.count % root_every == 0
   g_leaves, treedef = jax.tree.flatten(updates)
   dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
@@ -579,24 +590,36 @@ def _update_distributed(updates, state: FisherWhitenState, *, inner,
   todo = [i for i, s in enumerate(sides) if any(s)]
   cache = any(not (_is_identity(pc_l[i]) and _is_identity(qc_l[i]))
               for i in todo)
+  resident = spec.num_shards() > 1
+  cost = _whiten_cost(cfg)
 
   def matrices(i, *leaves):
     """Stored ``(batch_shape, d, d)`` factors -> ``(b, d, d)``."""
     b = views[i].matrix_shape[0]
     return tuple(x.reshape((b,) + x.shape[-2:]) for x in leaves)
 
+  def on_sides(i, p, q):
+    return [f for f, flag in zip((p, q), sides[i]) if flag]
+
   items, keys = [], []
   for i in todo:
-    has_p, has_q = sides[i]
-    stored = [f for f, flag in ((p_l[i], has_p), (q_l[i], has_q)) if flag]
+    stored = on_sides(i, p_l[i], q_l[i])
     if cache:
-      stored += [f for f, flag in ((pc_l[i], has_p), (qc_l[i], has_q))
-                 if flag]
+      stored += on_sides(i, pc_l[i], qc_l[i])
     items.append((views[i].to_matrix(g_leaves[i]),) + matrices(i, *stored))
-    keys.append((has_p, has_q, cache))
-  outs = grouped_lib.grouped_map(
-      _whiten_kernel(refresh, cfg), items, spec=spec, keys=keys,
-      cost=_whiten_cost(cfg, cache))
+    keys.append(sides[i] + (cache,))
+  kernel = _whiten_kernel(refresh, cfg, resident)
+  if resident:  # root buffers on the owners, written by the whitening
+    buffers = [tuple(jnp.zeros_like(f) for f in it[1:1 + sum(sides[i])])
+               for i, it in zip(todo, items)]
+    roots = grouped_lib.owner_stacks(items, buffers, spec=spec, cost=cost,
+                                     keys=keys)
+    outs, roots = grouped_lib.grouped_map(kernel, items, spec=spec,
+                                          keys=keys, cost=cost,
+                                          resident=roots)
+  else:
+    outs = grouped_lib.grouped_map(kernel, items, spec=spec, keys=keys,
+                                   cost=cost)
 
   ct = _compute_dtype(cfg)
   white = list(g_leaves)
@@ -605,17 +628,18 @@ def _update_distributed(updates, state: FisherWhitenState, *, inner,
       white[i] = g_leaves[i].astype(ct).astype(g_leaves[i].dtype)
   new_p, new_q, new_pc, new_qc = list(p_l), list(q_l), list(pc_l), list(qc_l)
   root_p, root_q = list(p_l), list(q_l)  # the roots used (to map back)
+  leaf = lambda m, like: m.reshape(like.shape)
   for i, out in zip(todo, outs):
-    view = views[i]
-    white[i] = view.from_matrix(out['w'])
-    leaf = lambda m, like: m.reshape(like.shape)
+    white[i] = views[i].from_matrix(out['w'])
     if 'p' in out:
       new_p[i] = leaf(out['p'], p_l[i])
+    if 'q' in out:
+      new_q[i] = leaf(out['q'], q_l[i])
+    if 'p_root' in out:
       root_p[i] = leaf(out['p_root'], p_l[i])
       if cache:
         new_pc[i] = root_p[i]
-    if 'q' in out:
-      new_q[i] = leaf(out['q'], q_l[i])
+    if 'q_root' in out:
       root_q[i] = leaf(out['q_root'], q_l[i])
       if cache:
         new_qc[i] = root_q[i]
@@ -623,17 +647,32 @@ def _update_distributed(updates, state: FisherWhitenState, *, inner,
       treedef.unflatten(white), state.inner_state, None)
 
   u_leaves = treedef.flatten_up_to(inner_updates)
-  items = [(views[i].to_matrix(u_leaves[i]),) + matrices(
-      i, *[r for r, flag in zip((root_p[i], root_q[i]), sides[i]) if flag])
-           for i in todo]
-  backs = grouped_lib.grouped_map(_unwhiten_kernel(cfg), items, spec=spec,
-                                  keys=[sides[i] for i in todo])
+  kernel = _unwhiten_kernel(cfg, resident)
+  if resident:
+    # The same groups as the whitening (same shapes, sides and gradient
+    # dtype; ``U`` in the group's common dtype, cast back after), so the
+    # same owners, which hold the roots.
+    keys2 = [k + (jnp.dtype(g_leaves[i].dtype).name, views[i].rows,
+                  views[i].cols) for i, k in zip(todo, keys)]
+    common = {}
+    for i, k in zip(todo, keys2):
+      common[k] = jnp.promote_types(common.get(k, u_leaves[i].dtype),
+                                    u_leaves[i].dtype)
+    items = [(views[i].to_matrix(u_leaves[i]).astype(common[k]),)
+             for i, k in zip(todo, keys2)]
+    backs, _ = grouped_lib.grouped_map(kernel, items, spec=spec, keys=keys2,
+                                       cost=cost, resident=roots)
+  else:
+    items = [(views[i].to_matrix(u_leaves[i]),) + matrices(
+        i, *on_sides(i, root_p[i], root_q[i])) for i in todo]
+    backs = grouped_lib.grouped_map(kernel, items, spec=spec,
+                                    keys=[sides[i] for i in todo])
   new_u = list(u_leaves)
   for i, v in enumerate(views):
     if v is not None and i not in todo:
       new_u[i] = u_leaves[i].astype(ct).astype(u_leaves[i].dtype)
   for i, back in zip(todo, backs):
-    new_u[i] = views[i].from_matrix(back)
+    new_u[i] = views[i].from_matrix(back).astype(u_leaves[i].dtype)
   unflat = treedef.unflatten
   return unflat(new_u), FisherWhitenState(
       count=optax.safe_increment(state.count), p=unflat(new_p),
