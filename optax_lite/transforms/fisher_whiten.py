@@ -154,13 +154,15 @@ with ``max_factor_size=2048`` only the 768-side is whitened, a one-sided
 Each device computes whole matrices, assigned by cost: one grouped call per
 step does steps 4–6 (factor updates, roots, ``G̃``) for the matrices a
 device owns, the inner transform runs on the whole tree, and a second
-grouped call maps back. The factors and cached roots stay where the state
-keeps them (leaf by leaf, as without ``distribute``), so each step moves
-them to their owner and back: per matrix about ``4·mn + 4·(m² + n²)``
-elements (``X`` in, ``G̃`` out, ``U`` in, ``Δ`` out; the factors in and
-out, the roots out and back in; the cached roots in too when the state
-keeps them), spread over the devices, plus what the inner transform moves;
-no collective inside an iteration.
+grouped call maps back, on the same owners, which keep this step's roots
+in between (:func:`optax_lite.linalg.grouped.owner_stacks`). The factors
+and cached roots stay where the state keeps them (leaf by leaf, as without
+``distribute``), so each step moves them to their owner and back: per
+matrix about ``4·mn + 2·(m² + n²)`` elements (``X`` in, ``G̃`` out, ``U``
+in, ``Δ`` out; the factors in and out; ``2·(m² + n²)`` more when the state
+caches the roots, ``root_every > 1`` or ``"newton_warm"``), spread over the
+devices, plus what the inner transform moves; no collective inside an
+iteration.
 
 State per matrix: ``m² + n²`` factor entries (in ``factor_dtype``, float32 by
 default; twice that with ``root_every > 1``, for the cached roots) plus the
@@ -775,12 +777,13 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       and each device computes whole matrices, assigned by cost
       (``≈ 3·r·c·(r + c)`` matmul flops plus ``d³`` per root): one
       grouped call does the factor update, the inverse roots and ``G̃``
-      (the gradient and the stored factors and roots go to the owner in
-      one all-to-all each, the new factors, roots and ``G̃`` come back the
-      same way); the inner transform then runs on the whole tree (pass it
-      ``distribute`` too, as :func:`optax_lite.fismo` does); a second
-      grouped call maps back, ``Q^{-1/2} U P^{-1/2}``. No collective inside
-      a root iteration. The state keeps its structure, shapes and dtypes
+      (the gradient and the stored factors, and cached roots, go to the
+      owner in one all-to-all each; the new factors, cached roots and
+      ``G̃`` come back the same way); the inner transform then runs on the
+      whole tree (pass it ``distribute`` too, as :func:`optax_lite.fismo`
+      does); a second grouped call maps back, ``Q^{-1/2} U P^{-1/2}``, on
+      the same owners, which kept the roots. No collective inside a root
+      iteration. The state keeps its structure, shapes and dtypes
       (it can move between ``None`` and a mesh); the update equals the
       single-device one up to round-off, except that with
       ``"newton_warm"`` the cold fallback is chosen per stack of
