@@ -184,7 +184,7 @@ def test_soap_helpers_reproduce_transform():
   dims = MatrixDims(1, 2)
   tx = kp.scale_by_soap(dims=dims, precondition_frequency=2)
   s = tx.init({'w': g})
-  leaf = kp.SoapLeaf(*(f['w'] for f in s[1:]))
+  leaf = kp.SoapLeaf(*(f['w'] for f in s[1:9]))  # not owned (None)
   leaf_step = jax.jit(lambda leaf, g, t: kp.soap_leaf_update(
       leaf, g, t, b1=0.95, b2=0.99, shampoo_beta=0.95, eps=1e-8,
       precondition_frequency=2))
@@ -854,6 +854,8 @@ def test_distribute_one_device_equals_leaf_by_leaf(mode, kw):
                               max_precond_dim=20, distribute=d, **kw)
          for d in (None, mesh)]
   states = [tx.init(grads[0]) for tx in txs]
+  # One device: nothing to make resident, the single-device state layout.
+  assert states[0].owned is None and states[1].owned is None
   for g in grads:
     outs = [jax.jit(tx.update)(g, s) for tx, s in zip(txs, states)]
     (u0, s0), (u1, s1) = outs
@@ -864,3 +866,19 @@ def test_distribute_one_device_equals_leaf_by_leaf(mode, kw):
       # Shampoo's tall leaves run transposed (L and R swapped): round-off.
       np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(u0['c']).max()) > 0
+
+
+@pytest.mark.parametrize('mode', ['soap', 'shampoo'])
+def test_tree_map_params_with_a_dims_tree(mode):
+  """``tree_map_params`` calls ``init`` with a leafless placeholder, which a
+  per-leaf ``dims`` tree must not be matched against."""
+  params = {'w': jnp.ones((4, 3)), 'b': jnp.ones(3)}
+  tx = kp.kron_precondition(mode, dims={'w': MatrixDims(0, 1), 'b': None})
+  state = tx.init(params)
+  assert state.owned is None
+  for _ in range(2):
+    _, state = tx.update(params, state)
+  assert float(jnp.abs(state.mu['w']).max()) > 0
+  mapped = optax.tree_utils.tree_map_params(tx, lambda p: 2 * p, state)
+  np.testing.assert_array_equal(mapped.mu['w'], 2 * state.mu['w'])
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)

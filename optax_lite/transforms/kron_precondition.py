@@ -136,6 +136,13 @@ class SoapState(NamedTuple):
       Coordinates whose energy is at most ``null_threshold`` times the
       largest get a zero update.
     lam_r: the same for ``q_r``, ``(B, n)``.
+    owned: ``None`` (one device, or ``distribute=None``), or with
+      ``distribute=`` over several devices an
+      :class:`optax_lite.linalg.grouped.OwnerStacks`: the eight arrays above
+      of every matrix with a preconditioned side, in matrix form, stacked
+      on the device that computes it (split along axis 0). Those leaves'
+      entries in the other per-leaf fields are then one-element
+      placeholders.
   """
   count: jax.Array
   mu: optax.Updates
@@ -146,6 +153,7 @@ class SoapState(NamedTuple):
   q_r: optax.Updates
   lam_l: optax.Updates
   lam_r: optax.Updates
+  owned: Any = None
 
 
 class ShampooState(NamedTuple):
@@ -158,6 +166,12 @@ class ShampooState(NamedTuple):
       ``(1,)`` without grafting).
     stats_l, stats_r: ``L``, ``R`` (``(B, 1)`` on identity sides).
     precond_l, precond_r: the cached inverse roots ``P_l``, ``P_r``.
+    owned: ``None``, or with ``distribute=`` over several devices an
+      :class:`optax_lite.linalg.grouped.OwnerStacks` holding ``mu``, ``nu``
+      (with grafting), ``stats_*`` and ``precond_*`` of every matrix with a
+      preconditioned side on the device that computes it (tall matrices
+      transposed, their sides swapped); those leaves' entries in the other
+      fields are one-element placeholders.
   """
   count: jax.Array
   mu: optax.Updates
@@ -166,6 +180,7 @@ class ShampooState(NamedTuple):
   stats_r: optax.Updates
   precond_l: optax.Updates
   precond_r: optax.Updates
+  owned: Any = None
 
 
 class SoapLeaf(NamedTuple):
@@ -807,6 +822,118 @@ def _owner_computes(updates, resolved, fields, item, kernel, unpack, local,
   return jax.tree.unflatten(treedef, out)
 
 
+def _resolve_init_dims(dims, params):
+  """Resolved dims; params without leaves (the placeholder that
+  ``optax.tree_utils.tree_map_params`` passes to ``init``) match any dims
+  tree, and are their own."""
+  if not jax.tree.leaves(params):
+    return params
+  return _tree.resolve_dims(dims, params)
+
+
+def _compute_dtype(x):
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
+                   n_mats, transpose_tall):
+  """Moves the per-matrix state of every preconditioned leaf to its owner.
+
+  ``per_leaf`` is the single-device state, a tree like ``params`` of
+  per-leaf tuples in field order (``stats_l``, ``stats_r`` third and
+  fourth). Every leaf with a preconditioned side is one work item whose
+  moving part is its gradient ``(B, m, n)`` (compute dtype; ``(B, n, m)``
+  for a tall leaf with ``transpose_tall``): the fields ``resident_fields``
+  (the first ``n_mats`` of them leaf-shaped, put in matrix form) go into an
+  :class:`~optax_lite.linalg.grouped.OwnerStacks` built from exactly the
+  items :func:`_resident_update` will pass, so that the groups and owners
+  agree; the leaf's own entries become one-element placeholders.
+
+  Returns ``(per_leaf with placeholders, owned)``.
+  """
+  p_leaves, treedef = jax.tree.flatten(params)
+  if not p_leaves:
+    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
+    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
+    return per_leaf, jnp.zeros((), jnp.int32)
+  d_leaves = treedef.flatten_up_to(resolved)
+  t_leaves = treedef.flatten_up_to(per_leaf)
+  structs, owned_state, new = [], [], []
+  for p, d, t in zip(p_leaves, d_leaves, t_leaves):
+    if not (has_side(t[2]) or has_side(t[3])):
+      new.append(t)
+      continue
+    view, _ = _leaf_view(p, d)
+    b, m, n = view.matrix_shape
+    st = tuple(view.to_matrix(t[j]) if k < n_mats else t[j]
+               for k, j in enumerate(resident_fields))
+    if transpose_tall and m > n:
+      m, n, st = n, m, _transposed(st, n_mats)
+    structs.append((jax.ShapeDtypeStruct((b, m, n), _compute_dtype(p)),))
+    owned_state.append(st)
+    new.append(tuple(_tree.identity_placeholder(x.dtype) for x in t))
+  owned = grouped_lib.owner_stacks(structs, owned_state, spec=spec,
+                                   cost=cost)
+  return treedef.unflatten(new), owned
+
+
+def _resident_update(updates, resolved, fields, owned, kernel, local, spec,
+                     cost, transpose_tall):
+  """Per-leaf results with the per-matrix state resident on its owner.
+
+  A leaf whose ``stats_l`` entry is a one-element placeholder (moved into
+  ``owned`` by :func:`_resident_init`) sends only its gradient to the
+  owner, where ``kernel(g, *resident) -> (u, new resident)`` runs next to
+  its state; the update comes back, the state stays. Other leaves run
+  ``local(g, d, *state_leaves)``. Returns ``(tree of per-leaf tuples
+  (update, *state leaves), new owned)``.
+  """
+  g_leaves, treedef = jax.tree.flatten(updates)
+  d_leaves = treedef.flatten_up_to(resolved)
+  f_leaves = [treedef.flatten_up_to(f) for f in fields]
+  out, items, todo = [None] * len(g_leaves), [], []
+  for i, (g, d) in enumerate(zip(g_leaves, d_leaves)):
+    fs = tuple(f[i] for f in f_leaves)
+    if fs[2].ndim != 1:  # a (B, 1) or (B, m, m) factor: not owned
+      out[i] = local(g, d, *fs)
+      continue
+    view, _ = _leaf_view(g, d)
+    x = view.to_matrix(g).astype(_compute_dtype(g))
+    tall = transpose_tall and view.rows > view.cols
+    items.append((_t(x) if tall else x,))
+    todo.append((i, view, fs, tall))
+
+  def fn(g, *resident):
+    u, new = kernel(g, *resident)
+    return (u,), tuple(new)
+
+  results, owned = grouped_lib.grouped_map(fn, items, spec=spec, cost=cost,
+                                           resident=owned)
+  for (i, view, fs, tall), (u,) in zip(todo, results):
+    u = _t(u) if tall else u
+    out[i] = (view.from_matrix(u).astype(g_leaves[i].dtype),) + fs
+  return jax.tree.unflatten(treedef, out), owned
+
+
+def _kron_flops(m, n, left, right, k, root) -> float:
+  """Per step: statistic and products ``4·m²n`` per preconditioned side,
+  plus ``root·m³`` every ``k`` steps (QR / eigh / inverse root)."""
+  return float(left * (4 * m * m * n + root * m ** 3 / k)
+               + right * (4 * m * n * n + root * n ** 3 / k) + m * n)
+
+
+def _resident_cost(precondition_frequency, max_precond_dim, root):
+  """Cost of an owner-resident item, whose only moving array is its
+  gradient ``(B, m, n)``: the sides are those ``<= max_precond_dim``."""
+  k = _frequency(precondition_frequency)
+
+  def cost(shapes):
+    m, n = shapes[0][-2:]
+    return _kron_flops(m, n, m <= max_precond_dim, n <= max_precond_dim, k,
+                       root)
+  return cost
+
+
 def _frequency(precondition_frequency) -> float:
   """``k`` for the cost model (a traced ``k``: the default 10)."""
   if isinstance(precondition_frequency, int):
@@ -831,8 +958,7 @@ def _soap_cost(precondition_frequency):
 
   def cost(shapes):
     m, n, left, right = _sides_of(shapes, 3)
-    return float(left * (4 * m * m * n + 4 * m ** 3 / k)
-                 + right * (4 * m * n * n + 4 * n ** 3 / k) + m * n)
+    return _kron_flops(m, n, left, right, k, 4)
   return cost
 
 
@@ -848,8 +974,7 @@ def _shampoo_cost(precondition_frequency, first_factor: int):
 
   def cost(shapes):
     m, n, left, right = _sides_of(shapes, first_factor)
-    return float(left * (4 * m * m * n + 10 * m ** 3 / k)
-                 + right * (4 * m * n * n + 10 * n ** 3 / k) + m * n)
+    return _kron_flops(m, n, left, right, k, 10)
   return cost
 
 
@@ -1002,12 +1127,25 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
             jnp.zeros(x.shape, precond_dtype)) + tuple(soap_basis_init(
                 b, m, n, left=on_l, right=on_r, dtype=precond_dtype))
 
+  resident = spec is not None and spec.num_shards() > 1
+
+  def resident_cost():
+    require_static('the owner of each matrix depends on it',
+                   max_precond_dim=max_precond_dim)
+    return _resident_cost(precondition_frequency, max_precond_dim, 4)
+
   def init_fn(params):
     require_static(max_precond_dim=max_precond_dim)
-    resolved = _tree.resolve_dims(dims, params)
+    resolved = _resolve_init_dims(dims, params)
     out = jax.tree.map(init_leaf, params, resolved)
+    if not resident:
+      fields = _tree.unzip(out, 8, params)
+      return SoapState(jnp.zeros([], jnp.int32), *fields)
+    out, owned = _resident_init(params, resolved, out, spec, resident_cost(),
+                                resident_fields=range(8), n_mats=2,
+                                transpose_tall=False)
     fields = _tree.unzip(out, 8, params)
-    return SoapState(jnp.zeros([], jnp.int32), *fields)
+    return SoapState(jnp.zeros([], jnp.int32), *fields, owned)
 
   def update_fn(updates, state, params=None):
     del params
@@ -1036,6 +1174,16 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
 
     fields = (state.mu, state.nu, state.stats_l, state.stats_r, state.q_l,
               state.q_r, state.lam_l, state.lam_r)
+    if isinstance(state.owned, grouped_lib.OwnerStacks):
+      def resident_kernel(g, *leaf_state):
+        u, *new = kernel(g, *leaf_state)
+        return u, new
+
+      out, owned = _resident_update(updates, resolved, fields, state.owned,
+                                    resident_kernel, leaf, spec,
+                                    resident_cost(), transpose_tall=False)
+      new_updates, *fields = _tree.unzip(out, 9, updates)
+      return new_updates, SoapState(count, *fields, owned)
     if spec is None:
       out = jax.tree.map(leaf, updates, resolved, *fields)
     else:
@@ -1161,12 +1309,29 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
             _factor(b, m, on_l, precond_dtype, eye=True),
             _factor(b, n, on_r, precond_dtype, eye=True))
 
+  resident = spec is not None and spec.num_shards() > 1
+  # Resident per matrix: mu, nu (grafting only: else a (1,) placeholder),
+  # the factors and the roots.
+  resident_fields = (0, 1, 2, 3, 4, 5) if graft == 'adam' else (0, 2, 3, 4, 5)
+  n_leaf_shaped = 2 if graft == 'adam' else 1
+
+  def resident_cost():
+    require_static('the owner of each matrix depends on it',
+                   max_precond_dim=max_precond_dim)
+    return _resident_cost(precondition_frequency, max_precond_dim, 10)
+
   def init_fn(params):
     require_static(max_precond_dim=max_precond_dim)
-    resolved = _tree.resolve_dims(dims, params)
+    resolved = _resolve_init_dims(dims, params)
     out = jax.tree.map(init_leaf, params, resolved)
+    if not resident:
+      fields = _tree.unzip(out, 6, params)
+      return ShampooState(jnp.zeros([], jnp.int32), *fields)
+    out, owned = _resident_init(params, resolved, out, spec, resident_cost(),
+                                resident_fields, n_leaf_shaped,
+                                transpose_tall=True)
     fields = _tree.unzip(out, 6, params)
-    return ShampooState(jnp.zeros([], jnp.int32), *fields)
+    return ShampooState(jnp.zeros([], jnp.int32), *fields, owned)
 
   def update_fn(updates, state, params=None):
     del params
@@ -1205,6 +1370,19 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
 
     fields = (state.mu, state.nu, state.stats_l, state.stats_r,
               state.precond_l, state.precond_r)
+    if isinstance(state.owned, grouped_lib.OwnerStacks):
+      def resident_kernel(g, mu, *rest):
+        if graft == 'adam':
+          u, *new = kernel(g, mu, *rest)
+          return u, new
+        u, mu, _, *factors = kernel(g, mu, jnp.zeros((1,), mu.dtype), *rest)
+        return u, (mu,) + tuple(factors)
+
+      out, owned = _resident_update(updates, resolved, fields, state.owned,
+                                    resident_kernel, leaf, spec,
+                                    resident_cost(), transpose_tall=True)
+      new_updates, *fields = _tree.unzip(out, 7, updates)
+      return new_updates, ShampooState(count, *fields, owned)
     if spec is None:
       out = jax.tree.map(leaf, updates, resolved, *fields)
     else:
