@@ -61,11 +61,12 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
       (a :class:`optax_lite.PolarSharding`, a ``Mesh`` or ``(mesh,
       axes)``; see ``docs/multi_device.md``): each device runs whole SOAP
       steps (statistics, ``eigh`` / QR refreshes, rotations) of the
-      matrices assigned to it by cost; see ``scale_by_soap``. The state
-      keeps the single-device layout (``mu``/``nu`` like the params, the
-      factors and bases ``(B, m, m)`` as ``ol.sharded_init`` places them)
-      and moves to the owner and back each step, one all-to-all per shape
-      group and array. ``None``: one device, unchanged.
+      matrices assigned to it by cost; see ``scale_by_soap``. Over several
+      devices each matrix's state (moments, factors, bases, energies) lives
+      on its owner (``SoapState.owned``, split along its first axis as
+      ``ol.sharded_init`` places it); each step only the gradient travels
+      there and the update back, one all-to-all per shape group each way.
+      ``None``: one device, unchanged.
 
   ``optax.inject_hyperparams(soap)(learning_rate=…)`` works as is: every
   float (learning rate, betas, ε, decays, ``null_threshold``) and
@@ -131,9 +132,10 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     precision, adam_*: as in :func:`soap`.
     distribute: owner-computes over devices, as in :func:`soap`: each
       device runs whole Shampoo steps (statistics, inverse roots, the
-      preconditioned and grafted update) of the matrices assigned to it;
-      the state keeps the single-device layout and moves to the owner and
-      back each step. ``None``: one device, unchanged.
+      preconditioned and grafted update) of the matrices assigned to it,
+      whose state (moments, factors, roots) lives there
+      (``ShampooState.owned``); only the gradient and the update travel.
+      ``None``: one device, unchanged.
 
   ``optax.inject_hyperparams(shampoo)`` as for :func:`soap`; in addition
   ``exponent`` must be static with ``root_method="newton"``.
