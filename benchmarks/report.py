@@ -222,6 +222,11 @@ def lm_section(path, d):
       f'{s.get("seeds", [0])[0]}), seeds {s.get("seeds")}. Target = final '
       f'val loss of `{d.get("reference")}` (best LR, cosine).')
   parts.append(corpus_line(d))
+  if d.get('partial'):
+    parts.append('**Partial run**: stopped before ' + ', '.join(
+        f'`{n}`' for n in d['partial']) + ' ran; the rows below are the '
+        'optimizers it finished. `lm.py --resume` with the same settings '
+        '(and this file as `<out>/lm_<device>.json`) runs the rest.')
   overrides = {k: v for k, v in (s.get('overrides') or {}).items() if v}
   if overrides:
     parts.append('Per-optimizer settings beyond the defaults: ' + '; '.join(

@@ -172,7 +172,7 @@ def test_loop_collectives_are_counted_per_trip():
 
 
 # Named optimizers without ``distribute=`` yet (docs/multi_device.md says so).
-NOT_YET = ('fismo', 'soap', 'shampoo', 'fismo_lite')
+NOT_YET = ('fismo', 'fismo_lite')
 
 
 @pytest.mark.parametrize('name', NAMED)

@@ -342,6 +342,75 @@ def _split_axis(shape: tuple[int, ...], num: int) -> int | None:
   return best
 
 
+def _packing(out_struct, counts):
+  """Layout of each device's results packed flat, one buffer per dtype.
+
+  Returns ``(dtype names, {dtype: buffer length}, offsets)`` with
+  ``offsets[d][(g, j)]`` the start of device ``d``'s ``counts[d, g]`` items
+  of output leaf ``j`` of group ``g`` in its buffer of that leaf's dtype.
+  The length is the largest device's total, so the padding is bounded by
+  the load imbalance, not by the per-group counts.
+  """
+  leaves = [jax.tree.leaves(st) for st in out_struct]
+  dts = sorted({jnp.dtype(o.dtype).name for ls in leaves for o in ls})
+  length = {dt: 1 for dt in dts}
+  offsets = []
+  for row in counts:
+    pos = {dt: 0 for dt in dts}
+    off = {}
+    for g, ls in enumerate(leaves):
+      for j, o in enumerate(ls):
+        dt = jnp.dtype(o.dtype).name
+        off[(g, j)] = pos[dt]
+        pos[dt] += int(row[g]) * math.prod(o.shape[1:])
+    for dt in dts:
+      length[dt] = max(length[dt], pos[dt])
+    offsets.append(off)
+  return dts, length, offsets
+
+
+def _pack(res, vec, dts, length):
+  """One device's results (per group, ``vec[g]`` real rows) packed flat."""
+  parts = {dt: [] for dt in dts}
+  for g, y in enumerate(res):
+    if vec[g]:
+      for o in jax.tree.leaves(y):
+        parts[jnp.dtype(o.dtype).name].append(o[:vec[g]].reshape(-1))
+  packed = []
+  for dt in dts:
+    flat = (jnp.concatenate(parts[dt]) if parts[dt] else
+            jnp.zeros((0,), dt))
+    pad = length[dt] - flat.shape[0]
+    packed.append(jnp.concatenate([flat, jnp.zeros((pad,), dt)]) if pad
+                  else flat)
+  return packed
+
+
+def _unpack(bufs, out_struct, counts, kmax, dts, length, offsets):
+  """Per group, the ``(D·K_g, ...)`` owner-ordered results from the gathered
+  packed buffers (pad rows: zeros)."""
+  by_dt = dict(zip(dts, bufs))
+  groups = []
+  for g, st in enumerate(out_struct):
+    leaves, treedef = jax.tree.flatten(st)
+    arrays = []
+    for j, o in enumerate(leaves):
+      dt, shape = jnp.dtype(o.dtype).name, tuple(o.shape[1:])
+      size = math.prod(shape)
+      blocks = []
+      for d, row in enumerate(counts):
+        c = int(row[g])
+        if c:
+          start = d * length[dt] + offsets[d][(g, j)]
+          blocks.append(by_dt[dt][start:start + c * size].reshape(
+              (c,) + shape))
+        if kmax[g] > c:
+          blocks.append(jnp.zeros((kmax[g] - c,) + shape, o.dtype))
+      arrays.append(_concat(blocks))
+    groups.append(treedef.unflatten(arrays))
+  return groups
+
+
 def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
                     resident=None):
   """The multi-device half of :func:`grouped_map`.
@@ -359,7 +428,9 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
   collective. Either way the device's branch computes the first
   ``k_{g,d}`` items; the reverse ``all_to_all`` returns the results split
   along one axis (arrays with no divisible axis: gathered), or, for
-  ``"replicated"``, one ``all_gather`` gives every device every result.
+  ``"replicated"``, every device packs its results of all groups into one
+  flat buffer per dtype (padded to the largest device's total) and one
+  ``all_gather`` per dtype gives every device every result.
   """
   num = spec.num_shards()
   gather_in = spec.layout == 'replicated'
@@ -403,6 +474,8 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
       res_specs.append(pspec(r.ndim, 0))
   out_axes = [jax.tree.map(lambda o: _split_axis(o.shape[1:], num), st)
               for st in out_struct]
+  if gather_in:
+    dts, length, offsets = _packing(out_struct, asg.counts)
 
   def body(dev, *xs):
     d = dev[0]
@@ -442,6 +515,8 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
             y = jax.tree.map(lambda o, pad=kg - c: jnp.concatenate(
                 [o, jnp.zeros((pad,) + o.shape[1:], o.dtype)]), y)
           res.append(y)
+        if gather_in:  # this device's results of every group, packed
+          return _pack(res, vec, dts, length), new_res
         return res, new_res
       return branch
 
@@ -459,6 +534,9 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
         return y  # (K, ...) block of the (D*K, ...) output
       return jax.lax.all_to_all(y, ax, a + 1, 0, tiled=True)
 
+    if gather_in:  # one all-gather per dtype of every device's results
+      return ([jax.lax.all_gather(b, ax, axis=0, tiled=True) for b in res],
+              list(new_res))
     return ([jax.tree.map(back, r, oa) for r, oa in zip(res, out_axes)],
             list(new_res))
 
@@ -466,6 +544,8 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
       lambda o, a: P() if gather_in else pspec(
           o.ndim, 0 if a is None else a + 1), st, oa)
       for st, oa in zip(out_struct, out_axes)]
+  if gather_in:
+    out_specs = [P()] * len(dts)
   mapped = jax.shard_map(body, mesh=spec.mesh,
                          in_specs=(P(ax),) + tuple(in_specs)
                          + tuple(res_specs),
@@ -473,6 +553,8 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
   dev_ids = jax.lax.with_sharding_constraint(
       jnp.arange(num, dtype=jnp.int32), NamedSharding(spec.mesh, P(ax)))
   bufs, new_flat = mapped(dev_ids, *flat_in)
+  if gather_in:
+    bufs = _unpack(bufs, out_struct, asg.counts, kmax, dts, length, offsets)
   new_groups, pos = [], 0
   for rs in res_in:
     new_groups.append(tuple(new_flat[pos:pos + len(rs)]))
