@@ -231,7 +231,7 @@ def single_device(tx, params, grads):
   return {'flops': flops(compiled)}, out
 
 
-def sharded(tx, params, grads, mesh, spec):
+def sharded(tx, params, grads, mesh, spec, run=True):
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, spec(x)), t)
   p, g = shard(params), shard(grads)
   p_sh = jax.tree.map(lambda x: x.sharding, p)
@@ -239,7 +239,7 @@ def sharded(tx, params, grads, mesh, spec):
   s_sh = jax.tree.map(lambda x: x.sharding, s)
   fn = jax.jit(step_fn(tx), out_shardings=(p_sh, s_sh))
   compiled = fn.lower(p, s, g).compile()
-  out = compiled(p, s, g)[0]
+  out = compiled(p, s, g)[0] if run else None
   col = collectives(compiled.as_text())
   return {'flops': flops(compiled), 'collective_bytes': col['bytes'],
           'collective_count': col['count'], 'collectives_by_op':
@@ -256,7 +256,7 @@ def tree_bytes(t):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
 
 
-def run_layouts(names, model_names, devices, log, only=None):
+def run_layouts(names, model_names, devices, log, only=None, run=True):
   rows = []
   lay = {k: v for k, v in layouts(devices).items()
          if only is None or k in only}
@@ -282,13 +282,14 @@ def run_layouts(names, model_names, devices, log, only=None):
                   else 'sharded'))
           t0 = time.perf_counter()
           try:
-            cost, out = sharded(t, params, grads, mesh, spec)
+            cost, out = sharded(t, params, grads, mesh, spec, run=run)
           except Exception as e:  # record, keep going
             row[variant] = {'error': f'{type(e).__name__}: {e}'[:300]}
             log(f'[error] {model} {name} {layout} {variant}: '
                 f'{row[variant]["error"]}')
             continue
-          cost['max_abs_diff'] = max_diff(out, ref_out)
+          cost['max_abs_diff'] = (None if out is None else
+                                  max_diff(out, ref_out))
           cost['bytes_over_params'] = cost['collective_bytes'] / pbytes
           cost['flops_over_ideal'] = cost['flops'] / (ref_cost['flops'] / 8)
           cost['seconds_to_compile_and_run'] = time.perf_counter() - t0
@@ -297,7 +298,8 @@ def run_layouts(names, model_names, devices, log, only=None):
               f'bytes/params {cost["bytes_over_params"]:7.2f}  '
               f'collectives {cost["collective_count"]:5d}  '
               f'flops/ideal {cost["flops_over_ideal"]:6.2f}  '
-              f'max|diff| {cost["max_abs_diff"]:.1e}')
+              + ('max|diff| not run' if out is None else
+                 f'max|diff| {cost["max_abs_diff"]:.1e}'))
         rows.append(row)
   return rows
 
@@ -351,6 +353,11 @@ def main(argv=None):
   ap.add_argument('--models', default=None)
   ap.add_argument('--layouts', default=None,
                   help='comma-separated subset of fsdp,replicated,fsdp_tp')
+  ap.add_argument('--no-run', action='store_true',
+                  help='compile only: bytes and FLOPs, no difference to one '
+                  'device (XLA:CPU host devices can deadlock running the '
+                  'Kronecker optimizers on 256-wide matrices; see '
+                  'docs/multi_device.md)')
   ap.add_argument('--out', default=None)
   args = ap.parse_args(argv)
   devices = require_devices(8)
@@ -369,7 +376,8 @@ def main(argv=None):
                       'max_abs_diff': 1e-5, 'compile_ratio': 1.5}}
   if not args.compile_only:
     only = args.layouts.split(',') if args.layouts else None
-    data['rows'] = run_layouts(names, model_names, devices, log, only)
+    data['rows'] = run_layouts(names, model_names, devices, log, only,
+                               run=not args.no_run)
   if args.compile or args.compile_only:
     data['compile'] = run_compile(names, devices, log)
   stem = 'distributed' + ('_quick' if args.quick else '')

@@ -172,7 +172,7 @@ def test_loop_collectives_are_counted_per_trip():
 
 
 # Named optimizers without ``distribute=`` yet (docs/multi_device.md says so).
-NOT_YET = ('fismo', 'fismo_lite')
+NOT_YET = ()
 
 
 @pytest.mark.parametrize('name', NAMED)
