@@ -44,3 +44,13 @@ def assert_tree_finite(tree):
 def maybe_jit(request):
   """Runs a test with and without ``jax.jit`` (chex-style variants)."""
   return jax.jit if request.param else (lambda f, **kw: f)
+
+
+def host_mesh(shape=(8,), names=('fsdp',)):
+  """A mesh of the first 8 devices (multidevice tests: 8 host devices)."""
+  from jax.sharding import Mesh
+  devices = jax.devices()
+  assert len(devices) >= 8, (
+      f'multidevice tests need 8 devices, got {len(devices)}: run with '
+      'XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  return Mesh(np.asarray(devices[:8]).reshape(shape), names)

@@ -12,20 +12,16 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
+from conftest import host_mesh
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 
 pytestmark = pytest.mark.multidevice
 
 
-def _mesh():
-  devices = jax.devices()
-  assert len(devices) >= 8, (
-      f'multidevice tests need 8 devices, got {len(devices)}: run with '
-      'XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.asarray(devices[:8]), ('fsdp',))
+_mesh = host_mesh
 
 
 def _tree(key=0, scale=1.0):

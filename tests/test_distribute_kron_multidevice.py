@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
+from conftest import host_mesh
 from optax_lite.linalg import grouped
 from optax_lite.linalg.matrices import MatrixDims
 from optimizer_zoo import grad_stream, make, params_tree
@@ -34,12 +35,7 @@ DIMS = {'tall': MatrixDims(0, 1), 'wide': MatrixDims(0, 1),
 MODES = [('soap', {}), ('shampoo', {}), ('shampoo', {'graft': 'none'})]
 
 
-def _mesh():
-  devices = jax.devices()
-  assert len(devices) >= 8, (
-      f'multidevice tests need 8 devices, got {len(devices)}: run with '
-      'XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.asarray(devices[:8]), ('fsdp',))
+_mesh = host_mesh
 
 
 def _put(tree, mesh, layout):
