@@ -4,8 +4,10 @@ Beyond the shared ``tests/test_distribute_multidevice.py`` (two steps of the
 named optimizer): the whole state (factors, cached roots, momentum) after
 several steps with cached and warm-started roots, on tall, wide, stacked
 (``[layers, in, out]``) and one-sided (``max_factor_size``) leaves, equals
-the single-device state, and it moves between ``distribute=None`` and a
-mesh. Run with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+the single-device one (updates and inner state; the factors live on their
+owners, ``OwnerStacks`` split over the devices), and a ``distribute=None``
+state runs under the mesh. Run with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 """
 
 import jax
@@ -16,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
 from conftest import host_mesh
+from optax_lite.linalg import grouped
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 
 pytestmark = pytest.mark.multidevice
@@ -84,13 +87,62 @@ def test_state_equals_single_device_after_several_steps(kw):
                         [_fsdp(g, mesh) for g in grads])
   for a, b in zip(out_u, ref_u):
     _close(a, b, 1e-5)
-  _close(out_s, ref_s, 1e-5)
+  _close(out_s.inner_state, ref_s.inner_state, 1e-5)
+  # The factors live on their owners: per-leaf placeholders, OwnerStacks.
+  assert isinstance(out_s.owned, grouped.OwnerStacks)
+  assert ref_s.owned is None
+  for name in ('tall', 'wide', 'square', 'stacked'):
+    assert out_s.p[name].shape == (1,) and out_s.q_isqrt[name].shape == (1,)
   if 'max_factor_size' in kw:  # the 40-sides stay identity placeholders
-    assert out_s.p['wide'].shape == (1,) and out_s.q['tall'].shape == (1,)
+    assert ref_s.p['wide'].shape == (1,) and ref_s.q['tall'].shape == (1,)
   else:  # roots refreshed on steps 0 and 2, cached on step 1
-    assert out_s.p_isqrt['wide'].shape == (40, 40)
-  # The state moves between the two: continue each with the other's.
-  u1, s1 = update(grads[0], out_s)
-  u2, s2 = dupdate(_fsdp(grads[0], mesh), ref_s)
+    assert ref_s.p_isqrt['wide'].shape == (40, 40)
+  # Continuing: one more step (a refresh with root_every=2) agrees.
+  u1, s1 = update(grads[0], ref_s)
+  u2, s2 = dupdate(_fsdp(grads[0], mesh), out_s)
   _close(u1, u2, 1e-5)
-  _close(s1, s2, 1e-5)
+  _close(s1.inner_state, s2.inner_state, 1e-5)
+  # A per-leaf state (distribute=None's) still runs under the mesh (the
+  # factors then travel); an owner-resident one needs its mesh.
+  u3, s3 = dupdate(_fsdp(grads[0], mesh), ref_s)
+  _close(u1, u3, 1e-5)
+  _close(s1, s3, 1e-5)
+  with pytest.raises(ValueError, match='distribute'):
+    update(grads[0], out_s)
+
+
+@pytest.mark.parametrize('kw', [{}, {'root_every': 2}])
+def test_owner_resident_factors(kw):
+  """The factors (and cached roots) are split along the first axis of
+  ``OwnerStacks`` after ``sharded_init`` and after a jitted step with
+  ``state_shardings``; ``tree_map_params`` runs."""
+  mesh = _mesh()
+  # default dims (a dims dict does not fit tree_map_params's placeholder)
+  mats = lambda t: {k: v for k, v in t.items() if k != 'vec'}
+  sp = _fsdp(mats(_tree()), mesh)
+  inner = optax.chain(ol.momentum(0.9, ema=True, nesterov=False),
+                      ol.orthogonalize(distribute=mesh))
+  tx = fisher_whiten(inner, distribute=mesh, root_method='eigh', **kw)
+  state = ol.sharded_init(tx.init, sp)
+
+  def check(s):
+    arrays = jax.tree.leaves(s.owned)
+    # 4 shape groups (tall, wide, square, stacked), P and Q each (and the
+    # two cached roots with root_every=2)
+    assert len(arrays) == 8 * (2 if kw else 1)
+    for x in arrays:
+      assert x.shape[0] % 8 == 0
+      shard = x.addressable_shards[0].data
+      assert shard.shape == (x.shape[0] // 8,) + x.shape[1:]
+
+  check(state)
+  shardings = ol.linalg.distributed.state_shardings(
+      jax.eval_shape(tx.init, sp), sp)
+  step = jax.jit(tx.update, out_shardings=(
+      jax.tree.map(lambda x: x.sharding, sp), shardings))
+  for k in (1, 2):
+    _, state = step(_fsdp(mats(_tree(k, 0.3)), mesh), state)
+    check(state)
+  mapped = optax.tree_utils.tree_map_params(
+      tx, lambda p: p, state, transform_non_params=lambda x: x)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)

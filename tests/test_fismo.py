@@ -435,6 +435,8 @@ def test_distribute_one_device_mesh_equals_per_leaf(kw):
   assert_trees_close(out_u, ref_u, atol=1e-5, rtol=1e-5)
   assert jax.tree.structure(out_s) == jax.tree.structure(ref_s)
   assert_trees_close(out_s, ref_s, atol=1e-5, rtol=1e-5)
+  # One device: nothing owner-resident, the per-leaf state as without mesh.
+  assert out_s.owned is None and ref_s.owned is None
 
 
 # ------------------------------------------------- amortised roots (root_every)

@@ -155,14 +155,14 @@ Each device computes whole matrices, assigned by cost: one grouped call per
 step does steps 4–6 (factor updates, roots, ``G̃``) for the matrices a
 device owns, the inner transform runs on the whole tree, and a second
 grouped call maps back, on the same owners, which keep this step's roots
-in between (:func:`optax_lite.linalg.grouped.owner_stacks`). The factors
-and cached roots stay where the state keeps them (leaf by leaf, as without
-``distribute``), so each step moves them to their owner and back: per
-matrix about ``4·mn + 2·(m² + n²)`` elements (``X`` in, ``G̃`` out, ``U``
-in, ``Δ`` out; the factors in and out; ``2·(m² + n²)`` more when the state
-caches the roots, ``root_every > 1`` or ``"newton_warm"``), spread over the
-devices, plus what the inner transform moves; no collective inside an
-iteration.
+in between (:func:`optax_lite.linalg.grouped.owner_stacks`). On more than
+one device the factors and cached roots live on their owner too
+(``FisherWhitenState.owned``, an
+:class:`optax_lite.linalg.grouped.OwnerStacks` split over the devices;
+their per-leaf entries are one-element placeholders), so per matrix only
+about ``4·mn`` elements move each step (``X`` in, ``G̃`` out, ``U`` in,
+``Δ`` out), spread over the devices, plus what the inner transform moves;
+no collective inside an iteration.
 
 State per matrix: ``m² + n²`` factor entries (in ``factor_dtype``, float32 by
 default; twice that with ``root_every > 1``, for the cached roots) plus the
@@ -201,6 +201,11 @@ class FisherWhitenState(NamedTuple):
   # (shape ``(1,)``) with ``root_every=1`` and for identity sides.
   p_isqrt: optax.Updates
   q_isqrt: optax.Updates
+  # ``distribute=`` over several devices: the matrix leaves' factors (and
+  # cached roots) on their owner devices
+  # (:class:`optax_lite.linalg.grouped.OwnerStacks`; their entries above are
+  # then one-element placeholders); ``None`` otherwise.
+  owned: Any = None
 
 
 class _Config(NamedTuple):
@@ -679,11 +684,154 @@ def _update_distributed(updates, state: FisherWhitenState, *, inner,
   return unflat(new_u), FisherWhitenState(
       count=optax.safe_increment(state.count), p=unflat(new_p),
       q=unflat(new_q), inner_state=inner_state, p_isqrt=unflat(new_pc),
-      q_isqrt=unflat(new_qc))
+      q_isqrt=unflat(new_qc), owned=state.owned)
+
+
+def _static_sides(view, max_factor_size):
+  """``(has P, has Q)`` of one leaf from its shape, as :func:`_init_leaf`
+  decides (the owner-resident state keeps placeholders per leaf)."""
+  if view is None:
+    return False, False
+  fits = lambda d: max_factor_size is None or d <= max_factor_size
+  return fits(view.cols), fits(view.rows)
+
+
+def _owned_items(leaves, views, sides, cfg: _Config):
+  """The moving items of the owner-resident update: per matrix leaf with a
+  stored side, its ``(B, rows, cols)`` matrix in the compute dtype (the
+  same shapes and dtypes for the gradient ``X`` and the inner update
+  ``U``, so both calls form the groups and owners :func:`_owner_init`
+  fixed)."""
+  ct = _compute_dtype(cfg)
+  return [(views[i].to_matrix(x).astype(ct),)
+          for i, x in enumerate(leaves) if any(sides[i])]
+
+
+def _owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
+                max_factor_size, cache: bool, spec) -> FisherWhitenState:
+  """Moves the matrix leaves' factors (and cached roots) to their owners;
+  their per-leaf entries become one-element placeholders."""
+  leaves, treedef = jax.tree.flatten(params)
+  if not leaves:
+    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
+    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
+    return state._replace(owned=jnp.zeros((), jnp.int32))
+  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, params))
+  views = [_tree.leaf_view(x, d, 'params') for x, d in zip(leaves, dims_leaves)]
+  sides = [_static_sides(v, max_factor_size) for v in views]
+  todo = [i for i, s in enumerate(sides) if any(s)]
+  fields = [treedef.flatten_up_to(t) for t in (
+      state.p, state.q, state.p_isqrt, state.q_isqrt)]
+  structs = [tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in item)
+             for item in _owned_items(leaves, views, sides, cfg)]
+  per_leaf = []
+  for i in todo:
+    b = views[i].matrix_shape[0]
+    stored = [f[i] for f, flag in zip(fields[:2], sides[i]) if flag]
+    if cache:
+      stored += [f[i] for f, flag in zip(fields[2:], sides[i]) if flag]
+    per_leaf.append(tuple(x.reshape((b,) + x.shape[-2:]) for x in stored))
+  owned = grouped_lib.owner_stacks(
+      structs, per_leaf, spec=spec, cost=_whiten_cost(cfg),
+      keys=[sides[i] + (cache,) for i in todo])
+  empty = _tree.identity_placeholder(cfg.factor_dtype)
+  for f in fields:
+    for i in todo:
+      f[i] = empty
+  p, q, pc, qc = (treedef.unflatten(f) for f in fields)
+  return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc, owned=owned)
+
+
+def _update_owned(updates, state: FisherWhitenState, *, inner, cfg: _Config,
+                  dims, root_every, max_factor_size, spec):
+  """:func:`_update` with the factors (and cached roots) resident on their
+  owners (``state.owned``): only ``X`` travels to the owner and ``G̃``
+  back, then ``U`` and ``Δ``; the owners keep this step's roots between
+  the two grouped calls."""
+  refresh = state.count % root_every == 0
+  g_leaves, treedef = jax.tree.flatten(updates)
+  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
+  views = [_tree.leaf_view(x, d, 'updates')
+           for x, d in zip(g_leaves, dims_leaves)]
+  sides = [_static_sides(v, max_factor_size) for v in views]
+  todo = [i for i, s in enumerate(sides) if any(s)]
+  items = _owned_items(g_leaves, views, sides, cfg)
+  # Whether the roots are cached, read from the resident layout (per group:
+  # the stored sides' factors, then as many cached roots).
+  n_sides = sum(sum(k[1]) for k in grouped_lib.group_items(
+      items, [sides[i] for i in todo]))
+  n_res = len(jax.tree.leaves(state.owned))
+  if n_res not in (n_sides, 2 * n_sides):
+    raise ValueError(f'state: its owner-resident factors ({n_res} arrays) '
+                     f'do not match these updates ({n_sides} stored sides); '
+                     'create the state with this transform\'s init.')
+  cache = n_sides > 0 and n_res == 2 * n_sides
+  keys = [sides[i] + (cache,) for i in todo]
+  cost = _whiten_cost(cfg)
+  resident = state.owned
+  if not cache:  # this step's roots: buffers on the owners
+    buffers = grouped_lib.owner_stacks(items, [
+        tuple(jnp.zeros((it[0].shape[0], d, d), cfg.factor_dtype)
+              for d, flag in zip((views[i].cols, views[i].rows), sides[i])
+              if flag) for i, it in zip(todo, items)],
+        spec=spec, cost=cost, keys=keys)
+    resident = grouped_lib.OwnerStacks(
+        tuple(a + b for a, b in zip(resident.groups, buffers.groups)),
+        resident.mesh, resident.axes)
+  ct = _compute_dtype(cfg)
+
+  def whiten(x, *res, key):
+    has_p, has_q, cached_roots = key
+    it = iter(res)
+    take = lambda flag: next(it).astype(ct) if flag else None
+    prev = _Pair(take(has_p), take(has_q))
+    cached = _Pair(take(has_p), take(has_q)) if cached_roots else None
+    f = _step_factors(x, prev, cached, refresh, cfg)
+    new = [m.astype(cfg.factor_dtype) for m, flag in zip(
+        (f.new.p, f.new.q, f.isqrt.p, f.isqrt.q), (has_p, has_q) * 2)
+           if flag]
+    return (_sandwich(x, f.isqrt, cfg),), tuple(new)
+
+  def unwhiten(u, *res, key):
+    has_p, has_q = key[:2]
+    it = iter(res[len(res) - has_p - has_q:])  # the roots used this step
+    isqrt = _Pair(next(it).astype(ct) if has_p else None,
+                  next(it).astype(ct) if has_q else None)
+    return (_sandwich(u, isqrt, cfg),), res
+
+  outs, resident = grouped_lib.grouped_map(whiten, items, spec=spec,
+                                           keys=keys, cost=cost,
+                                           resident=resident)
+  white = list(g_leaves)
+  for i, v in enumerate(views):  # no stored side: as _whiten_leaf casts
+    if v is not None and i not in todo:
+      white[i] = g_leaves[i].astype(ct).astype(g_leaves[i].dtype)
+  for i, (w,) in zip(todo, outs):
+    white[i] = views[i].from_matrix(w).astype(g_leaves[i].dtype)
+  inner_updates, inner_state = inner.update(
+      treedef.unflatten(white), state.inner_state, None)
+
+  u_leaves = treedef.flatten_up_to(inner_updates)
+  backs, resident = grouped_lib.grouped_map(
+      unwhiten, _owned_items(u_leaves, views, sides, cfg), spec=spec,
+      keys=keys, cost=cost, resident=resident)
+  if not cache:  # drop the root buffers
+    resident = grouped_lib.OwnerStacks(
+        tuple(g[:len(g) // 2] for g in resident.groups), resident.mesh,
+        resident.axes)
+  new_u = list(u_leaves)
+  for i, v in enumerate(views):
+    if v is not None and i not in todo:
+      new_u[i] = u_leaves[i].astype(ct).astype(u_leaves[i].dtype)
+  for i, (back,) in zip(todo, backs):
+    new_u[i] = views[i].from_matrix(back).astype(u_leaves[i].dtype)
+  return treedef.unflatten(new_u), state._replace(
+      count=optax.safe_increment(state.count), inner_state=inner_state,
+      owned=resident)
 
 
 def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
-          root_every) -> FisherWhitenState:
+          root_every, spec=None) -> FisherWhitenState:
   _checks.require_static(
       'they decide the shape of the optimizer state and must be Python ints '
       'when the state is created (or do not jit init)',
@@ -693,14 +841,28 @@ def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
       functools.partial(_init_leaf, cfg=cfg, max_factor_size=max_factor_size,
                         cache=cache), params, dims=dims, name='params')
   p, q, p_cache, q_cache = _tree.unzip(out, 4, params)
-  return FisherWhitenState(count=jnp.zeros([], jnp.int32), p=p, q=q,
-                           inner_state=inner.init(params),
-                           p_isqrt=p_cache, q_isqrt=q_cache)
+  state = FisherWhitenState(count=jnp.zeros([], jnp.int32), p=p, q=q,
+                            inner_state=inner.init(params),
+                            p_isqrt=p_cache, q_isqrt=q_cache)
+  if spec is not None and spec.num_shards() > 1:
+    return _owner_init(state, params, cfg=cfg, dims=dims,
+                       max_factor_size=max_factor_size, cache=cache,
+                       spec=spec)
+  return state
 
 
 def _update(updates, state: FisherWhitenState, params=None, *, inner,
-            cfg: _Config, dims, root_every, spec=None):
+            cfg: _Config, dims, root_every, max_factor_size=None, spec=None):
   del params  # the inner transform lives in the whitened space
+  owned = isinstance(state.owned, grouped_lib.OwnerStacks)
+  if owned and (spec is None or spec.num_shards() == 1):
+    raise ValueError('distribute: this state keeps its factors on their '
+                     'owner devices (made by init with distribute over '
+                     'several devices); update it with that distribute.')
+  if owned:
+    return _update_owned(updates, state, inner=inner, cfg=cfg, dims=dims,
+                         root_every=root_every,
+                         max_factor_size=max_factor_size, spec=spec)
   if spec is not None:
     return _update_distributed(updates, state, inner=inner, cfg=cfg,
                                dims=dims, root_every=root_every, spec=spec)
@@ -777,14 +939,16 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       and each device computes whole matrices, assigned by cost
       (``≈ 3·r·c·(r + c)`` matmul flops plus ``d³`` per root): one
       grouped call does the factor update, the inverse roots and ``G̃``
-      (the gradient and the stored factors, and cached roots, go to the
-      owner in one all-to-all each; the new factors, cached roots and
-      ``G̃`` come back the same way); the inner transform then runs on the
-      whole tree (pass it ``distribute`` too, as :func:`optax_lite.fismo`
-      does); a second grouped call maps back, ``Q^{-1/2} U P^{-1/2}``, on
+      (the gradient goes to the owner in one all-to-all, ``G̃`` comes
+      back the same way; the factors and cached roots stay there); the
+      inner transform then runs on the whole tree (pass it
+      ``distribute`` too, as :func:`optax_lite.fismo` does); a second
+      grouped call maps back, ``Q^{-1/2} U P^{-1/2}``, on
       the same owners, which kept the roots. No collective inside a root
-      iteration. The state keeps its structure, shapes and dtypes
-      (it can move between ``None`` and a mesh); the update equals the
+      iteration. Over several devices the factors (and cached roots) live
+      on their owners (``FisherWhitenState.owned``), so such a state needs
+      this ``distribute`` (a ``distribute=None`` state still runs under a
+      mesh, moving its factors each step); the update equals the
       single-device one up to round-off, except that with
       ``"newton_warm"`` the cold fallback is chosen per stack of
       same-shape matrices on a device rather than per leaf.
@@ -806,7 +970,9 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
     TypeError: ``root_every`` (or ``root_iters``, ``max_factor_size``) not
       an int; ``max_factor_size`` or ``root_every`` traced when the state is
       created; ``distribute`` not a PolarSharding, Mesh or ``(mesh,
-      axes)`` (a ``ValueError`` for an unknown axis or layout).
+      axes)`` (a ``ValueError`` for an unknown axis or layout, or for a
+      state with owner-resident factors updated without its
+      ``distribute``).
   """
   inner = optax.identity() if inner is None else inner
   spec = distributed_lib.check_distribute(distribute)
@@ -839,6 +1005,7 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   return optax.GradientTransformation(
       functools.partial(_init, inner=inner, cfg=cfg, dims=dims,
                         max_factor_size=max_factor_size,
-                        root_every=root_every),
+                        root_every=root_every, spec=spec),
       functools.partial(_update, inner=inner, cfg=cfg, dims=dims,
-                        root_every=root_every, spec=spec))
+                        root_every=root_every,
+                        max_factor_size=max_factor_size, spec=spec))
