@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
+from conftest import host_mesh
 from optimizer_zoo import NAMED, grad_stream, make
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
@@ -34,12 +35,7 @@ pytestmark = pytest.mark.multidevice
 ACCEPT_ONLY = ('rmnp', 'rmnp_lite')
 
 
-def _mesh(shape=(8,), names=('fsdp',)):
-  devices = jax.devices()
-  assert len(devices) >= 8, (
-      f'multidevice tests need 8 devices, got {len(devices)}: run with '
-      'XLA_FLAGS=--xla_force_host_platform_device_count=8')
-  return Mesh(np.asarray(devices[:8]).reshape(shape), names)
+_mesh = host_mesh
 
 
 def _params():
