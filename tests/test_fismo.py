@@ -439,6 +439,64 @@ def test_distribute_one_device_mesh_equals_per_leaf(kw):
   assert out_s.owned is None and ref_s.owned is None
 
 
+@pytest.mark.parametrize('nesterov,ema,mu_dtype', [
+    (False, True, None), (True, False, None), (True, True, jnp.bfloat16)])
+def test_owner_inner_step_equals_its_transform(nesterov, ema, mu_dtype):
+  """``fismo``'s owner-resident inner step (momentum, then the polar factor
+  of each matrix, tall ones via wide) on stacked matrices equals its plain
+  transform on the same matrices as leaves, momentum included, 3 steps."""
+  from optax_lite.optimizers.fismo import _momentum_polar
+  from optax_lite.transforms.orthogonalize import polar_kernel
+  inner = optax.chain(momentum(0.9, nesterov=nesterov, ema=ema,
+                               mu_dtype=mu_dtype), orthogonalize())
+  own = _momentum_polar(inner, decay=0.9, nesterov=nesterov, ema=ema,
+                        mu_dtype=mu_dtype,
+                        polar=polar_kernel('polar_express', 6, 1e-7, None),
+                        steps=6)
+  assert isinstance(own, ol.transforms.OwnerInner)
+  rng = np.random.default_rng(5)
+  for shape in ((3, 6, 10), (2, 10, 6)):
+    xs = [jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3)]
+    state, (mu,) = inner.init(list(xs[0])), own.init(xs[0])
+    assert mu.dtype == (mu_dtype or jnp.float32) and mu.shape == shape
+    for x in xs:
+      ref, state = inner.update(list(x), state)
+      y, (mu,) = own.step(x, mu)
+      np.testing.assert_allclose(y, jnp.stack(ref), atol=1e-6, rtol=1e-6)
+      np.testing.assert_allclose(mu.astype(jnp.float32),
+                                 jnp.stack(state[0].mu).astype(jnp.float32),
+                                 atol=1e-6, rtol=1e-6)
+  assert own.cost(6, 10) > own.cost(6, 6) > 0
+
+
+def test_owner_inner_on_one_device_is_its_transform():
+  """Without ``distribute`` (or on one device) ``fisher_whiten`` uses an
+  ``OwnerInner``'s plain transform: same updates and state; a bad ``inner``
+  is a TypeError naming it."""
+  from optax_lite.optimizers.fismo import _momentum_polar
+  from optax_lite.transforms.orthogonalize import polar_kernel
+  inner = optax.chain(momentum(0.9, ema=True, nesterov=False),
+                      orthogonalize())
+  own = _momentum_polar(inner, decay=0.9, nesterov=False, ema=True,
+                        mu_dtype=None,
+                        polar=polar_kernel('polar_express', 6, 1e-7, None),
+                        steps=6)
+  rng = np.random.default_rng(6)
+  params = {'a': jnp.zeros((6, 10)), 'b': jnp.zeros((10, 6))}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(2)]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('x',))
+  ref_u, ref_s = _run(fisher_whiten(inner), grads, params)
+  for kw in ({}, {'distribute': mesh}):
+    out_u, out_s = _run(fisher_whiten(own, **kw), grads, params)
+    assert jax.tree.structure(out_s) == jax.tree.structure(ref_s)
+    assert_trees_close(out_u, ref_u, atol=1e-6, rtol=1e-6)
+    assert_trees_close(out_s, ref_s, atol=1e-6, rtol=1e-6)
+  with pytest.raises(TypeError, match='inner'):
+    fisher_whiten(inner=lambda g: g)
+
+
 # ------------------------------------------------- amortised roots (root_every)
 
 

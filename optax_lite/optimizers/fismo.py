@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
 from optax_lite.linalg import distributed
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 from optax_lite.transforms.momentum import momentum as momentum_tx
 from optax_lite.transforms.orthogonalize import orthogonalize
+from optax_lite.transforms.orthogonalize import polar_kernel
+from optax_lite.transforms.owner_inner import OwnerInner
+
+# The polar factor's Frobenius-norm regulariser (orthogonalize's default),
+# the same in the per-leaf and the owner-resident inner step.
+_POLAR_EPS = 1e-7
+
+
+def _momentum_polar(transform, *, decay, nesterov: bool, ema: bool,
+                    mu_dtype, polar, steps: int) -> OwnerInner:
+  """FISMO's inner step ``polar(momentum(G̃))`` on a stack of matrices.
+
+  The arithmetic of :func:`optax_lite.momentum` (no bias correction) and of
+  :func:`optax_lite.orthogonalize` (tall matrices transposed to wide), so
+  the owner-resident step equals ``transform``'s.
+  """
+  g_weight = (1.0 - decay) if ema else 1.0
+
+  def init(x):
+    return (jnp.zeros_like(x, dtype=mu_dtype or x.dtype),)
+
+  def step(x, m):
+    ct = jnp.promote_types(x.dtype, m.dtype)
+    g, mf = x.astype(ct), m.astype(ct)
+    m_new = decay * mf + g_weight * g
+    out = (decay * m_new + g_weight * g if nesterov else m_new).astype(x.dtype)
+    if out.shape[-2] > out.shape[-1]:  # tall: as orthogonalize, via wide
+      y = jnp.swapaxes(polar(jnp.swapaxes(out, -1, -2)), -1, -2)
+    else:
+      y = polar(out)
+    return y, (m_new.astype(m.dtype),)
+
+  def cost(r, c):
+    s, l = min(r, c), max(r, c)
+    return float(max(steps, 1) * (4 * s * s * l + 2 * s ** 3))
+
+  return OwnerInner(transform, init, step, cost)
 from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 
 
@@ -100,13 +139,22 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     distribute: spread the per-matrix work over devices, owner-computes
       (a :class:`optax_lite.PolarSharding`, ``Mesh`` or ``(mesh, axes)``;
       ``None``: as the SPMD partitioner lays it out). Each device computes
-      whole matrices assigned by cost: the factor updates, inverse roots
-      and whitening, the polar factor of the whitened momentum, and the map
-      back (three grouped calls per step, an all-to-all in and out each,
-      none inside an iteration); see
+      whole matrices assigned by cost, the whole step of each in one
+      grouped call: the factor updates, inverse roots and whitening, the
+      momentum, the polar factor and the map back. The factors (and cached
+      roots) and the momentum of the matrix leaves live on their owner
+      (``FisherWhitenState.owned``), so per step only the gradient goes to
+      the owner and the update comes back: one all-to-all in and one out
+      per shape group under FSDP, one all-gather under data parallelism
+      (small LM tree, 8 devices, collective bytes per step / parameter
+      bytes: replicated 3.02 → 1.01, FSDP 1.21 → 0.45, FSDP×TP 1.75 →
+      0.73), none inside an iteration; see
       :func:`optax_lite.transforms.fisher_whiten` and
-      ``docs/multi_device.md``. Same state; the update equals the
-      single-device one up to round-off.
+      ``docs/multi_device.md``. The update equals the single-device one up
+      to round-off; such a state needs this ``distribute`` (a
+      ``distribute=None`` state still runs under it). With
+      ``optax.inject_hyperparams`` pass a ``Mesh`` in ``static_args`` (it
+      is callable, which would make it a schedule).
     adam_*: AdamW for the non-matrix leaves; ``adam_learning_rate=None`` uses
       ``learning_rate`` and ``adam_weight_decay=None`` uses ``weight_decay``.
 
@@ -125,12 +173,21 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   """
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
-  polar_lib.check_method(method, steps)
+  steps = polar_lib.check_method(method, steps)
   distribute = distributed.check_distribute(distribute)
   inner = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
-      orthogonalize(method, steps, dims, precision=precision,
+      orthogonalize(method, steps, dims, eps=_POLAR_EPS, precision=precision,
                     ns_dtype=ns_dtype, distribute=distribute))
+  if distribute is not None:
+    # Over several devices the whole per-matrix step runs on the owner.
+    inner = _momentum_polar(
+        inner, decay=momentum, nesterov=nesterov, ema=ema,
+        mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
+        polar=polar_kernel(method, steps, _POLAR_EPS,
+                           matmul_lib.check_precision('precision', precision),
+                           polar_lib.check_ns_dtype(ns_dtype)),
+        steps=steps)
   rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
                           adam_weight_decay, adam_nesterov)
   return _common.matrix_and_adamw(
