@@ -270,3 +270,33 @@ def test_owner_inner_is_checked():
   with pytest.raises(TypeError, match='inner'):
     fisher_whiten('momentum')
   assert isinstance(_owner_inner(), OwnerInner)
+
+
+@pytest.mark.parametrize('layout', ['sharded', 'replicated'])
+def test_fismo_lite_fused_equals_single_device(layout):
+  """``fismo_lite(distribute=)``: the whitening, the Muon-LITE step (with
+  its momentum and threshold state on the owner, bound to the LITE step
+  count for the χ/β₂ schedules) and the map back in one grouped call;
+  equals one device over 4 steps (refreshes and cached warm roots)."""
+  mesh = _mesh()
+  params = _tree()
+  grads = [_tree(k, scale=0.3) for k in range(1, 5)]
+  kw = dict(variant='lite_h', dims=DIMS, root_method='newton_warm',
+            root_every=2)
+  put = (_fsdp if layout == 'sharded' else
+         lambda t, m: jax.device_put(t, NamedSharding(m, P())))
+  tx = ol.fismo_lite(0.1, **kw)
+  dtx = ol.fismo_lite(0.1, distribute=ol.PolarSharding(mesh, layout=layout),
+                      **kw)
+  state, dstate = tx.init(params), dtx.init(put(params, mesh))
+  found = [x for x in jax.tree.leaves(
+      dstate, is_leaf=lambda x: isinstance(x, grouped.OwnerStacks))
+           if isinstance(x, grouped.OwnerStacks)]
+  # fisher_whiten's: P, Q, two cached roots, momentum, threshold per group
+  assert [len(g) for g in found[0].groups] == [6] * 4
+  assert all(not g.groups for g in found[1:])  # LITE's own: empty
+  update, dupdate = jax.jit(tx.update), jax.jit(dtx.update)
+  for g in grads:
+    u, state = update(g, state, params)
+    du, dstate = dupdate(put(g, mesh), dstate, put(params, mesh))
+    _close(du, u, 1e-5)

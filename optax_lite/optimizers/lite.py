@@ -547,7 +547,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       filter_route=filter_route),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none',
-        distribute=distribute)
+        distribute=distribute, owner_inner=distribute is not None)
     return optax.chain(
         fisher_whiten(inner, gamma=gamma, damping=damping,
                       root_method=root_method, root_iters=root_iters,

@@ -153,8 +153,9 @@ with ``max_factor_size=2048`` only the 768-side is whitened, a one-sided
 **Owner-computes** (``distribute=``, see :mod:`optax_lite.linalg.grouped`).
 Each device computes whole matrices, assigned by cost. With an
 :class:`optax_lite.transforms.OwnerInner` as ``inner`` (``fismo`` builds
-one: momentum and polar factor) over more than one device, *one* grouped
-call per step runs the whole per-matrix pipeline on the owner: factor
+one: momentum and polar factor; ``fismo_lite`` gets one from
+``lite_flat_boost(owner_inner=True)``) over more than one device, *one*
+grouped call per step runs the whole per-matrix pipeline on the owner: factor
 updates, roots, ``G̃``, the inner step and the map back ``Δ``; the factors,
 cached roots and the inner per-matrix state (the momentum) all live there
 (``FisherWhitenState.owned``, an
@@ -914,8 +915,8 @@ def _fused_init(state: FisherWhitenState, params, *, fused, cfg: _Config,
                         inner_state=inner_state, owned=owned)
 
 
-def _fused_kernel(fused, refresh, cfg: _Config):
-  """Whitening, ``fused.step`` and the map back of stacked ``X`` (compute
+def _fused_kernel(step, refresh, cfg: _Config):
+  """Whitening, the inner ``step`` and the map back of stacked ``X`` (compute
   dtype) next to the resident ``([P], [Q], [P cache], [Q cache], *inner
   state)``; returns ``((Δ,), new resident arrays)``.
 
@@ -937,7 +938,7 @@ def _fused_kernel(fused, refresh, cfg: _Config):
       f = _step_factors(x, prev, cached, refresh, cfg)
     else:  # both sides identity: only the inner step
       f = _Factors(prev, prev)
-    y, new_inner = fused.step(_sandwich(x, f.isqrt, cfg), *inner_state)
+    y, new_inner = step(_sandwich(x, f.isqrt, cfg), *inner_state)
     stored = lambda m: None if m is None else m.astype(fd).astype(ct)
     delta = _sandwich(y.astype(ct), _Pair(stored(f.isqrt.p),
                                           stored(f.isqrt.q)), cfg)
@@ -1015,7 +1016,8 @@ def _update_fused(updates, state: FisherWhitenState, *, fused, cfg: _Config,
     for j in idx:
       keys[j] = (has_p, has_q, cache)
   outs, resident = grouped_lib.grouped_map(
-      _fused_kernel(fused, refresh, cfg), items, spec=spec, keys=keys,
+      _fused_kernel(fused.step_for(state.inner_state), refresh, cfg), items,
+      spec=spec, keys=keys,
       cost=_fused_cost(cfg, fused), resident=resident)
   # The other leaves (no matrix view): the plain inner transform, unwhitened.
   inner_updates, inner_state = fused.transform.update(

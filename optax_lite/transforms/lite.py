@@ -56,6 +56,7 @@ from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.linalg import subspace
 from optax_lite.transforms import _tree
+from optax_lite.transforms.owner_inner import OwnerInner
 from optax_lite.transforms.scaling import SCALING_MODES, shape_factor
 
 
@@ -384,7 +385,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                     mu_dtype=None, dims: _tree.DimsSpec = None,
                     scaling: str = 'none', rms: float = 0.2,
                     flat_weight_decay: optax.ScalarOrSchedule = 0.0,
-                    distribute=None) -> optax.GradientTransformation:
+                    distribute=None, owner_inner: bool = False
+                    ) -> optax.GradientTransformation | OwnerInner:
   r"""LITE around ``geometry``; see the module docstring for the math.
 
   Args:
@@ -415,9 +417,16 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       split along its first axis; ``optax_lite.sharded_init`` and
       ``state_shardings`` know). Same math, up to round-off. Only
       geometries with ``needs_matrix`` use it.
+    owner_inner: return an :class:`optax_lite.transforms.OwnerInner`
+      instead (the transform, plus its per-matrix step on a stack of
+      matrices bound to the transform's step count), for
+      :func:`optax_lite.transforms.fisher_whiten` to run that step on each
+      matrix's owner inside its whitening call (FISMO-LITE); needs a
+      matrix geometry and no ``flat_weight_decay``.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`LiteState`.
+    An ``optax.GradientTransformation`` with state :class:`LiteState` (an
+    ``OwnerInner`` around it with ``owner_inner=True``).
   """
   _checks.check_number('chi', chi, low=1.0, allow_schedule=True)
   _checks.check_number('beta1', beta1)
@@ -465,19 +474,16 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       return state
     return _owner_init(state, params, spec, leaf_dims, use_wd, pack)
 
-  def update_fn(updates, state, params=None):
-    if use_wd and params is None:
-      raise ValueError('params: lite_flat_boost with flat_weight_decay > 0 '
-                       'needs params in update().')
-    count = optax.safe_increment(state.count)
+  def make_leaf(state_count):
+    """The new step count and the per-leaf step after ``state_count``."""
+    count = optax.safe_increment(state_count)
     # Schedules see the pre-increment count (0 on the first step), as optax's
     # learning-rate schedules and the reference's iteration counter do; the
     # geometry gets the step number (1 on the first step, for bias
     # corrections).
-    chi_t = _checks.resolve(chi, state.count)
-    b2_t = _checks.resolve(beta2, state.count)
-    wd_t = _checks.resolve(flat_weight_decay, state.count)
-    params_tree = params if use_wd else jax.tree.map(lambda _: None, updates)
+    chi_t = _checks.resolve(chi, state_count)
+    b2_t = _checks.resolve(beta2, state_count)
+    wd_t = _checks.resolve(flat_weight_decay, state_count)
 
     def leaf(view, g, m, p, *geom_leaf):
       _checks.check_float_leaf('updates', g)
@@ -503,6 +509,14 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
         boost = boost + wd_t * (chi_t - 1.0) * out.to_coords(p)
       u = out.finish(scale * u + out.flat(boost))
       return (u.astype(g.dtype), m_new.astype(m.dtype)) + tuple(out.state)
+    return count, leaf
+
+  def update_fn(updates, state, params=None):
+    if use_wd and params is None:
+      raise ValueError('params: lite_flat_boost with flat_weight_decay > 0 '
+                       'needs params in update().')
+    count, leaf = make_leaf(state.count)
+    params_tree = params if use_wd else jax.tree.map(lambda _: None, updates)
 
     if isinstance(state.owned, grouped.OwnerStacks):
       return _owner_update(leaf, spec, updates, state, count, params_tree,
@@ -512,7 +526,35 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     parts = _tree.unzip(res, 2 + len(state.geometry), updates)
     return parts[0], LiteState(count, parts[1], pack(parts[2:]))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  transform = optax.GradientTransformation(init_fn, update_fn)
+  if not owner_inner:
+    return transform
+  if use_wd or not geometry.needs_matrix:
+    raise ValueError('owner_inner: needs a matrix geometry and no '
+                     'flat_weight_decay (the per-matrix step sees no '
+                     'parameters).')
+
+  def stack_view(x):
+    k, rows, cols = x.shape
+    return _tree.MatrixView((0, 1, 2), (k,), rows, cols, (k, rows, cols))
+
+  def owner_init(x):
+    return ((jnp.zeros_like(x, dtype=mu_dtype or x.dtype),)
+            + tuple(geometry.init(stack_view(x), x)))
+
+  def bind(state):
+    _, leaf = make_leaf(state.count)
+
+    def step(x, m, *geom_leaf):
+      out = leaf(stack_view(x), x, m, None, *geom_leaf)
+      return out[0], tuple(out[1:])
+    return step
+
+  def cost(rows, cols):  # about three polar factors (6 Newton-Schulz steps)
+    s, l = min(rows, cols), max(rows, cols)
+    return float(18 * (4 * s * s * l + 2 * s ** 3))
+
+  return OwnerInner(transform, owner_init, None, cost, bind)
 
 
 def _matrix_views(tree, dims, name):

@@ -47,11 +47,21 @@ class OwnerInner(NamedTuple):
       traced hyperparameters may be closed over).
     cost: ``cost(rows, cols) -> float``: flops of one ``step`` on one
       ``rows × cols`` matrix, for the balance over devices (``None``: 0).
+    bind: optional ``bind(transform_state) -> step``: the step at the
+      transform's current state (the state before this update, e.g. its step
+      count for schedules), when the step depends on it; ``step`` is then
+      unused (``None``). The transform itself is still updated each step
+      (on the leaves without a matrix view), which advances that state.
   """
   transform: optax.GradientTransformation
   init: Callable
-  step: Callable
+  step: Callable | None
   cost: Callable[[int, int], float] | None = None
+  bind: Callable | None = None
+
+  def step_for(self, transform_state) -> Callable:
+    """The step to use with ``transform_state`` (``bind``'s or ``step``)."""
+    return self.step if self.bind is None else self.bind(transform_state)
 
 
 def plain_transform(inner) -> optax.GradientTransformation:
