@@ -212,9 +212,10 @@ class FisherWhitenState(NamedTuple):
   p_isqrt: optax.Updates
   q_isqrt: optax.Updates
   # ``distribute=`` over several devices: the matrix leaves' factors (and
-  # cached roots) on their owner devices
-  # (:class:`optax_lite.linalg.grouped.OwnerStacks`; their entries above are
-  # then one-element placeholders); ``None`` otherwise.
+  # cached roots; with an ``OwnerInner``, also its per-matrix state, those
+  # leaves then ``optax.MaskedNode`` in ``inner_state``) on their owner
+  # devices (:class:`optax_lite.linalg.grouped.OwnerStacks`; their entries
+  # above are then one-element placeholders); ``None`` otherwise.
   owned: Any = None
 
 
