@@ -903,7 +903,7 @@ def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
   for a tall leaf with ``transpose_tall``): the fields ``resident_fields``
   (the first ``n_mats`` of them leaf-shaped, put in matrix form) go into an
   :class:`~optax_lite.linalg.grouped.OwnerStacks` built from exactly the
-  items :func:`_resident_update` will pass, so that the groups and owners
+  items :func:`_kron_update` will pass, so that the groups and owners
   agree; the leaf's own entries become one-element placeholders.
 
   Returns ``(per_leaf with placeholders, owned)``.
