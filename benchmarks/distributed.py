@@ -310,9 +310,15 @@ def compile_seconds(tx, params, shard=None):
     s = ol.sharded_init(tx.init, params)
   else:
     s = jax.jit(tx.init)(params)
-  t0 = time.perf_counter()
+  # CPU seconds of this process, not wall time: on a shared machine the
+  # wall time of a (mostly single-threaded) compile depends on the load.
+  t0 = time.process_time()
   jax.jit(tx.update).lower(params, s, params).compile()
-  return time.perf_counter() - t0
+  return time.process_time() - t0
+
+
+BASELINES = {'optax.adamw': lambda: optax.adamw(LR),
+             'optax.contrib.muon': lambda: optax.contrib.muon(LR)}
 
 
 def run_compile(names, devices, log, depths=(6, 24)):
@@ -320,6 +326,16 @@ def run_compile(names, devices, log, depths=(6, 24)):
   mesh, spec = layouts(devices)['fsdp']
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, spec(x)), t)
   trees = {d: params_tree('small', d) for d in depths}
+  # The floor: optax's own per-leaf transforms, compiled side by side.
+  for name, make_base in BASELINES.items():
+    secs = [compile_seconds(make_base(), trees[d]) for d in depths]
+    rows.append({'optimizer': name, 'depths': list(depths), 'baseline': True,
+                 'one_device': {'seconds': secs,
+                                'ratio': secs[-1] / secs[0]},
+                 'distribute': None})
+    log(f'compile {name:<11} baseline   ' + ' '.join(
+        f'{d} layers {s:6.1f}s' for d, s in zip(depths, secs)) +
+        f'  ratio {secs[-1] / secs[0]:.2f}')
   for name in names:
     row = {'optimizer': name, 'depths': list(depths)}
     for variant in ('one_device', 'distribute'):
@@ -346,7 +362,8 @@ def main(argv=None):
   ap.add_argument('--quick', action='store_true',
                   help='small tree only')
   ap.add_argument('--compile', action='store_true',
-                  help='also time compilation at 6 vs 24 layers')
+                  help='also time compilation at 6 vs 24 layers (CPU '
+                  'seconds of this process)')
   ap.add_argument('--compile-only', action='store_true')
   ap.add_argument('--optimizers', default=None,
                   help='comma-separated; default: all named optimizers')

@@ -530,10 +530,12 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
 
   ``distribute``: ``None`` or a :class:`optax_lite.PolarSharding` / ``Mesh``
   / ``(mesh, axes)``: owner-computes, as in :func:`optax_lite.fismo` — each
-  device computes whole matrices chosen by cost: the whitening (factor
-  updates, inverse roots, ``G̃``) and the map back in
-  :func:`optax_lite.transforms.fisher_whiten`, and the whitened Muon-LITE
-  step in :func:`optax_lite.lite_flat_boost`; see ``docs/multi_device.md``.
+  device computes whole matrices chosen by cost, and the whole step of a
+  matrix (factor updates, inverse roots, ``G̃``, the whitened Muon-LITE
+  step of :func:`optax_lite.lite_flat_boost`, the map back) runs in one
+  owner call of :func:`optax_lite.transforms.fisher_whiten`, its state
+  owner-resident: the gradient travels in, the update out; see
+  ``docs/multi_device.md``.
   """
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)

@@ -1082,8 +1082,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       matrices of equal shape, the slices of stacked leaves with them, are
       stacked and stepped by one batched call per shape, so the program
       has one ``eigh`` / QR / rotation per distinct shape however deep the
-      model, with the per-leaf state layout above) or a :class:`optax_lite.PolarSharding` /
-      ``Mesh`` / ``(mesh, axes)``: owner-computes. Every preconditioned
+      model, with the per-leaf state layout above) or a
+      :class:`optax_lite.PolarSharding` / ``Mesh`` / ``(mesh, axes)``:
+      owner-computes. Every preconditioned
       matrix (each slice of a stacked ``[B, m, n]`` leaf separately) is
       assigned to one device by its cost (rotations ``≈ m²n + mn²`` per
       step, QR refreshes ``≈ (m³ + n³)/k``); that device runs the whole
@@ -1262,8 +1263,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     precision: matmul precision.
     distribute: ``None`` (default: one device, same-shape matrices
       stacked into one batched step per shape, as in :func:`scale_by_soap`;
-      tall matrices keep their orientation) or a :class:`optax_lite.PolarSharding` / ``Mesh`` /
-      ``(mesh, axes)``: owner-computes, as in :func:`scale_by_soap`. Each
+      tall matrices keep their orientation) or a
+      :class:`optax_lite.PolarSharding` / ``Mesh`` / ``(mesh, axes)``:
+      owner-computes, as in :func:`scale_by_soap`. Each
       preconditioned matrix is assigned to one device by its cost
       (products ``≈ m²n + mn²`` per step, inverse roots ``≈ (m³ + n³)/k``),
       which runs the whole :func:`shampoo_leaf_update` (statistics, the
