@@ -75,7 +75,7 @@ DRY = dict(
     lm_optimizers=('muon',),
 )
 # Fixed peak learning rates for the LM race (the best of the grid on the
-# tiny model in benchmarks/results/lm_tiny1000_cpu.json).
+# tiny model in benchmarks/results/old_corpus/lm_tiny1000_cpu.json).
 LM_LR = {'adamw': 3e-3, 'muon': 1e-2, 'muon_lite': 3e-3}
 STEP_VARIANTS = {
     'muon[ns_dtype=bf16]': ('muon', {'ns_dtype': jnp.bfloat16}),
