@@ -735,22 +735,42 @@ def _owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
       state.p, state.q, state.p_isqrt, state.q_isqrt)]
   structs = [tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in item)
              for item in _owned_items(leaves, views, sides, cfg)]
-  per_leaf = []
-  for i in todo:
-    b = views[i].matrix_shape[0]
-    stored = [f[i] for f, flag in zip(fields[:2], sides[i]) if flag]
-    if cache:
-      stored += [f[i] for f, flag in zip(fields[2:], sides[i]) if flag]
-    per_leaf.append(tuple(x.reshape((b,) + x.shape[-2:]) for x in stored))
+  per_leaf = [_stored_factors(fields, sides[i], cache, i,
+                              views[i].matrix_shape[0]) for i in todo]
   owned = grouped_lib.owner_stacks(
       structs, per_leaf, spec=spec, cost=_whiten_cost(cfg),
       keys=[sides[i] + (cache,) for i in todo])
+  p, q, pc, qc = _placeholders(fields, todo, treedef, cfg)
+  return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc, owned=owned)
+
+
+def _stored_factors(fields, sides, cache: bool, i: int, batch: int):
+  """Leaf ``i``'s stored factors (then cached roots) as ``(B, d, d)``."""
+  stored = [f[i] for f, flag in zip(fields[:2], sides) if flag]
+  if cache:
+    stored += [f[i] for f, flag in zip(fields[2:], sides) if flag]
+  return tuple(x.reshape((batch,) + x.shape[-2:]) for x in stored)
+
+
+def _placeholders(fields, todo, treedef, cfg: _Config):
+  """The per-leaf ``p, q, p_isqrt, q_isqrt`` trees with the owned leaves
+  replaced by one-element placeholders."""
   empty = _tree.identity_placeholder(cfg.factor_dtype)
   for f in fields:
     for i in todo:
       f[i] = empty
-  p, q, pc, qc = (treedef.unflatten(f) for f in fields)
-  return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc, owned=owned)
+  return tuple(treedef.unflatten(f) for f in fields)
+
+
+def _read_factors(res, key, ct):
+  """An owner kernel's resident arrays: the stored factors, the cached roots
+  (if ``key`` says so) in ``ct``, and an iterator over the rest."""
+  has_p, has_q, cached_roots = key
+  it = iter(res)
+  take = lambda flag: next(it).astype(ct) if flag else None
+  prev = _Pair(take(has_p), take(has_q))
+  cached = _Pair(take(has_p), take(has_q)) if cached_roots else None
+  return prev, cached, it
 
 
 def _update_owned(updates, state: FisherWhitenState, *, inner, cfg: _Config,
@@ -792,11 +812,8 @@ def _update_owned(updates, state: FisherWhitenState, *, inner, cfg: _Config,
   ct = _compute_dtype(cfg)
 
   def whiten(x, *res, key):
-    has_p, has_q, cached_roots = key
-    it = iter(res)
-    take = lambda flag: next(it).astype(ct) if flag else None
-    prev = _Pair(take(has_p), take(has_q))
-    cached = _Pair(take(has_p), take(has_q)) if cached_roots else None
+    has_p, has_q, _ = key
+    prev, cached, _ = _read_factors(res, key, ct)
     f = _step_factors(x, prev, cached, refresh, cfg)
     new = [m.astype(cfg.factor_dtype) for m, flag in zip(
         (f.new.p, f.new.q, f.isqrt.p, f.isqrt.q), (has_p, has_q) * 2)
@@ -898,19 +915,12 @@ def _fused_init(state: FisherWhitenState, params, *, fused, cfg: _Config,
   for i in todo:
     x = views[i].to_matrix(leaves[i])
     structs.append((jax.ShapeDtypeStruct(x.shape, ct),))
-    stored = [f[i] for f, flag in zip(fields[:2], sides[i]) if flag]
-    if cache:
-      stored += [f[i] for f, flag in zip(fields[2:], sides[i]) if flag]
-    per_leaf.append(tuple(f.reshape((x.shape[0],) + f.shape[-2:])
-                          for f in stored) + tuple(fused.init(x)))
+    per_leaf.append(_stored_factors(fields, sides[i], cache, i, x.shape[0])
+                    + tuple(fused.init(x)))
   owned = grouped_lib.owner_stacks(
       structs, per_leaf, spec=spec, cost=_fused_cost(cfg, fused),
       keys=[sides[i] + (cache,) for i in todo])
-  empty = _tree.identity_placeholder(cfg.factor_dtype)
-  for f in fields:
-    for i in todo:
-      f[i] = empty
-  p, q, pc, qc = (treedef.unflatten(f) for f in fields)
+  p, q, pc, qc = _placeholders(fields, todo, treedef, cfg)
   inner_state = fused.transform.init(_masked(treedef, leaves, todo))
   return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc,
                         inner_state=inner_state, owned=owned)
@@ -930,10 +940,7 @@ def _fused_kernel(step, refresh, cfg: _Config):
 
   def fn(x, *res, key):
     has_p, has_q, cached_roots = key
-    it = iter(res)
-    take = lambda flag: next(it).astype(ct) if flag else None
-    prev = _Pair(take(has_p), take(has_q))
-    cached = _Pair(take(has_p), take(has_q)) if cached_roots else None
+    prev, cached, it = _read_factors(res, key, ct)
     inner_state = tuple(it)
     if has_p or has_q:
       f = _step_factors(x, prev, cached, refresh, cfg)
