@@ -839,10 +839,8 @@ def test_bad_distribute_raises_naming_it(make):
     ('shampoo', {'root_method': 'newton', 'exponent': 0.25})])
 def test_distribute_one_device_equals_leaf_by_leaf(mode, kw):
   """A 1-device mesh stacks same-shape matrices into one kernel call (and a
-  ``[3, m, n]`` leaf's slices with them), as ``distribute=None`` does (see
-  tests/test_kron_grouped.py for the comparison with each leaf alone); the
-  state and updates equal those of ``distribute=None`` over steps with
-  refreshes."""
+  ``[3, m, n]`` leaf's slices with them); the state and updates equal the
+  leaf-by-leaf path (``distribute=None``) over steps with refreshes."""
   rng = np.random.default_rng(5)
   shapes = {'a': (6, 4), 'b': (6, 4), 'c': (3, 6, 4), 'd': (4, 9),
             'v': (5,), 'big': (2, 40)}

@@ -65,13 +65,10 @@ the batch axes). Factors, bases and ``nu`` are float32 (``precond_dtype``),
 ``mu`` float32 unless ``mu_dtype`` says otherwise; the arithmetic is float32
 (or wider) whatever the storage dtype. The per-leaf helpers
 (:func:`soap_leaf_update`, :func:`shampoo_leaf_update`) work on the matrix
-form ``(B, m, n)`` of every field; ``update`` stacks the matrices of
-equal shape of all leaves and runs them through one batched call per shape
-(:func:`optax_lite.linalg.grouped.grouped_map`), so that the compiled step
-does not grow with the depth of the model. With ``distribute=`` over
-several devices, the per-matrix fields of every preconditioned leaf live
-instead in the state's ``owned`` field, on the device that computes that
-matrix (see :func:`scale_by_soap`).
+form ``(B, m, n)`` of every field. With ``distribute=`` over several
+devices, the per-matrix fields of every preconditioned leaf live instead in
+the state's ``owned`` field, on the device that computes that matrix (see
+:func:`scale_by_soap`).
 
 References:
   Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -791,92 +788,41 @@ def _transposed(arrays, n_mats: int) -> tuple:
   return mats + tuple(rest[j ^ 1] for j in range(len(rest)))
 
 
-def _kron_update(updates, resolved, fields, owned, kernel, *, travel,
-                 n_leaf_shaped, spec, cost, transpose_tall):
-  """Per-leaf results of ``kernel``, one batched call per shape group.
+def _owner_computes(updates, resolved, fields, item, kernel, unpack, local,
+                    spec, cost, n_mats, transpose_tall):
+  """Per-leaf results, the preconditioned matrices computed by their owners.
 
-  The one dispatcher of SOAP and Shampoo, on one device and on several.
-  ``fields`` are the state's per-leaf fields (trees like ``updates``, in
-  the state's order, ``stats_l`` / ``stats_r`` third and fourth); the
-  fields ``travel`` (indices, the first ``n_leaf_shaped`` of them
-  leaf-shaped, then left/right pairs of factor arrays) are what ``kernel``
-  reads and writes: ``kernel(g, *travel_fields) -> (u, *new
-  travel_fields)`` on ``(B, m, n)`` matrices, slice-wise over the batch.
-  The other fields are returned as they are.
-
-  * A leaf without a preconditioned side (element-wise Adam / momentum;
-    vectors, ``dims=None``, both sides above ``max_precond_dim``) runs
-    ``kernel`` on its own.
-  * ``owned`` an :class:`~optax_lite.linalg.grouped.OwnerStacks`
-    (``distribute=`` over several devices, built by :func:`_resident_init`):
-    the state of a leaf whose ``stats_l`` entry is a one-element
-    placeholder lives on its owner; only its gradient (compute dtype)
-    travels there and the update back.
-  * Otherwise (one device, ``spec=None``, or ``distribute=`` without owned
-    state) every preconditioned leaf is one work item (its gradient and
-    the ``travel`` fields in matrix form) and
-    :func:`optax_lite.linalg.grouped.grouped_map` stacks the items of
-    equal shapes and dtypes and calls ``kernel`` once per group: on one
-    device the program has one ``eigh`` / QR / rotation per distinct
-    shape, not per leaf; with ``spec`` the groups' items are spread over
-    the devices by ``cost``.
-
-  With ``transpose_tall`` tall items run transposed (:func:`_transposed`),
-  so that ``m × n`` and ``n × m`` leaves share a group.
-
-  Returns ``(tree of per-leaf tuples (update, *fields), owned)``.
+  ``item(view, g, *state_leaves)`` gives a leaf's work item (its gradient
+  and state arrays, batch-leading: ``n_mats`` matrices ``(B, m, n)``, then
+  left/right pairs of factors) or ``None`` (the leaf stays on ``local(g,
+  d, *state_leaves)``). With ``transpose_tall`` tall items are transposed
+  to wide (:func:`_transposed`), so that ``m × n`` and ``n × m`` leaves
+  share a group (fewer padded slots per device, fewer bytes moved).
+  :func:`optax_lite.linalg.grouped
+  .grouped_map` runs ``kernel`` on the items of each shape group, on the
+  devices it assigns them to by ``cost``, and ``unpack(view, g,
+  state_leaves, result)`` turns an item's result back into the leaf's
+  tuple ``(update, *new state leaves)`` in the single-device layout.
   """
   g_leaves, treedef = jax.tree.flatten(updates)
   d_leaves = treedef.flatten_up_to(resolved)
   f_leaves = [treedef.flatten_up_to(f) for f in fields]
-  resident = isinstance(owned, grouped_lib.OwnerStacks)
-  n_mats = 1 + n_leaf_shaped  # the gradient / update, then leaf-shaped
-
-  def finish(view, g, fs, res):
-    u, *new = res
-    full = list(fs)
-    for k, j in enumerate(travel):
-      full[j] = view.from_matrix(new[k]) if k < n_leaf_shaped else new[k]
-    return (view.from_matrix(u).astype(g.dtype),) + tuple(full)
-
   out, items, todo = [None] * len(g_leaves), [], []
   for i, (g, d) in enumerate(zip(g_leaves, d_leaves)):
-    fs = tuple(f[i] for f in f_leaves)
+    fs = [f[i] for f in f_leaves]
     view, _ = _leaf_view(g, d)
-    if resident:
-      grouped = fs[2].ndim == 1  # one-element placeholder: state is owned
-    else:
-      grouped = has_side(fs[2]) or has_side(fs[3])
-    if resident and grouped:
-      item = (view.to_matrix(g).astype(_compute_dtype(g)),)
-    else:
-      item = (view.to_matrix(g),) + tuple(
-          view.to_matrix(fs[j]) if k < n_leaf_shaped else fs[j]
-          for k, j in enumerate(travel))
-    if not grouped:
-      out[i] = finish(view, g, fs, kernel(*item))
+    it = item(view, g, *fs)
+    if it is None:
+      out[i] = local(g, d, *fs)
       continue
     tall = transpose_tall and view.rows > view.cols
     todo.append((i, view, fs, tall))
-    items.append(_transposed(item, len(item) if resident else n_mats)
-                 if tall else item)
-
-  if resident:
-    def fn(g, *state):
-      u, *new = kernel(g, *state)
-      return (u,), tuple(new)
-
-    results, owned = grouped_lib.grouped_map(fn, items, spec=spec, cost=cost,
-                                             resident=owned)
-    for (i, view, fs, tall), (u,) in zip(todo, results):
-      u = _t(u) if tall else u
-      out[i] = (view.from_matrix(u).astype(g_leaves[i].dtype),) + fs
-  else:
-    results = grouped_lib.grouped_map(kernel, items, spec=spec, cost=cost)
-    for (i, view, fs, tall), res in zip(todo, results):
-      res = _transposed(tuple(res), n_mats) if tall else tuple(res)
-      out[i] = finish(view, g_leaves[i], fs, res)
-  return jax.tree.unflatten(treedef, out), owned
+    items.append(_transposed(it, n_mats) if tall else it)
+  results = grouped_lib.grouped_map(kernel, items, spec=spec, cost=cost)
+  for (i, view, fs, tall), res in zip(todo, results):
+    res = _transposed(tuple(res), n_mats) if tall else tuple(res)
+    out[i] = unpack(view, g_leaves[i], fs, res)
+  return jax.tree.unflatten(treedef, out)
 
 
 def _resolve_init_dims(dims, params):
@@ -903,7 +849,7 @@ def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
   for a tall leaf with ``transpose_tall``): the fields ``resident_fields``
   (the first ``n_mats`` of them leaf-shaped, put in matrix form) go into an
   :class:`~optax_lite.linalg.grouped.OwnerStacks` built from exactly the
-  items :func:`_kron_update` will pass, so that the groups and owners
+  items :func:`_resident_update` will pass, so that the groups and owners
   agree; the leaf's own entries become one-element placeholders.
 
   Returns ``(per_leaf with placeholders, owned)``.
@@ -932,6 +878,44 @@ def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
   owned = grouped_lib.owner_stacks(structs, owned_state, spec=spec,
                                    cost=cost)
   return treedef.unflatten(new), owned
+
+
+def _resident_update(updates, resolved, fields, owned, kernel, local, spec,
+                     cost, transpose_tall):
+  """Per-leaf results with the per-matrix state resident on its owner.
+
+  A leaf whose ``stats_l`` entry is a one-element placeholder (moved into
+  ``owned`` by :func:`_resident_init`) sends only its gradient to the
+  owner, where ``kernel(g, *resident) -> (u, new resident)`` runs next to
+  its state; the update comes back, the state stays. Other leaves run
+  ``local(g, d, *state_leaves)``. Returns ``(tree of per-leaf tuples
+  (update, *state leaves), new owned)``.
+  """
+  g_leaves, treedef = jax.tree.flatten(updates)
+  d_leaves = treedef.flatten_up_to(resolved)
+  f_leaves = [treedef.flatten_up_to(f) for f in fields]
+  out, items, todo = [None] * len(g_leaves), [], []
+  for i, (g, d) in enumerate(zip(g_leaves, d_leaves)):
+    fs = tuple(f[i] for f in f_leaves)
+    if fs[2].ndim != 1:  # a (B, 1) or (B, m, m) factor: not owned
+      out[i] = local(g, d, *fs)
+      continue
+    view, _ = _leaf_view(g, d)
+    x = view.to_matrix(g).astype(_compute_dtype(g))
+    tall = transpose_tall and view.rows > view.cols
+    items.append((_t(x) if tall else x,))
+    todo.append((i, view, fs, tall))
+
+  def fn(g, *resident):
+    u, new = kernel(g, *resident)
+    return (u,), tuple(new)
+
+  results, owned = grouped_lib.grouped_map(fn, items, spec=spec, cost=cost,
+                                           resident=owned)
+  for (i, view, fs, tall), (u,) in zip(todo, results):
+    u = _t(u) if tall else u
+    out[i] = (view.from_matrix(u).astype(g_leaves[i].dtype),) + fs
+  return jax.tree.unflatten(treedef, out), owned
 
 
 def _kron_flops(m, n, left, right, k, root) -> float:
@@ -1078,13 +1062,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q`` (float32 default).
     precision: matmul precision of the rotations and statistics.
-    distribute: ``None`` (default: one device; the preconditioned
-      matrices of equal shape, the slices of stacked leaves with them, are
-      stacked and stepped by one batched call per shape, so the program
-      has one ``eigh`` / QR / rotation per distinct shape however deep the
-      model, with the per-leaf state layout above) or a
-      :class:`optax_lite.PolarSharding` / ``Mesh`` / ``(mesh, axes)``:
-      owner-computes. Every preconditioned
+    distribute: ``None`` (default: one device, leaf by leaf, the program
+      as without this argument) or a :class:`optax_lite.PolarSharding` /
+      ``Mesh`` / ``(mesh, axes)``: owner-computes. Every preconditioned
       matrix (each slice of a stacked ``[B, m, n]`` leaf separately) is
       assigned to one device by its cost (rotations ``≈ m²n + mn²`` per
       step, QR refreshes ``≈ (m³ + n³)/k``); that device runs the whole
@@ -1193,22 +1173,49 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
           precision=precision)
       return (soap_direction(direc, precision=precision),) + tuple(new)
 
+    def unpack(view, g, res):
+      u, mu, nu, *factors = res
+      mu, nu = view.from_matrix(mu), view.from_matrix(nu)
+      return (view.from_matrix(u).astype(g.dtype), mu, nu) + tuple(factors)
+
+    def leaf(g, d, mu, nu, *factors):
+      view, _ = _leaf_view(g, d)
+      mu, nu = view.to_matrix(mu), view.to_matrix(nu)
+      return unpack(view, g, kernel(view.to_matrix(g), mu, nu, *factors))
+
     fields = (state.mu, state.nu, state.stats_l, state.stats_r, state.q_l,
               state.q_r, state.lam_l, state.lam_r)
-    is_owned = isinstance(state.owned, grouped_lib.OwnerStacks)
-    # Tall leaves are not transposed to share a group with wide ones:
-    # Q_lᵀ(G Q_r) instead of (Q_lᵀ G) Q_r changes the round-off, which
-    # the sign-like first Adam step amplifies on rank-deficient leaves
-    # (2.8e-4 measured on a 24 × 8 leaf, 2.7× the float32 error of the
-    # step itself); untransposed, the stacked results equal the per-leaf
-    # ones to the bit on unstacked leaves.
-    out, owned = _kron_update(
-        updates, resolved, fields, state.owned, kernel, travel=tuple(range(8)),
-        n_leaf_shaped=2, spec=spec, transpose_tall=False,
-        cost=(resident_cost() if is_owned
-              else _soap_cost(precondition_frequency)))
+    if isinstance(state.owned, grouped_lib.OwnerStacks):
+      def resident_kernel(g, *leaf_state):
+        u, *new = kernel(g, *leaf_state)
+        return u, new
+
+      out, owned = _resident_update(updates, resolved, fields, state.owned,
+                                    resident_kernel, leaf, spec,
+                                    resident_cost(), transpose_tall=False)
+      new_updates, *fields = _tree.unzip(out, 9, updates)
+      return new_updates, SoapState(count, *fields, owned)
+    if spec is None:
+      out = jax.tree.map(leaf, updates, resolved, *fields)
+    else:
+      def item(view, g, mu, nu, *factors):
+        if not (has_side(factors[0]) or has_side(factors[1])):
+          return None  # Adam: element-wise, stays where it is
+        return (view.to_matrix(g), view.to_matrix(mu),
+                view.to_matrix(nu)) + tuple(factors)
+
+      # Tall leaves are not transposed to share a group with wide ones:
+      # Q_lᵀ(G Q_r) instead of (Q_lᵀ G) Q_r changes the round-off, which
+      # the sign-like first Adam step amplifies on rank-deficient leaves
+      # (2.8e-4 measured on a 24 × 8 leaf, 2.7× the float32 error of the
+      # step itself); untransposed, the owners' results equal the
+      # single-device ones to the bit on unstacked leaves.
+      out = _owner_computes(updates, resolved, fields, item, kernel,
+                            lambda view, g, fs, res: unpack(view, g, res),
+                            leaf, spec, _soap_cost(precondition_frequency),
+                            n_mats=3, transpose_tall=False)
     new_updates, *fields = _tree.unzip(out, 9, updates)
-    return new_updates, SoapState(count, *fields, owned)
+    return new_updates, SoapState(count, *fields)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -1261,11 +1268,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of the factors, roots and ``V`` (float32 default).
     precision: matmul precision.
-    distribute: ``None`` (default: one device, same-shape matrices
-      stacked into one batched step per shape, as in :func:`scale_by_soap`;
-      tall matrices keep their orientation) or a
-      :class:`optax_lite.PolarSharding` / ``Mesh`` / ``(mesh, axes)``:
-      owner-computes, as in :func:`scale_by_soap`. Each
+    distribute: ``None`` (default: one device, the program as without
+      this argument) or a :class:`optax_lite.PolarSharding` / ``Mesh`` /
+      ``(mesh, axes)``: owner-computes, as in :func:`scale_by_soap`. Each
       preconditioned matrix is assigned to one device by its cost
       (products ``≈ m²n + mn²`` per step, inverse roots ``≈ (m³ + n³)/k``),
       which runs the whole :func:`shampoo_leaf_update` (statistics, the
@@ -1368,27 +1373,65 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
           null_threshold=null_threshold, precision=precision)
       return (u,) + tuple(new)
 
-    def travel_kernel(g, mu, *rest):
-      """``kernel`` on the fields that travel (no ``nu`` without a graft)."""
+    def unpack(view, g, res):
+      u, mu, nu, *factors = res
+      mu = view.from_matrix(mu)
       if graft == 'adam':
-        return kernel(g, mu, *rest)
-      u, mu, _, *factors = kernel(g, mu, jnp.zeros((1,), mu.dtype), *rest)
-      return (u, mu) + tuple(factors)
+        nu = view.from_matrix(nu)
+      return (view.from_matrix(u).astype(g.dtype), mu, nu) + tuple(factors)
+
+    def leaf(g, d, mu, nu, *factors):
+      view, _ = _leaf_view(g, d)
+      if graft == 'adam':
+        nu = view.to_matrix(nu)
+      mu = view.to_matrix(mu)
+      return unpack(view, g, kernel(view.to_matrix(g), mu, nu, *factors))
 
     fields = (state.mu, state.nu, state.stats_l, state.stats_r,
               state.precond_l, state.precond_r)
-    is_owned = isinstance(state.owned, grouped_lib.OwnerStacks)
-    # One device: tall leaves keep their orientation (the per-leaf
-    # association of the products); distributed, they run transposed so
-    # that m × n and n × m leaves share a group.
-    out, owned = _kron_update(
-        updates, resolved, fields, state.owned, travel_kernel,
-        travel=resident_fields, n_leaf_shaped=n_leaf_shaped, spec=spec,
-        transpose_tall=spec is not None,
-        cost=(resident_cost() if is_owned else
-              _shampoo_cost(precondition_frequency, 1 + n_leaf_shaped)))
+    if isinstance(state.owned, grouped_lib.OwnerStacks):
+      def resident_kernel(g, mu, *rest):
+        if graft == 'adam':
+          u, *new = kernel(g, mu, *rest)
+          return u, new
+        u, mu, _, *factors = kernel(g, mu, jnp.zeros((1,), mu.dtype), *rest)
+        return u, (mu,) + tuple(factors)
+
+      out, owned = _resident_update(updates, resolved, fields, state.owned,
+                                    resident_kernel, leaf, spec,
+                                    resident_cost(), transpose_tall=True)
+      new_updates, *fields = _tree.unzip(out, 7, updates)
+      return new_updates, ShampooState(count, *fields, owned)
+    if spec is None:
+      out = jax.tree.map(leaf, updates, resolved, *fields)
+    else:
+      def item(view, g, mu, nu, *factors):
+        if not (has_side(factors[0]) or has_side(factors[1])):
+          return None  # graft / momentum only: element-wise, stays local
+        if graft == 'adam':
+          return (view.to_matrix(g), view.to_matrix(mu),
+                  view.to_matrix(nu)) + tuple(factors)
+        return (view.to_matrix(g), view.to_matrix(mu)) + tuple(factors)
+
+      def distributed_kernel(g, mu, *rest):
+        if graft == 'adam':
+          return kernel(g, mu, *rest)
+        u, mu, _, *factors = kernel(g, mu, jnp.zeros((1,), mu.dtype), *rest)
+        return (u, mu) + tuple(factors)
+
+      def unpack_item(view, g, fs, res):
+        if graft != 'adam':  # the (1,) placeholder did not travel
+          res = tuple(res[:2]) + (fs[1],) + tuple(res[2:])
+        return unpack(view, g, res)
+
+      out = _owner_computes(updates, resolved, fields, item,
+                            distributed_kernel, unpack_item, leaf, spec,
+                            _shampoo_cost(precondition_frequency,
+                                          3 if graft == 'adam' else 2),
+                            n_mats=3 if graft == 'adam' else 2,
+                            transpose_tall=True)
     new_updates, *fields = _tree.unzip(out, 7, updates)
-    return new_updates, ShampooState(count, *fields, owned)
+    return new_updates, ShampooState(count, *fields)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
