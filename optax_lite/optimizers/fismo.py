@@ -15,6 +15,7 @@ from optax_lite.transforms.momentum import momentum as momentum_tx
 from optax_lite.transforms.orthogonalize import orthogonalize
 from optax_lite.transforms.orthogonalize import polar_kernel
 from optax_lite.transforms.owner_inner import OwnerInner
+from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 
 # The polar factor's Frobenius-norm regulariser (orthogonalize's default),
 # the same in the per-leaf and the owner-resident inner step.
@@ -50,7 +51,6 @@ def _momentum_polar(transform, *, decay, nesterov: bool, ema: bool,
     return float(max(steps, 1) * (4 * s * s * l + 2 * s ** 3))
 
   return OwnerInner(transform, init, step, cost)
-from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 
 
 def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
