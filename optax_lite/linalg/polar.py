@@ -62,6 +62,9 @@ _POLAR_EXPRESS_RAW = np.array([
 ])
 _SAFETY = 1.01
 
+# Added to the Frobenius norm before dividing by it (a zero matrix stays zero).
+EPS = 1e-7
+
 
 def _polar_express_table() -> np.ndarray:
   t = _POLAR_EXPRESS_RAW.copy()
@@ -88,6 +91,17 @@ def check_method(method: str, steps: int | None, name: str = 'method') -> int:
     return 0
   _checks.check_int('steps', steps, low=1)
   return int(steps)
+
+
+def flops(rows: int, cols: int, steps: int) -> float:
+  """Flops of ``steps`` iterations on a ``rows × cols`` matrix.
+
+  ``2·s²·l + s³`` multiply-adds per step on the smaller Gram side
+  (``s = min``, ``l = max``), two flops each: the cost by which the
+  distributed paths balance polar factors across devices.
+  """
+  s, l = min(rows, cols), max(rows, cols)
+  return float(max(steps, 1) * (4 * s * s * l + 2 * s ** 3))
 
 
 def coefficients(method: str, steps: int | None = None) -> np.ndarray:
@@ -118,7 +132,7 @@ def check_ns_dtype(ns_dtype, name: str = 'ns_dtype'):
 
 
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_factor=1.0,
-                  eps: float = 1e-7, precision=None,
+                  eps: float = EPS, precision=None,
                   ns_dtype=None, kernel: str = 'polar') -> jax.Array:
   """Runs the odd-polynomial iteration given a static ``(steps, 3)`` table.
 
@@ -186,7 +200,7 @@ def polar_svd(x: jax.Array) -> jax.Array:
 
 
 def polar_by_method(x: jax.Array, method: str = 'polar_express',
-                    steps: int | None = None, *, eps: float = 1e-7,
+                    steps: int | None = None, *, eps: float = EPS,
                     precision=None, ns_dtype=None,
                     kernel: str = 'polar') -> jax.Array:
   """The polar factor of ``x`` by ``method``, unjitted, for use inside a step.
@@ -213,7 +227,7 @@ def _polar_factor_jit(x, method, steps, eps, precision, ns_dtype):
 
 
 def polar_factor(x: jax.Array, method: str = 'polar_express',
-                 steps: int | None = None, *, eps: float = 1e-7,
+                 steps: int | None = None, *, eps: float = EPS,
                  precision=None, ns_dtype=None) -> jax.Array:
   """Returns ``≈ U Vᵀ`` for ``x = U Σ Vᵀ``, batched over leading dims.
 

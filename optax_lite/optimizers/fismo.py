@@ -12,14 +12,11 @@ from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 from optax_lite.transforms.momentum import momentum as momentum_tx
+from optax_lite.transforms.momentum import momentum_step
 from optax_lite.transforms.orthogonalize import orthogonalize
 from optax_lite.transforms.orthogonalize import polar_kernel
 from optax_lite.transforms.owner_inner import OwnerInner
 from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
-
-# The polar factor's Frobenius-norm regulariser (orthogonalize's default),
-# the same in the per-leaf and the owner-resident inner step.
-_POLAR_EPS = 1e-7
 
 
 def _momentum_polar(transform, *, decay, nesterov: bool, ema: bool,
@@ -30,25 +27,19 @@ def _momentum_polar(transform, *, decay, nesterov: bool, ema: bool,
   :func:`optax_lite.orthogonalize` (tall matrices transposed to wide), so
   the owner-resident step equals ``transform``'s.
   """
-  g_weight = (1.0 - decay) if ema else 1.0
-
   def init(x):
     return (jnp.zeros_like(x, dtype=mu_dtype or x.dtype),)
 
   def step(x, m):
-    ct = jnp.promote_types(x.dtype, m.dtype)
-    g, mf = x.astype(ct), m.astype(ct)
-    m_new = decay * mf + g_weight * g
-    out = (decay * m_new + g_weight * g if nesterov else m_new).astype(x.dtype)
+    out, m_new = momentum_step(x, m, decay=decay, nesterov=nesterov, ema=ema)
     if out.shape[-2] > out.shape[-1]:  # tall: as orthogonalize, via wide
       y = jnp.swapaxes(polar(jnp.swapaxes(out, -1, -2)), -1, -2)
     else:
       y = polar(out)
-    return y, (m_new.astype(m.dtype),)
+    return y, (m_new,)
 
-  def cost(r, c):
-    s, l = min(r, c), max(r, c)
-    return float(max(steps, 1) * (4 * s * s * l + 2 * s ** 3))
+  def cost(rows, cols):
+    return polar_lib.flops(rows, cols, steps)
 
   return OwnerInner(transform, init, step, cost)
 
@@ -177,14 +168,14 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   distribute = distributed.check_distribute(distribute)
   inner = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
-      orthogonalize(method, steps, dims, eps=_POLAR_EPS, precision=precision,
+      orthogonalize(method, steps, dims, precision=precision,
                     ns_dtype=ns_dtype, distribute=distribute))
   if distribute is not None:
     # Over several devices the whole per-matrix step runs on the owner.
     inner = _momentum_polar(
         inner, decay=momentum, nesterov=nesterov, ema=ema,
         mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
-        polar=polar_kernel(method, steps, _POLAR_EPS,
+        polar=polar_kernel(method, steps, polar_lib.EPS,
                            matmul_lib.check_precision('precision', precision),
                            polar_lib.check_ns_dtype(ns_dtype)),
         steps=steps)

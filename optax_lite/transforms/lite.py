@@ -550,9 +550,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       return out[0], tuple(out[1:])
     return step
 
-  def cost(rows, cols):  # about three polar factors (6 Newton-Schulz steps)
-    s, l = min(rows, cols), max(rows, cols)
-    return float(18 * (4 * s * s * l + 2 * s ** 3))
+  def cost(rows, cols):  # about three polar factors of 6 steps each
+    return 3 * polar_lib.flops(rows, cols, 6)
 
   return OwnerInner(transform, owner_init, None, cost, bind)
 

@@ -46,6 +46,36 @@ class MomentumState(NamedTuple):
   mu: optax.Updates  # m_k, in ``mu_dtype``
 
 
+def momentum_step(g, m, *, decay, nesterov: bool, ema: bool,
+                  nesterov_coeff=None, count=None):
+  """One leaf's momentum step: ``(output, new m)``, each in its input dtype.
+
+  The arithmetic of :func:`momentum` (see the module doc), in the wider of
+  the two dtypes; ``count`` (the step number after this update) turns on
+  the EMA bias correction. Shared with the owner-resident steps that fuse
+  momentum into a per-matrix kernel, so both compute the same numbers.
+  """
+  g_weight = (1.0 - decay) if ema else 1.0
+  ct = jnp.promote_types(g.dtype, m.dtype)
+  gc, mc = g.astype(ct), m.astype(ct)
+  m_new = decay * mc + g_weight * gc
+  if count is not None:
+    t = count.astype(ct)
+    look_ahead = nesterov and nesterov_coeff is None
+    mb = m_new / (1 - decay ** (t + 1)) if look_ahead else (
+        m_new / (1 - decay ** t))
+    gb = gc / (1 - decay ** t)
+  else:
+    mb, gb = m_new, gc
+  if nesterov_coeff is not None:
+    out = mb + nesterov_coeff * gb
+  elif nesterov:
+    out = decay * mb + g_weight * gb
+  else:
+    out = mb
+  return out.astype(g.dtype), m_new.astype(m.dtype)
+
+
 def momentum(decay: float = 0.95, *, nesterov: bool = True,
              nesterov_coeff: float | None = None, ema: bool = False,
              bias_correction: bool = False, mu_dtype=None
@@ -84,28 +114,12 @@ def momentum(decay: float = 0.95, *, nesterov: bool = True,
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    g_weight = (1.0 - decay) if ema else 1.0
 
     def leaf(g, m):
       _checks.check_float_leaf('updates', g)
-      ct = jnp.promote_types(g.dtype, m.dtype)
-      g32, m32 = g.astype(ct), m.astype(ct)
-      m_new = decay * m32 + g_weight * g32
-      if bias_correction:
-        t = count.astype(ct)
-        mb = m_new / (1 - decay ** (t + 1)) if (nesterov and
-                                                nesterov_coeff is None) else (
-                                                    m_new / (1 - decay ** t))
-        gb = g32 / (1 - decay ** t)
-      else:
-        mb, gb = m_new, g32
-      if nesterov_coeff is not None:
-        out = mb + nesterov_coeff * gb
-      elif nesterov:
-        out = decay * mb + g_weight * gb
-      else:
-        out = mb
-      return out.astype(g.dtype), m_new.astype(m.dtype)
+      return momentum_step(g, m, decay=decay, nesterov=nesterov,
+                           nesterov_coeff=nesterov_coeff, ema=ema,
+                           count=count if bias_correction else None)
 
     out = jax.tree.map(leaf, updates, state.mu)
     new_updates = jax.tree.map(lambda _, o: o[0], updates, out)

@@ -61,7 +61,7 @@ def _grouped_update(updates, dims, fn, spec):
 
 
 def orthogonalize(method: str = 'polar_express', steps: int | None = None,
-                  dims: _tree.DimsSpec = None, *, eps: float = 1e-7,
+                  dims: _tree.DimsSpec = None, *, eps: float = polar_lib.EPS,
                   precision=None, distribute=None, ns_dtype=None,
                   shard_polar=None
                   ) -> optax.GradientTransformation:
