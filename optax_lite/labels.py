@@ -23,6 +23,16 @@ Labels:
                  other vectors.
 
 Works on plain dicts, Flax Linen ``params`` and ``flax.nnx`` ``State`` trees.
+
+Scanned layers (``nnx.scan`` / ``nn.scan`` over a block, MoE experts) stack
+their parameters along a leading axis: a ``(layers, d)`` norm gain, a
+``(layers, in, out)`` kernel. Pass ``stacked=`` (a regex on the path) to
+:func:`label_params` and :func:`flax_matrix_dims` and that axis is a batch
+axis: the gain stays a ``"norm"``, the kernel is ``layers`` matrices of
+``in × out``, each orthogonalised / preconditioned on its own. One stacked
+leaf per weight also keeps the optimizer's compiled program the same size at
+any depth. (The LITE optimizers' AdamW-LITE, on embedding and norm leaves,
+keeps one sharp-mask threshold per leaf, shared by a stack's layers.)
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ import jax
 
 from optax_lite.linalg.matrices import (ATTENTION_INPUT_NAMES,
                                         ATTENTION_OUTPUT_NAMES,
-                                        default_dims, path_dims, path_names)
+                                        default_dims, path_dims, path_names,
+                                        shift_dims)
 
 LABELS = ('matrix', 'embedding', 'head', 'norm', 'other')
 DEFAULT_HEAD_NAMES = ('head', 'lm_head', 'unembed', 'output_head', 'logits')
@@ -49,9 +60,23 @@ def _is_bias(name: str) -> bool:
   return name == 'bias' or name.endswith('_bias')
 
 
-def _default_label(path: str, leaf, head_names) -> str:
+def _stacked_fn(stacked):
+  """``path -> number of leading stacking axes`` for a ``stacked=`` regex."""
+  if stacked is None:
+    return lambda path: 0
+  if not isinstance(stacked, str):
+    raise TypeError('stacked: expected None or a regex string matched '
+                    f'against leaf paths, got {type(stacked).__name__}.')
+  try:
+    rx = re.compile(stacked)
+  except re.error as e:
+    raise ValueError(f'stacked: {stacked!r} is not a valid regex ({e}).')
+  return lambda path: 1 if rx.search(path) else 0
+
+
+def _default_label(path: str, leaf, head_names, n_stacked: int = 0) -> str:
   comps = path.lower().split('/')
-  ndim = len(getattr(leaf, 'shape', ()))
+  ndim = len(getattr(leaf, 'shape', ())) - n_stacked
   if any('embed' in c for c in comps):
     return 'embedding'
   if any(c in head_names for c in comps):
@@ -70,7 +95,8 @@ Overrides = Union[Mapping[str, str], Callable[[str, Any], Optional[str]]]
 
 def label_params(params, *, head_names=DEFAULT_HEAD_NAMES,
                  overrides: Overrides | None = None,
-                 detect_head_by_shape: bool = True):
+                 detect_head_by_shape: bool = True,
+                 stacked: str | None = None):
   """Returns a tree of labels (strings) shaped like ``params``.
 
   Args:
@@ -82,10 +108,15 @@ def label_params(params, *, head_names=DEFAULT_HEAD_NAMES,
     detect_head_by_shape: if no leaf is named like a head, label as
       ``"head"`` the last 2-D leaf shaped ``(d, vocab)`` where an embedding
       table is ``(vocab, d)`` (an untied output projection).
+    stacked: regex (``re.search`` on the ``'/'``-joined path) of leaves
+      with one leading stacking axis (scanned layers, MoE experts), which
+      does not count toward their rank; e.g. ``stacked='blocks'``.
 
   Raises:
-    ValueError: an override returns a label outside :data:`LABELS`.
+    ValueError: an override returns a label outside :data:`LABELS`, or
+      ``stacked`` is not a valid regex.
   """
+  n_stacked = _stacked_fn(stacked)
   head_names = tuple(h.lower() for h in head_names)
   if isinstance(overrides, Mapping):
     rules = [(re.compile(k), v) for k, v in overrides.items()]
@@ -107,7 +138,8 @@ def label_params(params, *, head_names=DEFAULT_HEAD_NAMES,
     if lab is not None and lab not in LABELS + ('adam',):
       raise ValueError(f'overrides: label {lab!r} for {path!r} is not one of '
                        f'{LABELS + ("adam",)}.')
-    labels.append(lab or _default_label(path, leaf, head_names))
+    labels.append(lab or _default_label(path, leaf, head_names,
+                                        n_stacked(path)))
 
   if detect_head_by_shape and 'head' not in labels:
     emb_shapes = {tuple(leaf.shape) for (_, leaf), lab in zip(flat, labels)
@@ -149,7 +181,7 @@ def _is_nnx_module(x) -> bool:
              c.__module__.startswith('flax.nnx') for c in type(x).__mro__)
 
 
-def flax_matrix_dims(params):
+def flax_matrix_dims(params, *, stacked: str | None = None):
   """Per-leaf :class:`MatrixDims` for common Flax modules.
 
   * ``[d, heads, head_dim]`` query/key/value kernels of
@@ -157,7 +189,10 @@ def flax_matrix_dims(params):
     ``q``, ``k`` or ``v``) -> ``(d, heads·head_dim)``;
   * ``[heads, head_dim, d]`` attention output kernels (``out``, ``o``,
     ``out_proj``) -> ``(heads·head_dim, d)``;
-  * other leaves of rank >= 2 -> the default rule; rank < 2 -> ``None``.
+  * other leaves of rank >= 2 -> the default rule; rank < 2 -> ``None``;
+  * leaves whose path matches ``stacked`` (scanned layers, MoE experts):
+    the rule above on all but the leading axis, which becomes a batch axis
+    (``(layers, in, out)`` -> ``layers`` matrices ``in × out``).
 
   The named optimizers and the matrix transforms already apply the Flax names
   (``query``/``key``/``value``/``out``) when ``dims`` is ``None``; pass
@@ -169,6 +204,8 @@ def flax_matrix_dims(params):
       such as ``nnx.state(model, nnx.Param)`` (its Variables are unwrapped,
       so the result fits both the ``State`` and the plain gradient tree that
       ``nnx.Optimizer`` hands to the transform), or any pytree of arrays.
+    stacked: regex (``re.search`` on the ``'/'``-joined path) of leaves
+      with one leading stacking axis; pass the same to :func:`label_params`.
 
   Returns:
     A tree of ``MatrixDims`` / ``None`` shaped like ``params`` (with NNX
@@ -176,20 +213,24 @@ def flax_matrix_dims(params):
 
   Raises:
     TypeError: ``params`` is an ``nnx.Module`` rather than its state.
+    ValueError: ``stacked`` is not a valid regex.
   """
   if _is_nnx_module(params):
     raise TypeError(
         'flax_matrix_dims: params is a flax.nnx Module; pass its parameter '
         'state, flax_matrix_dims(nnx.state(model, nnx.Param)), or pass the '
         'function itself, dims=ol.flax_matrix_dims.')
+  n_stacked = _stacked_fn(stacked)
   inputs = ATTENTION_INPUT_NAMES + ('q', 'k', 'v')
   outputs = ATTENTION_OUTPUT_NAMES + ('o', 'out_proj')
 
   def dims(path, leaf):
-    shape = tuple(getattr(leaf, 'shape', ()))
+    k = n_stacked(path_str(path))
+    shape = tuple(getattr(leaf, 'shape', ()))[k:]
     if len(shape) < 2:
       return None
     named = path_dims(path_names(path), shape, inputs, outputs)
-    return named if named is not None else default_dims(shape)
+    d = named if named is not None else default_dims(shape)
+    return d if k == 0 else shift_dims(d, k)
 
   return jax.tree_util.tree_map_with_path(dims, strip_nnx_variables(params))

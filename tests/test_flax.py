@@ -158,3 +158,74 @@ def test_complex_leaf_routed_to_adamw_as_the_hint_says():
   assert upd['w'].dtype == jnp.complex64
   assert np.all(np.isfinite(np.asarray(upd['w']).view(np.float32)))
   assert np.any(np.asarray(upd['w']) != 0)
+
+
+def _layer_trees(n_layers=3):
+  """A scanned block's parameters, stacked and as separate layers."""
+  ks = jax.random.split(jax.random.PRNGKey(7), 4)
+  stacked = {
+      'blocks': {'attn': {'q': {'kernel': jax.random.normal(
+                     ks[0], (n_layers, D, HEADS, HEAD_DIM))}},
+                 'mlp': {'up': {'kernel': jax.random.normal(
+                     ks[1], (n_layers, D, 12))}},
+                 'norm': {'scale': 1.0 + 0.1 * jax.random.normal(
+                     ks[2], (n_layers, D))}},
+      'embed': {'embedding': jax.random.normal(ks[3], (16, D))}}
+  layers = {f'layer{i}': jax.tree.map(lambda x: x[i], stacked['blocks'])
+            for i in range(n_layers)}
+  return stacked, dict(layers, embed=stacked['embed'])
+
+
+def test_stacked_leaves_label_and_dims():
+  stacked, _ = _layer_trees()
+  labels = _flat(ol.label_params(stacked, stacked='^blocks/'))
+  assert labels['blocks/norm/scale'] == 'norm'  # (layers, d): a gain
+  assert labels['blocks/mlp/up/kernel'] == 'matrix'
+  assert _flat(ol.label_params(stacked))['blocks/norm/scale'] == 'matrix'
+  dims = _flat(ol.flax_matrix_dims(stacked, stacked='^blocks/'))
+  assert dims['blocks/attn/q/kernel'] == ol.MatrixDims(1, (2, 3))
+  assert dims['blocks/mlp/up/kernel'] == ol.MatrixDims((1,), 2)
+  assert dims['blocks/norm/scale'] is None
+  assert dims['embed/embedding'] == ol.MatrixDims((0,), 1)
+  with pytest.raises(ValueError, match='stacked'):
+    ol.label_params(stacked, stacked='(')
+  with pytest.raises(TypeError, match='stacked'):
+    ol.flax_matrix_dims(stacked, stacked=1)
+
+
+@pytest.mark.parametrize('name', NAMED)
+def test_stacked_layers_step_like_separate_layers(name):
+  """A ``(layers, …)`` leaf with ``stacked=`` labels and dims takes, over
+  four steps (SOAP/Shampoo refresh their bases every 2), exactly the steps
+  its layers take as separate leaves. (The LITE optimizers' AdamW-LITE keeps
+  one sharp-mask threshold per leaf, so their stacked norm gains share it:
+  for them only the matrices are compared.)"""
+  stacked, layers = _layer_trees()
+  n = len(stacked['blocks']['norm']['scale'])
+  rx = '^blocks/'
+  tx_s = make(name, labels=lambda p: ol.label_params(p, stacked=rx),
+              dims=lambda p: ol.flax_matrix_dims(p, stacked=rx))
+  tx_l = make(name, dims=ol.flax_matrix_dims)
+  key = jax.random.PRNGKey(3)
+  ps, pl = stacked, layers
+  ss, sl = tx_s.init(ps), tx_l.init(pl)
+  for step in range(4):
+    gs = jax.tree.map(lambda x, k=jax.random.fold_in(key, step):
+                      jax.random.normal(k, x.shape), ps)
+    gl = {f'layer{i}': jax.tree.map(lambda x: x[i], gs['blocks'])
+          for i in range(n)}
+    gl['embed'] = gs['embed']
+    us, ss = jax.jit(tx_s.update)(gs, ss, ps)
+    ul, sl = jax.jit(tx_l.update)(gl, sl, pl)
+    want = jax.tree.map(lambda *xs: jnp.stack(xs),
+                        *[ul[f'layer{i}'] for i in range(n)])
+    got = us['blocks']
+    if name.endswith('_lite'):
+      got, want = ({k: v for k, v in t.items() if k != 'norm'}
+                   for t in (got, want))
+    np.testing.assert_allclose(
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(got)]),
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(want)]),
+        rtol=2e-5, atol=2e-6, err_msg=f'step {step}')
+    ps = jax.tree.map(jnp.add, ps, us)
+    pl = jax.tree.map(jnp.add, pl, ul)

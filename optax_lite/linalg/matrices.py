@@ -69,6 +69,15 @@ def default_dims(shape: Sequence[int]) -> MatrixDims:
   return MatrixDims(tuple(range(ndim - 1)), ndim - 1)
 
 
+def shift_dims(dims: MatrixDims, k: int) -> MatrixDims:
+  """``dims`` of a leaf seen behind ``k`` new leading (batch) axes."""
+  def shift(axes):
+    if isinstance(axes, int):
+      return axes + k if axes >= 0 else axes
+    return tuple(a + k if a >= 0 else a for a in axes)
+  return MatrixDims(shift(dims.reduction_axis), shift(dims.output_axis))
+
+
 # Path components that mark the kernels of Flax attention modules.
 ATTENTION_INPUT_NAMES = ('query', 'key', 'value')
 ATTENTION_OUTPUT_NAMES = ('out',)
