@@ -24,8 +24,8 @@ accepts it), and reports
   step (float32).
 
 ``--compile`` also times ``jax.jit(tx.update)`` compilation for a 6- and a
-24-layer version of the small tree (one device, and ``distribute`` on the
-FSDP layout).
+24-layer version of the small tree (one device, ``distribute`` on the FSDP
+layout, and one device with the layers stacked as ``nnx.scan`` stores them).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python benchmarks/distributed.py [--quick] [--compile] \\
@@ -51,6 +51,7 @@ import _host_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -304,6 +305,23 @@ def run_layouts(names, model_names, devices, log, only=None, run=True):
   return rows
 
 
+def scanned_tree(params):
+  """``params`` with its per-layer blocks stacked as ``nnx.scan`` stores
+  them: ``blocks/<i>/attn/q/kernel`` -> ``blocks/attn/q/kernel`` of shape
+  ``(depth, …)``."""
+  blocks = params['blocks']
+  layers = [blocks[k] for k in sorted(blocks, key=int)]
+  return dict(params, blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+
+
+SCANNED = '^blocks/'  # the stacked= regex of scanned_tree's leaves
+
+
+def make_scanned(name, **kw):
+  return make(name, labels=lambda p: ol.label_params(p, stacked=SCANNED),
+              dims=lambda p: ol.flax_matrix_dims(p, stacked=SCANNED), **kw)
+
+
 def compile_seconds(tx, params, shard=None):
   if shard is not None:
     params = shard(params)
@@ -322,37 +340,64 @@ BASELINES = {'optax.adamw': lambda: optax.adamw(LR),
 
 
 def run_compile(names, devices, log, depths=(6, 24)):
+  """CPU seconds to compile ``jax.jit(tx.update)`` at each depth.
+
+  Variants: ``one_device`` and ``distribute`` (FSDP over 8 devices) on the
+  per-layer tree; ``scanned`` (one device) on the same model with its
+  layers stacked (``scanned_tree``) and ``stacked=`` labels and dims;
+  ``distribute_scanned``: that tree FSDP-sharded on the fan-in axis.
+  """
   rows = []
   mesh, spec = layouts(devices)['fsdp']
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, spec(x)), t)
   trees = {d: params_tree('small', d) for d in depths}
-  # The floor: optax's own per-leaf transforms, compiled side by side.
-  for name, make_base in BASELINES.items():
-    secs = [compile_seconds(make_base(), trees[d]) for d in depths]
-    rows.append({'optimizer': name, 'depths': list(depths), 'baseline': True,
-                 'one_device': {'seconds': secs,
-                                'ratio': secs[-1] / secs[0]},
-                 'distribute': None})
-    log(f'compile {name:<11} baseline   ' + ' '.join(
+  scanned = {d: scanned_tree(t) for d, t in trees.items()}
+
+  def shard_scanned(t):  # FSDP on the fan-in axis, behind the layer axis
+    def put(path, x):
+      k = 1 if re.search(SCANNED, ol.labels.path_str(path)) else 0
+      spec_ = [None] * x.ndim
+      if x.ndim - k >= 2 and x.shape[k] % 8 == 0:
+        spec_[k] = 'fsdp'
+      return jax.device_put(x, NamedSharding(mesh, P(*spec_)))
+    return jax.tree_util.tree_map_with_path(put, t)
+
+  def line(name, variant, secs):
+    log(f'compile {name:<18} {variant:<10} ' + ' '.join(
         f'{d} layers {s:6.1f}s' for d, s in zip(depths, secs)) +
         f'  ratio {secs[-1] / secs[0]:.2f}')
+
+  # The floor: optax's own per-leaf transforms, compiled side by side.
+  for name, make_base in BASELINES.items():
+    row = {'optimizer': name, 'depths': list(depths), 'baseline': True,
+           'distribute': None}
+    for variant, tr in (('one_device', trees), ('scanned', scanned)):
+      secs = [compile_seconds(make_base(), tr[d]) for d in depths]
+      row[variant] = {'seconds': secs, 'ratio': secs[-1] / secs[0]}
+      line(name, variant, secs)
+    rows.append(row)
   for name in names:
     row = {'optimizer': name, 'depths': list(depths)}
-    for variant in ('one_device', 'distribute'):
-      if variant == 'distribute' and not accepts(getattr(ol, name),
-                                                 'distribute'):
+    for variant in ('one_device', 'distribute', 'scanned',
+                    'distribute_scanned'):
+      if variant.startswith('distribute') and not accepts(
+          getattr(ol, name), 'distribute'):
         row[variant] = None
         continue
       secs = []
       for d in depths:
-        tx = make(name) if variant == 'one_device' else make(
-            name, distribute=mesh)
-        secs.append(compile_seconds(
-            tx, trees[d], None if variant == 'one_device' else shard))
+        if variant == 'one_device':
+          secs.append(compile_seconds(make(name), trees[d]))
+        elif variant == 'distribute':
+          secs.append(compile_seconds(make(name, distribute=mesh), trees[d],
+                                      shard))
+        elif variant == 'scanned':
+          secs.append(compile_seconds(make_scanned(name), scanned[d]))
+        else:
+          secs.append(compile_seconds(make_scanned(name, distribute=mesh),
+                                      scanned[d], shard_scanned))
       row[variant] = {'seconds': secs, 'ratio': secs[-1] / secs[0]}
-      log(f'compile {name:<11} {variant:<10} ' + ' '.join(
-          f'{d} layers {s:6.1f}s' for d, s in zip(depths, secs)) +
-          f'  ratio {secs[-1] / secs[0]:.2f}')
+      line(name, variant, secs)
     rows.append(row)
   return rows
 

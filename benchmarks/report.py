@@ -418,10 +418,11 @@ def distributed_section(path, d):
     for r in d['compile']:
       row = [f'`{r["optimizer"]}`' + (' (baseline)' if r.get('baseline')
                                       else '')]
-      for v in ('one_device', 'distribute'):
+      for v in ('one_device', 'distribute', 'scanned', 'distribute_scanned'):
         c = r.get(v)
         if c is None:
-          row += ['–' if r.get('baseline') else 'not integrated', '–', '–']
+          row += [('–' if r.get('baseline') or v == 'scanned' or
+                   v not in r else 'not integrated'), '–', '–']
           continue
         secs = c['seconds']
         row += [' → '.join(f'{x:.1f}' for x in secs), f'{c["ratio"]:.2f}',
@@ -432,10 +433,16 @@ def distributed_section(path, d):
         f'process), small tree at '
         f'{depths[0]} → {depths[-1]} layers (target ratio ≤ '
         f'{t.get("compile_ratio", 1.5)}), and the seconds each added layer '
-        'costs; optax\'s own per-leaf transforms are the floor:')
+        'costs; optax\'s own per-leaf transforms are the floor of a '
+        'per-layer tree. *Scanned*: the same model with its layers stacked '
+        'as `nnx.scan` stores them, passed with `stacked=` labels and dims '
+        '(one leaf per weight), on one device and with `distribute` '
+        '(FSDP on the fan-in axis):')
     parts.append(_table(['optimizer', 'one device (s)', 'ratio',
                          's / layer', 'distribute, FSDP (s)', 'ratio',
-                         's / layer'], rows))
+                         's / layer', 'scanned (s)', 'ratio', 's / layer',
+                         'scanned, distribute (s)', 'ratio', 's / layer'],
+                        rows))
   if d.get('note'):
     parts.append(d['note'])
   return '\n\n'.join(parts)
