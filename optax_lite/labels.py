@@ -70,7 +70,8 @@ def _stacked_fn(stacked):
   try:
     rx = re.compile(stacked)
   except re.error as e:
-    raise ValueError(f'stacked: {stacked!r} is not a valid regex ({e}).')
+    raise ValueError(
+        f'stacked: {stacked!r} is not a valid regex ({e}).') from None
   return lambda path: 1 if rx.search(path) else 0
 
 

@@ -171,9 +171,14 @@ def _layer_trees(n_layers=3):
                  'norm': {'scale': 1.0 + 0.1 * jax.random.normal(
                      ks[2], (n_layers, D))}},
       'embed': {'embedding': jax.random.normal(ks[3], (16, D))}}
-  layers = {f'layer{i}': jax.tree.map(lambda x: x[i], stacked['blocks'])
+  return stacked, _unstack(stacked, n_layers)
+
+
+def _unstack(stacked, n_layers):
+  """``{'layer<i>': block i, 'embed': …}`` from a stacked tree."""
+  layers = {f'layer{i}': jax.tree.map(lambda x, i=i: x[i], stacked['blocks'])
             for i in range(n_layers)}
-  return stacked, dict(layers, embed=stacked['embed'])
+  return dict(layers, embed=stacked['embed'])
 
 
 def test_stacked_leaves_label_and_dims():
@@ -210,11 +215,9 @@ def test_stacked_layers_step_like_separate_layers(name):
   ps, pl = stacked, layers
   ss, sl = tx_s.init(ps), tx_l.init(pl)
   for step in range(4):
-    gs = jax.tree.map(lambda x, k=jax.random.fold_in(key, step):
-                      jax.random.normal(k, x.shape), ps)
-    gl = {f'layer{i}': jax.tree.map(lambda x: x[i], gs['blocks'])
-          for i in range(n)}
-    gl['embed'] = gs['embed']
+    k = jax.random.fold_in(key, step)
+    gs = jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), ps)
+    gl = _unstack(gs, n)
     us, ss = jax.jit(tx_s.update)(gs, ss, ps)
     ul, sl = jax.jit(tx_l.update)(gl, sl, pl)
     want = jax.tree.map(lambda *xs: jnp.stack(xs),
