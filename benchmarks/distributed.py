@@ -317,6 +317,21 @@ def scanned_tree(params):
 SCANNED = '^blocks/'  # the stacked= regex of scanned_tree's leaves
 
 
+def shard_scanned(tree, mesh, stacked=SCANNED):
+  """``tree`` FSDP-sharded over ``mesh``'s ``fsdp`` axis on the fan-in axis:
+  the first axis, or the second for leaves whose path matches ``stacked``
+  (behind their layer axis); matrices only, where it divides."""
+  n = mesh.shape['fsdp']
+
+  def put(path, x):
+    k = 1 if re.search(stacked, ol.labels.path_str(path)) else 0
+    parts = [None] * x.ndim
+    if x.ndim - k >= 2 and x.shape[k] % n == 0:
+      parts[k] = 'fsdp'
+    return jax.device_put(x, NamedSharding(mesh, P(*parts)))
+  return jax.tree_util.tree_map_with_path(put, tree)
+
+
 def make_scanned(name, **kw):
   return make(name, labels=lambda p: ol.label_params(p, stacked=SCANNED),
               dims=lambda p: ol.flax_matrix_dims(p, stacked=SCANNED), **kw)
@@ -353,15 +368,6 @@ def run_compile(names, devices, log, depths=(6, 24)):
   trees = {d: params_tree('small', d) for d in depths}
   scanned = {d: scanned_tree(t) for d, t in trees.items()}
 
-  def shard_scanned(t):  # FSDP on the fan-in axis, behind the layer axis
-    def put(path, x):
-      k = 1 if re.search(SCANNED, ol.labels.path_str(path)) else 0
-      spec_ = [None] * x.ndim
-      if x.ndim - k >= 2 and x.shape[k] % 8 == 0:
-        spec_[k] = 'fsdp'
-      return jax.device_put(x, NamedSharding(mesh, P(*spec_)))
-    return jax.tree_util.tree_map_with_path(put, t)
-
   def line(name, variant, secs):
     log(f'compile {name:<18} {variant:<10} ' + ' '.join(
         f'{d} layers {s:6.1f}s' for d, s in zip(depths, secs)) +
@@ -394,8 +400,9 @@ def run_compile(names, devices, log, depths=(6, 24)):
         elif variant == 'scanned':
           secs.append(compile_seconds(make_scanned(name), scanned[d]))
         else:
-          secs.append(compile_seconds(make_scanned(name, distribute=mesh),
-                                      scanned[d], shard_scanned))
+          secs.append(compile_seconds(
+              make_scanned(name, distribute=mesh), scanned[d],
+              lambda t: shard_scanned(t, mesh)))
       row[variant] = {'seconds': secs, 'ratio': secs[-1] / secs[0]}
       line(name, variant, secs)
     rows.append(row)
@@ -445,7 +452,6 @@ def main(argv=None):
   stem = 'distributed' + ('_quick' if args.quick else '')
   out = args.out or os.path.join(RESULTS_DIR, f'{stem}_{device_slug()}.json')
   write_json(out, data)
-  print('wrote', out)
 
 
 if __name__ == '__main__':

@@ -421,8 +421,8 @@ def distributed_section(path, d):
       for v in ('one_device', 'distribute', 'scanned', 'distribute_scanned'):
         c = r.get(v)
         if c is None:
-          row += [('–' if r.get('baseline') or v == 'scanned' or
-                   v not in r else 'not integrated'), '–', '–']
+          row += [('–' if r.get('baseline') or v not in r
+                   else 'not integrated'), '–', '–']
           continue
         secs = c['seconds']
         row += [' → '.join(f'{x:.1f}' for x in secs), f'{c["ratio"]:.2f}',

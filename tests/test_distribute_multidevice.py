@@ -26,7 +26,7 @@ from optimizer_zoo import NAMED, grad_stream, make
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
                                 'benchmarks'))
-from distributed import collectives  # noqa: E402
+from distributed import collectives, shard_scanned  # noqa: E402
 
 pytestmark = pytest.mark.multidevice
 
@@ -281,13 +281,7 @@ def test_distribute_scanned_layers_equal_single_device(name):
   ref_p, _ = _run(tx, params, grads, tx.init(params))
 
   def put(tree):
-    def one(path, x):
-      k = 1 if ol.labels.path_str(path).startswith('blocks/') else 0
-      parts = [None] * x.ndim
-      if x.ndim - k >= 2 and x.shape[k] % 8 == 0:
-        parts[k] = 'fsdp'
-      return jax.device_put(x, NamedSharding(mesh, P(*parts)))
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return shard_scanned(tree, mesh, stacked=rx)
 
   sp = put(params)
   dtx = make(name, distribute=mesh, **kw)

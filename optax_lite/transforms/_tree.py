@@ -52,6 +52,14 @@ def leaf_view(x, d, name: str) -> MatrixView | None:
   return matrix_view(x.shape, None if d is _DEFAULT else d)
 
 
+def matrix_views(tree, dims: DimsSpec, name: str):
+  """Flattened leaves, treedef and MatrixView (or None) of every leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  resolved = treedef.flatten_up_to(resolve_dims(dims, tree))
+  views = [leaf_view(x, d, name) for x, d in zip(leaves, resolved)]
+  return leaves, treedef, views
+
+
 def map_leaves(fn: Callable, tree, *rest, dims: DimsSpec = _DEFAULT,
                name: str = 'updates'):
   """``fn(view, leaf, *rest_leaves)`` over every leaf of ``tree``.

@@ -598,10 +598,7 @@ def _update_distributed(updates, state: FisherWhitenState, *, inner,
   same owners). The state has the same structure, shapes and dtypes as
   :func:`_update`'s."""
   refresh = state.count % root_every == 0
-  g_leaves, treedef = jax.tree.flatten(updates)
-  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
-  views = [_tree.leaf_view(x, d, 'updates')
-           for x, d in zip(g_leaves, dims_leaves)]
+  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
   p_l, q_l, pc_l, qc_l = (treedef.flatten_up_to(t) for t in (
       state.p, state.q, state.p_isqrt, state.q_isqrt))
   sides = [_leaf_sides(v, p, q) for v, p, q in zip(views, p_l, q_l)]
@@ -722,13 +719,11 @@ def _owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
                 max_factor_size, cache: bool, spec) -> FisherWhitenState:
   """Moves the matrix leaves' factors (and cached roots) to their owners;
   their per-leaf entries become one-element placeholders."""
-  leaves, treedef = jax.tree.flatten(params)
+  leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
   if not leaves:
     # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
     # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
     return state._replace(owned=jnp.zeros((), jnp.int32))
-  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, params))
-  views = [_tree.leaf_view(x, d, 'params') for x, d in zip(leaves, dims_leaves)]
   sides = [_static_sides(v, max_factor_size) for v in views]
   todo = [i for i, s in enumerate(sides) if any(s)]
   fields = [treedef.flatten_up_to(t) for t in (
@@ -780,10 +775,7 @@ def _update_owned(updates, state: FisherWhitenState, *, inner, cfg: _Config,
   back, then ``U`` and ``Δ``; the owners keep this step's roots between
   the two grouped calls."""
   refresh = state.count % root_every == 0
-  g_leaves, treedef = jax.tree.flatten(updates)
-  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
-  views = [_tree.leaf_view(x, d, 'updates')
-           for x, d in zip(g_leaves, dims_leaves)]
+  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
   sides = [_static_sides(v, max_factor_size) for v in views]
   todo = [i for i, s in enumerate(sides) if any(s)]
   items = _owned_items(g_leaves, views, sides, cfg)
@@ -876,17 +868,6 @@ def _fused_cost(cfg: _Config, fused: owner_inner_lib.OwnerInner):
   return cost
 
 
-def _matrix_leaves(tree, dims, name, max_factor_size):
-  """Flattened leaves, treedef, views, stored sides and the indices of the
-  matrix leaves (those with a view) of ``tree``."""
-  leaves, treedef = jax.tree.flatten(tree)
-  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, tree))
-  views = [_tree.leaf_view(x, d, name) for x, d in zip(leaves, dims_leaves)]
-  sides = [_static_sides(v, max_factor_size) for v in views]
-  todo = [i for i, v in enumerate(views) if v is not None]
-  return leaves, treedef, views, sides, todo
-
-
 def _masked(treedef, leaves, todo):
   """The tree with the leaves in ``todo`` replaced by ``optax.MaskedNode``
   (what the plain inner transform sees next to the fused matrices)."""
@@ -901,13 +882,14 @@ def _fused_init(state: FisherWhitenState, params, *, fused, cfg: _Config,
   """Every matrix leaf's factors, cached roots and inner state
   (``fused.init``) on its owner; the plain inner transform's state covers
   the other leaves (the matrix leaves are ``optax.MaskedNode`` in it)."""
-  leaves, treedef, views, sides, todo = _matrix_leaves(
-      params, dims, 'params', max_factor_size)
+  leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
   if not leaves:
     # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
     # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
     return state._replace(inner_state=fused.transform.init(params),
                           owned=jnp.zeros((), jnp.int32))
+  sides = [_static_sides(v, max_factor_size) for v in views]
+  todo = [i for i, v in enumerate(views) if v is not None]
   ct = _compute_dtype(cfg)
   fields = [treedef.flatten_up_to(t) for t in (
       state.p, state.q, state.p_isqrt, state.q_isqrt)]
@@ -986,8 +968,8 @@ def _update_fused(updates, state: FisherWhitenState, *, fused, cfg: _Config,
   maps back; ``Δ`` comes back. Leaves without a matrix view get the plain
   inner transform (with the matrix leaves masked)."""
   refresh = state.count % root_every == 0
-  g_leaves, treedef, views, _, todo = _matrix_leaves(
-      updates, dims, 'updates', None)
+  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+  todo = [i for i, v in enumerate(views) if v is not None]
   ct = _compute_dtype(cfg)
   items = [(views[i].to_matrix(g_leaves[i]).astype(ct),) for i in todo]
   # The stored sides and whether the roots are cached, per group, read from

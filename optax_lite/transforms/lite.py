@@ -534,9 +534,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                      'flat_weight_decay (the per-matrix step sees no '
                      'parameters).')
 
-  def stack_view(x):
-    k, rows, cols = x.shape
-    return _tree.MatrixView((0, 1, 2), (k,), rows, cols, (k, rows, cols))
+  def stack_view(x):  # a (B, rows, cols) stack: B matrices
+    return _tree.matrix_view(x.shape, _tree.MatrixDims(1, 2))
 
   def owner_init(x):
     return ((jnp.zeros_like(x, dtype=mu_dtype or x.dtype),)
@@ -554,14 +553,6 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     return 3 * polar_lib.flops(rows, cols, 6)
 
   return OwnerInner(transform, owner_init, None, cost, bind)
-
-
-def _matrix_views(tree, dims, name):
-  """Flattened leaves, treedef and MatrixView (or None) of every leaf."""
-  leaves, treedef = jax.tree.flatten(tree)
-  resolved = treedef.flatten_up_to(_tree.resolve_dims(dims, tree))
-  views = [_tree.leaf_view(x, d, name) for x, d in zip(leaves, resolved)]
-  return leaves, treedef, views
 
 
 def _compute_dtype(x):
@@ -588,7 +579,7 @@ def _owner_init(state, params, spec, dims, use_wd, pack):
 
   Their places in ``mu`` / ``geometry`` keep one-element placeholders.
   """
-  p_leaves, treedef, views = _matrix_views(params, dims, 'params')
+  p_leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
   if not p_leaves:
     # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
     # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
@@ -623,7 +614,7 @@ def _owner_update(leaf, spec, updates, state, count, params_tree, dims,
   view, next to their resident momentum and geometry state; the update
   comes back. Leaves without a matrix view take the local path.
   """
-  g_leaves, treedef, views = _matrix_views(updates, dims, 'updates')
+  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
   p_all = treedef.flatten_up_to(params_tree)
   use_p = any(p is not None for p in p_all)
   mu = treedef.flatten_up_to(state.mu)

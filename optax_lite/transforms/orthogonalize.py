@@ -46,10 +46,8 @@ def polar_kernel(method, steps, eps, precision, ns_dtype=None):
 
 def _grouped_update(updates, dims, fn, spec):
   """``orthogonalize``'s update: same-shape matrices in one batched kernel."""
-  x_leaves, treedef = jax.tree.flatten(updates)
-  dims_leaves = treedef.flatten_up_to(_tree.resolve_dims(dims, updates))
-  view_leaves = [_tree.leaf_view(x, d, 'updates')
-                 for x, d in zip(x_leaves, dims_leaves)]
+  x_leaves, treedef, view_leaves = _tree.matrix_views(updates, dims,
+                                                     'updates')
   todo = [i for i, v in enumerate(view_leaves) if v is not None]
   mats = [view_leaves[i].to_matrix(x_leaves[i]) for i in todo]
   # Tall matrices are transposed to wide, so m x n and n x m share a kernel.
