@@ -61,6 +61,8 @@ from optax_lite.optimizers import beta2_ramp
 from optax_lite.optimizers import chi_schedule
 from optax_lite.optimizers import fismo
 from optax_lite.optimizers import fismo_lite
+from optax_lite.optimizers import LiteSchedule
+from optax_lite.optimizers import lite_schedule
 from optax_lite.optimizers import muon
 from optax_lite.optimizers import muon_lite
 from optax_lite.optimizers import rmnp
@@ -106,6 +108,8 @@ __all__ = (
     'adamw_lite',
     'beta2_ramp',
     'chi_schedule',
+    'LiteSchedule',
+    'lite_schedule',
     'fismo',
     'fismo_lite',
     'muon',

@@ -83,6 +83,29 @@ def check_int(name: str, x: Any, *, low: int = 1):
     raise ValueError(f'{name} must be >= {low}, got {x}.')
 
 
+def _is_array_like(x: Any) -> bool:
+  return (hasattr(x, 'shape') and hasattr(x, 'dtype')
+          and not isinstance(x, (int, float)))
+
+
+def check_structural(**values) -> None:
+  """One ``TypeError`` naming *every* structural int given as an array.
+
+  ``optax.inject_hyperparams`` turns each numeric argument into an array,
+  but some ints decide shapes or Python control flow (``steps``,
+  ``total_steps``, ...). Checking them together means one run tells the
+  user the whole ``static_args`` tuple, not one name per run. ``None``
+  (the default) always passes.
+  """
+  bad = tuple(k for k, v in values.items()
+              if v is not None and _is_array_like(v))
+  if bad:
+    raise TypeError(
+        f'{", ".join(bad)}: structural ints (fixed when the optimizer is '
+        'built) cannot be arrays or traced values; with '
+        f'optax.inject_hyperparams pass static_args={bad!r}.')
+
+
 def check_choice(name: str, x: Any, choices: Sequence[str]):
   if x not in choices:
     raise ValueError(f'{name} must be one of {tuple(choices)}, got {x!r}.')
@@ -114,6 +137,27 @@ def check_float_leaf(name: str, x: Any):
       f'leaf of dtype {dtype} and shape {shape}. Integer and boolean leaves '
       'cannot be trained: mark them non-trainable (e.g. not an nnx.Param) '
       'or filter them out of the tree given to the optimizer.')
+
+
+def check_float_tree(name: str, tree: Any) -> None:
+  """:func:`check_float_leaf` on every leaf, naming the leaf's path.
+
+  Python ``int``/``bool`` leaves count as integer leaves (``jnp.asarray``
+  would make them int32 / bool arrays); Python floats pass, and so do
+  complex leaves: AdamW takes them where the labels send them there, and
+  the matrix methods refuse them leaf by leaf.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    where = f'{name}{jax.tree_util.keystr(path)}'
+    if isinstance(leaf, (bool, int)) and not isinstance(leaf, float):
+      raise TypeError(
+          f'{where}: optax_lite transforms need floating-point leaves, got '
+          f'a Python {type(leaf).__name__} ({leaf!r}). Integer and boolean '
+          'leaves cannot be trained: mark them non-trainable (e.g. not an '
+          'nnx.Param) or filter them out of the tree given to the optimizer.')
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.complexfloating):
+      check_float_leaf(where, leaf)
 
 
 def resolve(x: Any | Callable[[Any], Any], count) -> Any:

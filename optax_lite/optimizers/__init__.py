@@ -10,5 +10,7 @@ from optax_lite.optimizers.lite import fismo_lite
 from optax_lite.optimizers.lite import muon_lite
 from optax_lite.optimizers.lite import rmnp_lite
 from optax_lite.optimizers.lite import soap_lite
+from optax_lite.optimizers.lite_schedule import LiteSchedule
+from optax_lite.optimizers.lite_schedule import lite_schedule
 from optax_lite.optimizers.muon import muon
 from optax_lite.optimizers.rmnp import rmnp

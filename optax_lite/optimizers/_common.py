@@ -125,7 +125,26 @@ def partition(by_label: Mapping[str, optax.GradientTransformation], labels
   def label_fn(params):
     return resolve_labels(labels, params)
 
-  return optax.partition(txs, label_fn)
+  return refuse_non_float(optax.partition(txs, label_fn))
+
+
+def refuse_non_float(tx: optax.GradientTransformation
+                     ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` with integer and boolean leaves refused, their paths named.
+
+  Without this an int or bool leaf labelled "other" would reach AdamW and
+  be trained silently as a float; the check reads only dtypes, so it costs
+  nothing under ``jit``.
+  """
+  def init_fn(params):
+    _checks.check_float_tree('params', params)
+    return tx.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_float_tree('updates', updates)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class AdamRest(NamedTuple):

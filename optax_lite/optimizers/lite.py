@@ -33,6 +33,7 @@ from optax_lite import _checks
 from optax_lite.linalg import distributed
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
+from optax_lite.optimizers import lite_schedule as lite_schedule_lib
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 from optax_lite.transforms.kron_precondition import soap_warmup_leaves
 from optax_lite.transforms.lite import (diagonal_geometry, lite_flat_boost,
@@ -151,7 +152,7 @@ def structural_int(name: str, value, default: int | None, *, low: int = 0
 
 
 def lite_schedules(chi, beta1, beta2, *, total_steps, warmup_steps, schedule,
-                   mode, reference_schedules):
+                   mode, reference_schedules, min_lr_ratio=0.1):
   """χ and β₂ as schedules (reference ramps) or constants.
 
   Traced χ/β values (``optax.inject_hyperparams``) get the same ramps as
@@ -171,7 +172,8 @@ def lite_schedules(chi, beta1, beta2, *, total_steps, warmup_steps, schedule,
   if (schedule == 'cosine' and not callable(chi) and
       not (static(chi) and float(chi) <= 1.0)):
     c = chi_schedule(chi, mode=mode, total_steps=total_steps,
-                     warmup_steps=warmup_steps, flat_warmup=tf)
+                     warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                     flat_warmup=tf)
   return c, b2
 
 
@@ -190,18 +192,24 @@ def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
   AdamW-LITE, the head and other leaves AdamW.
   """
   chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, lite_h_betas)
+  _checks.check_structural(total_steps=total_steps, warmup_steps=warmup_steps)
+  total_steps, warmup_steps, schedule, min_lr_ratio = (
+      lite_schedule_lib.resolve_run(learning_rate, total_steps, warmup_steps,
+                                    schedule))
   warmup_steps = structural_int('warmup_steps', warmup_steps, 0)
   if variant == 'lite_h':
     emb_chi = 1.0
-  _checks.check_choice('schedule', schedule, ('cosine', 'wsd'))
+  _checks.check_choice('schedule', schedule, lite_schedule_lib.KINDS)
   _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
   chi_m, beta2_m = lite_schedules(
       chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='ramp', reference_schedules=reference_schedules)
+      schedule=schedule, mode='ramp', reference_schedules=reference_schedules,
+      min_lr_ratio=min_lr_ratio)
   chi_e, _ = lite_schedules(
       emb_chi, 0.0, 0.0, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='decay', reference_schedules=reference_schedules)
+      schedule=schedule, mode='decay', reference_schedules=reference_schedules,
+      min_lr_ratio=min_lr_ratio)
   adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
   adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
   matrix_tx = optax.chain(
@@ -230,7 +238,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               steps: int | None = None, scaling: str = 'rms',
               rms: float = 0.2, weight_decay: float = 0.1,
               flat_weight_decay: bool = True, total_steps: int | None = None,
-              warmup_steps: int | None = None, schedule: str = 'cosine',
+              warmup_steps: int | None = None, schedule: str | None = None,
               reference_schedules: bool = True,
               threshold_rate: float = 1.05,
               threshold_cap: float | None = 1.0,
@@ -267,8 +275,12 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
       (``ns_dtype``: the polar factors; the filter keeps the input dtype).
     flat_weight_decay: add the reference's extra decay along flat directions.
     total_steps, warmup_steps, schedule: run length, warmup (``None``: 0)
-      and LR schedule kind (``"cosine"`` or ``"wsd"``) for the reference
-      χ/β₂ ramps; without ``total_steps`` χ and β₂ are constant.
+      and LR schedule kind (``"cosine"``, the default, or ``"wsd"``) for
+      the reference χ/β₂ ramps; without ``total_steps`` χ and β₂ are
+      constant. Simpler: pass ``learning_rate=ol.lite_schedule(peak,
+      total_steps=T, warmup_steps=W)``, which is the reference's learning
+      rate schedule and gives the ramps the same ``T`` and ``W`` (these
+      arguments may then be left out; given, they must agree).
     reference_schedules: switch the ramps off.
     threshold_rate, threshold_cap, threshold_deadband, sharp_dim_rule: the
       filter's threshold controller (eq. 13 with the reference's cap).
@@ -284,9 +296,14 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``optax.inject_hyperparams(muon_lite)(learning_rate=...)`` works: every
   float argument may be traced. The integers ``total_steps``,
   ``warmup_steps`` (``None``: 0) and ``steps`` are structural: leave them
-  ``None`` or pass them in ``static_args`` (otherwise a ``TypeError`` says
-  so). The same holds for every LITE optimizer.
+  ``None`` or pass them in ``static_args`` (otherwise one ``TypeError``
+  names all of them). The same holds for every LITE optimizer.
+  ``inject_hyperparams`` evaluates a schedule before the optimizer sees it,
+  so an injected ``lite_schedule`` gives no run length: pass
+  ``total_steps``/``warmup_steps`` in ``static_args`` there.
   """
+  _checks.check_structural(steps=steps, total_steps=total_steps,
+                           warmup_steps=warmup_steps)
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
 
@@ -327,7 +344,7 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
   embedding and norm blocks). With ``chi=1`` it is ``optax.adamw``.
   """
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
-  return optax.chain(
+  return _common.refuse_non_float(optax.chain(
       lite_flat_boost(
           diagonal_geometry(b1=b1, b2=b2, eps=eps, sharp_ratio=sharp_ratio,
                             smooth_ratio=smooth_ratio,
@@ -335,7 +352,7 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
           chi=chi, momentum=b1, nesterov=False, mu_dtype=mu_dtype,
           scaling='none',
           flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay))
+      *_common.decay_and_learning_rate(learning_rate, weight_decay)))
 
 
 def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -350,7 +367,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               skip_first_update: bool = True, null_threshold: float = 1e-5,
               weight_decay: float = 0.1,
               flat_weight_decay: bool = True, total_steps: int | None = None,
-              warmup_steps: int | None = None, schedule: str = 'cosine',
+              warmup_steps: int | None = None, schedule: str | None = None,
               reference_schedules: bool = True, threshold_rate: float = 1.05,
               mu_dtype=None, precond_dtype=jnp.float32, dims=None,
               labels=None, precision=None, distribute=None,
@@ -386,6 +403,9 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   SOAP-LITE steps (statistics, rotations, eigenbasis refreshes), chosen by
   cost; see :func:`optax_lite.lite_flat_boost`.
   """
+  _checks.check_structural(precondition_frequency=precondition_frequency,
+                           max_precond_dim=max_precond_dim,
+                           total_steps=total_steps, warmup_steps=warmup_steps)
   precision = jax.lax.Precision.HIGHEST if precision is None else precision
   precondition_frequency = structural_int(
       'precondition_frequency', precondition_frequency, 10, low=1)
@@ -434,7 +454,7 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
               weight_decay: float = 0.1, flat_weight_decay: bool = True,
               total_steps: int | None = None,
               warmup_steps: int | None = None,
-              schedule: str = 'cosine', reference_schedules: bool = True,
+              schedule: str | None = None, reference_schedules: bool = True,
               threshold_rate: float = 1.05, mu_dtype=None, dims=None,
               labels=None, distribute=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -499,7 +519,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                flat_weight_decay: bool = True,
                total_steps: int | None = None,
                warmup_steps: int | None = None,
-               schedule: str = 'cosine', reference_schedules: bool = True,
+               schedule: str | None = None, reference_schedules: bool = True,
                threshold_rate: float = 1.05,
                filter_route: str = 'small_side', mu_dtype=None, dims=None,
                labels=None, precision=None, distribute=None,
@@ -537,6 +557,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   owner-resident: the gradient travels in, the update out; see
   ``docs/multi_device.md``.
   """
+  _checks.check_structural(steps=steps, total_steps=total_steps,
+                           warmup_steps=warmup_steps)
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
   distribute = distributed.check_distribute(distribute)
