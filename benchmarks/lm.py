@@ -466,7 +466,8 @@ def main(argv=None):
     _common.write_json(path, out)
     return out
 
-  for name, factory in reg.items():
+  # A bar over the optimizers; every training run has its own inner bar.
+  for name, factory in _common.progress(list(reg.items()), desc='lm race'):
     if name in results:
       print(f'[resume] {name}: kept from {path}')
       continue

@@ -73,7 +73,20 @@ def test_readme_has_python_blocks():
   blocks = python_blocks(ROOT / 'README.md')
   assert len(blocks) >= 3
   assert all(d is None for _, _, d, _ in blocks), 'README blocks all run'
-  assert any('ol.muon_lite(' in code for _, code, _, _ in blocks)
+  codes = [code for _, code, _, _ in blocks]
+  # The three frameworks: NNX (quickstart), Linen, plain optax.chain.
+  assert any('nnx.Optimizer(' in c and 'ol.muon(' in c for c in codes)
+  assert any('train_state.TrainState' in c for c in codes)
+  assert any('optax.chain(' in c and 'ol.muon_lite(' in c for c in codes)
+
+
+def test_readme_is_short_and_links_the_docs():
+  text = (ROOT / 'README.md').read_text()
+  assert len(text.splitlines()) <= 400
+  assert 'Which optimizer should I use?' in text
+  assert 'git+https://' in text
+  for page in re.findall(r'\]\((docs/[^)#]+)', text):
+    assert (ROOT / page).is_file(), page
 
 
 def test_docs_pages_are_collected():
