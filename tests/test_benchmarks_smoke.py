@@ -3,7 +3,7 @@
 Keeps ``benchmarks/*.py`` from rotting as the library changes. Not a
 benchmark: no timing or quality assertions, only that every script runs end
 to end, writes well-formed JSON with the device name and the report renders
-it between the README markers.
+it between the markers of docs/benchmarks.md.
 """
 
 import json
