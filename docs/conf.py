@@ -68,6 +68,9 @@ autodoc_typehints = 'signature'
 autodoc_member_order = 'bysource'
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# 'a, b: text' stays one entry (the docstrings group arguments that share a
+# description) instead of repeating the text under each name.
+napoleon_use_param = False
 add_module_names = False
 
 html_theme = 'sphinx_book_theme'
