@@ -75,11 +75,7 @@ add_module_names = False
 
 html_theme = 'sphinx_book_theme'
 html_title = f'optax_lite {release}'
-html_theme_options = {
-    'show_toc_level': 2,
-    'repository_url': 'https://github.com/<you>/optax_lite',
-    'use_repository_button': False,
-}
+html_theme_options = {'show_toc_level': 2}
 html_static_path = []
 
 myst_enable_extensions.append('deflist')
