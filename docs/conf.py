@@ -59,7 +59,8 @@ master_doc = 'index'
 
 # Notebooks are rendered as they are stored; nbmake runs them in the tests.
 nb_execution_mode = 'off'
-myst_enable_extensions = ['dollarmath', 'colon_fence']
+# dollarmath: $$ equations; deflist: the API pages' constants.
+myst_enable_extensions = ['dollarmath', 'colon_fence', 'deflist']
 myst_heading_anchors = 3
 
 autosummary_generate = True
@@ -77,8 +78,6 @@ html_theme = 'sphinx_book_theme'
 html_title = f'optax_lite {release}'
 html_theme_options = {'show_toc_level': 2}
 html_static_path = []
-
-myst_enable_extensions.append('deflist')
 
 
 def _join_wrapped_arg_names(app, what, name, obj, options, lines):
