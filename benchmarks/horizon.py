@@ -364,7 +364,9 @@ def main(argv=None):
          'epochs_of_train_split': tokens / corpus.info['train_bytes'],
          'optimizers': {}}
     out['budgets'].append(b)
-    for name, factory in reg.items():
+    # One bar per budget over the optimizers (each run has its own bar).
+    for name, factory in _common.progress(list(reg.items()),
+                                          desc=f'{steps} steps'):
       entry = done.get((mult, name))
       if entry is None and args.assemble:
         continue

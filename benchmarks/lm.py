@@ -43,8 +43,8 @@ reaches ``X``'s final validation loss (seed 0, best LRs, same schedule).
   python benchmarks/lm.py --quick        # < 10 min on 2 CPU cores
   python benchmarks/lm.py                # full: bigger model, grid, 2 seeds
 
-The all-optimizer race of the README (tiny model, 1000 steps, 2 seeds; about
-1.5 h on 2 idle CPU cores):
+The all-optimizer race of docs/benchmarks.md (tiny model, 1000 steps,
+2 seeds; about 1.5 h on 2 idle CPU cores):
 
   python benchmarks/lm.py --model tiny --steps 1000 --batch 8 --seq-len 64 \
       --warmup 100 --grid 1e-3 3e-3 1e-2 --seeds 0 1 --schedules cos \
@@ -466,7 +466,8 @@ def main(argv=None):
     _common.write_json(path, out)
     return out
 
-  for name, factory in reg.items():
+  # A bar over the optimizers; every training run has its own inner bar.
+  for name, factory in _common.progress(list(reg.items()), desc='lm race'):
     if name in results:
       print(f'[resume] {name}: kept from {path}')
       continue

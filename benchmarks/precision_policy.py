@@ -14,8 +14,8 @@ explicit default, applies).
 
   python benchmarks/precision_policy.py [--out DIR]
 
-The policy table in the README and in ``optax_lite/linalg/matmul.py`` quotes
-these numbers (``results/precision_policy_cpu.json``).
+The policy table in docs/precision.md and in ``optax_lite/linalg/matmul.py``
+quotes these numbers (``results/precision_policy_cpu.json``).
 """
 
 from __future__ import annotations

@@ -430,7 +430,7 @@ def transforms_block(grads, timing):
 
 
 def headline(results):
-  """The numbers the README quotes."""
+  """The numbers the docs quote."""
   h = {}
   for leaf in results['leaves']:
     n = leaf['name']

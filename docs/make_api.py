@@ -1,15 +1,16 @@
-"""Writes docs/api.md, the API reference, from optax_lite's docstrings.
+"""Writes the API pages (autosummary directives) from optax_lite's names.
 
-    python docs/make_api.py           # rewrite docs/api.md
-    python docs/make_api.py --check   # exit 1 if docs/api.md is stale
+Called by ``docs/conf.py`` at the start of every Sphinx build, so the pages
+follow the code: a new public name appears without a regeneration step.
+The pages go to ``docs/api/`` (not committed; see ``.gitignore``). Each page
+lists only optax_lite's own objects: a name a module merely imports
+(``typing.Any``, jax's ``Mesh``) is left out.
 
-``tests/test_api_docs.py`` runs the check, so a docstring or signature
-change without a regenerated reference fails the test suite.
+    python docs/make_api.py     # write docs/api/ (the build does this)
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import os
@@ -19,160 +20,164 @@ import sys
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-OUT = pathlib.Path(__file__).resolve().parent / 'api.md'
+_ADDRESS = re.compile(r' at 0x[0-9a-fA-F]+')
+OUT = pathlib.Path(__file__).resolve().parent / 'api'
 
-# (module, heading, what it holds); the top level comes first, then the
-# names each subpackage has beyond the top level.
-SECTIONS = (
-    ('optax_lite', 'optax_lite (`import optax_lite as ol`)',
+# (page, module, title, what it holds). The top level first, then what each
+# module has beyond the top level.
+PAGES = (
+    ('optax_lite', 'optax_lite', '`optax_lite` (`import optax_lite as ol`)',
      'The names of `optax_lite.__all__`, grouped by the layer that defines '
      'them.'),
-    ('optax_lite.linalg', 'optax_lite.linalg',
-     'Pure matrix functions (no optax), beyond those at the top level.'),
-    ('optax_lite.transforms', 'optax_lite.transforms',
+    ('optimizers', 'optax_lite.optimizers', '`optax_lite.optimizers`',
+     'Named optimizers: chains of transforms, AdamW for the non-matrix '
+     'leaves (beyond the top level).'),
+    ('transforms', 'optax_lite.transforms', '`optax_lite.transforms`',
      'GradientTransformations and their states, beyond those at the top '
      'level.'),
-    ('optax_lite.optimizers', 'optax_lite.optimizers',
-     'Named optimizers (all of them are at the top level too).'),
-    ('optax_lite.linalg.distributed', 'optax_lite.linalg.distributed',
+    ('linalg', 'optax_lite.linalg', '`optax_lite.linalg`',
+     'Pure matrix functions (no optax), beyond those at the top level.'),
+    ('distributed', 'optax_lite.linalg.distributed',
+     '`optax_lite.linalg.distributed`',
      'Multi-device helpers, beyond those at the top level.'),
-    ('optax_lite.testing', 'optax_lite.testing', 'Test utilities.'),
+    ('matmul', 'optax_lite.linalg.matmul', '`optax_lite.linalg.matmul`',
+     'The one entry point of every matrix product and its precision policy.'),
+    ('labels', 'optax_lite.labels', '`optax_lite.labels`',
+     'Which leaves are matrices, and how an N-D leaf is one.'),
+    ('testing', 'optax_lite.testing', '`optax_lite.testing`',
+     'Test utilities.'),
 )
-LAYERS = (('optax_lite.labels', 'Labels'), ('optax_lite.linalg', 'linalg'),
-          ('optax_lite.transforms', 'transforms'),
-          ('optax_lite.optimizers', 'optimizers'))
-_ADDRESS = re.compile(r' at 0x[0-9a-fA-F]+')
+# Groups of the top-level page: the layer a name is defined in.
+LAYERS = (('optax_lite.labels', 'Labels'),
+          ('optax_lite.optimizers', 'Named optimizers'),
+          ('optax_lite.transforms', 'Transforms'),
+          ('optax_lite.linalg', 'Matrix functions (linalg)'))
 
 
-def _public(module) -> list[str]:
+def own(module, name: str) -> bool:
+  """Whether ``module.name`` is optax_lite's, not a name it imports."""
+  obj = getattr(module, name)
+  if inspect.ismodule(obj):
+    return False
+  home = getattr(obj, '__module__', None)
+  if inspect.isclass(obj) or inspect.isfunction(obj) or callable(obj):
+    return bool(home) and home.startswith('optax_lite')
+  # A constant: documented where it is defined (not a re-export).
+  return module.__name__ != 'optax_lite' and name.isupper()
+
+
+def public(module) -> list[str]:
+  """The public names ``module`` defines or re-exports from optax_lite."""
   names = getattr(module, '__all__', None)
   if names is None:
     names = [n for n in vars(module) if not n.startswith('_')]
-  return [n for n in names
-          if not inspect.ismodule(getattr(module, n)) and
-          not n.startswith('_') and n != 'annotations']
+  return sorted(n for n in names if not n.startswith('_') and
+                n != 'annotations' and own(module, n))
 
 
-class _Raw:
-  """An annotation string shown without quotes."""
-
-  def __init__(self, text):
-    self.text = text
-
-  def __repr__(self):
-    return self.text
-
-
-def _unquoted(sig: inspect.Signature) -> inspect.Signature:
-  def raw(a):
-    return _Raw(a) if isinstance(a, str) else a
-  params = [p.replace(annotation=raw(p.annotation))
-            for p in sig.parameters.values()]
-  return sig.replace(parameters=params,
-                     return_annotation=raw(sig.return_annotation))
-
-
-def _signature(name: str, obj) -> str:
-  """``name(a, *, b=1) -> T``; one parameter a line when it is long."""
-  if not callable(obj):
-    return f'{name} = {_ADDRESS.sub("", repr(obj))}'
-  try:
-    sig = _unquoted(inspect.signature(obj))
-  except (TypeError, ValueError):
-    return name
-  head = 'class ' if inspect.isclass(obj) else ''
-  text = _ADDRESS.sub('', f'{head}{name}{sig}')
-  if len(text) <= 80:
-    return text
-  parts, star = [], False
-  for p in sig.parameters.values():
-    if p.kind == p.KEYWORD_ONLY and not star:
-      parts.append('*')
-    star = star or p.kind in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)
-    parts.append(_ADDRESS.sub('', str(p)))
-  ret = ('' if sig.return_annotation is inspect.Signature.empty
-         else f' -> {sig.return_annotation!r}')
-  return f'{head}{name}(\n' + ''.join(f'    {x},\n' for x in parts) + f'){ret}'
-
-
-def _doc(obj) -> str:
-  if not (callable(obj) or inspect.isclass(obj)):
-    return ''
-  doc = inspect.getdoc(obj) or ''
-  if inspect.isclass(obj) and doc.startswith(obj.__name__ + '('):
-    return ''  # NamedTuple's generated "Name(field, ...)" says nothing new
-  return doc
-
-
-def _entry(qualified: str, name: str, obj) -> list[str]:
-  out = [f'### `{qualified}`', '']
-  home = getattr(obj, '__module__', None) if callable(obj) else None
-  if home and home.startswith('optax_lite'):
-    out += [f'Defined in `{home}`.', '']
-  out += ['```text', _signature(name, obj)]
-  doc = _doc(obj)
-  if doc:
-    out += ['', doc.replace('```', "'''")]
-  return out + ['```', '']
+def page_names() -> dict[str, list[str]]:
+  """Page -> the names it documents (each name on one page only)."""
+  top = importlib.import_module('optax_lite')
+  seen = {id(getattr(top, n)) for n in top.__all__}
+  out = {'optax_lite': sorted(top.__all__)}
+  for page, mod_name, _, _ in PAGES[1:]:
+    module = importlib.import_module(mod_name)
+    names = []
+    for n in public(module):
+      obj = getattr(module, n)
+      if id(obj) not in seen:
+        seen.add(id(obj))
+        names.append(n)
+    out[page] = names
+  return out
 
 
 def _layer(obj) -> str:
-  home = getattr(obj, '__module__', '') if callable(obj) else ''
+  home = getattr(obj, '__module__', '') or ''
   for prefix, title in LAYERS:
     if home.startswith(prefix):
       return title
-  return 'constants'
+  return 'Other'
 
 
-def render() -> str:
-  """The text of docs/api.md."""
-  import optax_lite
-  lines = ['# API reference', '',
-           '<!-- Generated by docs/make_api.py from the docstrings; do not '
-           'edit. -->', '',
-           f'optax_lite {optax_lite.__version__}: the signature and docstring '
-           'of every public name (the math and the references are in the '
-           'docstrings). Regenerate with `python docs/make_api.py`.', '']
-  top = set(optax_lite.__all__)
-  for mod_name, heading, blurb in SECTIONS:
-    module = importlib.import_module(mod_name)
-    names = sorted(_public(module))
-    if mod_name != 'optax_lite':
-      names = [n for n in names if n not in top]
-    if not names:
+def _constant(obj) -> bool:
+  return not (inspect.isclass(obj) or callable(obj))
+
+
+def _autosummary(module: str, names: list[str]) -> list[str]:
+  """Functions and classes: a summary table, a page each."""
+  mod = importlib.import_module(module)
+  objs = [n for n in names if not _constant(getattr(mod, n))]
+  consts = [n for n in names if _constant(getattr(mod, n))]
+  lines = []
+  if objs:
+    lines += (['```{eval-rst}', f'.. currentmodule:: {module}', '',
+               '.. autosummary::', '   :toctree: generated', '']
+              + [f'   {n}' for n in objs] + ['```', ''])
+  if consts:
+    # A constant's docstring would be its type's (dict, tuple): show the
+    # value instead.
+    lines += ['Constants:', '']
+    for n in consts:
+      value = _ADDRESS.sub('', repr(getattr(mod, n)))
+      lines += [f'`{module}.{n}`', f': `{value}`', '']
+  return lines
+
+
+def render() -> dict[str, str]:
+  """File name -> text of every API page (index included)."""
+  top = importlib.import_module('optax_lite')
+  names = page_names()
+  files = {}
+  for page, mod_name, title, blurb in PAGES:
+    if not names[page]:
       continue
-    lines += [f'## {heading}', '', blurb, '']
-    prefix = 'ol' if mod_name == 'optax_lite' else mod_name
-    if mod_name == 'optax_lite':
-      titles = [t for _, t in LAYERS] + ['constants']
-      by_layer = {t: [n for n in names if _layer(getattr(module, n)) == t]
-                  for t in titles}
-      names = [n for t in titles for n in by_layer[t]]
+    lines = [f'# {title}', '', blurb, '']
+    if page == 'optax_lite':
+      titles = [t for _, t in LAYERS] + ['Other']
       for t in titles:
-        if by_layer[t]:
-          links = ', '.join(f'[`{n}`](#ol{n.lower()})' for n in by_layer[t])
-          lines += [f'**{t}**: {links}', '']
-    for n in names:
-      lines += _entry(f'{prefix}.{n}', n, getattr(module, n))
-  return '\n'.join(lines).rstrip('\n') + '\n'
+        group = [n for n in names[page] if _layer(getattr(top, n)) == t]
+        if group:
+          lines += [f'## {t}', ''] + _autosummary(mod_name, group)
+    else:
+      lines += _autosummary(mod_name, names[page])
+    files[f'{page}.md'] = '\n'.join(lines)
+  toc = '\n'.join(p[:-3] for p in files)
+  files['index.md'] = (
+      '# API reference\n\nGenerated from the docstrings (the math and the '
+      'references are there). `import optax_lite as ol`: the top-level '
+      'page lists every name of `ol.__all__`; the module pages add what '
+      'each module has beyond it.\n\n'
+      f'```{{toctree}}\n:maxdepth: 1\n\n{toc}\n```\n')
+  return files
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--check', action='store_true',
-                      help='exit 1 if docs/api.md differs from the docstrings')
-  args = parser.parse_args(argv)
-  text = render()
-  if args.check:
-    current = OUT.read_text() if OUT.exists() else ''
-    if current != text:
-      print(f'{OUT} is stale: run python docs/make_api.py', file=sys.stderr)
-      return 1
-    return 0
-  OUT.write_text(text)
-  print(f'wrote {OUT} ({len(text.splitlines())} lines)')
-  return 0
+def write(out: pathlib.Path = OUT) -> list[pathlib.Path]:
+  """Writes the pages, leaving unchanged files alone (keeps builds fast)."""
+  out.mkdir(parents=True, exist_ok=True)
+  pages = render()
+  # autosummary's stubs of names no longer listed would be orphans.
+  listed = set()
+  for text in pages.values():
+    module = None
+    for line in text.splitlines():
+      if line.startswith('.. currentmodule:: '):
+        module = line.split()[-1]
+      elif line.startswith('   ') and module and line.strip().isidentifier():
+        listed.add(f'{module}.{line.strip()}.rst')
+  for stub in (out / 'generated').glob('*.rst'):
+    if stub.name not in listed:
+      stub.unlink()
+  written = []
+  for name, text in pages.items():
+    path = out / name
+    if not path.exists() or path.read_text() != text:
+      path.write_text(text)
+    written.append(path)
+  return written
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.path.insert(0, str(OUT.parent.parent))
+  for p in write():
+    print(f'wrote {p}')

@@ -1,8 +1,11 @@
-"""optax_lite demo: a byte-level Flax NNX language model, muon vs adamw.
+"""optax_lite demo: a byte-level Flax NNX model with adamw, muon, muon_lite.
 
-Data: the English documentation text that ships with Python
-(``pydoc_data.topics``), so nothing is downloaded. Prints a loss table and
-writes ``demo_out/demo_loss.png``.
+Data: the Python standard library's sources, the corpus of the benchmarks
+(``benchmarks/models.py``'s ``load_corpus('stdlib')``: the interpreter's
+own ``.py`` files, held out by file), so nothing is downloaded. The model
+predicts the next byte from the previous ``--context`` bytes. Shows a
+progress bar per optimizer, prints a validation-loss table and writes
+``demo_out/demo_loss.png``.
 
     ./run demo                 # ~1–2 minutes on 2 CPU cores
     ./run demo --steps 600     # longer
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import jax
@@ -19,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
 import optax_lite as ol
 
-
-def load_bytes() -> np.ndarray:
-  from pydoc_data import topics
-  text = '\n'.join(topics.topics[k] for k in sorted(topics.topics))
-  return np.frombuffer(text.encode('utf-8'), dtype=np.uint8)
+# The benchmarks' corpus loader, so the demo trains on the same data.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                os.pardir, 'benchmarks'))
+import models  # noqa: E402
 
 
 class ByteMLP(nnx.Module):
@@ -74,11 +78,15 @@ def train(name, tx, data, val, args):
 
   vx, vy = next(batches(val, args.context, 2048, seed=123))
   curve, t0 = [], time.perf_counter()
-  for i, (x, y) in zip(range(args.steps), batches(data, args.context,
-                                                  args.batch, seed=0)):
+  bar = tqdm(zip(range(args.steps), batches(data, args.context, args.batch,
+                                            seed=0)),
+             total=args.steps, desc=name, dynamic_ncols=True, leave=False)
+  for i, (x, y) in bar:
     loss = step(model, opt, x, y)
     if i % args.eval_every == 0 or i == args.steps - 1:
       curve.append((i, float(loss), float(evaluate(model, vx, vy))))
+      bar.set_postfix(val_loss=f'{curve[-1][2]:.3f}')
+  bar.close()
   return curve, time.perf_counter() - t0
 
 
@@ -92,10 +100,11 @@ def main(argv=None):
   ap.add_argument('--out', default='demo_out')
   args = ap.parse_args(argv)
 
-  data = load_bytes()
-  split = int(0.9 * len(data))
-  train_data, val_data = data[:split], data[split:]
-  print(f'{len(data):,} bytes of pydoc_data.topics; '
+  corpus = models.load_corpus('stdlib')
+  train_data, val_data = corpus.train, corpus.val
+  print(f'Python {corpus.info["python"]} standard library sources: '
+        f'{corpus.info["train_files"]} files ({len(train_data):,} bytes) to '
+        f'train on, {corpus.info["val_files"]} held out; '
         f'device: {jax.devices()[0].device_kind}')
   schedule = lambda peak: optax.warmup_cosine_decay_schedule(
       0.0, peak, args.steps // 10, args.steps, peak * 0.1)
@@ -163,7 +172,7 @@ def plot(results, lr_schedule, args, path):
   ax.set_xlim(0, args.steps)
   ax.set_xlabel('step')
   ax.set_ylabel('validation loss (nats/byte, log scale)')
-  ax.set_title('Byte-level MLP LM on pydoc_data.topics')
+  ax.set_title('Byte-level MLP LM on the Python standard library')
   ax.grid(True, which='both', alpha=0.3)
   lr_ax = ax.twinx()
   t = np.arange(args.steps)

@@ -3,7 +3,7 @@
 Keeps ``benchmarks/*.py`` from rotting as the library changes. Not a
 benchmark: no timing or quality assertions, only that every script runs end
 to end, writes well-formed JSON with the device name and the report renders
-it between the README markers.
+it between the markers of docs/benchmarks.md.
 """
 
 import json
@@ -355,15 +355,27 @@ def test_rho_values():
 
 
 def test_report_fills_markers(out_dir, tmp_path):
-  readme = tmp_path / 'README.md'
-  readme.write_text('# T\n\n<!-- BEGIN GENERATED:lm -->\nold\n'
-                    '<!-- END GENERATED:lm -->\nafter\n')
-  report.main(['--readme', str(readme), '--results', out_dir, '--summary',
+  doc = tmp_path / 'docs' / 'benchmarks.md'
+  doc.parent.mkdir()
+  doc.write_text('# T\n\n<!-- BEGIN GENERATED:lm -->\nold\n'
+                 '<!-- END GENERATED:lm -->\nafter\n')
+  report.main(['--doc', str(doc), '--results', out_dir, '--summary',
                str(tmp_path / 'S.md')])
-  text = readme.read_text()
+  text = doc.read_text()
   assert 'old' not in text and 'after' in text
   for name in report.NAMES:
     assert f'<!-- BEGIN GENERATED:{name} -->' in text
     assert f'<!-- END GENERATED:{name} -->' in text
-  assert text.count('## Benchmarks') == 1
+  assert text.count('## Generated tables') == 1
   assert '| `muon` |' in text
+
+
+def test_report_links_are_relative_to_the_page(tmp_path):
+  body = ('*Source: [`benchmarks/results/a.json`](benchmarks/results/a.json)*'
+          '\n![plot](benchmarks/results/a.png)')
+  in_docs = report.relink(body, os.path.join(report.ROOT, 'docs', 'b.md'))
+  assert '](../benchmarks/results/a.json)' in in_docs
+  assert '](../benchmarks/results/a.png)' in in_docs
+  assert '[`benchmarks/results/a.json`]' in in_docs  # the shown name stays
+  at_root = report.relink(body, os.path.join(report.ROOT, 'README.md'))
+  assert at_root == body

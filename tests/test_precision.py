@@ -3,7 +3,7 @@
 Every test that runs an optimizer runs it under both emulations
 (:func:`optax_lite.testing.emulate_matmul_precision`): ``"bfloat16"`` (a
 TPU's one-pass default) and ``"tensorfloat32"`` (a GPU's default). The
-bounds asserted here are the ones documented in the README ("Precision on
+bounds asserted here are the ones documented in docs/precision.md ("Precision on
 accelerators").
 """
 
@@ -134,7 +134,7 @@ def polar_fns():
           for ns in (None, jnp.bfloat16)}
 
 
-# Documented band (README): max|σ−1| of Polar Express (6 steps) at
+# Documented band (docs/precision.md): max|σ−1| of Polar Express (6 steps) at
 # condition 1e2 is 0.0025 in float32; bounds leave room for seeds/shapes.
 @pytest.mark.parametrize('emulation', (None,) + EMULATIONS)
 @pytest.mark.parametrize('ns', [None, 'bfloat16'])

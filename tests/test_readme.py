@@ -1,4 +1,8 @@
-"""Every ```python block of README.md and docs/*.md runs as is.
+"""Every ```python block of README.md and of the docs pages runs as is.
+
+The docs pages are the Markdown sources of the Sphinx site under ``docs/``
+(``docs/**/*.md``), not what the build generates (``docs/_build``, the API
+pages ``docs/api``, the notebook copies ``docs/notebooks``).
 
 Each block is executed on its own, in a fresh namespace, so a block must be a
 complete program (imports included). Directives, an HTML comment on the line
@@ -16,7 +20,10 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FILES = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
+_GENERATED = ('_build', 'api', 'notebooks')
+FILES = [ROOT / 'README.md'] + sorted(
+    p for p in (ROOT / 'docs').rglob('*.md')
+    if p.relative_to(ROOT / 'docs').parts[0] not in _GENERATED)
 _FENCE = re.compile(r'^```python\s*$')
 _DIRECTIVE = re.compile(r'^<!--\s*test:\s*(multidevice|skip:\s*(.+?))\s*-->$')
 
@@ -66,7 +73,32 @@ def test_readme_has_python_blocks():
   blocks = python_blocks(ROOT / 'README.md')
   assert len(blocks) >= 3
   assert all(d is None for _, _, d, _ in blocks), 'README blocks all run'
-  assert any('ol.muon_lite(' in code for _, code, _, _ in blocks)
+  codes = [code for _, code, _, _ in blocks]
+  # The three frameworks: NNX (quickstart), Linen, plain optax.chain.
+  assert any('nnx.Optimizer(' in c and 'ol.muon(' in c for c in codes)
+  assert any('train_state.TrainState' in c for c in codes)
+  assert any('optax.chain(' in c and 'ol.muon_lite(' in c for c in codes)
+
+
+def test_readme_is_short_and_links_the_docs():
+  text = (ROOT / 'README.md').read_text()
+  assert len(text.splitlines()) <= 400
+  assert 'Which optimizer should I use?' in text
+  assert 'git+https://' in text
+  for page in re.findall(r'\]\((docs/[^)#]+)', text):
+    assert (ROOT / page).is_file(), page
+
+
+def test_docs_pages_are_collected():
+  """The how-to recipes (and every other page's blocks) are executed."""
+  names = {p.relative_to(ROOT).as_posix() for p in FILES}
+  assert {'docs/howto.md', 'docs/multi_device.md'} <= names
+  assert not any(n.startswith(('docs/_build', 'docs/api/')) for n in names)
+  howto = [code for _, code, d, _ in python_blocks(ROOT / 'docs' / 'howto.md')
+           if d is None]
+  for recipe in ('ocp.StandardCheckpointer', 'optax.MultiSteps',
+                 'inject_hyperparams', 'clip_by_global_norm', 'nnx.scan'):
+    assert any(recipe in code for code in howto), recipe
 
 
 def test_directives_are_parsed(tmp_path):

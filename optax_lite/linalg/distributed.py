@@ -158,7 +158,7 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
 
   Args:
     state_shapes: the state, or ``jax.eval_shape(tx.init, params)``.
-    params: the parameters, as committed ``jax.Array``s with shardings.
+    params: the parameters, as committed ``jax.Array`` values with shardings.
     mesh: the mesh to replicate the other leaves on; default: the mesh of
       the first ``NamedSharding`` found in ``params``.
 

@@ -39,7 +39,7 @@ polar factor's 1.7–2.2% (bfloat16). The inverse roots (8.6% for 30 Newton
 iterations at bfloat16) and SOAP's rotations and eigenbasis (12% of SOAP's
 update even at TF32) stay in float32.
 
-The README ("Precision on accelerators") has the whole-update errors.
+The documentation page docs/precision.md has the whole-update errors.
 
 Precision arguments: ``None`` follows the policy; any ``jax.lax.Precision``
 (or its string names ``"default"``, ``"high"``, ``"highest"``,

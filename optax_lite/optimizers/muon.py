@@ -65,7 +65,7 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       still share one batched kernel).
     ns_dtype: ``None`` or ``jnp.bfloat16``: run the Newton–Schulz iteration
       in that dtype with float32 accumulation (as Keller Jordan's Muon); see
-      the README's precision section for its accuracy band.
+      docs/precision.md for its accuracy band.
     shard_polar: the former name of ``distribute`` (an alias).
     adam_*: AdamW settings for the non-matrix leaves;
       ``adam_learning_rate=None`` uses ``learning_rate`` and
