@@ -11,4 +11,7 @@ from optax_lite.optimizers.lite import muon_lite
 from optax_lite.optimizers.lite import rmnp_lite
 from optax_lite.optimizers.lite import soap_lite
 from optax_lite.optimizers.muon import muon
+from optax_lite.optimizers.muonh import muonh
+from optax_lite.optimizers.normuon import normuon
+from optax_lite.optimizers.normuon import normuon_lite
 from optax_lite.optimizers.rmnp import rmnp
