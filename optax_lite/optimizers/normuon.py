@@ -136,6 +136,8 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
   """
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
+  _checks.check_decay('neuron_beta2', neuron_beta2)
+  _checks.check_positive('eps', eps)
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(

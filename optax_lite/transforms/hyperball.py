@@ -44,7 +44,7 @@ from optax_lite.transforms.scaling import SCALING_MODES, shape_factor
 class HyperballState(NamedTuple):
   """State of :func:`hyperball_step`."""
   count: jax.Array      # int32 scalar: steps so far (for schedules)
-  radius: optax.Updates  # per matrix leaf: float32 (batch,) ‖W_0‖_F
+  radius: optax.Updates  # per matrix leaf, (batch,) ‖W_0‖_F, ≥ float32
 
 
 def _frobenius(x):
@@ -101,7 +101,7 @@ def hyperball_step(learning_rate: optax.ScalarOrSchedule, *,
   def init_leaf(view, p):
     if view is None:
       return jnp.zeros((), jnp.float32)
-    radius = _frobenius(view.to_matrix(p)).astype(jnp.float32)
+    radius = _frobenius(view.to_matrix(p))  # float32 or wider
     if not isinstance(radius, jax.core.Tracer) and bool(
         jnp.any(radius <= eps)):
       raise ValueError(

@@ -42,7 +42,8 @@ NORMALIZATION_AXES = ('neuron', 'short_axis')
 class NeuronNormalizeState(NamedTuple):
   """State of :func:`neuron_normalize`.
 
-  ``variance``: per matrix leaf, float32 ``(batch, 1, fan_out)``
+  ``variance``: per matrix leaf, ``(batch, 1, fan_out)`` in float32 (or
+  the parameter's dtype where wider)
   (``axis="neuron"``) or the shape of the mean over the shorter side; a
   scalar placeholder for leaves that are not matrices.
   """
@@ -113,7 +114,8 @@ def neuron_normalize(beta2: float = 0.95, eps: float = 1e-8,
   def init_leaf(view, p):
     if view is None:
       return jnp.zeros((), jnp.float32)
-    return jnp.zeros(variance_shape(view, axis), jnp.float32)
+    return jnp.zeros(variance_shape(view, axis),
+                     jnp.promote_types(p.dtype, jnp.float32))
 
   def init_fn(params):
     return NeuronNormalizeState(
@@ -139,7 +141,7 @@ def neuron_normalize(beta2: float = 0.95, eps: float = 1e-8,
 class NorMuonGeometryState(NamedTuple):
   """Per-leaf state of :func:`normuon_geometry`."""
   threshold_ratio: jax.Array  # muon_geometry's controller, (batch,)
-  variance: jax.Array         # float32 per-neuron v, see variance_shape
+  variance: jax.Array         # per-neuron v (≥ float32), variance_shape
 
 
 def normuon_geometry(*, beta2: float = 0.95, eps: float = 1e-8,
@@ -162,7 +164,8 @@ def normuon_geometry(*, beta2: float = 0.95, eps: float = 1e-8,
   def init(view, param):
     (ratio,) = inner.init(view, param)
     return NorMuonGeometryState(
-        ratio, jnp.zeros(variance_shape(view, axis), jnp.float32))
+        ratio, jnp.zeros(variance_shape(view, axis),
+                         jnp.promote_types(param.dtype, jnp.float32)))
 
   def directions(view, m_term, g, leaf_state, count, need_g):
     out = inner.directions(view, m_term, g, leaf_state[:1], count, need_g)
