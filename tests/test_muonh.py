@@ -135,3 +135,23 @@ def test_muonh_bad_hyperparameters(kwargs, name):
   kw = {'learning_rate': 0.01, **kwargs}
   with pytest.raises(ValueError, match=name):
     ol.muonh(**kw)
+
+
+def test_muonh_inject_every_float_hyperparameter():
+  """``inject_hyperparams`` with μ, β₂, ε traced equals the plain MuonH."""
+  params = {'l': {'kernel': jax.random.normal(jax.random.PRNGKey(0),
+                                              (16, 8))},
+            'b': jnp.ones(8)}
+  kw = dict(learning_rate=0.02, momentum=0.9, beta2=0.8, eps=1e-9,
+            weight_decay=0.05)
+  plain = ol.muonh(normalization='neuron', **kw)
+  inj = optax.inject_hyperparams(ol.muonh)(normalization='neuron', **kw)
+  sp, si = plain.init(params), inj.init(params)
+  for k in range(3):
+    g = jax.tree.map(lambda p, k=k: jax.random.normal(
+        jax.random.PRNGKey(k + 3), p.shape), params)
+    a, sp = jax.jit(plain.update)(g, sp, params)
+    b, si = jax.jit(inj.update)(g, si, params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+    params = optax.apply_updates(params, a)

@@ -232,3 +232,19 @@ def test_normuon_lite_bad_hyperparameters(kwargs, name):
 def test_cautious_flag_must_be_a_bool():
   with pytest.raises(TypeError, match='cautious_weight_decay'):
     ol.normuon(0.01, cautious_weight_decay=jnp.asarray(True))
+
+
+def test_normuon_inject_every_float_hyperparameter():
+  """``inject_hyperparams`` with β₂, ε, μ, λ traced equals the plain
+  optimizer, and the injected β₂ is the one used."""
+  params = _params(jax.random.PRNGKey(2))
+  kw = dict(learning_rate=0.01, momentum=0.9, beta2=0.8, eps=1e-7,
+            weight_decay=0.05)
+  plain = ol.normuon(**kw)
+  inj = optax.inject_hyperparams(ol.normuon)(**kw)
+  a = _trajectory(plain, params, steps=3)
+  b = _trajectory(inj, params, steps=3)
+  for x, y in zip(a, b):
+    assert_trees_close(y, x, rtol=1e-5, atol=1e-7)
+  state = inj.init(params)
+  assert set(kw) <= set(state.hyperparams)
