@@ -64,7 +64,8 @@ def muonh(learning_rate: optax.ScalarOrSchedule, *,
     scaling: ``c``: ``"none"`` (dion's default), ``"spectral"``, ``"rms"``
       or ``"width"``.
     rms: target RMS for ``scaling="rms"``.
-    weight_decay: AdamW's decoupled decay on the non-matrix leaves.
+    weight_decay: AdamW's decoupled decay on the non-matrix leaves (0.1 as
+      for every named optimizer; dion's default is 0.01).
     cautious_weight_decay: that decay only where Adam's direction and the
       weight agree in sign (:func:`optax_lite.add_cautious_decayed_weights`).
     adam_*: AdamW settings for the non-matrix leaves.
