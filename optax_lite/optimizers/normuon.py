@@ -46,6 +46,11 @@ def normuon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   decay uses the base learning rate, the shape factor only the direction).
   Non-matrix leaves use AdamW, as in :func:`optax_lite.muon`.
 
+  Where ``fan_out ≤ fan_in`` an exact polar factor has orthonormal columns,
+  so every neuron's ``mean(O²)`` is ``1/fan_in`` and the normalisation only
+  corrects the Newton–Schulz iteration's inexactness; it reshapes the step
+  fully where ``fan_out > fan_in`` (e.g. MLP up-projections).
+
   Defaults: dion's ``muon_beta2=0.95`` and ``ε = 1e-8``; the momentum,
   scaling and decay are :func:`optax_lite.muon`'s (Nesterov, ``0.2·√max(m,
   n)`` = dion's ``adjust_lr="rms_norm"``, ``λ = 0.1``), so that ``muon`` and
