@@ -37,16 +37,22 @@ from optax_lite.linalg.distributed import state_shardings
 
 # 2. transforms
 from optax_lite.transforms import FisherWhitenState
+from optax_lite.transforms import HyperballState
 from optax_lite.transforms import MomentumState
+from optax_lite.transforms import NeuronNormalizeState
 from optax_lite.transforms import ShampooState
 from optax_lite.transforms import SoapState
+from optax_lite.transforms import add_cautious_decayed_weights
 from optax_lite.transforms import diagonal_geometry
 from optax_lite.transforms import fisher_whiten
+from optax_lite.transforms import hyperball_step
 # The function; ``optax_lite.transforms.kron_precondition`` is its module.
 from optax_lite.transforms.kron_precondition import kron_precondition
 from optax_lite.transforms import lite_flat_boost
 from optax_lite.transforms import momentum
 from optax_lite.transforms import muon_geometry
+from optax_lite.transforms import neuron_normalize
+from optax_lite.transforms import normuon_geometry
 from optax_lite.transforms import orthogonalize
 from optax_lite.transforms import row_norm_geometry
 from optax_lite.transforms import row_normalize
@@ -65,6 +71,9 @@ from optax_lite.optimizers import LiteSchedule
 from optax_lite.optimizers import lite_schedule
 from optax_lite.optimizers import muon
 from optax_lite.optimizers import muon_lite
+from optax_lite.optimizers import muonh
+from optax_lite.optimizers import normuon
+from optax_lite.optimizers import normuon_lite
 from optax_lite.optimizers import rmnp
 from optax_lite.optimizers import rmnp_lite
 from optax_lite.optimizers import shampoo
@@ -88,15 +97,21 @@ __all__ = (
     'state_shardings',
     # transforms
     'FisherWhitenState',
+    'HyperballState',
     'MomentumState',
+    'NeuronNormalizeState',
     'ShampooState',
     'SoapState',
+    'add_cautious_decayed_weights',
     'diagonal_geometry',
     'fisher_whiten',
+    'hyperball_step',
     'kron_precondition',
     'lite_flat_boost',
     'momentum',
     'muon_geometry',
+    'neuron_normalize',
+    'normuon_geometry',
     'orthogonalize',
     'row_norm_geometry',
     'row_normalize',
@@ -114,6 +129,9 @@ __all__ = (
     'fismo_lite',
     'muon',
     'muon_lite',
+    'muonh',
+    'normuon',
+    'normuon_lite',
     'rmnp',
     'rmnp_lite',
     'shampoo',

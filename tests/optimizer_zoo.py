@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax_lite
 
 NAMED = ['muon', 'rmnp', 'fismo', 'soap', 'shampoo', 'muon_lite', 'soap_lite',
-         'rmnp_lite', 'fismo_lite']
+         'rmnp_lite', 'fismo_lite', 'normuon', 'normuon_lite', 'muonh']
 
 # Per-optimizer small settings: refresh the Kronecker bases every 2 steps so
 # that the refresh branches run in a handful of steps. Every name in NAMED has
@@ -37,6 +37,9 @@ SMALL = {
     'soap_lite': {'precondition_frequency': 2},
     'rmnp_lite': {},
     'fismo_lite': {},
+    'normuon': {},
+    'normuon_lite': {},
+    'muonh': {},
 }
 
 # The dtype argument of each optimizer's Kronecker factors / bases (the others

@@ -21,7 +21,7 @@ def _ns(x):
   return polar.newton_schulz(x, COEFFS, norm_factor=1.01)
 
 
-@pytest.mark.parametrize('name', ['muon', 'rmnp'])
+@pytest.mark.parametrize('name', ['muon', 'rmnp', 'normuon', 'muonh'])
 def test_tree_map_params_maps_momentum(name):
   tx = make(name)
   params = params_tree()

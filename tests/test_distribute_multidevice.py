@@ -118,8 +118,9 @@ def test_distribute_equals_single_device(name, layout):
 # momentum) travel, a small fraction of GSPMD's bytes. The Kronecker and
 # Fisher optimizers move their per-matrix state to the owner and back each
 # step, so the bound is only "fewer than GSPMD" (docs/multi_device.md).
-MAX_BYTES_VS_PLAIN = {'muon': 0.25, 'muon_lite': 0.25}
-POLAR_LOOPS = ('muon', 'muon_lite')
+MAX_BYTES_VS_PLAIN = {'muon': 0.25, 'muon_lite': 0.25, 'normuon': 0.25,
+                      'normuon_lite': 0.25, 'muonh': 0.25}
+POLAR_LOOPS = ('muon', 'muon_lite', 'normuon', 'normuon_lite', 'muonh')
 
 
 @pytest.mark.parametrize('name', [n for n in NAMED if n in OWNER_COMPUTES])

@@ -107,12 +107,20 @@ def test_apply_if_finite_skips_and_keeps_state(name, value):
   assert int(s_next.notfinite_count) == 0
 
 
+# Optimizers whose matrices must be non-zero at init (MuonH: the radius of
+# each matrix's sphere is its norm at init; dion refuses zero matrices too).
+NONZERO_MATRICES = ('muonh',)
+
+
 @pytest.mark.parametrize('name', NAMED)
 def test_all_zero_gradients(name):
   # Zero parameters too (a zero-initialised layer), so that weight decay adds
   # nothing and the update must be exactly zero; same compiled step as above.
   tx, step, _ = cached(name)
   p = jax.tree.map(jnp.zeros_like, params_tree())
+  if name in NONZERO_MATRICES:
+    _all_zero_gradients_on_a_sphere(name, p)
+    return
   s = tx.init(p)
   zeros = jax.tree.map(jnp.zeros_like, p)
   for _ in range(3):  # through a preconditioner refresh
@@ -124,6 +132,34 @@ def test_all_zero_gradients(name):
   _, s, u = step(p, s, grads_like(p))
   assert _finite(u) and _finite(s)
   assert np.any(np.asarray(u['layer0']['kernel']))
+
+
+def _all_zero_gradients_on_a_sphere(name, zero_params):
+  """Zero matrices are refused at init, naming ``params``; on non-zero
+  matrices (no decay) zero gradients keep every matrix where it is (to
+  round-off: the projection back to the sphere) and every other leaf
+  exactly; a real gradient then moves the matrices."""
+  tx, step, _ = cached(name, weight_decay=0.0)
+  with pytest.raises(ValueError, match='params'):
+    tx.init(zero_params)
+  p = params_tree()
+  for k in ('embed', 'head', 'ln'):
+    p[k] = jax.tree.map(jnp.zeros_like, p[k])
+  s = tx.init(p)
+  zeros = jax.tree.map(jnp.zeros_like, p)
+  for _ in range(3):
+    _, s, u = step(p, s, zeros)
+    assert _finite(u) and _finite(s), name
+    for k in ('layer0', 'layer1', 'conv'):
+      np.testing.assert_allclose(u[k]['kernel'], 0.0,
+                                 atol=1e-6 * float(jnp.max(jnp.abs(
+                                     p[k]['kernel']))))
+    for k in ('embed', 'head', 'ln'):
+      for x in jax.tree.leaves(u[k]):
+        np.testing.assert_array_equal(np.asarray(x), 0.0)
+  _, s, u = step(p, s, grads_like(p))
+  assert _finite(u) and _finite(s)
+  assert float(jnp.max(jnp.abs(u['layer0']['kernel']))) > 1e-3
 
 
 def _odd_params():

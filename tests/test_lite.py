@@ -497,9 +497,11 @@ _INJECT_KW = {
     'rmnp_lite': dict(total_steps=20),
     'soap_lite': dict(precondition_frequency=2),
     'fismo_lite': {},
+    'normuon_lite': dict(total_steps=20, warmup_steps=2),
 }
 _STATIC = {
     'muon_lite': ('total_steps', 'warmup_steps'),
+    'normuon_lite': ('total_steps', 'warmup_steps'),
     'rmnp_lite': ('total_steps',),
     'soap_lite': ('precondition_frequency',),
 }
@@ -512,7 +514,8 @@ def _inject_params(square=False):
 
 
 @pytest.mark.parametrize('name', [
-    'adamw_lite', 'muon_lite', 'rmnp_lite', 'soap_lite', 'fismo_lite'])
+    'adamw_lite', 'muon_lite', 'rmnp_lite', 'soap_lite', 'fismo_lite',
+    'normuon_lite'])
 def test_inject_hyperparams_matches_plain_and_lr_is_live(name):
   """``inject_hyperparams(ol.X)(learning_rate=…)`` equals ``ol.X(…)`` step
   for step, and changing the injected learning rate changes the step.
@@ -557,7 +560,8 @@ def test_inject_hyperparams_structural_int_names_static_args():
 
 
 @pytest.mark.parametrize('name', [
-    'muon_lite', 'adamw_lite', 'rmnp_lite', 'fismo_lite', 'soap_lite'])
+    'muon_lite', 'adamw_lite', 'rmnp_lite', 'fismo_lite', 'soap_lite',
+    'normuon_lite'])
 def test_tree_map_params_on_lite_state(name):
   """The state's params-shaped parts are found by optax's tree_map_params."""
   params = _inject_params()

@@ -205,11 +205,18 @@ def test_lite_filter_rank_on_gapped_spectrum_unchanged(emulation):
 STEPS = 40
 LR = {'muon': 0.2, 'rmnp': 0.1, 'fismo': 0.2, 'soap': 0.2, 'shampoo': 0.05,
       'muon_lite': 0.2, 'soap_lite': 0.2, 'rmnp_lite': 0.1,
-      'fismo_lite': 0.2}
+      'fismo_lite': 0.2, 'normuon': 0.2, 'normuon_lite': 0.2, 'muonh': 0.1}
 _rng = np.random.default_rng(0)
 _X = jnp.asarray(_rng.standard_normal((64, 16)), jnp.float32)
 _Y = _X @ jnp.asarray(_rng.standard_normal((16, 24)) / 2, jnp.float32)
 _P0 = {'layer': {'kernel': jnp.zeros((16, 24), jnp.float32)}}
+# MuonH keeps each matrix on the sphere of its initial norm: it starts from
+# a random kernel with the solution's norm (a zero kernel has no sphere).
+_W = np.linalg.lstsq(np.asarray(_X), np.asarray(_Y), rcond=None)[0]
+_P0_SPHERE = {'layer': {'kernel': jnp.asarray(
+    _rng.standard_normal((16, 24)) * np.linalg.norm(_W) / np.sqrt(16 * 24),
+    jnp.float32)}}
+START = {'muonh': _P0_SPHERE}
 
 
 def _loss(p):
@@ -251,11 +258,12 @@ def _trainer(name):
 @pytest.mark.parametrize('name', zoo.NAMED)
 def test_optimizer_trains_under_emulation(name, emulation):
   train = _trainer(name)
+  p0 = START.get(name, _P0)
   with emulate_matmul_precision(emulation):
-    loss, updates, finite = train(_P0)
+    loss, updates, finite = train(p0)
   assert bool(finite), 'non-finite optimizer state'
   assert np.all(np.isfinite(np.asarray(updates)))
-  assert float(loss) <= 0.05 * float(_loss(_P0))
+  assert float(loss) <= 0.05 * float(_loss(p0))
 
 
 @pytest.mark.parametrize('emulation', EMULATIONS)

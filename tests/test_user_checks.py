@@ -49,7 +49,7 @@ def _tree():
           'head': {'kernel': jax.random.normal(k[2], (12, 5))}}
 
 
-@pytest.mark.parametrize('name', ['muon_lite', 'rmnp_lite'])
+@pytest.mark.parametrize('name', ['muon_lite', 'rmnp_lite', 'normuon_lite'])
 def test_lite_schedule_gives_the_ramps_their_run_length(name):
   """``learning_rate=lite_schedule(...)`` equals passing T and W twice."""
   params = _tree()
@@ -97,6 +97,7 @@ def test_lite_schedule_bad_arguments(kw, match):
                    'warmup_steps')),
     ('fismo_lite', ('steps', 'total_steps', 'warmup_steps')),
     ('rmnp_lite', ('total_steps', 'warmup_steps')),
+    ('normuon_lite', ('steps', 'total_steps', 'warmup_steps')),
 ])
 def test_inject_hyperparams_lists_every_structural_argument(name, structural):
   """One error names the whole ``static_args`` tuple, not one per run."""
@@ -126,7 +127,7 @@ def test_integer_and_boolean_leaves_are_refused_by_path(name, kind):
   with pytest.raises(TypeError, match=rf"\['extra'\]\['{kind}'\]"):
     tx.init(params)
   # The updates are checked too (a float state, an int gradient leaf).
-  floats = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32),
+  floats = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), jnp.float32),
                         params)
   state = tx.init(floats)
   with pytest.raises(TypeError, match=rf"updates\['extra'\]\['{kind}'\]"):

@@ -13,4 +13,7 @@ from optax_lite.optimizers.lite import soap_lite
 from optax_lite.optimizers.lite_schedule import LiteSchedule
 from optax_lite.optimizers.lite_schedule import lite_schedule
 from optax_lite.optimizers.muon import muon
+from optax_lite.optimizers.muonh import muonh
+from optax_lite.optimizers.normuon import normuon
+from optax_lite.optimizers.normuon import normuon_lite
 from optax_lite.optimizers.rmnp import rmnp

@@ -10,29 +10,61 @@ import optax
 
 from optax_lite import _checks
 from optax_lite import labels as labels_lib
+from optax_lite.transforms.cautious import add_cautious_decayed_weights
 
 # Labels produced by ``label_params`` plus "adam", a catch-all a user may use
 # in a hand-written label tree.
 ALL_LABELS = labels_lib.LABELS + ('adam',)
 
 
+def check_flag(name: str, x) -> bool:
+  """A structural on/off switch: a Python bool (not an array or tracer)."""
+  if not isinstance(x, bool):
+    raise TypeError(
+        f'{name} must be a Python bool, got {type(x).__name__} {x!r} (with '
+        f'optax.inject_hyperparams pass static_args=({name!r},)).')
+  return x
+
+
+def weight_decay_tx(weight_decay, mask=None, cautious: bool = False
+                    ) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights`` or its cautious form (``cautious``)."""
+  if cautious:
+    return add_cautious_decayed_weights(weight_decay, mask)
+  return optax.add_decayed_weights(weight_decay, mask)
+
+
 def adamw(learning_rate, *, b1: float, b2: float, eps: float,
           weight_decay: float, mu_dtype=None, nesterov: bool = False,
-          weight_decay_mask=None) -> optax.GradientTransformation:
-  """``optax.adamw`` with validated arguments (for the non-matrix leaves)."""
+          weight_decay_mask=None, cautious: bool = False
+          ) -> optax.GradientTransformation:
+  """``optax.adamw`` with validated arguments (for the non-matrix leaves).
+
+  ``cautious``: the decay only where Adam's direction and the weight agree
+  in sign (:func:`optax_lite.add_cautious_decayed_weights`), dion's
+  ``adamw_update(cautious_wd=True)``; the chain is ``optax.adamw``'s own
+  (``scale_by_adam``, decay, ``−learning_rate``) with the decay swapped.
+  """
   _checks.check_learning_rate('adam_learning_rate', learning_rate)
   _checks.check_decay('adam_b1', b1)
   _checks.check_decay('adam_b2', b2)
   _checks.check_positive('adam_eps', eps)
   _checks.check_positive('adam_weight_decay', weight_decay, allow_zero=True)
-  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                     weight_decay=weight_decay, mu_dtype=mu_dtype,
-                     nesterov=nesterov, mask=weight_decay_mask)
+  if not check_flag('cautious_weight_decay', cautious):
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                       weight_decay=weight_decay, mu_dtype=mu_dtype,
+                       nesterov=nesterov, mask=weight_decay_mask)
+  return optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype,
+                          nesterov=nesterov),
+      add_cautious_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate))
 
 
 def adamw_for_rest(learning_rate, adam_learning_rate, *, b1, b2, eps,
                    weight_decay, adam_weight_decay, mu_dtype=None,
-                   nesterov=False) -> optax.GradientTransformation:
+                   nesterov=False, cautious=False
+                   ) -> optax.GradientTransformation:
   """AdamW for the non-matrix leaves of a named optimizer.
 
   ``adam_learning_rate`` / ``adam_weight_decay`` of ``None`` fall back to the
@@ -42,7 +74,8 @@ def adamw_for_rest(learning_rate, adam_learning_rate, *, b1, b2, eps,
       learning_rate if adam_learning_rate is None else adam_learning_rate,
       b1=b1, b2=b2, eps=eps,
       weight_decay=weight_decay if adam_weight_decay is None
-      else adam_weight_decay, mu_dtype=mu_dtype, nesterov=nesterov)
+      else adam_weight_decay, mu_dtype=mu_dtype, nesterov=nesterov,
+      cautious=cautious)
 
 
 class WarmupDecayState(NamedTuple):
@@ -51,16 +84,17 @@ class WarmupDecayState(NamedTuple):
   inner: optax.OptState   # add_decayed_weights' state
 
 
-def decay_after_warmup(weight_decay, weight_decay_mask, warmup_fn
+def decay_after_warmup(weight_decay, weight_decay_mask, warmup_fn,
+                       cautious: bool = False
                        ) -> optax.GradientTransformation:
   """``add_decayed_weights``, skipped on step 1 where ``warmup_fn`` says.
 
   SOAP's reference skips its whole statistics-only first step, weight decay
   included. ``warmup_fn(params)`` returns a tree of Python bools shaped
   like ``params`` (True: no decay on step 1 for that leaf); it is evaluated
-  once, in ``init``.
+  once, in ``init``. ``cautious``: see :func:`weight_decay_tx`.
   """
-  inner = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+  inner = weight_decay_tx(weight_decay, weight_decay_mask, cautious)
 
   def init_fn(params):
     warm = jax.tree.map(jnp.asarray, warmup_fn(params))
@@ -79,21 +113,25 @@ def decay_after_warmup(weight_decay, weight_decay_mask, warmup_fn
 
 
 def decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask=None,
-                            *, warmup_fn=None
+                            *, warmup_fn=None, cautious: bool = False
                             ) -> list[optax.GradientTransformation]:
   """Decoupled weight decay then ``−learning_rate`` (the optax way).
 
   ``warmup_fn``: see :func:`decay_after_warmup` (None: decay every step).
+  ``cautious``: the decay only where the direction (the update before the
+  learning rate) and the weight agree in sign
+  (:func:`optax_lite.add_cautious_decayed_weights`).
   """
   _checks.check_learning_rate('learning_rate', learning_rate)
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
+  check_flag('cautious_weight_decay', cautious)
   out = []
   if not (_checks.is_static_number(weight_decay) and float(weight_decay) == 0):
     if warmup_fn is None:
-      out.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+      out.append(weight_decay_tx(weight_decay, weight_decay_mask, cautious))
     else:
       out.append(decay_after_warmup(weight_decay, weight_decay_mask,
-                                    warmup_fn))
+                                    warmup_fn, cautious))
   out.append(optax.scale_by_learning_rate(learning_rate))
   return out
 
@@ -164,22 +202,26 @@ class AdamRest(NamedTuple):
 def matrix_and_adamw(labels, rest: AdamRest, learning_rate, weight_decay,
                      weight_decay_mask, mu_dtype,
                      *matrix_txs: optax.GradientTransformation,
-                     warmup_fn=None) -> optax.GradientTransformation:
+                     warmup_fn=None, cautious: bool = False
+                     ) -> optax.GradientTransformation:
   """The tail every named optimizer shares.
 
   ``chain(*matrix_txs, decay, −learning_rate)`` on the "matrix" leaves
   (:func:`decay_and_learning_rate`) and AdamW with ``rest`` on the others
-  (:func:`adamw_for_rest`, :func:`with_adamw`).
+  (:func:`adamw_for_rest`, :func:`with_adamw`). ``cautious``
+  (``cautious_weight_decay=True``): both decays are cautious, as dion's
+  ``cautious_wd`` applies to its Muon and AdamW groups alike.
   """
   matrix_tx = optax.chain(
       *matrix_txs,
       *decay_and_learning_rate(learning_rate, weight_decay,
-                               weight_decay_mask, warmup_fn=warmup_fn))
+                               weight_decay_mask, warmup_fn=warmup_fn,
+                               cautious=cautious))
   adam = adamw_for_rest(
       learning_rate, rest.learning_rate, b1=rest.b1, b2=rest.b2,
       eps=rest.eps, weight_decay=weight_decay,
       adam_weight_decay=rest.weight_decay, mu_dtype=mu_dtype,
-      nesterov=rest.nesterov)
+      nesterov=rest.nesterov, cautious=cautious)
   return with_adamw(matrix_tx, labels, adam)
 
 

@@ -53,7 +53,8 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           trace_damping: float = 1.0, factor_dtype=None, root_every: int = 1,
           max_factor_size: int | None = 4096, method: str = 'polar_express',
           steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
-          weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
+          weight_decay: float = 0.1, weight_decay_mask=None,
+          cautious_weight_decay: bool = False, mu_dtype=None,
           dims=None, labels=None, precision=None, ns_dtype=None,
           distribute=None,
           adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -119,6 +120,10 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     scaling, rms: shape scaling as in :func:`optax_lite.muon`.
     weight_decay: decoupled weight decay of the matrix leaves.
     weight_decay_mask: optional mask for it.
+    cautious_weight_decay: apply the decoupled decay (matrix and AdamW
+      leaves) only where the update direction and the weight agree in sign,
+      ``λ·𝟙[u⊙W ≥ 0]⊙W`` with ``u`` the step before the learning rate (see
+      :func:`optax_lite.add_cautious_decayed_weights`).
     mu_dtype: momentum dtype (also AdamW's first moment).
     dims: matrix view of leaves.
     labels: ``None`` (:func:`optax_lite.label_params`), a callable or a
@@ -191,4 +196,4 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
                     max_factor_size=max_factor_size,
                     scale_invariant=scale_invariant, dims=dims,
                     precision=precision, distribute=distribute),
-      scale_by_shape(scaling, rms, dims))
+      scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)

@@ -19,7 +19,8 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          precondition_frequency: int = 10, max_precond_dim: int = 4096,
          skip_first_update: bool = True, null_threshold: float = 1e-5,
          weight_decay: float = 0.1,
-         weight_decay_mask=None, mu_dtype=None,
+         weight_decay_mask=None, cautious_weight_decay: bool = False,
+         mu_dtype=None,
          precond_dtype=jnp.float32, dims=None, labels=None,
          precision=jax.lax.Precision.HIGHEST,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -49,6 +50,10 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
       differs from the reference code, with the size of each difference.
     weight_decay: decoupled weight decay for the matrix leaves.
     weight_decay_mask: optional mask for it.
+    cautious_weight_decay: apply the decoupled decay (matrix and AdamW
+      leaves) only where the update direction and the weight agree in sign,
+      ``λ·𝟙[u⊙W ≥ 0]⊙W`` with ``u`` the step before the learning rate (see
+      :func:`optax_lite.add_cautious_decayed_weights`).
     mu_dtype: first-moment dtype (also AdamW's mu); ``None``: float32 for
       the matrix leaves, the parameter dtype for AdamW.
     precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q``.
@@ -91,7 +96,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype, precision=precision,
           distribute=distribute),
-      warmup_fn=warmup_fn)
+      warmup_fn=warmup_fn, cautious=cautious_weight_decay)
 
 
 def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
@@ -101,7 +106,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
             root_method: str = 'eigh', matrix_eps: float = 1e-6,
             graft: str = 'adam', null_threshold: float = 1e-5,
             weight_decay: float = 0.1,
-            weight_decay_mask=None, mu_dtype=None, precond_dtype=jnp.float32,
+            weight_decay_mask=None, cautious_weight_decay: bool = False,
+            mu_dtype=None, precond_dtype=jnp.float32,
             dims=None, labels=None, precision=jax.lax.Precision.HIGHEST,
             adam_learning_rate: optax.ScalarOrSchedule | None = None,
             adam_b1: float = 0.9, adam_b2: float = 0.95,
@@ -128,7 +134,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     accumulation, exponent, root_method, matrix_eps, graft, null_threshold:
       see
       ``scale_by_shampoo``.
-    weight_decay, weight_decay_mask, mu_dtype, precond_dtype, dims, labels,
+    weight_decay, weight_decay_mask, cautious_weight_decay, mu_dtype,
+    precond_dtype, dims, labels,
     precision, adam_*: as in :func:`soap`.
     distribute: owner-computes over devices, as in :func:`soap`: each
       device runs whole Shampoo steps (statistics, inverse roots, the
@@ -156,4 +163,5 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
           root_method=root_method, matrix_eps=matrix_eps, graft=graft,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype,
-          precision=precision, distribute=distribute))
+          precision=precision, distribute=distribute),
+      cautious=cautious_weight_decay)

@@ -177,19 +177,22 @@ def lite_schedules(chi, beta1, beta2, *, total_steps, warmup_steps, schedule,
   return c, b2
 
 
-def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
-              lite_h_betas, emb_chi, emb_sharp_ratio, emb_smooth_ratio,
-              weight_decay, flat_weight_decay, total_steps, warmup_steps,
-              schedule, reference_schedules, threshold_rate, mu_dtype,
-              labels, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-              adam_weight_decay, warmup_fn=None
-              ) -> optax.GradientTransformation:
+def assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
+             lite_h_betas, emb_chi, emb_sharp_ratio, emb_smooth_ratio,
+             weight_decay, flat_weight_decay, total_steps, warmup_steps,
+             schedule, reference_schedules, threshold_rate, mu_dtype,
+             labels, adam_learning_rate, adam_b1, adam_b2, adam_eps,
+             adam_weight_decay, warmup_fn=None, cautious=False
+             ) -> optax.GradientTransformation:
   """The shared shape of every LITE optimizer.
 
   ``matrix_lite(chi, beta1, beta2, flat_decay)`` builds the matrix leaves'
   LITE transform (before decay and learning rate) from the resolved χ and
   β₂ (constants or reference schedules). Embedding and norm leaves get
-  AdamW-LITE, the head and other leaves AdamW.
+  AdamW-LITE, the head and other leaves AdamW. ``cautious``
+  (``cautious_weight_decay``): every leaf's decoupled decay is cautious
+  (:func:`optax_lite.add_cautious_decayed_weights`); the reference's extra
+  decay along flat directions (``flat_weight_decay``) is not.
   """
   chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, lite_h_betas)
   _checks.check_structural(total_steps=total_steps, warmup_steps=warmup_steps)
@@ -216,14 +219,17 @@ def _assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
       matrix_lite(chi_m, beta1, beta2_m,
                   weight_decay if flat_weight_decay else 0.0),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
-                                       warmup_fn=warmup_fn))
+                                       warmup_fn=warmup_fn,
+                                       cautious=cautious))
   adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                       weight_decay=adam_wd, mu_dtype=mu_dtype)
+                       weight_decay=adam_wd, mu_dtype=mu_dtype,
+                       cautious=cautious)
   emb_tx = adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
                       smooth_ratio=emb_smooth_ratio, b1=adam_b1, b2=adam_b2,
                       eps=adam_eps, weight_decay=adam_wd,
                       flat_weight_decay=flat_weight_decay,
-                      threshold_rate=threshold_rate, mu_dtype=mu_dtype)
+                      threshold_rate=threshold_rate, mu_dtype=mu_dtype,
+                      cautious_weight_decay=cautious)
   return _common.with_adamw(matrix_tx, labels, adam,
                             {'embedding': emb_tx, 'norm': emb_tx})
 
@@ -248,7 +254,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               labels=None, precision=None, ns_dtype=None, distribute=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
-              adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+              adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
+              cautious_weight_decay: bool = False
               ) -> optax.GradientTransformation:
   r"""Muon-LITE (Zhu et al. 2026, eq. 5) with AdamW-LITE on emb/norm leaves.
 
@@ -271,7 +278,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
     sharp_ratio: ``r_s``: ``d_s ≈ r_s·min(m, n)``.
     emb_chi, emb_sharp_ratio, emb_smooth_ratio: AdamW-LITE on emb/norm.
     momentum, method, steps, scaling, rms, weight_decay, mu_dtype, dims,
-      labels, precision, ns_dtype, adam_*: as for :func:`optax_lite.muon`
+      labels, precision, ns_dtype, adam_*, cautious_weight_decay: as for
+      :func:`optax_lite.muon`
       (``ns_dtype``: the polar factors; the filter keeps the input dtype).
     flat_weight_decay: add the reference's extra decay along flat directions.
     total_steps, warmup_steps, schedule: run length, warmup (``None``: 0)
@@ -320,7 +328,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay, distribute=distribute)
 
-  return _assemble(
+  return assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
       beta1=beta1, beta2=beta2, lite_h_betas=(-0.25, 2.0), emb_chi=emb_chi,
       emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=emb_smooth_ratio,
@@ -329,7 +337,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
       reference_schedules=reference_schedules, threshold_rate=threshold_rate,
       mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
       adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay)
+      adam_weight_decay=adam_weight_decay, cautious=cautious_weight_decay)
 
 
 def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -337,11 +345,14 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
                smooth_ratio: float = 0.1, b1: float = 0.9, b2: float = 0.95,
                eps: float = 1e-8, weight_decay: float = 0.1,
                flat_weight_decay: bool = True, threshold_rate: float = 1.05,
-               mu_dtype=None) -> optax.GradientTransformation:
+               mu_dtype=None, cautious_weight_decay: bool = False
+               ) -> optax.GradientTransformation:
   """AdamW-LITE: Adam with the soft flat mask on ``v`` and the χ boost.
 
   SOAP-LITE with identity bases (LITE paper, Appendix B.1 for the
   embedding and norm blocks). With ``chi=1`` it is ``optax.adamw``.
+  ``cautious_weight_decay``: the decoupled decay only where the direction
+  and the weight agree in sign (the flat-direction decay stays plain).
   """
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
   return _common.refuse_non_float(optax.chain(
@@ -352,7 +363,8 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
           chi=chi, momentum=b1, nesterov=False, mu_dtype=mu_dtype,
           scaling='none',
           flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay)))
+      *_common.decay_and_learning_rate(learning_rate, weight_decay,
+                                       cautious=cautious_weight_decay)))
 
 
 def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -373,7 +385,8 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               labels=None, precision=None, distribute=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
-              adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+              adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
+              cautious_weight_decay: bool = False
               ) -> optax.GradientTransformation:
   r"""SOAP-LITE (Zhu et al. 2026, §5.2, Appendix B.2) with AdamW-LITE.
 
@@ -402,6 +415,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   / ``(mesh, axes)``: owner-computes — each device runs whole matrices'
   SOAP-LITE steps (statistics, rotations, eigenbasis refreshes), chosen by
   cost; see :func:`optax_lite.lite_flat_boost`.
+  ``cautious_weight_decay``: as for :func:`muon_lite`.
   """
   _checks.check_structural(precondition_frequency=precondition_frequency,
                            max_precond_dim=max_precond_dim,
@@ -431,7 +445,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
                if skip_first_update else None)
-  return _assemble(
+  return assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
       beta1=beta1, beta2=beta2, lite_h_betas=(0.0, 0.5), emb_chi=emb_chi,
       emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=smooth_ratio,
@@ -441,7 +455,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
       mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
       adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
       adam_weight_decay=adam_weight_decay,
-      warmup_fn=warmup_fn)
+      warmup_fn=warmup_fn, cautious=cautious_weight_decay)
 
 
 def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -459,7 +473,8 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
               labels=None, distribute=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
-              adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+              adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
+              cautious_weight_decay: bool = False
               ) -> optax.GradientTransformation:
   r"""RMNP-LITE (beyond the papers): LITE around row-normalised momentum.
 
@@ -476,6 +491,7 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``distribute`` is accepted and checked for a uniform interface, as in
   :func:`optax_lite.rmnp`: RMNP-LITE's per-matrix work is O(mn) row norms
   and masks, which GSPMD shards without moving whole matrices.
+  ``cautious_weight_decay``: as for :func:`muon_lite`.
   """
   _checks.check_decay('momentum', momentum)
   distributed.check_polar_sharding(distribute, 'distribute')
@@ -489,7 +505,7 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay)
 
-  return _assemble(
+  return assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
       beta1=beta1, beta2=beta2, lite_h_betas=(-0.25, 2.0), emb_chi=emb_chi,
       emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=smooth_ratio,
@@ -498,7 +514,7 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
       reference_schedules=reference_schedules, threshold_rate=threshold_rate,
       mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
       adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay)
+      adam_weight_decay=adam_weight_decay, cautious=cautious_weight_decay)
 
 
 def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -525,7 +541,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                labels=None, precision=None, distribute=None,
                adam_learning_rate: optax.ScalarOrSchedule | None = None,
                adam_b1: float = 0.9, adam_b2: float = 0.95,
-               adam_eps: float = 1e-8, adam_weight_decay: float | None = None
+               adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
+               cautious_weight_decay: bool = False
                ) -> optax.GradientTransformation:
   r"""FISMO-LITE (beyond the papers): Muon-LITE inside FISMO's whitening.
 
@@ -556,6 +573,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   owner call of :func:`optax_lite.transforms.fisher_whiten`, its state
   owner-resident: the gradient travels in, the update out; see
   ``docs/multi_device.md``.
+  ``cautious_weight_decay``: as for :func:`muon_lite`.
   """
   _checks.check_structural(steps=steps, total_steps=total_steps,
                            warmup_steps=warmup_steps)
@@ -583,7 +601,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       precision=precision, distribute=distribute),
         scale_by_shape(scaling, rms, dims))
 
-  return _assemble(
+  return assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
       beta1=beta1, beta2=beta2, lite_h_betas=(0.0, 2.0), emb_chi=emb_chi,
       emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=emb_smooth_ratio,
@@ -592,4 +610,4 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
       reference_schedules=reference_schedules, threshold_rate=threshold_rate,
       mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
       adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay)
+      adam_weight_decay=adam_weight_decay, cautious=cautious_weight_decay)

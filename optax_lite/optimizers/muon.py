@@ -16,7 +16,8 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          nesterov: bool = True, ema: bool = False,
          bias_correction: bool = False, method: str = 'polar_express',
          steps: int | None = None, scaling: str = 'rms', rms: float = 0.2,
-         weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
+         weight_decay: float = 0.1, weight_decay_mask=None,
+         cautious_weight_decay: bool = False, mu_dtype=None,
          dims=None, labels=None, precision=None, distribute=None,
          ns_dtype=None, shard_polar=None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -51,6 +52,10 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     weight_decay: decoupled weight decay ``λ`` for the matrix leaves
       (multiplied by the learning rate, not by the shape factor).
     weight_decay_mask: optional mask for it.
+    cautious_weight_decay: apply the decoupled decay (matrix and AdamW
+      leaves) only where the update direction and the weight agree in sign,
+      ``λ·𝟙[u⊙W ≥ 0]⊙W`` with ``u`` the step before the learning rate (see
+      :func:`optax_lite.add_cautious_decayed_weights`).
     mu_dtype: momentum dtype (e.g. ``jnp.bfloat16``), also for AdamW's mu.
     dims: matrix view of leaves, see :func:`optax_lite.orthogonalize`.
     labels: ``None`` (:func:`optax_lite.label_params`), a callable
@@ -89,4 +94,4 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       orthogonalize(method, steps, dims, precision=precision,
                     distribute=distribute, shard_polar=shard_polar,
                     ns_dtype=ns_dtype),
-      scale_by_shape(scaling, rms, dims))
+      scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)

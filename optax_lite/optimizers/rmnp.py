@@ -18,7 +18,8 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          variant: str = 'code', nesterov: bool | None = None,
          ema: bool | None = None, axis: str = 'input', eps: float = 1e-12,
          scaling: str = 'width', rms: float = 0.2, weight_decay: float = 0.1,
-         weight_decay_mask=None, mu_dtype=None, dims=None, labels=None,
+         weight_decay_mask=None, cautious_weight_decay: bool = False,
+         mu_dtype=None, dims=None, labels=None,
          distribute=None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
@@ -72,6 +73,10 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     weight_decay: decoupled weight decay ``λ`` of the matrix leaves
       (multiplied by the learning rate, not by the shape factor).
     weight_decay_mask: optional mask for it.
+    cautious_weight_decay: apply the decoupled decay (matrix and AdamW
+      leaves) only where the update direction and the weight agree in sign,
+      ``λ·𝟙[u⊙W ≥ 0]⊙W`` with ``u`` the step before the learning rate (see
+      :func:`optax_lite.add_cautious_decayed_weights`).
     mu_dtype: momentum dtype, also for AdamW's first moment.
     dims: matrix view of leaves, see :func:`optax_lite.orthogonalize`.
     labels: ``None`` (:func:`optax_lite.label_params`), a callable
@@ -110,4 +115,4 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
       row_normalize(axis, eps, dims),
-      scale_by_shape(scaling, rms, dims))
+      scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)

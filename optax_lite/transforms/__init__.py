@@ -1,7 +1,10 @@
 """GradientTransformations, one idea each (NamedTuple state, pure update)."""
 
+from optax_lite.transforms.cautious import add_cautious_decayed_weights
 from optax_lite.transforms.fisher_whiten import FisherWhitenState
 from optax_lite.transforms.fisher_whiten import fisher_whiten
+from optax_lite.transforms.hyperball import HyperballState
+from optax_lite.transforms.hyperball import hyperball_step
 from optax_lite.transforms.kron_precondition import ShampooState
 from optax_lite.transforms.kron_precondition import SoapDirection
 from optax_lite.transforms.kron_precondition import SoapLeaf
@@ -32,6 +35,10 @@ from optax_lite.transforms.lite_geometries import row_norm_geometry
 from optax_lite.transforms.lite_geometries import soap_geometry
 from optax_lite.transforms.momentum import MomentumState
 from optax_lite.transforms.momentum import momentum
+from optax_lite.transforms.neuron_normalize import NeuronNormalizeState
+from optax_lite.transforms.neuron_normalize import NorMuonGeometryState
+from optax_lite.transforms.neuron_normalize import neuron_normalize
+from optax_lite.transforms.neuron_normalize import normuon_geometry
 from optax_lite.transforms.orthogonalize import orthogonalize
 from optax_lite.transforms.owner_inner import OwnerInner
 from optax_lite.transforms.row_normalize import row_normalize

@@ -1,6 +1,6 @@
 r"""Shape-dependent scaling of matrix updates.
 
-Two conventions, for a leaf seen as a ``fan_in × fan_out`` matrix:
+Conventions, for a leaf seen as a ``fan_in × fan_out`` matrix:
 
 * ``mode="rms"`` (default): multiply by ``rms · sqrt(max(fan_in, fan_out))``
   with ``rms = 0.2``. An orthogonal ``m × n`` matrix has RMS
@@ -8,6 +8,9 @@ Two conventions, for a leaf seen as a ``fan_in × fan_out`` matrix:
   AdamW's learning rate and weight decay carry over (Moonlight; LITE C.2).
 * ``mode="width"``: multiply by ``sqrt(max(1, fan_out / fan_in))`` (Keller
   Jordan's Muon, RMNP's code, ``optax.contrib.scale_by_shape`` default).
+* ``mode="spectral"``: multiply by ``sqrt(fan_out / fan_in)`` (dion's
+  ``adjust_lr="spectral_norm"``, its Muon / NorMuon default: spectral norm 1
+  to RMS-operator norm 1).
 
 References:
   Liu et al., `Muon is Scalable for LLM Training
@@ -23,7 +26,7 @@ import optax
 from optax_lite import _checks
 from optax_lite.transforms import _tree
 
-SCALING_MODES = ('rms', 'width', 'none')
+SCALING_MODES = ('rms', 'width', 'spectral', 'none')
 
 
 def shape_factor(rows: int, cols: int, mode: str, rms: float) -> float:
@@ -32,6 +35,8 @@ def shape_factor(rows: int, cols: int, mode: str, rms: float) -> float:
     return rms * math.sqrt(max(rows, cols))
   if mode == 'width':
     return math.sqrt(max(1.0, cols / rows))
+  if mode == 'spectral':
+    return math.sqrt(cols / rows)
   return 1.0
 
 
@@ -41,7 +46,7 @@ def scale_by_shape(mode: str = 'rms', rms: float = 0.2,
   """Scales each matrix leaf by its shape factor (see module doc).
 
   Args:
-    mode: ``"rms"``, ``"width"`` or ``"none"``.
+    mode: ``"rms"``, ``"width"``, ``"spectral"`` or ``"none"``.
     rms: target update RMS for ``mode="rms"``.
     dims: matrix view of each leaf, as in :func:`orthogonalize`.
   """
