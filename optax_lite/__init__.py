@@ -48,6 +48,7 @@ from optax_lite.transforms import lite_flat_boost
 from optax_lite.transforms import momentum
 from optax_lite.transforms import muon_geometry
 from optax_lite.transforms import orthogonalize
+from optax_lite.transforms import qk_clip
 from optax_lite.transforms import row_norm_geometry
 from optax_lite.transforms import row_normalize
 from optax_lite.transforms import scale_by_shampoo
@@ -96,6 +97,7 @@ __all__ = (
     'momentum',
     'muon_geometry',
     'orthogonalize',
+    'qk_clip',
     'row_norm_geometry',
     'row_normalize',
     'scale_by_shampoo',
