@@ -227,3 +227,16 @@ def test_matrix_family_accepts_per_head_dims(name):
     u, state = step(grads, state, params)
   for a, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
     assert a.shape == p.shape and np.all(np.isfinite(a))
+
+
+def test_tree_map_params_through_per_head_muon_and_qk_clip():
+  params = {'attn': _attention_grads(7)}
+  tx = optax.chain(ol.muon(0.1, dims=PER_HEAD), ol.qk_clip(10.0))
+  state = tx.init(params)
+  mapped = optax.tree_utils.tree_map_params(
+      tx, lambda p: p + 1.0, state, transform_non_params=lambda x: x)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  moved = [float(jnp.max(a - b)) for a, b in
+           zip(jax.tree.leaves(mapped), jax.tree.leaves(state))
+           if a.dtype != jnp.int32]
+  assert moved and all(m == 1.0 for m in moved)
