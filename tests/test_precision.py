@@ -140,7 +140,7 @@ def polar_fns():
 # condition 1e2 is 0.0025 in float32; bounds leave room for seeds/shapes.
 # Gram Newton–Schulz (the same polynomial on the 48×48 Gram side of this
 # 48×96 matrix) is held to the same bounds: 0.0023 / 0.0027 (TF32) / 0.012
-# (bfloat16 products) / 0.017 (bfloat16 iterates) measured.
+# (bfloat16 products) / 0.0094 (bfloat16 iterates) measured.
 @pytest.mark.parametrize('method', ['polar_express', 'gram_polar_express'])
 @pytest.mark.parametrize('emulation', (None,) + EMULATIONS)
 @pytest.mark.parametrize('ns', [None, 'bfloat16'])
