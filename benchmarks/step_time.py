@@ -37,7 +37,8 @@ shared machine; absolute times are only worth quoting from a GPU):
 
 Writes ``benchmarks/results/step_time[_quick]_<device>.json`` and a log-log
 plot of time against matrix size. ``--polar-only`` times block 2 alone (and
-block 3) and writes ``step_time_polar[_quick]_<device>.json``.
+block 3) and writes ``polar_step_time[_quick]_<device>.json`` (a stem that
+``report.py``'s step_time section does not pick up).
 
   python benchmarks/step_time.py --quick
   python benchmarks/step_time.py
@@ -191,7 +192,7 @@ def parse_args(argv=None):
   p.add_argument('--no-plot', action='store_true')
   p.add_argument('--polar-only', action='store_true',
                  help='time the polar-factor block alone (no optimizers, '
-                 'models or other transforms); writes step_time_polar*')
+                 'models or other transforms); writes polar_step_time*')
   return p.parse_args(argv)
 
 
@@ -298,7 +299,7 @@ def main(argv=None):
 
   out = {'meta': _common.metadata(args), 'timing': timing, 'lr': LR,
          'overrides': overrides, 'headline': headline(results), **results}
-  stem = 'step_time_polar' if args.polar_only else 'step_time'
+  stem = 'polar_step_time' if args.polar_only else 'step_time'
   path = _common.result_path(stem, args.out, quick=args.quick)
   _common.write_json(path, out)
   # The plot is time against leaf size, over the optimizers.

@@ -99,7 +99,7 @@ def test_step_time_smoke(out_dir):
 def test_step_time_polar_only_smoke(out_dir):
   step_time.main(['--sizes', '16x64', '--polar-only', '--repeats', '1',
                   '--ortho-sizes', '16x64', '--out', out_dir])
-  data = _load(_common.result_path('step_time_polar', out_dir))
+  data = _load(_common.result_path('polar_step_time', out_dir))
   leaf = data['leaves'][0]
   assert leaf['optimizers'] == {} and data['models'] == []
   gram = leaf['polar']['gram_vs_polar_express']
