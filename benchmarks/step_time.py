@@ -15,10 +15,15 @@ shared machine; absolute times are only worth quoting from a GPU):
    steps (5 steps of Jordan's quintic, and 6 Polar Express steps fed to
    optax as a coefficient table), and against the iteration's matmul floor:
    the bare products X·Xᵀ, A·A, B·X per step on the wide orientation, in a
-   ``lax.scan``, jitted the same way.
+   ``lax.scan``, jitted the same way. Gram Newton–Schulz against Polar
+   Express: ``orthogonalize('gram_polar_express', 6)`` (which runs the Gram
+   form only where it saves flops, ``l > 1.5·s``) and
+   ``linalg.newton_schulz_gram`` forced on every shape, against
+   ``orthogonalize('polar_express', 6)`` and ``linalg.newton_schulz``,
+   called in turn (interleaved) so the ratios hold on a loaded machine.
 3. Orthogonality: max |σᵢ − 1| of ``ol.polar_factor`` (polar_express 6,
-   jordan 5) and of optax's 5-step presets ('standard', 'dion') on matrices
-   of condition number 10³.
+   gram_polar_express 6, jordan 5) and of optax's 5-step presets
+   ('standard', 'dion') on matrices of condition number 10³.
 4. RMNP: ``rmnp`` vs ``muon`` steps and ``row_normalize`` vs ``orthogonalize``
    at 1024×4096, and rmnp against one elementwise pass over the same bytes
    (an SGD-momentum step: reads p, g, m, writes p, m) and a single scale.
@@ -31,10 +36,13 @@ shared machine; absolute times are only worth quoting from a GPU):
    leaves with both sides ≤ 1024.
 
 Writes ``benchmarks/results/step_time[_quick]_<device>.json`` and a log-log
-plot of time against matrix size.
+plot of time against matrix size. ``--polar-only`` times block 2 alone (and
+block 3) and writes ``polar_step_time[_quick]_<device>.json`` (a stem that
+``report.py``'s step_time section does not pick up).
 
   python benchmarks/step_time.py --quick
   python benchmarks/step_time.py
+  python benchmarks/step_time.py --quick --polar-only --sizes 512x512,512x2048
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,6 +160,8 @@ def orthogonality(sizes, cond, seed):
     x = cond_matrix(rng, m, n, cond)
     cands = {
         'ol.polar_express(6)': ol.polar_factor(x, 'polar_express', 6),
+        'ol.gram_polar_express(6)': ol.polar_factor(
+            x, 'gram_polar_express', 6),
         'ol.jordan(5)': ol.polar_factor(x, 'jordan', 5),
     }
     for name, c in presets.items():
@@ -178,6 +190,9 @@ def parse_args(argv=None):
                  help='comma list of shapes for the max|σ−1| check')
   p.add_argument('--out', default=None)
   p.add_argument('--no-plot', action='store_true')
+  p.add_argument('--polar-only', action='store_true',
+                 help='time the polar-factor block alone (no optimizers, '
+                 'models or other transforms); writes polar_step_time*')
   return p.parse_args(argv)
 
 
@@ -196,6 +211,8 @@ def plan(args):
     sizes = [(256, 256), (1024, 1024), (1024, 4096), (4096, 4096)]
   model_names = args.models if args.models is not None else (
       ['nano', 'tiny'] if args.quick else ['small', 'medium'])
+  if args.polar_only:
+    model_names = []
   timing = dict(warmup=1, repeats=args.repeats or (5 if args.quick else 20),
                 max_seconds=args.max_seconds or (4.0 if args.quick else 60.0),
                 min_repeats=2 if args.quick else 5)
@@ -213,11 +230,11 @@ def plan(args):
   return sizes, model_names, timing, overrides, ortho
 
 
-def time_group(kind, what, reg, timing, quick, bar):
+def time_group(kind, what, reg, timing, quick, bar, polar_only=False):
   """Every optimizer (and, for a leaf, the transform blocks) on one group.
 
   ``kind`` is 'leaf' (``what`` = (m, n)) or 'model' (``what`` = a name of
-  ``models.CONFIGS``).
+  ``models.CONFIGS``). ``polar_only``: the polar block of a leaf alone.
   """
   key = jax.random.key(0)
   if kind == 'leaf':
@@ -228,6 +245,11 @@ def time_group(kind, what, reg, timing, quick, bar):
     params = nnx.state(models.make_model(what, 0), nnx.Param)
     label = what
   grads = _common.rand_like(jax.random.fold_in(key, 1), params, 0.01)
+  if polar_only:
+    bar.update(len(reg) + 1)
+    return {'name': label, 'n_params': _common.tree_size(params),
+            'shape': [m, n], 'optimizers': {},
+            'polar': polar_block(params['w'], grads['w'], timing)}
   rows = {}
   for name, factory in reg.items():
     bar.set_postfix_str(f'{label} {name}')
@@ -266,7 +288,8 @@ def main(argv=None):
 
   tasks = [('leaf', s) for s in sizes] + [('model', m) for m in model_names]
   bar = _common.progress(total=len(tasks) * (len(reg) + 1), desc='step_time')
-  groups = [time_group(kind, what, reg, timing, args.quick, bar)
+  groups = [time_group(kind, what, reg, timing, args.quick, bar,
+                       args.polar_only)
             for kind, what in tasks]
   bar.close()
   results = {'leaves': [g for g, (k, _) in zip(groups, tasks) if k == 'leaf'],
@@ -276,9 +299,11 @@ def main(argv=None):
 
   out = {'meta': _common.metadata(args), 'timing': timing, 'lr': LR,
          'overrides': overrides, 'headline': headline(results), **results}
-  path = _common.result_path('step_time', args.out, quick=args.quick)
+  stem = 'polar_step_time' if args.polar_only else 'step_time'
+  path = _common.result_path(stem, args.out, quick=args.quick)
   _common.write_json(path, out)
-  if not args.no_plot and out['leaves']:  # the plot is time vs leaf size
+  # The plot is time against leaf size, over the optimizers.
+  if not args.no_plot and out['leaves'] and not args.polar_only:
     plot(out, path[:-5] + '.png')
   for k, v in out['headline'].items():
     print(f'{k}: {v}')
@@ -320,7 +345,8 @@ def polar_block(w, g, timing):
   for steps in (5, 6):
     res[f'matmul_floor({steps})'] = _common.time_fn(matmul_floor_fn(steps), x,
                                                     **timing)
-  med = {k: v['median_s'] for k, v in res.items()}
+  res['gram_vs_polar_express'] = gram_block(g, timing)
+  med = {k: v['median_s'] for k, v in res.items() if 'median_s' in v}
   res['ratios'] = {
       'orthogonalize_jordan5 / optax_scale_by_muon_jordan5':
           med['ol.orthogonalize(jordan,5)'] /
@@ -338,6 +364,63 @@ def polar_block(w, g, timing):
       'optax_scale_by_muon_jordan5 / matmul_floor5':
           med['optax.scale_by_muon(jordan,5)'] / med['matmul_floor(5)'],
   }
+  return res
+
+
+def interleaved(fns, x, rounds):
+  """Min and median time of each ``fn(x)``, called in turn ``rounds`` times.
+
+  Alternating the candidates call by call exposes them to the same load,
+  so their ratio holds on a shared machine where timing one after the
+  other does not.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn(x))
+  times = {k: [] for k in fns}
+  for _ in range(rounds):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      times[k].append(time.perf_counter() - t0)
+  return {k: {'min_s': min(t), 'median_s': statistics.median(t),
+              'repeats': rounds} for k, t in times.items()}
+
+
+def gram_block(g, timing):
+  """Gram Newton–Schulz vs Polar Express (6 steps each), interleaved.
+
+  ``orthogonalize`` with each method (gram_polar_express runs the Gram form
+  only where :func:`ol.linalg.polar.uses_gram`), and the bare kernels
+  ``newton_schulz_gram`` (forced, any shape) and ``newton_schulz``; ratios
+  of minima (and of medians) to the Polar Express counterpart, beside the
+  flop ratio of the cost model.
+  """
+  table = ol.linalg.coefficients('polar_express', 6)
+  txs = {m: ol.orthogonalize(m, 6) for m in ('polar_express',
+                                             'gram_polar_express')}
+  fns = {f'orthogonalize({m})': jax.jit(
+      lambda x, tx=tx: tx.update({'w': x}, optax.EmptyState())[0]['w'])
+         for m, tx in txs.items()}
+  fns['newton_schulz(pe6)'] = jax.jit(
+      lambda x: ol.linalg.newton_schulz(x, table, norm_factor=1.01))
+  fns['newton_schulz_gram(pe6, forced)'] = jax.jit(
+      lambda x: ol.linalg.newton_schulz_gram(x, table, norm_factor=1.01))
+  res = interleaved(fns, g, max(timing['repeats'], 5) * 2)
+  m, n = g.shape
+  res['flops'] = {'polar_express6': ol.linalg.polar.flops(m, n, 6),
+                  'gram_forced6': ol.linalg.polar.gram_flops(m, n, 6),
+                  'uses_gram': ol.linalg.polar.uses_gram(m, n, 6)}
+  ratios = {}
+  for stat in ('min_s', 'median_s'):
+    def r(a, b, stat=stat):
+      return res[a][stat] / res[b][stat]
+    ratios[f'orthogonalize gram/pe ({stat[:-2]})'] = r(
+        'orthogonalize(gram_polar_express)', 'orthogonalize(polar_express)')
+    ratios[f'newton_schulz_gram forced/newton_schulz ({stat[:-2]})'] = r(
+        'newton_schulz_gram(pe6, forced)', 'newton_schulz(pe6)')
+  ratios['flops gram forced/pe'] = (res['flops']['gram_forced6'] /
+                                    res['flops']['polar_express6'])
+  res['ratios'] = ratios
   return res
 
 
@@ -439,6 +522,8 @@ def headline(results):
         'orthogonalize_jordan5 / optax_scale_by_muon_jordan5']
     h[f'{n}: orthogonalize(pe6)/matmul floor(6)'] = pr[
         'orthogonalize_pe6 / matmul_floor6']
+    for k, v in leaf['polar']['gram_vs_polar_express']['ratios'].items():
+      h[f'{n}: {k}'] = v
     rows = leaf['optimizers']
     for name in ('muon_lite', 'fismo', 'soap', 'shampoo'):
       if 'ratio_to_muon' in rows.get(name, {}):

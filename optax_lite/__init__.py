@@ -54,6 +54,7 @@ from optax_lite.transforms import muon_geometry
 from optax_lite.transforms import neuron_normalize
 from optax_lite.transforms import normuon_geometry
 from optax_lite.transforms import orthogonalize
+from optax_lite.transforms import qk_clip
 from optax_lite.transforms import row_norm_geometry
 from optax_lite.transforms import row_normalize
 from optax_lite.transforms import scale_by_shampoo
@@ -113,6 +114,7 @@ __all__ = (
     'neuron_normalize',
     'normuon_geometry',
     'orthogonalize',
+    'qk_clip',
     'row_norm_geometry',
     'row_normalize',
     'scale_by_shampoo',

@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import jax
 
 from optax_lite.linalg.matrices import (ATTENTION_INPUT_NAMES,
-                                        ATTENTION_OUTPUT_NAMES,
+                                        ATTENTION_OUTPUT_NAMES, MatrixDims,
                                         default_dims, path_dims, path_names,
                                         shift_dims)
 
@@ -182,23 +182,83 @@ def _is_nnx_module(x) -> bool:
              c.__module__.startswith('flax.nnx') for c in type(x).__mro__)
 
 
-def flax_matrix_dims(params, *, stacked: str | None = None):
+def _split_rules(split_sizes):
+  """``[(regex, sizes)]`` of a ``split_sizes=`` mapping, checked."""
+  if split_sizes is None:
+    return []
+  if not isinstance(split_sizes, Mapping):
+    raise TypeError('split_sizes: expected None or a mapping {path regex: '
+                    f'block sizes}}, got {type(split_sizes).__name__}.')
+  rules = []
+  for rx, sizes in split_sizes.items():
+    try:
+      pattern = re.compile(rx)
+    except (re.error, TypeError) as e:
+      raise ValueError(
+          f'split_sizes: {rx!r} is not a valid regex ({e}).') from None
+    if (not isinstance(sizes, (tuple, list)) or len(sizes) < 2 or
+        any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+            for v in sizes)):
+      raise ValueError(f'split_sizes: {rx!r} needs a tuple of at least 2 '
+                       f'positive int block sizes, got {sizes!r}.')
+    rules.append((pattern, tuple(sizes)))
+  return rules
+
+
+def _fused_dims(path, shape, sizes, per_head, head_dim) -> MatrixDims:
+  """Dims of a fused ``[in, sum(sizes)]`` kernel cut into blocks or heads."""
+  if len(shape) != 2 or sum(sizes) != shape[1]:
+    raise ValueError(
+        f'split_sizes: {sizes} must sum to the output axis of the 2-D fused '
+        f'kernel {path!r} of shape {tuple(shape)}.')
+  if per_head:
+    if head_dim is None:
+      raise ValueError('head_dim: per_head=True on a fused kernel '
+                       f'({path!r}) needs head_dim= (its head size).')
+    if any(v % head_dim for v in sizes):
+      raise ValueError(f'head_dim: {head_dim} does not divide every block '
+                       f'of split_sizes {sizes} ({path!r}).')
+    return MatrixDims(0, 1, split=(1, head_dim))
+  if len(set(sizes)) != 1:
+    raise ValueError(
+        f'split_sizes: unequal blocks {sizes} ({path!r}, e.g. grouped-query '
+        'QKV) cannot share one batched view; pass per_head=True with '
+        'head_dim=, or keep q, k and v as separate leaves.')
+  return MatrixDims(0, 1, split=(1, sizes[0]))
+
+
+def flax_matrix_dims(params, *, stacked: str | None = None,
+                     per_head: bool = False,
+                     split_sizes: Mapping[str, Any] | None = None,
+                     head_dim: int | None = None):
   """Per-leaf :class:`MatrixDims` for common Flax modules.
 
   * ``[d, heads, head_dim]`` query/key/value kernels of
     ``MultiHeadAttention`` (a path component ``query``, ``key``, ``value``,
-    ``q``, ``k`` or ``v``) -> ``(d, heads·head_dim)``;
+    ``q``, ``k`` or ``v``) -> ``(d, heads·head_dim)``; with ``per_head``,
+    ``heads`` matrices ``d × head_dim`` (``MatrixDims(0, 2)``);
   * ``[heads, head_dim, d]`` attention output kernels (``out``, ``o``,
-    ``out_proj``) -> ``(heads·head_dim, d)``;
+    ``out_proj``) -> ``(heads·head_dim, d)``; with ``per_head``, ``heads``
+    matrices ``head_dim × d`` (``MatrixDims(1, 2)``);
+  * fused 2-D kernels ``[d, Σ sizes]`` whose path matches a key of
+    ``split_sizes`` (e.g. ``{'qkv': (512, 128, 128)}``, q then k then v
+    along the output axis): one matrix per block (blocks of equal size),
+    or with ``per_head`` one ``d × head_dim`` matrix per head
+    (``MatrixDims(0, 1, split=(1, head_dim))``);
   * other leaves of rank >= 2 -> the default rule; rank < 2 -> ``None``;
   * leaves whose path matches ``stacked`` (scanned layers, MoE experts):
     the rule above on all but the leading axis, which becomes a batch axis
     (``(layers, in, out)`` -> ``layers`` matrices ``in × out``).
 
+  Per head, each head's update is orthogonalised (or preconditioned) on its
+  own, as if it were a separate parameter (dion's ``num_heads`` /
+  ``split_sizes``, MaxText #2546), and ``scaling="rms"`` uses that slice's
+  shape, ``0.2·sqrt(max(d, head_dim))``.
+
   The named optimizers and the matrix transforms already apply the Flax names
-  (``query``/``key``/``value``/``out``) when ``dims`` is ``None``; pass
-  ``dims=ol.flax_matrix_dims`` (the function) or its result for the short
-  names, or to see the rule as a tree.
+  (``query``/``key``/``value``/``out``, whole matrices) when ``dims`` is
+  ``None``; pass ``dims=ol.flax_matrix_dims`` (the function), a
+  ``functools.partial`` of it with these keywords, or its result.
 
   Args:
     params: a parameter tree: Linen ``params``, a ``flax.nnx`` ``State``
@@ -207,6 +267,11 @@ def flax_matrix_dims(params, *, stacked: str | None = None):
       ``nnx.Optimizer`` hands to the transform), or any pytree of arrays.
     stacked: regex (``re.search`` on the ``'/'``-joined path) of leaves
       with one leading stacking axis; pass the same to :func:`label_params`.
+    per_head: orthogonalise attention kernels per head (above).
+    split_sizes: ``{path regex: block sizes}`` of fused kernels (first
+      match wins; a fused kernel needs at least 2 blocks).
+    head_dim: the head size of fused kernels under ``per_head``; it must
+      divide every block.
 
   Returns:
     A tree of ``MatrixDims`` / ``None`` shaped like ``params`` (with NNX
@@ -214,24 +279,39 @@ def flax_matrix_dims(params, *, stacked: str | None = None):
 
   Raises:
     TypeError: ``params`` is an ``nnx.Module`` rather than its state.
-    ValueError: ``stacked`` is not a valid regex.
+    ValueError: ``stacked`` or a ``split_sizes`` key is not a valid regex;
+      block sizes that do not sum to the fused kernel's output axis, that
+      differ without ``per_head``, or that ``head_dim`` does not divide.
   """
   if _is_nnx_module(params):
     raise TypeError(
         'flax_matrix_dims: params is a flax.nnx Module; pass its parameter '
         'state, flax_matrix_dims(nnx.state(model, nnx.Param)), or pass the '
         'function itself, dims=ol.flax_matrix_dims.')
+  if not isinstance(per_head, bool):
+    raise TypeError(f'per_head must be a bool, got {per_head!r}.')
+  if head_dim is not None and (isinstance(head_dim, bool) or
+                               not isinstance(head_dim, int) or
+                               head_dim < 1):
+    raise ValueError(f'head_dim must be None or a positive int, got '
+                     f'{head_dim!r}.')
   n_stacked = _stacked_fn(stacked)
+  splits = _split_rules(split_sizes)
   inputs = ATTENTION_INPUT_NAMES + ('q', 'k', 'v')
   outputs = ATTENTION_OUTPUT_NAMES + ('o', 'out_proj')
 
   def dims(path, leaf):
-    k = n_stacked(path_str(path))
+    name = path_str(path)
+    k = n_stacked(name)
     shape = tuple(getattr(leaf, 'shape', ()))[k:]
     if len(shape) < 2:
       return None
-    named = path_dims(path_names(path), shape, inputs, outputs)
-    d = named if named is not None else default_dims(shape)
+    sizes = next((sz for rx, sz in splits if rx.search(name)), None)
+    if sizes is not None:
+      d = _fused_dims(name, shape, sizes, per_head, head_dim)
+    else:
+      d = path_dims(path_names(path), shape, inputs, outputs, per_head)
+      d = d if d is not None else default_dims(shape)
     return d if k == 0 else shift_dims(d, k)
 
   return jax.tree_util.tree_map_with_path(dims, strip_nnx_variables(params))

@@ -96,6 +96,21 @@ def test_step_time_smoke(out_dir):
   assert out['headline']
 
 
+def test_step_time_polar_only_smoke(out_dir):
+  step_time.main(['--sizes', '16x64', '--polar-only', '--repeats', '1',
+                  '--ortho-sizes', '16x64', '--out', out_dir])
+  data = _load(_common.result_path('polar_step_time', out_dir))
+  leaf = data['leaves'][0]
+  assert leaf['optimizers'] == {} and data['models'] == []
+  gram = leaf['polar']['gram_vs_polar_express']
+  assert gram['flops']['uses_gram']
+  assert gram['ratios']['flops gram forced/pe'] < 1
+  assert all(v > 0 for v in gram['ratios'].values())
+  orth = data['orthogonality'][0]
+  assert orth['ol.gram_polar_express(6)'] == pytest.approx(
+      orth['ol.polar_express(6)'], abs=1e-3)
+
+
 def test_lm_smoke(out_dir):
   out = lm.main(['--model', 'nano', '--steps', '4', '--batch', '2',
                  '--seq-len', '16', '--grid', '1e-3', '3e-3', '--optimizers',

@@ -36,3 +36,14 @@ def test_demo_runs_and_writes_the_plot(tmp_path, capsys):
   assert 'peak lr' in out
   png = tmp_path / 'demo_loss.png'
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_nnx_qk_clip_example_clips_the_logits(capsys):
+  """Muon + QK-clip in NNX: the clipped run's later max logits stay below
+  the unclipped run's (threshold 3 is under the initial max logit, 4.2)."""
+  res = _load('nnx_qk_clip').main(['--steps', '6', '--threshold', '3'])
+  assert 'muon+qk_clip' in capsys.readouterr().out
+  (loss_m, peak_m), (loss_c, peak_c) = res['muon'], res['muon+qk_clip']
+  assert peak_m[0] == peak_c[0] > 3  # the same first forward pass
+  assert max(peak_c[1:]) < max(peak_m[1:])
+  assert loss_c[-1] < loss_c[0] and loss_m[-1] < loss_m[0]

@@ -19,6 +19,7 @@ from optax_lite.linalg.matrices import path_dims
 from optax_lite.linalg.polar import METHODS as POLAR_METHODS
 from optax_lite.linalg.polar import coefficients
 from optax_lite.linalg.polar import newton_schulz
+from optax_lite.linalg.polar import newton_schulz_gram
 from optax_lite.linalg.polar import polar_factor
 from optax_lite.linalg.polar import polar_svd
 from optax_lite.linalg.roots import ROOT_METHODS

@@ -25,6 +25,12 @@ not ``(d*heads, head_dim)``; their output kernel ``[heads, head_dim, d]`` is
 path: a rank-3 leaf under a component named ``query``, ``key``, ``value``
 (resp. ``out``). :func:`optax_lite.flax_matrix_dims` spells the same rule out
 as an explicit tree, and also knows the short names ``q``/``k``/``v``/``o``.
+
+Per head (``flax_matrix_dims(params, per_head=True)``): the head axis is a
+batch axis, so each head's ``d × head_dim`` slice (``head_dim × d`` for the
+output kernel) gets its own polar factor / preconditioner, as dion's
+``num_heads`` / ``split_sizes`` do; fused QKV kernels are cut into heads
+with ``MatrixDims(..., split=(axis, head_dim))``.
 """
 
 from __future__ import annotations
@@ -41,10 +47,22 @@ Axes = Union[int, Sequence[int]]
 class MatrixDims(NamedTuple):
   """Reduction (fan-in, rows) and output (fan-out, columns) axes of a leaf.
 
-  Axes not named in either field are batch axes.
+  Axes not named in either field are batch axes: each slice is a matrix of
+  its own. Per-head attention kernels: ``MatrixDims(0, 2)`` on a
+  ``[d, heads, head_dim]`` query/key/value kernel makes ``heads`` a batch
+  axis (one ``d × head_dim`` matrix per head); ``MatrixDims(1, 2)`` on the
+  ``[heads, head_dim, d]`` output kernel, one ``head_dim × d`` per head.
+
+  ``split=(axis, size)`` first cuts the leaf's ``axis`` (one of the
+  reduction or output axes) into consecutive blocks of ``size``, and the
+  block index becomes a batch axis: ``MatrixDims(0, 1, split=(1, 64))`` on a
+  fused ``[d, (h_q + 2·h_kv)·64]`` QKV kernel is one ``d × 64`` matrix per
+  head (dion's ``split_sizes`` / per-head orthogonalisation, in Flax's
+  ``[in, out]`` layout).
   """
   reduction_axis: Axes = 0
   output_axis: Axes = 1
+  split: tuple[int, int] | None = None
 
 
 def _as_tuple(axes: Axes, ndim: int) -> tuple[int, ...]:
@@ -75,7 +93,10 @@ def shift_dims(dims: MatrixDims, k: int) -> MatrixDims:
     if isinstance(axes, int):
       return axes + k if axes >= 0 else axes
     return tuple(a + k if a >= 0 else a for a in axes)
-  return MatrixDims(shift(dims.reduction_axis), shift(dims.output_axis))
+  split = None if dims.split is None else (shift(dims.split[0]),
+                                           dims.split[1])
+  return MatrixDims(shift(dims.reduction_axis), shift(dims.output_axis),
+                    split)
 
 
 # Path components that mark the kernels of Flax attention modules.
@@ -108,33 +129,42 @@ def path_names(path) -> tuple[str, ...]:
 
 def path_dims(names: Sequence[str], shape: Sequence[int],
               input_names: Sequence[str] = ATTENTION_INPUT_NAMES,
-              output_names: Sequence[str] = ATTENTION_OUTPUT_NAMES
-              ) -> MatrixDims | None:
+              output_names: Sequence[str] = ATTENTION_OUTPUT_NAMES,
+              per_head: bool = False) -> MatrixDims | None:
   """The :class:`MatrixDims` a leaf's path implies, or None (no opinion).
 
   A rank-3 leaf with a path component in ``input_names`` (Flax attention's
   ``[d, heads, head_dim]`` query/key/value kernels) -> ``MatrixDims(0, (1,
   2))``; with a component in ``output_names`` (the ``[heads, head_dim, d]``
-  output kernel) -> ``MatrixDims((0, 1), 2)``. Names compare
+  output kernel) -> ``MatrixDims((0, 1), 2)``. ``per_head``: the head axis
+  is a batch axis instead, ``MatrixDims(0, 2)`` (``d × head_dim`` per head)
+  and ``MatrixDims(1, 2)`` (``head_dim × d`` per head). Names compare
   case-insensitively.
   """
   if len(shape) != 3:
     return None
   comps = {str(c).lower() for c in names}
   if comps & set(input_names):
-    return MatrixDims(0, (1, 2))
+    return MatrixDims(0, 2) if per_head else MatrixDims(0, (1, 2))
   if comps & set(output_names):
-    return MatrixDims((0, 1), 2)
+    return MatrixDims(1, 2) if per_head else MatrixDims((0, 1), 2)
   return None
 
 
 class MatrixView(NamedTuple):
-  """Static description of how a leaf maps to ``(batch, rows, cols)``."""
+  """Static description of how a leaf maps to ``(batch, rows, cols)``.
+
+  ``split_shape``/``leaf_shape``: where :class:`MatrixDims` has a
+  ``split``, the leaf is reshaped to ``split_shape`` before ``perm`` (and
+  back to ``leaf_shape`` after); ``None`` otherwise.
+  """
   perm: tuple[int, ...]
   batch_shape: tuple[int, ...]
   rows: int
   cols: int
   permuted_shape: tuple[int, ...]
+  split_shape: tuple[int, ...] | None = None
+  leaf_shape: tuple[int, ...] | None = None
 
   @property
   def matrix_shape(self) -> tuple[int, int, int]:
@@ -142,6 +172,8 @@ class MatrixView(NamedTuple):
 
   def to_matrix(self, x: jax.Array) -> jax.Array:
     """Leaf -> ``(batch, rows, cols)``."""
+    if self.split_shape is not None:
+      x = x.reshape(self.split_shape)
     return jnp.transpose(x, self.perm).reshape(self.matrix_shape)
 
   def from_matrix(self, x: jax.Array) -> jax.Array:
@@ -149,22 +181,56 @@ class MatrixView(NamedTuple):
     inv = [0] * len(self.perm)
     for i, p in enumerate(self.perm):
       inv[p] = i
-    return jnp.transpose(x.reshape(self.permuted_shape), inv)
+    out = jnp.transpose(x.reshape(self.permuted_shape), inv)
+    return out if self.leaf_shape is None else out.reshape(self.leaf_shape)
+
+
+def _split_axes(shape, dims: MatrixDims):
+  """``(split_shape, dims)`` with ``dims.split``'s axis cut in two.
+
+  The block index takes the split axis's place (a batch axis), the
+  within-block axis follows it and keeps the split axis's role.
+  """
+  ndim = len(shape)
+  if (not isinstance(dims.split, tuple) or len(dims.split) != 2 or
+      not all(isinstance(v, int) and not isinstance(v, bool)
+              for v in dims.split)):
+    raise ValueError(f'dims: split must be None or (axis, size) ints, got '
+                     f'{dims.split!r}.')
+  (axis,) = _as_tuple(dims.split[0], ndim)
+  size = dims.split[1]
+  if size < 1 or shape[axis] % size:
+    raise ValueError(
+        f'dims: split size {size} does not divide axis {axis} of a leaf '
+        f'of shape {tuple(shape)}.')
+  red = _as_tuple(dims.reduction_axis, ndim)
+  out = _as_tuple(dims.output_axis, ndim)
+  if axis not in red + out:
+    raise ValueError(f'dims: split axis {axis} of {dims} must be one of its '
+                     'reduction or output axes.')
+  new = lambda a: a + 1 if a >= axis else a  # noqa: E731
+  split_shape = shape[:axis] + (shape[axis] // size, size) + shape[axis + 1:]
+  return split_shape, MatrixDims(tuple(new(a) for a in red),
+                                 tuple(new(a) for a in out))
 
 
 def matrix_view(shape: Sequence[int], dims: MatrixDims | None = None
                 ) -> MatrixView:
   """Builds the :class:`MatrixView` of a leaf of ``shape`` under ``dims``."""
   shape = tuple(int(s) for s in shape)
-  ndim = len(shape)
   if dims is None:
     dims = default_dims(shape)
   if not isinstance(dims, MatrixDims):
     raise TypeError(f'dims must be a MatrixDims, got {type(dims).__name__}.')
-  if ndim < 2:
+  if len(shape) < 2:
     raise ValueError(
-        f'dims: a leaf of shape {shape} has rank {ndim}, but {dims} needs a '
-        'leaf of rank >= 2.')
+        f'dims: a leaf of shape {shape} has rank {len(shape)}, but {dims} '
+        'needs a leaf of rank >= 2.')
+  if dims.split is not None:
+    split_shape, inner = _split_axes(shape, dims)
+    view = matrix_view(split_shape, inner)
+    return view._replace(split_shape=split_shape, leaf_shape=shape)
+  ndim = len(shape)
   red = _as_tuple(dims.reduction_axis, ndim)
   out = _as_tuple(dims.output_axis, ndim)
   if not red or not out:

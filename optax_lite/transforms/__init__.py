@@ -41,5 +41,7 @@ from optax_lite.transforms.neuron_normalize import neuron_normalize
 from optax_lite.transforms.neuron_normalize import normuon_geometry
 from optax_lite.transforms.orthogonalize import orthogonalize
 from optax_lite.transforms.owner_inner import OwnerInner
+from optax_lite.transforms.qk_clip import logits_by_module
+from optax_lite.transforms.qk_clip import qk_clip
 from optax_lite.transforms.row_normalize import row_normalize
 from optax_lite.transforms.scaling import scale_by_shape

@@ -66,7 +66,9 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
   """Maps each matrix leaf ``G`` to ``≈ polar(G) = U Vᵀ``.
 
   Args:
-    method: ``"polar_express"`` (default, 6 steps), ``"jordan"`` (5),
+    method: ``"polar_express"`` (default, 6 steps),
+      ``"gram_polar_express"`` (6; the same polynomial by Gram
+      Newton–Schulz, fewer flops on rectangular matrices), ``"jordan"`` (5),
       ``"cubic"`` (12) or ``"svd"`` (exact); see
       :func:`optax_lite.polar_factor`.
     steps: iteration count (static), ``None`` for the method's default.
