@@ -54,3 +54,19 @@ def host_mesh(shape=(8,), names=('fsdp',)):
       f'multidevice tests need 8 devices, got {len(devices)}: run with '
       'XLA_FLAGS=--xla_force_host_platform_device_count=8')
   return Mesh(np.asarray(devices[:8]).reshape(shape), names)
+
+
+# A watchdog for the multi-device tests: a collective that never completes
+# (an XLA:CPU deadlock) fails its test after this many seconds instead of
+# blocking CI. The thread method dumps every thread's stack and ends the
+# process, which also works when the main thread is stuck inside XLA.
+MULTIDEVICE_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if (item.get_closest_marker('multidevice') is not None
+        and item.get_closest_marker('timeout') is None):
+      item.add_marker(pytest.mark.timeout(MULTIDEVICE_TIMEOUT_S,
+                                          method='thread'))
