@@ -22,9 +22,11 @@ collectives. :func:`grouped_map` instead
    replicated, as under data parallelism), and runs under ``jax.shard_map``
    a conditional on the device index: device ``d`` executes only the branch
    that computes *its* items (a gather by a constant index table, one
-   batched kernel call per group), and writes them into a per-group output
-   buffer of ``K_g = max_d k_{g,d}`` slots. The buffers leave in one
-   all-gather each and the items are put back into leaf order.
+   batched kernel call per group; on CPU meshes a kernel with a LAPACK call
+   is mapped over the items instead, see :func:`_calls_lapack`), and
+   writes them into a per-group output buffer of ``K_g = max_d k_{g,d}``
+   slots. The buffers leave in one all-gather each and the items are put
+   back into leaf order.
 
 Why a conditional: SPMD requires every device to run the same shapes, so
 splitting each group's stack evenly pads each group to a multiple of ``D``
@@ -521,6 +523,7 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
               for st in out_struct]
   if gather_in:
     dts, length, offsets = _packing(out_struct, asg.counts)
+
   def body(dev, *xs):
     d = dev[0]
     xs, res_local = xs[:n_moving], xs[n_moving:]
