@@ -12,7 +12,8 @@ rendezvous and a deadlock with no collective in flight never returns; here
 either is a test failure. On every tree the parameters after each of three
 steps on 8 devices (FSDP on axis 0 where divisible, ``ol.sharded_init``,
 ``jax.jit(tx.update)``) equal those on one device within 1e-5 of each
-leaf's largest entry (Shampoo: 5e-5, its float32 round-off; see TOLERANCE).
+leaf's largest entry (Shampoo, FISMO-LITE: a few times that, their own
+float32 round-off; see TOLERANCE).
 """
 
 import json
@@ -33,12 +34,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TREES = {name: ['issue', 'odd'] for name in NAMED}
 TREES['fismo'] = TREES['fismo_lite'] = ['issue', 'odd', 'deep']
 CHILD_TIMEOUT_S = 420
-# Shampoo's inverse fourth roots of one Gaussian 64x64 gradient's statistics
-# amplify float32 round-off: on one device its first update differs from a
-# float64 run by up to 9.9e-5 of the leaf's largest entry (q kernel of
-# layer 0), so 8 devices vs one (1.2e-5 .. 2.7e-5 on the parameters) is
-# held to 5e-5 there; every other optimizer to 1e-5.
-TOLERANCE = {'shampoo': 5e-5}
+# Where one device's float32 result is itself only that close to float64
+# (measured on these trees with factors in float64): Shampoo's inverse
+# fourth roots of one Gaussian 64x64 gradient's statistics, 9.9e-5 on the
+# first update (8 devices vs one: 1.2e-5 .. 2.7e-5 on the parameters);
+# FISMO-LITE on the 'odd' tree, 8.2e-6 on the parameters after two steps
+# (8 vs one: 1.2e-5). Every other optimizer: 1e-5.
+TOLERANCE = {'shampoo': 5e-5, 'fismo_lite': 3e-5}
 
 
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
