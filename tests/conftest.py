@@ -67,3 +67,19 @@ def _release_compiled_programs():
   """
   yield
   jax.clear_caches()
+
+
+# A watchdog for the multi-device tests: a collective that never completes
+# (an XLA:CPU deadlock) fails its test after this many seconds instead of
+# blocking CI. The thread method dumps every thread's stack and ends the
+# process, which also works when the main thread is stuck inside XLA.
+MULTIDEVICE_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if (item.get_closest_marker('multidevice') is not None
+        and item.get_closest_marker('timeout') is None):
+      item.add_marker(pytest.mark.timeout(MULTIDEVICE_TIMEOUT_S,
+                                          method='thread'))

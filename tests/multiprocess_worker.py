@@ -1,0 +1,108 @@
+"""One of the processes of ``tests/test_multiprocess.py``.
+
+Started as ``python tests/multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES
+OUT_DIR NAME...``: 4 CPU devices per process, ``jax.distributed.initialize``
+on ``localhost:PORT`` (CPU collectives: gloo), one mesh over every device of
+every process, parameters FSDP-sharded on axis 0 over it. For each named
+optimizer, plain and with ``distribute=mesh``, it takes ``STEPS`` jitted
+steps and process 0 writes the gathered parameters to
+``OUT_DIR/NAME-VARIANT.npz`` (leaves in ``jax.tree.leaves`` order). The
+first optimizer's plain parameters and state are also saved with orbax by
+both processes to ``OUT_DIR/checkpoint``.
+"""
+
+import os
+import sys
+import time
+
+LOCAL_DEVICES = 4
+if __name__ == '__main__':  # before JAX starts; the test imports the trees
+  os.environ['XLA_FLAGS'] = (
+      f'--xla_force_host_platform_device_count={LOCAL_DEVICES}')
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import optax_lite as ol  # noqa: E402
+from optimizer_zoo import make  # noqa: E402
+
+STEPS = 3
+CHECKPOINT = 'checkpoint'  # the first optimizer's plain params and state
+
+
+def tree_shapes() -> dict:
+  """A 2-block model: FSDP-divisible matrices, a vector, an odd matrix."""
+  shapes = {'embed': {'embedding': (32, 16)}, 'norm': {'scale': (16,)},
+            'head': {'kernel': (16, 9)}}
+  for i in range(2):
+    shapes[f'block{i}'] = {'q': {'kernel': (16, 16)},
+                           'up': {'kernel': (16, 40)},
+                           'down': {'kernel': (40, 16)}}
+  return shapes
+
+
+def host_arrays(seed=0):
+  """``(params, [grads per step])`` as NumPy trees, the same everywhere."""
+  rng = np.random.default_rng(seed)
+  make_tree = lambda scale: jax.tree.map(
+      lambda s: (rng.standard_normal(s) * scale).astype(np.float32),
+      tree_shapes(), is_leaf=lambda x: isinstance(x, tuple))
+  return make_tree(0.1), [make_tree(1.0) for _ in range(STEPS)]
+
+
+def main(argv):
+  port, pid, nproc, out_dir = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
+  names = argv[4:]
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=f'localhost:{port}',
+                             num_processes=nproc, process_id=pid)
+  d = jax.device_count()
+  assert d == nproc * LOCAL_DEVICES, jax.devices()
+  mesh = Mesh(np.asarray(jax.devices()), ('fsdp',))
+
+  def put(tree):
+    def one(x):
+      spec = P('fsdp') if x.ndim >= 2 and x.shape[0] % d == 0 else P()
+      return jax.make_array_from_callback(
+          x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+    return jax.tree.map(one, tree)
+
+  params0, grads = host_arrays()
+  for name in names:
+    for variant in ('plain', 'distribute'):
+      t0 = time.time()
+      tx = (make(name) if variant == 'plain' else
+            make(name, distribute=mesh))
+      params = put(params0)
+      state = ol.sharded_init(tx.init, params)
+
+      @jax.jit
+      def step(p, s, g, tx=tx):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      for g in grads:
+        params, state = step(params, state, put(g))
+      full = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
+              for x in jax.tree.leaves(params)]
+      if pid == 0:
+        np.savez(os.path.join(out_dir, f'{name}-{variant}.npz'), *full)
+      if name == names[0] and variant == 'plain':
+        # Every process writes its shards; the test restores on 1 device.
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(out_dir, CHECKPOINT),
+                   {'params': params, 'state': state})
+        ckptr.wait_until_finished()
+        ckptr.close()
+      print(f'{pid} {name} {variant} {time.time() - t0:.1f}s', flush=True)
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
