@@ -106,9 +106,10 @@ from optax_lite.linalg.matrices import MatrixView, matrix_view
 from optax_lite.transforms import _tree
 
 MODES = ('soap', 'shampoo')
-# Relative energy below which a basis direction carries no gradient (see
-# ``null_threshold`` of scale_by_soap / scale_by_shampoo).
-NULL_THRESHOLD = 1e-5
+# ``null_threshold`` default: ``None`` is ROUNDOFF_ULPS·ε of the computing
+# dtype (see :func:`roundoff_level` and scale_by_soap's ``null_threshold``).
+NULL_THRESHOLD = None
+ROUNDOFF_ULPS = 16
 ACCUMULATIONS = ('ema', 'sum')
 GRAFTS = ('adam', 'none')
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -295,26 +296,71 @@ def update_factors(stats_l: jax.Array, stats_r: jax.Array, g: jax.Array,
   return stats_l, stats_r
 
 
+def roundoff_level(null_threshold, dtype) -> Any:
+  """``τ``, the relative round-off level: ``null_threshold`` or, for
+  ``None``, ``ROUNDOFF_ULPS · ε`` of ``dtype`` widened to float32 (the
+  computing dtype): 1.9e-6 in float32, 3.6e-15 in float64."""
+  if null_threshold is None:
+    wide = jnp.promote_types(dtype, jnp.float32)
+    return ROUNDOFF_ULPS * float(jnp.finfo(wide).eps)
+  return null_threshold
+
+
+def _above_floor(lam: jax.Array, tau) -> jax.Array:
+  """``lam > τ·max(lam)`` per column (a Gram eigenvalue's round-off is
+  ``~ε·λ_max``); everything when ``τ <= 0`` or the factor has no energy."""
+  top = jnp.max(lam, axis=-1, keepdims=True)
+  return (lam > tau * top) | (top <= 0) | (tau <= 0)
+
+
+def _mark_null(lam: jax.Array, keep: jax.Array) -> jax.Array:
+  """The stored energies: ``lam`` where kept, exactly 0 on null columns."""
+  return jnp.where(keep, jnp.maximum(lam, jnp.finfo(lam.dtype).tiny), 0.0)
+
+
 def _no_energy(stats: jax.Array) -> jax.Array:
   """Energies of an identity side: the ``(B, 1)`` placeholder."""
   return jnp.zeros(stats.shape[:1] + (1,), stats.dtype)
 
 
-def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array
+def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array,
+                    g: jax.Array | None = None, *,
+                    null_threshold=NULL_THRESHOLD, precision=_HIGHEST
                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Exact eigenbases (descending eigenvalues) of ``L`` and ``R`` by eigh.
 
   Returns ``(q_l, q_r, lam_l, lam_r)``: bases and their eigenvalues
-  (``(B, m)``, ``(B, n)``; ``(B, 1)`` zeros on identity sides).
+  (``(B, m)``, ``(B, n)``; ``(B, 1)`` zeros on identity sides), exactly 0
+  on the null columns (see :func:`energetic`). Null columns: with ``g``
+  (``(B, m, n)``, the only gradient in ``L`` and ``R``, as at SOAP's first
+  step) those whose rotated gradient is round-off in amplitude,
+  ``‖(Q_lᵀ G Q_r)[i, :]‖ <= τ‖G‖_F`` (rows; columns likewise); without it,
+  those whose eigenvalue is at the Gram round-off, ``λ <= τ·λ_max``.
+  ``τ``: :func:`roundoff_level` of ``null_threshold``.
   """
   out = []
   for s in (stats_l, stats_r):
     if has_side(s):
       q, lam = eig_lib.eigenbasis_init(s)
-      out.append((q.astype(s.dtype), lam.astype(s.dtype)))
+      out.append([q.astype(s.dtype), lam.astype(s.dtype)])
     else:
-      out.append((s, _no_energy(s)))
+      out.append([s, _no_energy(s)])
   (q_l, lam_l), (q_r, lam_r) = out
+  tau = roundoff_level(null_threshold, stats_l.dtype)
+  if g is None:
+    keep_l, keep_r = _above_floor(lam_l, tau), _above_floor(lam_r, tau)
+  else:
+    g_rot = jnp.square(rotate(g.astype(q_l.dtype), q_l, q_r,
+                              precision=precision))
+    e_l, e_r = jnp.sum(g_rot, axis=-1), jnp.sum(g_rot, axis=-2)
+    total = jnp.sum(e_l, axis=-1, keepdims=True)
+    floor = tau * tau * total
+    keep_l = (e_l > floor) | (total <= 0) | (tau <= 0)
+    keep_r = (e_r > floor) | (total <= 0) | (tau <= 0)
+  if has_side(stats_l):
+    lam_l = _mark_null(lam_l, keep_l)
+  if has_side(stats_r):
+    lam_r = _mark_null(lam_r, keep_r)
   return q_l, q_r, lam_l, lam_r
 
 
@@ -393,17 +439,46 @@ def soap_refresh_bases(stats_l: jax.Array, stats_r: jax.Array,
     lam = _no_energy(stats_r) if lam_r is None else lam_r
     q_r, out_lam[1], mix = _refresh_side(stats_r, q_r, lam, null_threshold)
     nu = mix(nu, -1)
+  # A column is null when neither the Gram factor (round-off ~ε·λ_max,
+  # linear in ε) nor the rotated second moment carried over (amplitudes:
+  # round-off ~ε·‖G‖, so energies ~ε²·‖G‖²) shows energy in it.
+  tau = roundoff_level(null_threshold, nu.dtype)
+  floor = tau * tau * jnp.sum(nu, axis=(-2, -1))[..., None]
+  for i, (q, axis) in enumerate(((q_l, -1), (q_r, -2))):
+    if has_side(q):
+      moment = jnp.sum(nu, axis=axis).astype(out_lam[i].dtype)
+      out_lam[i] = _mark_null(out_lam[i], _above_floor(out_lam[i], tau)
+                              | (moment > floor.astype(moment.dtype)))
   return q_l, q_r, nu, out_lam[0], out_lam[1]
 
 
-def energetic(lam: jax.Array, threshold) -> jax.Array:
-  """``lam > threshold · max(lam)`` per basis column (``(B, k)`` booleans).
+def energetic(lam: jax.Array, threshold=NULL_THRESHOLD) -> jax.Array:
+  """Stored column energies ``lam`` (``(B, k)``) → the non-null columns.
 
-  True everywhere when ``threshold <= 0`` or when the factor has no energy
+  The null columns were set to exactly 0 when the basis was computed
+  (:func:`soap_init_bases`, :func:`soap_refresh_bases`). True everywhere
+  when ``threshold <= 0`` (the rule off) or when the factor has no energy
   at all (a zero factor: its basis is the identity, as the reference's).
   """
+  tau = roundoff_level(threshold, lam.dtype)
   top = jnp.max(lam, axis=-1, keepdims=True)
-  return (lam > threshold * top) | (top <= 0) | (threshold <= 0)
+  return (lam > 0) | (top <= 0) | (tau <= 0)
+
+
+def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD
+                         ) -> jax.Array:
+  """``(B, m, n)`` booleans: False where ``sqrt(V̂ᵢⱼ) <= τ·sqrt(Σ V̂)``.
+
+  ``V̂`` is the second moment of the rotated gradient, and
+  ``Σᵢⱼ V̂ᵢⱼ`` the same moment of ``‖G‖_F²`` (the rotation is orthogonal),
+  so this compares each coordinate's RMS amplitude with ``τ`` times the
+  gradient's RMS Frobenius norm: below it the coordinate is the rotation's
+  round-off (see :func:`scale_by_soap`, ``null_threshold``). All True when
+  ``τ <= 0``.
+  """
+  tau = roundoff_level(threshold, nu_hat.dtype)
+  total = jnp.sum(nu_hat, axis=(-2, -1), keepdims=True)
+  return (nu_hat > tau * tau * total) | (tau <= 0)
 
 
 def null_coordinates(lam_l: jax.Array, lam_r: jax.Array, threshold, *,
@@ -473,8 +548,10 @@ def soap_step_index(count: jax.Array, basis: SoapBasis,
 
 
 def soap_basis_update(basis: SoapBasis, g: jax.Array, count: jax.Array, *,
-                      shampoo_beta, precision=_HIGHEST) -> SoapBasis:
-  """Accumulates ``L``, ``R`` from ``g`` (``(B, m, n)``); ``eigh`` at call 1.
+                      shampoo_beta, null_threshold=NULL_THRESHOLD,
+                      precision=_HIGHEST) -> SoapBasis:
+  """Accumulates ``L``, ``R`` from ``g`` (``(B, m, n)``); ``eigh`` at call 1
+  (null columns: :func:`soap_init_bases` with ``g``).
 
   Returns the basis to use for this step (in the computing dtype, float32
   or wider); :func:`soap_basis_refresh` runs after the step.
@@ -486,7 +563,10 @@ def soap_basis_update(basis: SoapBasis, g: jax.Array, count: jax.Array, *,
   q_l, q_r, lam_l, lam_r = b.q_l, b.q_r, b.lam_l, b.lam_r
   if any(soap_basis_sides(basis)):
     q_l, q_r, lam_l, lam_r = jax.lax.cond(
-        count == 1, lambda: soap_init_bases(stats_l, stats_r),
+        count == 1,
+        lambda: soap_init_bases(stats_l, stats_r, g.astype(sdt),
+                                null_threshold=null_threshold,
+                                precision=precision),
         lambda: (q_l, q_r, lam_l, lam_r))
   return SoapBasis(stats_l, stats_r, q_l, q_r, lam_l, lam_r)
 
@@ -510,10 +590,16 @@ def soap_basis_refresh(basis: SoapBasis, nu: jax.Array, t: jax.Array, *,
   return basis._replace(q_l=q_l, q_r=q_r, lam_l=lam_l, lam_r=lam_r), nu
 
 
-def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD) -> jax.Array:
-  """Coordinates of the rotated basis that carry gradient energy."""
-  return null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
+def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD,
+              nu_hat: jax.Array | None = None) -> jax.Array:
+  """Coordinates of the rotated basis that carry gradient energy: not in a
+  null column of the basis and, given ``nu_hat`` (``V̂``), not round-off
+  (:func:`roundoff_coordinates`)."""
+  keep = null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
                           sides=soap_basis_sides(basis))
+  if nu_hat is not None:
+    keep = keep & roundoff_coordinates(nu_hat, null_threshold)
+  return keep
 
 
 def soap_second_moment(nu: jax.Array, g_rot: jax.Array, t: jax.Array,
@@ -551,7 +637,7 @@ def soap_rotated_adam(mu: jax.Array, nu: jax.Array, g: jax.Array,
   numerator = rotate(new_mu / (1.0 - b1 ** tf), basis.q_l, basis.q_r,
                      precision=precision)
   denominator = jnp.sqrt(nu_hat) + eps
-  keep = soap_keep(basis, null_threshold)
+  keep = soap_keep(basis, null_threshold, nu_hat)
   if first is not None:
     # 0·G_rot, not 0: a non-finite gradient still gives a non-finite step.
     numerator = jnp.where(first, 0.0 * g_rot, numerator)
@@ -566,7 +652,8 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
                      b1: float, b2: float, shampoo_beta: float, eps: float,
                      precondition_frequency: int,
                      skip_first_update: bool = True,
-                     null_threshold: float = 1e-5, precision=_HIGHEST
+                     null_threshold: float | None = NULL_THRESHOLD,
+                     precision=_HIGHEST
                      ) -> tuple[SoapLeaf, SoapDirection]:
   """One SOAP step for one leaf in matrix form (see module doc).
 
@@ -590,7 +677,7 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
   basis = soap_basis_update(
       SoapBasis(leaf.stats_l, leaf.stats_r, leaf.q_l, leaf.q_r, leaf.lam_l,
                 leaf.lam_r), g, count, shampoo_beta=shampoo_beta,
-      precision=precision)
+      null_threshold=null_threshold, precision=precision)
   t, first = soap_step_index(count, basis, skip_first_update)
   mu, nu, direction = soap_rotated_adam(
       leaf.mu.astype(sdt), leaf.nu.astype(sdt), g.astype(sdt), basis, t,
@@ -643,7 +730,8 @@ def shampoo_inverse_root(stats: jax.Array, exponent: float, *,
     lam = jnp.maximum(lam, 0.0)
     damped = lam + matrix_eps * norm[..., 0].astype(lam.dtype)
     inv = jnp.where(damped > 0, damped, 1.0) ** (-exponent)
-    inv = jnp.where(energetic(lam, null_threshold) & (damped > 0), inv, 0.0)
+    tau = roundoff_level(null_threshold, lam.dtype)
+    inv = jnp.where(_above_floor(lam, tau) & (damped > 0), inv, 0.0)
     root = matmul_lib.matmul(q * inv[..., None, :], _t(q),
                              kernel='inverse_root').astype(stats.dtype)
   ok = (norm > 0) & jnp.all(jnp.isfinite(root), axis=(-2, -1), keepdims=True)
@@ -1010,7 +1098,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
                   precondition_frequency: int = 10,
                   max_precond_dim: int = 4096, dims: _tree.DimsSpec = None, *,
                   skip_first_update: bool = True,
-                  null_threshold: float = NULL_THRESHOLD, mu_dtype=None,
+                  null_threshold: float | None = NULL_THRESHOLD, mu_dtype=None,
                   precond_dtype=jnp.float32,
                   precision=_HIGHEST, distribute=None
                   ) -> optax.GradientTransformation:
@@ -1125,7 +1213,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
   """
   precondition_frequency, max_precond_dim = check_soap_args(
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
-  _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
+  if null_threshold is not None:
+    _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   spec = distributed_lib.check_distribute(distribute)
   precond_dtype = jnp.dtype(precond_dtype)
   mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -1227,7 +1316,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
                      *, accumulation: str = 'ema',
                      exponent: float | None = None, root_method: str = 'eigh',
                      matrix_eps: float = 1e-6, graft: str = 'adam',
-                     null_threshold: float = NULL_THRESHOLD,
+                     null_threshold: float | None = NULL_THRESHOLD,
                      mu_dtype=None, precond_dtype=jnp.float32,
                      precision=_HIGHEST, distribute=None
                      ) -> optax.GradientTransformation:
@@ -1302,7 +1391,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
   _checks.check_choice('root_method', root_method, roots_lib.ROOT_METHODS)
   _checks.check_choice('graft', graft, GRAFTS)
   _checks.check_positive('matrix_eps', matrix_eps)
-  _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
+  if null_threshold is not None:
+    _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   if exponent is not None:
     _checks.check_number('exponent', exponent, low=0.0, low_open=True,
                          high=1.0)
