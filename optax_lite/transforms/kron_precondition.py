@@ -110,6 +110,9 @@ MODES = ('soap', 'shampoo')
 # dtype (see :func:`roundoff_level` and scale_by_soap's ``null_threshold``).
 NULL_THRESHOLD = None
 ROUNDOFF_ULPS = 16
+# Neighbour leak of roundoff_coordinates: band and cap of θ.
+LEAK_BAND = 4
+LEAK_CAP = 0.1
 ACCUMULATIONS = ('ema', 'sum')
 GRAFTS = ('adam', 'none')
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -465,20 +468,60 @@ def energetic(lam: jax.Array, threshold=NULL_THRESHOLD) -> jax.Array:
   return (lam > 0) | (top <= 0) | (tau <= 0)
 
 
-def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD
-                         ) -> jax.Array:
-  """``(B, m, n)`` booleans: False where ``sqrt(V̂ᵢⱼ) <= τ·sqrt(Σ V̂)``.
+def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
+                    ) -> jax.Array:
+  """``Σ_d θᵢ,ᵢ₊d · amp[i+d]`` along ``axis`` over the ``LEAK_BAND`` nearest
+  columns on each side (columns are sorted by energy), with
+  ``θ = τ·λ_max / |λᵢ − λᵢ₊d|`` where at most ``LEAK_CAP`` (0 beyond):
+  how much of row ``i+d`` a basis vector computed with round-off ``τ``
+  takes in (see :func:`roundoff_coordinates`)."""
+  k = lam.shape[-1]
+  top = jnp.max(lam, axis=-1, keepdims=True)
+  idx = jnp.arange(k)
+  out = jnp.zeros_like(amp)
+  for d in range(1, min(LEAK_BAND, k - 1) + 1):
+    for step in (d, -d):
+      gap = jnp.abs(lam - jnp.roll(lam, -step, axis=-1))
+      theta = tau * top / jnp.maximum(gap, jnp.finfo(lam.dtype).tiny)
+      # θ > c: the pair is not resolved (a degenerate cluster, whose basis
+      # is arbitrary but whose coordinates carry signal): no leak counted.
+      theta = jnp.where((idx + step >= 0) & (idx + step < k)
+                        & (theta <= LEAK_CAP), theta, 0.0)
+      theta = theta[..., :, None] if axis == -2 else theta[..., None, :]
+      out = out + theta.astype(amp.dtype) * jnp.roll(amp, -step, axis=axis)
+  return out
 
-  ``V̂`` is the second moment of the rotated gradient, and
-  ``Σᵢⱼ V̂ᵢⱼ`` the same moment of ``‖G‖_F²`` (the rotation is orthogonal),
-  so this compares each coordinate's RMS amplitude with ``τ`` times the
-  gradient's RMS Frobenius norm: below it the coordinate is the rotation's
-  round-off (see :func:`scale_by_soap`, ``null_threshold``). All True when
-  ``τ <= 0``.
+
+def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
+                         lam_l: jax.Array | None = None,
+                         lam_r: jax.Array | None = None) -> jax.Array:
+  """``(B, m, n)`` booleans: False where a rotated coordinate is round-off.
+
+  ``A = sqrt(V̂)`` is each coordinate's RMS amplitude and
+  ``sqrt(Σᵢⱼ V̂ᵢⱼ)`` the RMS of ``‖G‖_F`` (the rotation is orthogonal).
+  Coordinate ``(i, j)`` is round-off when ``Aᵢⱼ <= δᵢⱼ`` with::
+
+    δᵢⱼ = τ·sqrt(Σ V̂) + Σ_d θˡᵢ,ᵢ₊d Aᵢ₊d,ⱼ + Σ_d θʳⱼ,ⱼ₊d Aᵢ,ⱼ₊d,
+    θᵢ,ₖ = τ·λ_max / |λᵢ − λₖ|   (0 where above c)
+
+  The first term is the rotation's own round-off (``~ε‖G‖`` per entry);
+  the others are what a basis vector computed with relative round-off
+  ``τ`` takes in from its neighbours (first-order perturbation:
+  ``δqᵢ ≈ Σₖ τλ_max/(λᵢ−λₖ) qₖ``), over the ``LEAK_BAND`` nearest columns
+  on each side. A pair with ``θ > c = LEAK_CAP`` is not resolved by the
+  arithmetic at all (a degenerate cluster: its basis is arbitrary, but its
+  coordinates carry the gradient's energy in that subspace), so it counts
+  no leak: the guard never freezes a cluster. ``lam_*``: the column
+  energies (``None``: identity side). All True when ``τ <= 0``.
   """
   tau = roundoff_level(threshold, nu_hat.dtype)
-  total = jnp.sum(nu_hat, axis=(-2, -1), keepdims=True)
-  return (nu_hat > tau * tau * total) | (tau <= 0)
+  amp = jnp.sqrt(nu_hat)
+  delta = tau * jnp.sqrt(jnp.sum(nu_hat, axis=(-2, -1), keepdims=True))
+  if lam_l is not None:
+    delta = delta + _neighbour_leak(amp, lam_l.astype(amp.dtype), tau, -2)
+  if lam_r is not None:
+    delta = delta + _neighbour_leak(amp, lam_r.astype(amp.dtype), tau, -1)
+  return (amp > delta) | (tau <= 0)
 
 
 def null_coordinates(lam_l: jax.Array, lam_r: jax.Array, threshold, *,
@@ -598,7 +641,10 @@ def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD,
   keep = null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
                           sides=soap_basis_sides(basis))
   if nu_hat is not None:
-    keep = keep & roundoff_coordinates(nu_hat, null_threshold)
+    left, right = soap_basis_sides(basis)
+    keep = keep & roundoff_coordinates(
+        nu_hat, null_threshold, basis.lam_l if left else None,
+        basis.lam_r if right else None)
   return keep
 
 
