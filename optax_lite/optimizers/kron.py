@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from optax_lite import _checks
 from optax_lite.optimizers import _common
 from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
                                                      scale_by_soap,
@@ -20,7 +20,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          skip_first_update: bool = True, null_threshold: float | None = None,
          weight_decay: float = 0.1,
          weight_decay_mask=None, mu_dtype=None,
-         precond_dtype=jnp.float32, dims=None, labels=None,
+         precond_dtype='float32', dims=None, labels=None,
          precision=jax.lax.Precision.HIGHEST,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
@@ -77,6 +77,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, ICLR 2025.
   """
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   # The reference's first step is statistics only: no decay either.
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
@@ -101,7 +102,7 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
             root_method: str = 'eigh', matrix_eps: float = 1e-6,
             graft: str = 'adam', null_threshold: float | None = None,
             weight_decay: float = 0.1,
-            weight_decay_mask=None, mu_dtype=None, precond_dtype=jnp.float32,
+            weight_decay_mask=None, mu_dtype=None, precond_dtype='float32',
             dims=None, labels=None, precision=jax.lax.Precision.HIGHEST,
             adam_learning_rate: optax.ScalarOrSchedule | None = None,
             adam_b1: float = 0.9, adam_b2: float = 0.95,
@@ -146,6 +147,7 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     Shi et al., `Distributed Shampoo <https://arxiv.org/abs/2309.06497>`_,
     2023.
   """
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
                           adam_weight_decay, adam_nesterov)
   return _common.matrix_and_adamw(

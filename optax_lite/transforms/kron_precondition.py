@@ -290,7 +290,8 @@ def update_factors(stats_l: jax.Array, stats_r: jax.Array, g: jax.Array,
   def acc(s, gram):
     if accumulation == 'sum':
       return s + gram
-    return beta * s + (1.0 - beta) * gram
+    b = _decay(beta, s.dtype)
+    return b * s + (1.0 - b) * gram
 
   if has_side(stats_l):
     stats_l = acc(stats_l, _mm(g, _t(g), precision))
@@ -319,6 +320,18 @@ def _above_floor(lam: jax.Array, tau) -> jax.Array:
 def _mark_null(lam: jax.Array, keep: jax.Array) -> jax.Array:
   """The stored energies: ``lam`` where kept, exactly 0 on null columns."""
   return jnp.where(keep, jnp.maximum(lam, jnp.finfo(lam.dtype).tiny), 0.0)
+
+
+def _decay(beta, dtype) -> jax.Array:
+  """A decay rate in the computing dtype, before ``1 − β`` is formed.
+
+  ``1 − β`` of a Python float is exact in float64, and of the same rate
+  injected by ``optax.inject_hyperparams`` (a float32 array) exact in
+  float32 but for ``float32(β)``: 1.3e-5 apart for ``β = 0.999``. Rounding
+  ``β`` first gives both the same (and weights ``β``, ``1 − β`` that sum
+  to exactly 1).
+  """
+  return jnp.asarray(beta, dtype)
 
 
 def _no_energy(stats: jax.Array) -> jax.Array:
@@ -655,6 +668,7 @@ def soap_second_moment(nu: jax.Array, g_rot: jax.Array, t: jax.Array,
 
   On a statistics-only step (``first`` True) ``V`` is kept and ``V̂ = 0``.
   """
+  b2 = _decay(b2, nu.dtype)
   new = b2 * nu + (1.0 - b2) * jnp.square(g_rot)
   tf = jnp.maximum(t, 1).astype(nu.dtype)
   if first is None:
@@ -675,6 +689,7 @@ def soap_rotated_adam(mu: jax.Array, nu: jax.Array, g: jax.Array,
   statistics-only step the moments are kept and the direction is zero.
   """
   g_rot = rotate(g, basis.q_l, basis.q_r, precision=precision)
+  b1 = _decay(b1, mu.dtype)
   new_mu = b1 * mu + (1.0 - b1) * g
   if first is not None:
     new_mu = jnp.where(first, mu, new_mu)
@@ -799,7 +814,9 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
                                     leaf.stats_r.astype(sdt), g,
                                     shampoo_beta, accumulation=accumulation,
                                     precision=precision)
-  bc = 1.0 if accumulation == 'sum' else 1.0 - shampoo_beta ** t
+  b1, b2 = _decay(b1, sdt), _decay(b2, sdt)
+  bc = (1.0 if accumulation == 'sum'
+        else 1.0 - _decay(shampoo_beta, sdt) ** t)
 
   def roots():
     out = []
@@ -1145,7 +1162,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
                   max_precond_dim: int = 4096, dims: _tree.DimsSpec = None, *,
                   skip_first_update: bool = True,
                   null_threshold: float | None = NULL_THRESHOLD, mu_dtype=None,
-                  precond_dtype=jnp.float32,
+                  precond_dtype='float32',
                   precision=_HIGHEST, distribute=None
                   ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
@@ -1262,8 +1279,9 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
   if null_threshold is not None:
     _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   spec = distributed_lib.check_distribute(distribute)
-  precond_dtype = jnp.dtype(precond_dtype)
-  mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
+  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
+  mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
 
   def init_leaf(x, d):
     view, is_matrix = _leaf_view(x, d)
@@ -1363,7 +1381,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
                      exponent: float | None = None, root_method: str = 'eigh',
                      matrix_eps: float = 1e-6, graft: str = 'adam',
                      null_threshold: float | None = NULL_THRESHOLD,
-                     mu_dtype=None, precond_dtype=jnp.float32,
+                     mu_dtype=None, precond_dtype='float32',
                      precision=_HIGHEST, distribute=None
                      ) -> optax.GradientTransformation:
   r"""Shampoo with EMA or summed factors, cached inverse roots and grafting.
@@ -1449,8 +1467,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
         raise ValueError('exponent: root_method="newton" needs 1/exponent to '
                          f'be an integer, got exponent={exponent}.')
   spec = distributed_lib.check_distribute(distribute)
-  precond_dtype = jnp.dtype(precond_dtype)
-  mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
+  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
+  mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
 
   def init_leaf(x, d):
     view, is_matrix = _leaf_view(x, d)

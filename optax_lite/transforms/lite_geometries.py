@@ -84,7 +84,7 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
                   shampoo_beta: float = 0.95, eps: float = 1e-8,
                   precondition_frequency: int = 10,
                   max_precond_dim: int = 4096, skip_first_update: bool = True,
-                  precond_dtype=jnp.float32, sharp_ratio: float = 0.2,
+                  precond_dtype='float32', sharp_ratio: float = 0.2,
                   smooth_ratio: float = 0.1, threshold_rate: float = 1.05,
                   null_threshold: float | None = NULL_THRESHOLD,
                   precision=jax.lax.Precision.HIGHEST) -> Geometry:
@@ -103,7 +103,7 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
   _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
   smooth = smooth_fraction(sharp_ratio, smooth_ratio)
-  pdt = jnp.dtype(precond_dtype)
+  pdt = _checks.dtype_argument('precond_dtype', precond_dtype)
 
   def init(view, param):
     del param
