@@ -970,3 +970,38 @@ def test_fismo_convergence_targets_reached(name):
     problems[k] = (w0, loss, star)
   for k, d in _distances_after(_matrix_opt(name), problems, 10_000).items():
     assert d <= 3e-2, (name, k, d)
+
+
+@pytest.mark.parametrize('name', ['soap', 'soap_lite'])
+def test_full_batch_first_step_round_off_is_no_update(name):
+  """Full batch: the same gradient at calls 1, 2, 3 (SOAP's first step is
+  statistics only, so the parameters do not move). The bases then
+  diagonalise the gradient and its rotated off-diagonal entries are
+  round-off; a 1e-6 relative change of the gradient moves the parameters
+  by ≤ 1e-3 of the distance travelled (issue 23: 1.4–1.7, Adam's ratio
+  turned the round-off into ±1 steps)."""
+  rng = np.random.default_rng(0)
+  extra = dict(total_steps=100) if name == 'soap_lite' else {}
+  tx = getattr(ol, name)(1e-2, weight_decay=0.0, **extra,
+                         labels=lambda p: jax.tree.map(lambda _: 'matrix', p))
+  shapes = {'square': (64, 64), 'tall': (128, 32)}
+  g = {k: rng.standard_normal(s) for k, s in shapes.items()}
+  r = {k: rng.standard_normal(s) for k, s in shapes.items()}
+  g2 = {k: g[k] + 1e-6 * np.linalg.norm(g[k]) * r[k] / np.linalg.norm(r[k])
+        for k in g}
+  p0 = {k: jnp.zeros(s) for k, s in shapes.items()}
+
+  @jax.jit
+  def run(g):
+    s, p = tx.init(p0), p0
+    for _ in range(3):
+      u, s = tx.update(g, s, p)
+      p = optax.apply_updates(p, u)
+    return p
+
+  as_f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+  a, b = run(as_f32(g)), run(as_f32(g2))
+  for k in shapes:
+    travelled = float(jnp.linalg.norm(a[k]))
+    moved = float(jnp.linalg.norm(a[k] - b[k]))
+    assert travelled > 0 and moved <= 1e-3 * travelled, (k, moved / travelled)
