@@ -72,7 +72,14 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   float (learning rate, betas, ε, decays, ``null_threshold``) and
   ``precondition_frequency`` may be traced; ``max_precond_dim`` decides the
   state's shapes, so a jitted ``init`` needs
-  ``static_args=('max_precond_dim',)`` (a ``TypeError`` says so).
+  ``static_args=('max_precond_dim',)`` (a ``TypeError`` says so). Dtype
+  arguments are static: their defaults are strings (``'float32'``), which
+  ``inject_hyperparams`` leaves alone; a dtype class such as
+  ``jnp.bfloat16`` is callable, so it would be taken for a schedule: pass
+  it as a string or in ``static_args`` (an array is refused, naming it).
+  Decay rates are rounded to the computing dtype before ``1 − β`` is
+  formed, so the injected optimizer (float32 rates) equals the plain one,
+  states included.
 
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, ICLR 2025.

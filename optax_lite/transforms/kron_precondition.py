@@ -140,8 +140,9 @@ class SoapState(NamedTuple):
     lam_l: ``(B, m)``, the energy of each column of ``q_l`` when the basis
       was last computed (eigenvalues at ``eigh``, Rayleigh quotients
       ``diag(Q_lᵀ L Q_l)`` after a refresh); ``(B, 1)`` on identity sides.
-      Coordinates whose energy is at most ``null_threshold`` times the
-      largest get a zero update.
+      Exactly 0 on the columns found null (round-off) when the basis was
+      computed (see ``null_threshold``): their coordinates get a zero
+      update.
     lam_r: the same for ``q_r``, ``(B, n)``.
     owned: ``None`` (one device, or ``distribute=None``), or with
       ``distribute=`` over several devices an
@@ -438,13 +439,16 @@ def soap_refresh_bases(stats_l: jax.Array, stats_r: jax.Array,
   ``(B, m, n)``; ``lam_*`` are the energies of the new columns (Rayleigh
   quotients ``diag(Qᵀ L Q)``; ``(B, 1)`` zeros on identity sides).
 
-  A basis that still has null columns (``lam <= null_threshold·max``, given
-  ``lam_l`` / ``lam_r``) is recomputed by ``eigh`` instead: its null columns
+  A basis that still has null columns (``lam`` exactly 0, given ``lam_l`` /
+  ``lam_r``) is recomputed by ``eigh`` instead: its null columns
   are an arbitrary basis chosen by rounding, and a power step from them
   would carry that arbitrariness into the directions that have gained
   energy since. ``V`` is then carried over by the squared overlaps of the
   old (energetic) and new columns, ``V ← W V`` with ``W = (Q_newᵀ Q_old)²``
-  (the null columns' ``V`` is dropped).
+  (the null columns' ``V`` is dropped). The new columns' energies are 0
+  where neither ``L`` (``λ <= τ·λ_max``) nor the carried ``V`` (row
+  energy ``<= τ²·Σ V``) shows any (``τ``: :func:`roundoff_level` of
+  ``null_threshold``; ``0``, the default here, marks none).
   """
   out_lam = [_no_energy(stats_l), _no_energy(stats_r)]
   if has_side(q_l):
@@ -1190,26 +1194,55 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       With ``False``, step 1 updates in the fresh eigenbasis of ``G`` itself,
       where Adam's sign-like first step also amplifies the round-off
       entries of ``Q_lᵀ G Q_r`` to ±1.
-    null_threshold: ``τ``; the rotated coordinate ``(i, j)`` gets exactly
-      zero update when ``λ_l[i] <= τ·max λ_l`` or ``λ_r[j] <= τ·max λ_r``,
-      with ``λ`` the energy of each basis column when the basis was
-      computed (``SoapState.lam_l``). On a rank-deficient factor (any
-      non-square leaf at step 1, or a leaf whose gradients span fewer
-      directions than its side) ``eigh`` fills the null space with an
-      arbitrary basis in which ``Q_lᵀ G Q_r`` is round-off, and Adam turns
-      round-off divided by round-off into ±1 steps; the null-space basis
-      also changes at random with the rounding, so any gradient energy that
-      later reaches it is preconditioned in an arbitrary basis. The default
-      ``1e-5`` is ~100× float32's ε, above the round-off of float32
-      statistics (measured ≲ 1e-6 relative up to 80 × 80 factors) and below
-      what a full-rank gradient carries. It makes the step continuous in
-      the gradient: a 1e-6 relative change of the gradients moves SOAP by
-      ≲ 1e-5 of the distance travelled after 4 steps on 1×7 to 32×80 leaves,
-      instead of 0.5–0.8. The price: until the next refresh (every ``k``
-      steps) a non-square leaf is updated only in the directions its first
-      gradients spanned, where the reference moves along arbitrary ones.
-      ``0`` switches the rule off (the reference's behaviour); with
-      bfloat16 statistics the round-off is ~1e-2, so raise it.
+    null_threshold: ``τ``, the relative round-off level of the arithmetic:
+      a quantity is round-off when it is below ``τ`` times the scale that
+      produced it, in its own units. ``None`` (default) is
+      ``ROUNDOFF_ULPS·ε`` = ``16ε`` of the computing dtype (1.9e-6 in
+      float32, 3.6e-15 in float64); ``0`` switches every rule off (the
+      reference's behaviour). Three rules, each giving exactly zero update
+      (the Adam ratio would turn round-off divided by round-off into a ±1
+      step):
+
+      * *Rotated amplitudes* (per coordinate, every step). Each entry of
+        ``Q_lᵀ G Q_r`` carries round-off ``~ε‖G‖_F`` (the rotation is
+        orthogonal), and a basis vector computed with relative round-off
+        ``τ`` takes in ``θᵢₖ = τλ_max/|λᵢ − λₖ|`` of its neighbour ``k``
+        (first-order eigenvector perturbation). Coordinate ``(i, j)`` is
+        round-off when ``sqrt(V̂ᵢⱼ) <= τ·sqrt(Σ V̂) + Σₖ θˡᵢₖ sqrt(V̂ₖⱼ) +
+        Σₖ θʳⱼₖ sqrt(V̂ᵢₖ)`` (``Σ V̂`` is the second moment of ``‖G‖_F²``;
+        ``k`` over the 4 nearest columns; pairs with ``θ > 0.1`` are not
+        resolved at all, a degenerate cluster whose coordinates carry
+        signal, and count no leak): see :func:`roundoff_coordinates`. This
+        is what removes the full-batch round-off: with the same gradient
+        twice the rotated gradient is diagonal and its off-diagonal entries
+        are round-off.
+      * *Null columns when the basis is first computed* (step 1, from one
+        gradient): row ``i`` of the basis is null when the rotated
+        gradient's row is round-off in amplitude,
+        ``‖(Q_lᵀ G Q_r)[i, :]‖ <= τ‖G‖_F`` (columns alike): energies are
+        compared with ``τ²``. ``eigh`` fills a null space (any non-square
+        leaf at step 1) with an arbitrary basis that changes with the
+        rounding; its coordinates stay frozen until the next refresh (every
+        ``k`` steps) re-derives them, so the step is continuous in the
+        gradient (a 1e-6 relative change moves SOAP by ≲ 1e-5 of the
+        distance travelled after 4 steps on 1×7 to 32×80 leaves, instead of
+        0.5–0.8). The price: until then a non-square leaf moves only in the
+        directions its first gradient spanned.
+      * *Null columns at a refresh*: the energies there are read off the
+        Gram factor ``L`` itself, whose round-off is ``~ε‖L‖ = ε·λ_max``,
+        *linear* in ε (forming ``G Gᵀ`` squares the amplitudes, not the
+        round-off): a column is null when ``λᵢ <= τ·λ_max`` *and* the
+        rotated second moment carried over shows no amplitude either (row
+        energy ``<= τ²·Σ V``). A direction whose energy is below the Gram
+        round-off but whose amplitude is not (``sqrt(ε)·σ_max > σ > ε·σ_max``)
+        still moves, as in the reference.
+
+      ``τ`` in these units never freezes a real direction of a full-rank
+      leaf: in float64 ``ol.soap`` follows the reference on 32×32 Gaussian
+      gradients with ``λ_min/λ_max`` down to 3.5e-10 (``τ = 1e-5`` compared
+      with energies, the former default, froze amplitudes below 3e-3 of the
+      largest: 0.18 of the distance travelled). With bfloat16 statistics
+      the round-off is ~1e-2: raise ``τ``.
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q`` (float32 default).
     precision: matmul precision of the rotations and statistics.
@@ -1409,15 +1442,17 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       ``> 0``.
     graft: ``"adam"`` (default) rescales each matrix's update to the
       Frobenius norm of Adam's; ``"none"`` keeps Shampoo's own scale.
-    null_threshold: ``τ``; with ``root_method="eigh"`` the eigendirections
-      of ``L̂`` (``R̂``) with eigenvalue ``<= τ·λ_max`` get a zero root
-      (pseudo-inverse root) instead of ``(λ + ε‖L̂‖_F)^{-e}``: on a
-      rank-deficient factor the gradient's component there is round-off,
-      which the damped root amplifies ``(matrix_eps)^{-e}``-fold. A 1e-6
-      relative change of the gradients then moves Shampoo by ≲ 1e-6 of the
-      distance travelled after 4 steps on 1×7 to 32×80 leaves (9.8e-3
-      without). See :func:`scale_by_soap` for the default; ``0`` switches
-      the rule off. Newton roots keep the damped root.
+    null_threshold: ``τ``, the relative round-off level (``None``: ``16ε``
+      of the computing dtype, see :func:`scale_by_soap`); with
+      ``root_method="eigh"`` the eigendirections of ``L̂`` (``R̂``) with
+      eigenvalue ``<= τ·λ_max`` (the Gram factor's round-off, linear in
+      ``ε``) get a zero root (pseudo-inverse root) instead of
+      ``(λ + ε‖L̂‖_F)^{-e}``: on a rank-deficient factor the gradient's
+      component there is round-off, which the damped root amplifies
+      ``(matrix_eps)^{-e}``-fold. A 1e-6 relative change of the gradients
+      then moves Shampoo by ≲ 1e-6 of the distance travelled after 4 steps
+      on 1×7 to 32×80 leaves (9.8e-3 without). ``0`` switches the rule
+      off. Newton roots keep the damped root.
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of the factors, roots and ``V`` (float32 default).
     precision: matmul precision.
