@@ -106,6 +106,29 @@ def check_structural(**values) -> None:
         f'optax.inject_hyperparams pass static_args={bad!r}.')
 
 
+def dtype_argument(name: str, x: Any, *, allow_none: bool = False):
+  """``jnp.dtype(x)`` for a dtype argument, which is structural (static).
+
+  ``optax.inject_hyperparams`` treats every callable argument as a schedule,
+  and a dtype class such as ``jnp.bfloat16`` is callable: it then arrives
+  here as an array (of the hyperparameters' dtype, not the one meant).
+  That is refused, naming the parameter; defaults are strings (not callable,
+  so never injected).
+  """
+  if x is None and allow_none:
+    return None
+  if hasattr(x, 'shape') and not isinstance(x, (str, type, jnp.dtype)):
+    raise TypeError(
+        f'{name} is a dtype, fixed when the transform is built, and cannot '
+        f'be an array or traced value; with optax.inject_hyperparams pass it '
+        f"as a string (e.g. 'bfloat16': a dtype class is callable and is "
+        f'taken for a schedule) or static_args=({name!r},).')
+  try:
+    return jnp.dtype(x)
+  except TypeError as e:
+    raise TypeError(f'{name} must be a dtype, got {x!r}.') from e
+
+
 def check_choice(name: str, x: Any, choices: Sequence[str]):
   if x not in choices:
     raise ValueError(f'{name} must be one of {tuple(choices)}, got {x!r}.')

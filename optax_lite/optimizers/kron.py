@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from optax_lite import _checks
 from optax_lite.optimizers import _common
 from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
                                                      scale_by_soap,
@@ -17,11 +17,10 @@ from optax_lite.transforms.kron_precondition import (scale_by_shampoo,
 def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
          precondition_frequency: int = 10, max_precond_dim: int = 4096,
-         skip_first_update: bool = True, null_threshold: float = 1e-5,
+         skip_first_update: bool = True, null_threshold: float | None = None,
          weight_decay: float = 0.1,
          weight_decay_mask=None, cautious_weight_decay: bool = False,
-         mu_dtype=None,
-         precond_dtype=jnp.float32, dims=None, labels=None,
+         mu_dtype=None, precond_dtype='float32', dims=None, labels=None,
          precision=jax.lax.Precision.HIGHEST,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
@@ -77,11 +76,19 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   float (learning rate, betas, ε, decays, ``null_threshold``) and
   ``precondition_frequency`` may be traced; ``max_precond_dim`` decides the
   state's shapes, so a jitted ``init`` needs
-  ``static_args=('max_precond_dim',)`` (a ``TypeError`` says so).
+  ``static_args=('max_precond_dim',)`` (a ``TypeError`` says so). Dtype
+  arguments are static: their defaults are strings (``'float32'``), which
+  ``inject_hyperparams`` leaves alone; a dtype class such as
+  ``jnp.bfloat16`` is callable, so it would be taken for a schedule: pass
+  it as a string or in ``static_args`` (an array is refused, naming it).
+  Decay rates are rounded to the computing dtype before ``1 − β`` is
+  formed, so the injected optimizer (float32 rates) equals the plain one,
+  states included.
 
   References:
     Vyas et al., `SOAP <https://arxiv.org/abs/2409.11321>`_, ICLR 2025.
   """
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   # The reference's first step is statistics only: no decay either.
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
@@ -104,10 +111,10 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
             precondition_frequency: int = 10, max_precond_dim: int = 4096,
             accumulation: str = 'ema', exponent: float | None = None,
             root_method: str = 'eigh', matrix_eps: float = 1e-6,
-            graft: str = 'adam', null_threshold: float = 1e-5,
+            graft: str = 'adam', null_threshold: float | None = None,
             weight_decay: float = 0.1,
             weight_decay_mask=None, cautious_weight_decay: bool = False,
-            mu_dtype=None, precond_dtype=jnp.float32,
+            mu_dtype=None, precond_dtype='float32',
             dims=None, labels=None, precision=jax.lax.Precision.HIGHEST,
             adam_learning_rate: optax.ScalarOrSchedule | None = None,
             adam_b1: float = 0.9, adam_b2: float = 0.95,
@@ -153,6 +160,7 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     Shi et al., `Distributed Shampoo <https://arxiv.org/abs/2309.06497>`_,
     2023.
   """
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
                           adam_weight_decay, adam_nesterov)
   return _common.matrix_and_adamw(

@@ -376,12 +376,13 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               b2: float = 0.99, shampoo_beta: float = 0.95, eps: float = 1e-8,
               precondition_frequency: int | None = None,
               max_precond_dim: int | None = None,
-              skip_first_update: bool = True, null_threshold: float = 1e-5,
+              skip_first_update: bool = True,
+              null_threshold: float | None = None,
               weight_decay: float = 0.1,
               flat_weight_decay: bool = True, total_steps: int | None = None,
               warmup_steps: int | None = None, schedule: str | None = None,
               reference_schedules: bool = True, threshold_rate: float = 1.05,
-              mu_dtype=None, precond_dtype=jnp.float32, dims=None,
+              mu_dtype=None, precond_dtype='float32', dims=None,
               labels=None, precision=None, distribute=None,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
@@ -426,6 +427,9 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   max_precond_dim = structural_int('max_precond_dim', max_precond_dim, 4096,
                                    low=1)
 
+  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
+
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(
         soap_geometry(b1=b1, b2=b2, shampoo_beta=shampoo_beta, eps=eps,
@@ -437,7 +441,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
                       threshold_rate=threshold_rate,
                       null_threshold=null_threshold, precision=precision),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=b1,
-        nesterov=False, mu_dtype=mu_dtype or jnp.dtype(precond_dtype),
+        nesterov=False, mu_dtype=mu_dtype or precond_dtype,
         dims=dims, scaling='none', flat_weight_decay=flat_decay,
         distribute=distribute)
 

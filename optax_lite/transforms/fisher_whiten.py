@@ -351,6 +351,7 @@ def factor_step(prev: jax.Array, stat: jax.Array, gamma: float,
   if not _is_static_zero(trace_damping):
     ridge = ridge + trace_damping * (_trace(stat) / d)
   lt = stat + ridge * eye
+  gamma = jnp.asarray(gamma, prev.dtype)  # 1 − γ as for an injected γ
   ft = gamma * prev + (1.0 - gamma) * lt
   f = roots_lib.symmetrize(d / _trace(ft) * ft)
   if not _is_static_zero(min_eig):

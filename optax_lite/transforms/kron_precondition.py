@@ -106,9 +106,13 @@ from optax_lite.linalg.matrices import MatrixView, matrix_view
 from optax_lite.transforms import _tree
 
 MODES = ('soap', 'shampoo')
-# Relative energy below which a basis direction carries no gradient (see
-# ``null_threshold`` of scale_by_soap / scale_by_shampoo).
-NULL_THRESHOLD = 1e-5
+# ``null_threshold`` default: ``None`` is ROUNDOFF_ULPS·ε of the computing
+# dtype (see :func:`roundoff_level` and scale_by_soap's ``null_threshold``).
+NULL_THRESHOLD = None
+ROUNDOFF_ULPS = 16
+# Neighbour leak of roundoff_coordinates: band and cap of θ.
+LEAK_BAND = 4
+LEAK_CAP = 0.1
 ACCUMULATIONS = ('ema', 'sum')
 GRAFTS = ('adam', 'none')
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -136,8 +140,9 @@ class SoapState(NamedTuple):
     lam_l: ``(B, m)``, the energy of each column of ``q_l`` when the basis
       was last computed (eigenvalues at ``eigh``, Rayleigh quotients
       ``diag(Q_lᵀ L Q_l)`` after a refresh); ``(B, 1)`` on identity sides.
-      Coordinates whose energy is at most ``null_threshold`` times the
-      largest get a zero update.
+      Exactly 0 on the columns found null (round-off) when the basis was
+      computed (see ``null_threshold``): their coordinates get a zero
+      update.
     lam_r: the same for ``q_r``, ``(B, n)``.
     owned: ``None`` (one device, or ``distribute=None``), or with
       ``distribute=`` over several devices an
@@ -286,7 +291,8 @@ def update_factors(stats_l: jax.Array, stats_r: jax.Array, g: jax.Array,
   def acc(s, gram):
     if accumulation == 'sum':
       return s + gram
-    return beta * s + (1.0 - beta) * gram
+    b = _decay(beta, s.dtype)
+    return b * s + (1.0 - b) * gram
 
   if has_side(stats_l):
     stats_l = acc(stats_l, _mm(g, _t(g), precision))
@@ -295,26 +301,83 @@ def update_factors(stats_l: jax.Array, stats_r: jax.Array, g: jax.Array,
   return stats_l, stats_r
 
 
+def roundoff_level(null_threshold, dtype) -> Any:
+  """``τ``, the relative round-off level: ``null_threshold`` or, for
+  ``None``, ``ROUNDOFF_ULPS · ε`` of ``dtype`` widened to float32 (the
+  computing dtype): 1.9e-6 in float32, 3.6e-15 in float64."""
+  if null_threshold is None:
+    wide = jnp.promote_types(dtype, jnp.float32)
+    return ROUNDOFF_ULPS * float(jnp.finfo(wide).eps)
+  return null_threshold
+
+
+def _above_floor(lam: jax.Array, tau) -> jax.Array:
+  """``lam > τ·max(lam)`` per column (a Gram eigenvalue's round-off is
+  ``~ε·λ_max``); everything when ``τ <= 0`` or the factor has no energy."""
+  top = jnp.max(lam, axis=-1, keepdims=True)
+  return (lam > tau * top) | (top <= 0) | (tau <= 0)
+
+
+def _mark_null(lam: jax.Array, keep: jax.Array) -> jax.Array:
+  """The stored energies: ``lam`` where kept, exactly 0 on null columns."""
+  return jnp.where(keep, jnp.maximum(lam, jnp.finfo(lam.dtype).tiny), 0.0)
+
+
+def _decay(beta, dtype) -> jax.Array:
+  """A decay rate in the computing dtype, before ``1 − β`` is formed.
+
+  ``1 − β`` of a Python float is exact in float64, and of the same rate
+  injected by ``optax.inject_hyperparams`` (a float32 array) exact in
+  float32 but for ``float32(β)``: 1.3e-5 apart for ``β = 0.999``. Rounding
+  ``β`` first gives both the same (and weights ``β``, ``1 − β`` that sum
+  to exactly 1).
+  """
+  return jnp.asarray(beta, dtype)
+
+
 def _no_energy(stats: jax.Array) -> jax.Array:
   """Energies of an identity side: the ``(B, 1)`` placeholder."""
   return jnp.zeros(stats.shape[:1] + (1,), stats.dtype)
 
 
-def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array
+def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array,
+                    g: jax.Array | None = None, *,
+                    null_threshold=NULL_THRESHOLD, precision=_HIGHEST
                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Exact eigenbases (descending eigenvalues) of ``L`` and ``R`` by eigh.
 
   Returns ``(q_l, q_r, lam_l, lam_r)``: bases and their eigenvalues
-  (``(B, m)``, ``(B, n)``; ``(B, 1)`` zeros on identity sides).
+  (``(B, m)``, ``(B, n)``; ``(B, 1)`` zeros on identity sides), exactly 0
+  on the null columns (see :func:`energetic`). Null columns: with ``g``
+  (``(B, m, n)``, the only gradient in ``L`` and ``R``, as at SOAP's first
+  step) those whose rotated gradient is round-off in amplitude,
+  ``‖(Q_lᵀ G Q_r)[i, :]‖ <= τ‖G‖_F`` (rows; columns likewise); without it,
+  those whose eigenvalue is at the Gram round-off, ``λ <= τ·λ_max``.
+  ``τ``: :func:`roundoff_level` of ``null_threshold``.
   """
   out = []
   for s in (stats_l, stats_r):
     if has_side(s):
       q, lam = eig_lib.eigenbasis_init(s)
-      out.append((q.astype(s.dtype), lam.astype(s.dtype)))
+      out.append([q.astype(s.dtype), lam.astype(s.dtype)])
     else:
-      out.append((s, _no_energy(s)))
+      out.append([s, _no_energy(s)])
   (q_l, lam_l), (q_r, lam_r) = out
+  tau = roundoff_level(null_threshold, stats_l.dtype)
+  if g is None:
+    keep_l, keep_r = _above_floor(lam_l, tau), _above_floor(lam_r, tau)
+  else:
+    g_rot = jnp.square(rotate(g.astype(q_l.dtype), q_l, q_r,
+                              precision=precision))
+    e_l, e_r = jnp.sum(g_rot, axis=-1), jnp.sum(g_rot, axis=-2)
+    total = jnp.sum(e_l, axis=-1, keepdims=True)
+    floor = tau * tau * total
+    keep_l = (e_l > floor) | (total <= 0) | (tau <= 0)
+    keep_r = (e_r > floor) | (total <= 0) | (tau <= 0)
+  if has_side(stats_l):
+    lam_l = _mark_null(lam_l, keep_l)
+  if has_side(stats_r):
+    lam_r = _mark_null(lam_r, keep_r)
   return q_l, q_r, lam_l, lam_r
 
 
@@ -376,13 +439,16 @@ def soap_refresh_bases(stats_l: jax.Array, stats_r: jax.Array,
   ``(B, m, n)``; ``lam_*`` are the energies of the new columns (Rayleigh
   quotients ``diag(Qᵀ L Q)``; ``(B, 1)`` zeros on identity sides).
 
-  A basis that still has null columns (``lam <= null_threshold·max``, given
-  ``lam_l`` / ``lam_r``) is recomputed by ``eigh`` instead: its null columns
+  A basis that still has null columns (``lam`` exactly 0, given ``lam_l`` /
+  ``lam_r``) is recomputed by ``eigh`` instead: its null columns
   are an arbitrary basis chosen by rounding, and a power step from them
   would carry that arbitrariness into the directions that have gained
   energy since. ``V`` is then carried over by the squared overlaps of the
   old (energetic) and new columns, ``V ← W V`` with ``W = (Q_newᵀ Q_old)²``
-  (the null columns' ``V`` is dropped).
+  (the null columns' ``V`` is dropped). The new columns' energies are 0
+  where neither ``L`` (``λ <= τ·λ_max``) nor the carried ``V`` (row
+  energy ``<= τ²·Σ V``) shows any (``τ``: :func:`roundoff_level` of
+  ``null_threshold``; ``0``, the default here, marks none).
   """
   out_lam = [_no_energy(stats_l), _no_energy(stats_r)]
   if has_side(q_l):
@@ -393,17 +459,86 @@ def soap_refresh_bases(stats_l: jax.Array, stats_r: jax.Array,
     lam = _no_energy(stats_r) if lam_r is None else lam_r
     q_r, out_lam[1], mix = _refresh_side(stats_r, q_r, lam, null_threshold)
     nu = mix(nu, -1)
+  # A column is null when neither the Gram factor (round-off ~ε·λ_max,
+  # linear in ε) nor the rotated second moment carried over (amplitudes:
+  # round-off ~ε·‖G‖, so energies ~ε²·‖G‖²) shows energy in it.
+  tau = roundoff_level(null_threshold, nu.dtype)
+  floor = tau * tau * jnp.sum(nu, axis=(-2, -1))[..., None]
+  for i, (q, axis) in enumerate(((q_l, -1), (q_r, -2))):
+    if has_side(q):
+      moment = jnp.sum(nu, axis=axis).astype(out_lam[i].dtype)
+      out_lam[i] = _mark_null(out_lam[i], _above_floor(out_lam[i], tau)
+                              | (moment > floor.astype(moment.dtype)))
   return q_l, q_r, nu, out_lam[0], out_lam[1]
 
 
-def energetic(lam: jax.Array, threshold) -> jax.Array:
-  """``lam > threshold · max(lam)`` per basis column (``(B, k)`` booleans).
+def energetic(lam: jax.Array, threshold=NULL_THRESHOLD) -> jax.Array:
+  """Stored column energies ``lam`` (``(B, k)``) → the non-null columns.
 
-  True everywhere when ``threshold <= 0`` or when the factor has no energy
+  The null columns were set to exactly 0 when the basis was computed
+  (:func:`soap_init_bases`, :func:`soap_refresh_bases`). True everywhere
+  when ``threshold <= 0`` (the rule off) or when the factor has no energy
   at all (a zero factor: its basis is the identity, as the reference's).
   """
+  tau = roundoff_level(threshold, lam.dtype)
   top = jnp.max(lam, axis=-1, keepdims=True)
-  return (lam > threshold * top) | (top <= 0) | (threshold <= 0)
+  return (lam > 0) | (top <= 0) | (tau <= 0)
+
+
+def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
+                    ) -> jax.Array:
+  """``Σ_d θᵢ,ᵢ₊d · amp[i+d]`` along ``axis`` over the ``LEAK_BAND`` nearest
+  columns on each side (columns are sorted by energy), with
+  ``θ = τ·λ_max / |λᵢ − λᵢ₊d|`` where at most ``LEAK_CAP`` (0 beyond):
+  how much of row ``i+d`` a basis vector computed with round-off ``τ``
+  takes in (see :func:`roundoff_coordinates`)."""
+  k = lam.shape[-1]
+  top = jnp.max(lam, axis=-1, keepdims=True)
+  idx = jnp.arange(k)
+  out = jnp.zeros_like(amp)
+  for d in range(1, min(LEAK_BAND, k - 1) + 1):
+    for step in (d, -d):
+      gap = jnp.abs(lam - jnp.roll(lam, -step, axis=-1))
+      theta = tau * top / jnp.maximum(gap, jnp.finfo(lam.dtype).tiny)
+      # θ > c: the pair is not resolved (a degenerate cluster, whose basis
+      # is arbitrary but whose coordinates carry signal): no leak counted.
+      theta = jnp.where((idx + step >= 0) & (idx + step < k)
+                        & (theta <= LEAK_CAP), theta, 0.0)
+      theta = theta[..., :, None] if axis == -2 else theta[..., None, :]
+      out = out + theta.astype(amp.dtype) * jnp.roll(amp, -step, axis=axis)
+  return out
+
+
+def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
+                         lam_l: jax.Array | None = None,
+                         lam_r: jax.Array | None = None) -> jax.Array:
+  """``(B, m, n)`` booleans: False where a rotated coordinate is round-off.
+
+  ``A = sqrt(V̂)`` is each coordinate's RMS amplitude and
+  ``sqrt(Σᵢⱼ V̂ᵢⱼ)`` the RMS of ``‖G‖_F`` (the rotation is orthogonal).
+  Coordinate ``(i, j)`` is round-off when ``Aᵢⱼ <= δᵢⱼ`` with::
+
+    δᵢⱼ = τ·sqrt(Σ V̂) + Σ_d θˡᵢ,ᵢ₊d Aᵢ₊d,ⱼ + Σ_d θʳⱼ,ⱼ₊d Aᵢ,ⱼ₊d,
+    θᵢ,ₖ = τ·λ_max / |λᵢ − λₖ|   (0 where above c)
+
+  The first term is the rotation's own round-off (``~ε‖G‖`` per entry);
+  the others are what a basis vector computed with relative round-off
+  ``τ`` takes in from its neighbours (first-order perturbation:
+  ``δqᵢ ≈ Σₖ τλ_max/(λᵢ−λₖ) qₖ``), over the ``LEAK_BAND`` nearest columns
+  on each side. A pair with ``θ > c = LEAK_CAP`` is not resolved by the
+  arithmetic at all (a degenerate cluster: its basis is arbitrary, but its
+  coordinates carry the gradient's energy in that subspace), so it counts
+  no leak: the guard never freezes a cluster. ``lam_*``: the column
+  energies (``None``: identity side). All True when ``τ <= 0``.
+  """
+  tau = roundoff_level(threshold, nu_hat.dtype)
+  amp = jnp.sqrt(nu_hat)
+  delta = tau * jnp.sqrt(jnp.sum(nu_hat, axis=(-2, -1), keepdims=True))
+  if lam_l is not None:
+    delta = delta + _neighbour_leak(amp, lam_l.astype(amp.dtype), tau, -2)
+  if lam_r is not None:
+    delta = delta + _neighbour_leak(amp, lam_r.astype(amp.dtype), tau, -1)
+  return (amp > delta) | (tau <= 0)
 
 
 def null_coordinates(lam_l: jax.Array, lam_r: jax.Array, threshold, *,
@@ -473,8 +608,10 @@ def soap_step_index(count: jax.Array, basis: SoapBasis,
 
 
 def soap_basis_update(basis: SoapBasis, g: jax.Array, count: jax.Array, *,
-                      shampoo_beta, precision=_HIGHEST) -> SoapBasis:
-  """Accumulates ``L``, ``R`` from ``g`` (``(B, m, n)``); ``eigh`` at call 1.
+                      shampoo_beta, null_threshold=NULL_THRESHOLD,
+                      precision=_HIGHEST) -> SoapBasis:
+  """Accumulates ``L``, ``R`` from ``g`` (``(B, m, n)``); ``eigh`` at call 1
+  (null columns: :func:`soap_init_bases` with ``g``).
 
   Returns the basis to use for this step (in the computing dtype, float32
   or wider); :func:`soap_basis_refresh` runs after the step.
@@ -486,7 +623,10 @@ def soap_basis_update(basis: SoapBasis, g: jax.Array, count: jax.Array, *,
   q_l, q_r, lam_l, lam_r = b.q_l, b.q_r, b.lam_l, b.lam_r
   if any(soap_basis_sides(basis)):
     q_l, q_r, lam_l, lam_r = jax.lax.cond(
-        count == 1, lambda: soap_init_bases(stats_l, stats_r),
+        count == 1,
+        lambda: soap_init_bases(stats_l, stats_r, g.astype(sdt),
+                                null_threshold=null_threshold,
+                                precision=precision),
         lambda: (q_l, q_r, lam_l, lam_r))
   return SoapBasis(stats_l, stats_r, q_l, q_r, lam_l, lam_r)
 
@@ -510,10 +650,19 @@ def soap_basis_refresh(basis: SoapBasis, nu: jax.Array, t: jax.Array, *,
   return basis._replace(q_l=q_l, q_r=q_r, lam_l=lam_l, lam_r=lam_r), nu
 
 
-def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD) -> jax.Array:
-  """Coordinates of the rotated basis that carry gradient energy."""
-  return null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
+def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD,
+              nu_hat: jax.Array | None = None) -> jax.Array:
+  """Coordinates of the rotated basis that carry gradient energy: not in a
+  null column of the basis and, given ``nu_hat`` (``V̂``), not round-off
+  (:func:`roundoff_coordinates`)."""
+  keep = null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
                           sides=soap_basis_sides(basis))
+  if nu_hat is not None:
+    left, right = soap_basis_sides(basis)
+    keep = keep & roundoff_coordinates(
+        nu_hat, null_threshold, basis.lam_l if left else None,
+        basis.lam_r if right else None)
+  return keep
 
 
 def soap_second_moment(nu: jax.Array, g_rot: jax.Array, t: jax.Array,
@@ -523,6 +672,7 @@ def soap_second_moment(nu: jax.Array, g_rot: jax.Array, t: jax.Array,
 
   On a statistics-only step (``first`` True) ``V`` is kept and ``V̂ = 0``.
   """
+  b2 = _decay(b2, nu.dtype)
   new = b2 * nu + (1.0 - b2) * jnp.square(g_rot)
   tf = jnp.maximum(t, 1).astype(nu.dtype)
   if first is None:
@@ -543,6 +693,7 @@ def soap_rotated_adam(mu: jax.Array, nu: jax.Array, g: jax.Array,
   statistics-only step the moments are kept and the direction is zero.
   """
   g_rot = rotate(g, basis.q_l, basis.q_r, precision=precision)
+  b1 = _decay(b1, mu.dtype)
   new_mu = b1 * mu + (1.0 - b1) * g
   if first is not None:
     new_mu = jnp.where(first, mu, new_mu)
@@ -551,7 +702,7 @@ def soap_rotated_adam(mu: jax.Array, nu: jax.Array, g: jax.Array,
   numerator = rotate(new_mu / (1.0 - b1 ** tf), basis.q_l, basis.q_r,
                      precision=precision)
   denominator = jnp.sqrt(nu_hat) + eps
-  keep = soap_keep(basis, null_threshold)
+  keep = soap_keep(basis, null_threshold, nu_hat)
   if first is not None:
     # 0·G_rot, not 0: a non-finite gradient still gives a non-finite step.
     numerator = jnp.where(first, 0.0 * g_rot, numerator)
@@ -566,7 +717,8 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
                      b1: float, b2: float, shampoo_beta: float, eps: float,
                      precondition_frequency: int,
                      skip_first_update: bool = True,
-                     null_threshold: float = 1e-5, precision=_HIGHEST
+                     null_threshold: float | None = NULL_THRESHOLD,
+                     precision=_HIGHEST
                      ) -> tuple[SoapLeaf, SoapDirection]:
   """One SOAP step for one leaf in matrix form (see module doc).
 
@@ -590,7 +742,7 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
   basis = soap_basis_update(
       SoapBasis(leaf.stats_l, leaf.stats_r, leaf.q_l, leaf.q_r, leaf.lam_l,
                 leaf.lam_r), g, count, shampoo_beta=shampoo_beta,
-      precision=precision)
+      null_threshold=null_threshold, precision=precision)
   t, first = soap_step_index(count, basis, skip_first_update)
   mu, nu, direction = soap_rotated_adam(
       leaf.mu.astype(sdt), leaf.nu.astype(sdt), g.astype(sdt), basis, t,
@@ -643,7 +795,8 @@ def shampoo_inverse_root(stats: jax.Array, exponent: float, *,
     lam = jnp.maximum(lam, 0.0)
     damped = lam + matrix_eps * norm[..., 0].astype(lam.dtype)
     inv = jnp.where(damped > 0, damped, 1.0) ** (-exponent)
-    inv = jnp.where(energetic(lam, null_threshold) & (damped > 0), inv, 0.0)
+    tau = roundoff_level(null_threshold, lam.dtype)
+    inv = jnp.where(_above_floor(lam, tau) & (damped > 0), inv, 0.0)
     root = matmul_lib.matmul(q * inv[..., None, :], _t(q),
                              kernel='inverse_root').astype(stats.dtype)
   ok = (norm > 0) & jnp.all(jnp.isfinite(root), axis=(-2, -1), keepdims=True)
@@ -665,7 +818,9 @@ def shampoo_leaf_update(leaf: ShampooLeaf, g: jax.Array, count: jax.Array, *,
                                     leaf.stats_r.astype(sdt), g,
                                     shampoo_beta, accumulation=accumulation,
                                     precision=precision)
-  bc = 1.0 if accumulation == 'sum' else 1.0 - shampoo_beta ** t
+  b1, b2 = _decay(b1, sdt), _decay(b2, sdt)
+  bc = (1.0 if accumulation == 'sum'
+        else 1.0 - _decay(shampoo_beta, sdt) ** t)
 
   def roots():
     out = []
@@ -1010,8 +1165,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
                   precondition_frequency: int = 10,
                   max_precond_dim: int = 4096, dims: _tree.DimsSpec = None, *,
                   skip_first_update: bool = True,
-                  null_threshold: float = NULL_THRESHOLD, mu_dtype=None,
-                  precond_dtype=jnp.float32,
+                  null_threshold: float | None = NULL_THRESHOLD, mu_dtype=None,
+                  precond_dtype='float32',
                   precision=_HIGHEST, distribute=None
                   ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
@@ -1039,26 +1194,55 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       With ``False``, step 1 updates in the fresh eigenbasis of ``G`` itself,
       where Adam's sign-like first step also amplifies the round-off
       entries of ``Q_lᵀ G Q_r`` to ±1.
-    null_threshold: ``τ``; the rotated coordinate ``(i, j)`` gets exactly
-      zero update when ``λ_l[i] <= τ·max λ_l`` or ``λ_r[j] <= τ·max λ_r``,
-      with ``λ`` the energy of each basis column when the basis was
-      computed (``SoapState.lam_l``). On a rank-deficient factor (any
-      non-square leaf at step 1, or a leaf whose gradients span fewer
-      directions than its side) ``eigh`` fills the null space with an
-      arbitrary basis in which ``Q_lᵀ G Q_r`` is round-off, and Adam turns
-      round-off divided by round-off into ±1 steps; the null-space basis
-      also changes at random with the rounding, so any gradient energy that
-      later reaches it is preconditioned in an arbitrary basis. The default
-      ``1e-5`` is ~100× float32's ε, above the round-off of float32
-      statistics (measured ≲ 1e-6 relative up to 80 × 80 factors) and below
-      what a full-rank gradient carries. It makes the step continuous in
-      the gradient: a 1e-6 relative change of the gradients moves SOAP by
-      ≲ 1e-5 of the distance travelled after 4 steps on 1×7 to 32×80 leaves,
-      instead of 0.5–0.8. The price: until the next refresh (every ``k``
-      steps) a non-square leaf is updated only in the directions its first
-      gradients spanned, where the reference moves along arbitrary ones.
-      ``0`` switches the rule off (the reference's behaviour); with
-      bfloat16 statistics the round-off is ~1e-2, so raise it.
+    null_threshold: ``τ``, the relative round-off level of the arithmetic:
+      a quantity is round-off when it is below ``τ`` times the scale that
+      produced it, in its own units. ``None`` (default) is
+      ``ROUNDOFF_ULPS·ε`` = ``16ε`` of the computing dtype (1.9e-6 in
+      float32, 3.6e-15 in float64); ``0`` switches every rule off (the
+      reference's behaviour). Three rules, each giving exactly zero update
+      (the Adam ratio would turn round-off divided by round-off into a ±1
+      step):
+
+      * *Rotated amplitudes* (per coordinate, every step). Each entry of
+        ``Q_lᵀ G Q_r`` carries round-off ``~ε‖G‖_F`` (the rotation is
+        orthogonal), and a basis vector computed with relative round-off
+        ``τ`` takes in ``θᵢₖ = τλ_max/|λᵢ − λₖ|`` of its neighbour ``k``
+        (first-order eigenvector perturbation). Coordinate ``(i, j)`` is
+        round-off when ``sqrt(V̂ᵢⱼ) <= τ·sqrt(Σ V̂) + Σₖ θˡᵢₖ sqrt(V̂ₖⱼ) +
+        Σₖ θʳⱼₖ sqrt(V̂ᵢₖ)`` (``Σ V̂`` is the second moment of ``‖G‖_F²``;
+        ``k`` over the 4 nearest columns; pairs with ``θ > 0.1`` are not
+        resolved at all, a degenerate cluster whose coordinates carry
+        signal, and count no leak): see :func:`roundoff_coordinates`. This
+        is what removes the full-batch round-off: with the same gradient
+        twice the rotated gradient is diagonal and its off-diagonal entries
+        are round-off.
+      * *Null columns when the basis is first computed* (step 1, from one
+        gradient): row ``i`` of the basis is null when the rotated
+        gradient's row is round-off in amplitude,
+        ``‖(Q_lᵀ G Q_r)[i, :]‖ <= τ‖G‖_F`` (columns alike): energies are
+        compared with ``τ²``. ``eigh`` fills a null space (any non-square
+        leaf at step 1) with an arbitrary basis that changes with the
+        rounding; its coordinates stay frozen until the next refresh (every
+        ``k`` steps) re-derives them, so the step is continuous in the
+        gradient (a 1e-6 relative change moves SOAP by ≲ 1e-5 of the
+        distance travelled after 4 steps on 1×7 to 32×80 leaves, instead of
+        0.5–0.8). The price: until then a non-square leaf moves only in the
+        directions its first gradient spanned.
+      * *Null columns at a refresh*: the energies there are read off the
+        Gram factor ``L`` itself, whose round-off is ``~ε‖L‖ = ε·λ_max``,
+        *linear* in ε (forming ``G Gᵀ`` squares the amplitudes, not the
+        round-off): a column is null when ``λᵢ <= τ·λ_max`` *and* the
+        rotated second moment carried over shows no amplitude either (row
+        energy ``<= τ²·Σ V``). A direction whose energy is below the Gram
+        round-off but whose amplitude is not (``sqrt(ε)·σ_max > σ > ε·σ_max``)
+        still moves, as in the reference.
+
+      ``τ`` in these units never freezes a real direction of a full-rank
+      leaf: in float64 ``ol.soap`` follows the reference on 32×32 Gaussian
+      gradients with ``λ_min/λ_max`` down to 3.5e-10 (``τ = 1e-5`` compared
+      with energies, the former default, froze amplitudes below 3e-3 of the
+      largest: 0.18 of the distance travelled). With bfloat16 statistics
+      the round-off is ~1e-2: raise ``τ``.
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q`` (float32 default).
     precision: matmul precision of the rotations and statistics.
@@ -1125,10 +1309,12 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
   """
   precondition_frequency, max_precond_dim = check_soap_args(
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
-  _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
+  if null_threshold is not None:
+    _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   spec = distributed_lib.check_distribute(distribute)
-  precond_dtype = jnp.dtype(precond_dtype)
-  mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
+  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
+  mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
 
   def init_leaf(x, d):
     view, is_matrix = _leaf_view(x, d)
@@ -1227,8 +1413,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
                      *, accumulation: str = 'ema',
                      exponent: float | None = None, root_method: str = 'eigh',
                      matrix_eps: float = 1e-6, graft: str = 'adam',
-                     null_threshold: float = NULL_THRESHOLD,
-                     mu_dtype=None, precond_dtype=jnp.float32,
+                     null_threshold: float | None = NULL_THRESHOLD,
+                     mu_dtype=None, precond_dtype='float32',
                      precision=_HIGHEST, distribute=None
                      ) -> optax.GradientTransformation:
   r"""Shampoo with EMA or summed factors, cached inverse roots and grafting.
@@ -1256,15 +1442,17 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       ``> 0``.
     graft: ``"adam"`` (default) rescales each matrix's update to the
       Frobenius norm of Adam's; ``"none"`` keeps Shampoo's own scale.
-    null_threshold: ``τ``; with ``root_method="eigh"`` the eigendirections
-      of ``L̂`` (``R̂``) with eigenvalue ``<= τ·λ_max`` get a zero root
-      (pseudo-inverse root) instead of ``(λ + ε‖L̂‖_F)^{-e}``: on a
-      rank-deficient factor the gradient's component there is round-off,
-      which the damped root amplifies ``(matrix_eps)^{-e}``-fold. A 1e-6
-      relative change of the gradients then moves Shampoo by ≲ 1e-6 of the
-      distance travelled after 4 steps on 1×7 to 32×80 leaves (9.8e-3
-      without). See :func:`scale_by_soap` for the default; ``0`` switches
-      the rule off. Newton roots keep the damped root.
+    null_threshold: ``τ``, the relative round-off level (``None``: ``16ε``
+      of the computing dtype, see :func:`scale_by_soap`); with
+      ``root_method="eigh"`` the eigendirections of ``L̂`` (``R̂``) with
+      eigenvalue ``<= τ·λ_max`` (the Gram factor's round-off, linear in
+      ``ε``) get a zero root (pseudo-inverse root) instead of
+      ``(λ + ε‖L̂‖_F)^{-e}``: on a rank-deficient factor the gradient's
+      component there is round-off, which the damped root amplifies
+      ``(matrix_eps)^{-e}``-fold. A 1e-6 relative change of the gradients
+      then moves Shampoo by ≲ 1e-6 of the distance travelled after 4 steps
+      on 1×7 to 32×80 leaves (9.8e-3 without). ``0`` switches the rule
+      off. Newton roots keep the damped root.
     mu_dtype: dtype of ``M``; ``None`` uses ``precond_dtype``.
     precond_dtype: dtype of the factors, roots and ``V`` (float32 default).
     precision: matmul precision.
@@ -1302,7 +1490,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
   _checks.check_choice('root_method', root_method, roots_lib.ROOT_METHODS)
   _checks.check_choice('graft', graft, GRAFTS)
   _checks.check_positive('matrix_eps', matrix_eps)
-  _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
+  if null_threshold is not None:
+    _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   if exponent is not None:
     _checks.check_number('exponent', exponent, low=0.0, low_open=True,
                          high=1.0)
@@ -1313,8 +1502,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
         raise ValueError('exponent: root_method="newton" needs 1/exponent to '
                          f'be an integer, got exponent={exponent}.')
   spec = distributed_lib.check_distribute(distribute)
-  precond_dtype = jnp.dtype(precond_dtype)
-  mu_dtype = precond_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
+  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
+  mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
 
   def init_leaf(x, d):
     view, is_matrix = _leaf_view(x, d)

@@ -350,9 +350,10 @@ def diagonal_geometry(*, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
     del view
     nu, l_s, l_m = leaf_state
     gf = g.astype(nu.dtype)
-    nu = b2 * nu + (1 - b2) * gf * gf
+    b2c = jnp.asarray(b2, nu.dtype)  # 1 − β₂ as for an injected β₂
+    nu = b2c * nu + (1 - b2c) * gf * gf
     t = count.astype(jnp.float32)
-    denom = jnp.sqrt(nu / (1 - b2 ** t)) + eps
+    denom = jnp.sqrt(nu / (1 - b2c ** t)) + eps
     d_m = (m_term.astype(nu.dtype) / (1 - b1 ** t)) / denom
     d_g = gf / denom if need_g else None
     n = max(1, nu.size)
@@ -489,9 +490,10 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       _checks.check_float_leaf('updates', g)
       ct = jnp.promote_types(g.dtype, jnp.float32)
       gf, mf = g.astype(ct), m.astype(ct)
-      m_new = momentum * mf + ((1 - momentum) if ema else 1.0) * gf
+      mom = jnp.asarray(momentum, ct)  # 1 − β₁ as for an injected β₁
+      m_new = mom * mf + ((1 - mom) if ema else 1.0) * gf
       if nesterov:
-        m_term = momentum * m_new + ((1 - momentum) if ema else 1.0) * gf
+        m_term = mom * m_new + ((1 - mom) if ema else 1.0) * gf
       else:
         m_term = m_new
       out = geometry.directions(view, m_term, gf, pack(geom_leaf), count,

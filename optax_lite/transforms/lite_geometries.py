@@ -84,9 +84,9 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
                   shampoo_beta: float = 0.95, eps: float = 1e-8,
                   precondition_frequency: int = 10,
                   max_precond_dim: int = 4096, skip_first_update: bool = True,
-                  precond_dtype=jnp.float32, sharp_ratio: float = 0.2,
+                  precond_dtype='float32', sharp_ratio: float = 0.2,
                   smooth_ratio: float = 0.1, threshold_rate: float = 1.05,
-                  null_threshold: float = NULL_THRESHOLD,
+                  null_threshold: float | None = NULL_THRESHOLD,
                   precision=jax.lax.Precision.HIGHEST) -> Geometry:
   """SOAP's eigenbasis with the soft sharp mask on ``V`` (SOAP-LITE).
 
@@ -103,7 +103,7 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
   _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
   smooth = smooth_fraction(sharp_ratio, smooth_ratio)
-  pdt = jnp.dtype(precond_dtype)
+  pdt = _checks.dtype_argument('precond_dtype', precond_dtype)
 
   def init(view, param):
     del param
@@ -116,13 +116,15 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
   def directions(view, m_term, g, leaf_state, count, need_g):
     st = SoapGeometryState(*leaf_state)
     basis = soap_basis_update(SoapBasis(*st[1:7]), view.to_matrix(g), count,
-                              shampoo_beta=shampoo_beta, precision=precision)
+                              shampoo_beta=shampoo_beta,
+                              null_threshold=null_threshold,
+                              precision=precision)
     ct = basis.stats_l.dtype
     t, first = soap_step_index(count, basis, skip_first_update)
     g_rot = rotate(view.to_matrix(g).astype(ct), basis.q_l, basis.q_r,
                    precision=precision)
     nu, v_hat = soap_second_moment(st.nu.astype(ct), g_rot, t, first, b2=b2)
-    keep = soap_keep(basis, null_threshold)
+    keep = soap_keep(basis, null_threshold, v_hat)
     if first is not None:  # zero update on the statistics-only step
       keep = keep & ~first
     tf = jnp.maximum(t, 1).astype(ct)

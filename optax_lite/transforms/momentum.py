@@ -55,8 +55,10 @@ def momentum_step(g, m, *, decay, nesterov: bool, ema: bool,
   the EMA bias correction. Shared with the owner-resident steps that fuse
   momentum into a per-matrix kernel, so both compute the same numbers.
   """
-  g_weight = (1.0 - decay) if ema else 1.0
   ct = jnp.promote_types(g.dtype, m.dtype)
+  # 1 − decay in ct, as for an injected (array) decay: the same numbers.
+  decay = jnp.asarray(decay, ct)
+  g_weight = (1.0 - decay) if ema else 1.0
   gc, mc = g.astype(ct), m.astype(ct)
   m_new = decay * mc + g_weight * gc
   if count is not None:
