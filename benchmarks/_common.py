@@ -7,6 +7,7 @@ optax_lite as ol``) and of optax.
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import json
 import os
@@ -39,7 +40,11 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 # optax_lite's named optimizers (each takes ``learning_rate`` first and routes
 # embeddings / head / norms / biases to AdamW by path labels).
 OL_OPTIMIZERS = ('muon', 'rmnp', 'fismo', 'soap', 'shampoo', 'muon_lite',
-                 'soap_lite', 'rmnp_lite', 'fismo_lite')
+                 'soap_lite', 'rmnp_lite', 'fismo_lite', 'normuon',
+                 'normuon_lite', 'muonh')
+# Named variants: (optimizer, fixed keyword arguments) raced under their own
+# name, e.g. Muon with cautious weight decay beside plain Muon.
+VARIANTS = {'muon_cautious': ('muon', {'cautious_weight_decay': True})}
 # optax_lite's transforms (timed on single leaves by step_time.py).
 OL_TRANSFORMS = ('orthogonalize', 'row_normalize', 'fisher_whiten',
                  'kron_precondition', 'lite_flat_boost')
@@ -101,7 +106,7 @@ def _checked(fn, name):
   return factory
 
 
-ALL_NAMES = ('adamw', 'optax_muon') + OL_OPTIMIZERS
+ALL_NAMES = ('adamw', 'optax_muon') + OL_OPTIMIZERS + tuple(VARIANTS)
 
 
 def registry(names=None) -> dict[str, Callable[..., Any]]:
@@ -123,6 +128,9 @@ def registry(names=None) -> dict[str, Callable[..., Any]]:
       out[name] = _checked(optax_adamw, name)
     elif name == 'optax_muon':
       out[name] = _checked(optax_contrib_muon, name)
+    elif name in VARIANTS:
+      base, fixed = VARIANTS[name]
+      out[name] = _checked(functools.partial(getattr(ol, base), **fixed), name)
     else:
       out[name] = _checked(getattr(ol, name), name)
   return out
