@@ -1226,7 +1226,6 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       functools.partial(_init, inner=inner, cfg=cfg, dims=dims,
                         max_factor_size=max_factor_size,
                         root_every=root_every, spec=spec, fused=fused),
-      functools.partial(_update, inner=inner, cfg=cfg, dims=dims,
-                        root_every=root_every,
-                        max_factor_size=max_factor_size, spec=spec,
-                        fused=fused))
+      distributed_lib.layout_stable(functools.partial(
+          _update, inner=inner, cfg=cfg, dims=dims, root_every=root_every,
+          max_factor_size=max_factor_size, spec=spec, fused=fused)))
