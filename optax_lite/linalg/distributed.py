@@ -19,24 +19,26 @@ the polar-factor special case.
 sharding of its parameters (leaves shaped like a parameter and found under
 that parameter's path) and replicate the rest (counts, Kronecker factors,
 scalars), so that ``tx.init`` can be jitted with explicit ``out_shardings``.
-:func:`keep_layout` (:func:`layout_stable` on an ``update``) returns every
-new state leaf with the sharding its old leaf came in with, so that the
-state is a fixed point of a jitted update: one compile, no re-layout, its
-donated buffers reused.
+:func:`~optax_lite.linalg.layout.keep_layout` (``layout_stable`` on an
+``update``) returns every new state leaf with the sharding its old leaf came
+in with, so that the state is a fixed point of a jitted update: one
+compile, no re-layout, its donated buffers reused.
 
 Everything here is pure JAX (no optax) and jit-safe.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.shard_alike import shard_alike
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Re-exported: the transforms make their update a fixed point with these.
+from optax_lite.linalg.layout import keep_layout  # noqa: F401
+from optax_lite.linalg.layout import layout_stable  # noqa: F401
 
 
 LAYOUTS = ('sharded', 'replicated')
@@ -174,7 +176,8 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
 
   Args:
     state_shapes: the state, or ``jax.eval_shape(tx.init, params)``.
-    params: the parameters, as committed ``jax.Array``s with shardings.
+    params: the parameters, as committed ``jax.Array``s with shardings
+      (all on one device: every leaf gets that device's sharding).
     mesh: the mesh to replicate the other leaves on; default: the mesh of
       the first ``NamedSharding`` found in ``params``.
 
@@ -192,6 +195,10 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
         mesh = sh.mesh
         break
   if mesh is None:
+    one = getattr(p_flat[0][1], 'sharding', None) if p_flat else None
+    if isinstance(one, jax.sharding.SingleDeviceSharding):
+      # Parameters committed to one device: the whole state there.
+      return jax.tree.map(lambda _: one, state_shapes)
     raise ValueError('mesh: no NamedSharding found in params; pass mesh=.')
   replicated = NamedSharding(mesh, P())
   suffixes = sorted(by_suffix, key=len, reverse=True)
@@ -248,7 +255,8 @@ def canonical_spec(spec: P) -> P:
   """``spec`` without its trailing ``None`` entries.
 
   ``P('fsdp', None)`` and ``P('fsdp')`` place an array alike, but they are
-  different jit cache keys; a jitted function returns the short form.
+  different jit cache keys; ``jax.jit`` names its outputs in the short form
+  (unless it names one after its first input, see :func:`state_shardings`).
   """
   parts = list(spec)
   while parts and parts[-1] is None:
@@ -262,39 +270,3 @@ def canonical_sharding(sharding):
     return sharding
   return NamedSharding(sharding.mesh, canonical_spec(sharding.spec),
                        memory_kind=sharding.memory_kind)
-
-
-def keep_layout(new_state, state):
-  """``new_state`` with every array sharded like the same leaf of ``state``.
-
-  Inside ``jax.jit`` each traced leaf of ``new_state`` is tied to the leaf
-  of ``state`` at the same place (same shape) by
-  ``jax.experimental.shard_alike``: the sharding ``state`` came in with
-  (``ol.sharded_init``'s, or whatever the caller committed) is also the
-  output's, so the state is a fixed point of a jitted update. Without it
-  XLA picks the outputs' layouts: a Kronecker factor that goes in
-  replicated comes out split like its parameter's side, the second call
-  compiles again, and a donated input buffer may not fit the output.
-  Outside a trace, or if the trees differ, ``new_state`` is returned as is.
-  """
-  new_leaves, treedef = jax.tree.flatten(new_state)
-  old_leaves, old_treedef = jax.tree.flatten(state)
-  if treedef != old_treedef:
-    return new_state
-  out = []
-  for new, old in zip(new_leaves, old_leaves):
-    if (isinstance(new, jax.core.Tracer)
-        and jnp.shape(new) == jnp.shape(old)):
-      new = shard_alike(new, old)[0]
-    out.append(new)
-  return treedef.unflatten(out)
-
-
-def layout_stable(update_fn: Callable) -> Callable:
-  """``update_fn(updates, state, ...)`` whose new state :func:`keep_layout`."""
-
-  @functools.wraps(update_fn)
-  def update(updates, state, *args, **kwargs):
-    new_updates, new_state = update_fn(updates, state, *args, **kwargs)
-    return new_updates, keep_layout(new_state, state)
-  return update
