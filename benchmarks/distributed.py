@@ -246,6 +246,10 @@ def state_relayout(state, out_shardings) -> dict:
   step compiles again) and the collective bytes per device of moving them
   back (a jitted identity with the input shardings, read from its HLO).
   """
+  if jax.tree.structure(state) != jax.tree.structure(out_shardings):
+    # Another tree: every step compiles again; no leaf-wise re-layout.
+    return {'state_relayout_leaves': len(jax.tree.leaves(state)),
+            'state_relayout_bytes': None, 'state_tree_changed': True}
   leaves, nbytes = 0, 0
   for x, out in zip(jax.tree.leaves(state), jax.tree.leaves(out_shardings)):
     if out == x.sharding:
@@ -326,7 +330,7 @@ def run_layouts(names, model_names, devices, log, only=None, run=True):
               f'bytes/params {cost["bytes_over_params"]:7.2f}  '
               f'collectives {cost["collective_count"]:5d}  '
               f'relayout {cost["state_relayout_leaves"]:3d} leaves '
-              f'{cost["state_relayout_bytes"]:8d} B  '
+              f'{cost["state_relayout_bytes"]} B  '
               f'flops/ideal {cost["flops_over_ideal"]:6.2f}  '
               + ('max|diff| not run' if out is None else
                  f'max|diff| {cost["max_abs_diff"]:.1e}'))
