@@ -8,7 +8,8 @@ parameter trees of ``benchmarks/models.py``:
 * ``fsdp_tp``: a 4×2 mesh, fan-in over ``fsdp`` (4), fan-out over ``tp`` (2);
 
 it compiles one jitted step (``tx.update`` + ``optax.apply_updates``, state
-sharded like the parameters by ``optax_lite.sharded_init``) twice: ``plain``
+sharded like the parameters by ``optax_lite.sharded_init``, no
+``out_shardings``: as a user jits it) twice: ``plain``
 (the optimizer as is; XLA's SPMD partitioner decides) and ``distribute``
 (``distribute=PolarSharding(mesh, layout=...)`` with ``layout="replicated"``
 on the replicated layout, ``"sharded"`` otherwise, where the optimizer
@@ -21,7 +22,11 @@ accepts it), and reports
 * per-device FLOPs from XLA's ``cost_analysis()`` against the single-device
   step's FLOPs / 8;
 * the max abs difference of the updated parameters to the single-device
-  step (float32).
+  step (float32);
+* the per-step state re-layout: the state leaves the step returns with
+  another sharding than they came in with (``state_relayout_leaves``: each
+  one makes the next step compile again) and the collective bytes per
+  device of moving them back (``state_relayout_bytes``); both must be 0.
 
 ``--compile`` also times ``jax.jit(tx.update)`` compilation for a 6- and a
 24-layer version of the small tree (one device, ``distribute`` on the FSDP
@@ -232,19 +237,45 @@ def single_device(tx, params, grads):
   return {'flops': flops(compiled)}, out
 
 
+def state_relayout(state, out_shardings) -> dict:
+  """What it takes to put a step's output state back in its input layout.
+
+  ``state``: the input state (committed arrays); ``out_shardings``: the
+  shardings a compiled step gives the new state. Returns the number of
+  leaves whose sharding differs (each one a new jit cache key: the next
+  step compiles again) and the collective bytes per device of moving them
+  back (a jitted identity with the input shardings, read from its HLO).
+  """
+  if jax.tree.structure(state) != jax.tree.structure(out_shardings):
+    # Another tree: every step compiles again; no leaf-wise re-layout.
+    return {'state_relayout_leaves': len(jax.tree.leaves(state)),
+            'state_relayout_bytes': None, 'state_tree_changed': True}
+  leaves, nbytes = 0, 0
+  for x, out in zip(jax.tree.leaves(state), jax.tree.leaves(out_shardings)):
+    if out == x.sharding:
+      continue
+    leaves += 1
+    if out.is_equivalent_to(x.sharding, x.ndim):
+      continue  # the same placement under another name: no bytes
+    back = jax.jit(lambda y: y, out_shardings=x.sharding).lower(
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=out)).compile()
+    nbytes += collectives(back.as_text())['bytes']
+  return {'state_relayout_leaves': leaves, 'state_relayout_bytes': nbytes}
+
+
 def sharded(tx, params, grads, mesh, spec, run=True):
+  """One step as a user jits it (no ``out_shardings``; the state from
+  ``sharded_init``): its collectives, flops and state re-layout."""
   shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, spec(x)), t)
   p, g = shard(params), shard(grads)
-  p_sh = jax.tree.map(lambda x: x.sharding, p)
   s = ol.sharded_init(tx.init, p)
-  s_sh = jax.tree.map(lambda x: x.sharding, s)
-  fn = jax.jit(step_fn(tx), out_shardings=(p_sh, s_sh))
-  compiled = fn.lower(p, s, g).compile()
+  compiled = jax.jit(step_fn(tx)).lower(p, s, g).compile()
+  relayout = state_relayout(s, compiled.output_shardings[1])
   out = compiled(p, s, g)[0] if run else None
   col = collectives(compiled.as_text())
   return {'flops': flops(compiled), 'collective_bytes': col['bytes'],
           'collective_count': col['count'], 'collectives_by_op':
-              col['by_op']}, out
+              col['by_op'], **relayout}, out
 
 
 def max_diff(a, b):
@@ -298,6 +329,8 @@ def run_layouts(names, model_names, devices, log, only=None, run=True):
           log(f'{model:<7} {name:<11} {layout:<10} {variant:<10} '
               f'bytes/params {cost["bytes_over_params"]:7.2f}  '
               f'collectives {cost["collective_count"]:5d}  '
+              f'relayout {cost["state_relayout_leaves"]:3d} leaves '
+              f'{cost["state_relayout_bytes"]} B  '
               f'flops/ideal {cost["flops_over_ideal"]:6.2f}  '
               + ('max|diff| not run' if out is None else
                  f'max|diff| {cost["max_abs_diff"]:.1e}'))
@@ -442,7 +475,9 @@ def main(argv=None):
           'note': ('host devices share the CPU: bytes and flops are read '
                    'from the compiled 8-device program, not timed.'),
           'targets': {'bytes_over_params': 2.0, 'flops_over_ideal': 1.2,
-                      'max_abs_diff': 1e-5, 'compile_ratio': 1.5}}
+                      'max_abs_diff': 1e-5, 'compile_ratio': 1.5,
+                      'state_relayout_leaves': 0,
+                      'state_relayout_bytes': 0}}
   if not args.compile_only:
     only = args.layouts.split(',') if args.layouts else None
     data['rows'] = run_layouts(names, model_names, devices, log, only,

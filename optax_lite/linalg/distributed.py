@@ -19,6 +19,10 @@ the polar-factor special case.
 sharding of its parameters (leaves shaped like a parameter and found under
 that parameter's path) and replicate the rest (counts, Kronecker factors,
 scalars), so that ``tx.init`` can be jitted with explicit ``out_shardings``.
+:func:`~optax_lite.linalg.layout.keep_layout` (``layout_stable`` on an
+``update``) returns every new state leaf with the sharding its old leaf came
+in with, so that the state is a fixed point of a jitted update: one
+compile, no re-layout, its donated buffers reused.
 
 Everything here is pure JAX (no optax) and jit-safe.
 """
@@ -31,6 +35,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Re-exported: the transforms make their update a fixed point with these.
+from optax_lite.linalg.layout import keep_layout  # noqa: F401
+from optax_lite.linalg.layout import layout_stable  # noqa: F401
 
 
 LAYOUTS = ('sharded', 'replicated')
@@ -154,11 +162,23 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
   (``distribute=``) are split along their first axis over its mesh axes,
   each device holding the state of the matrices it owns. Every other leaf
   (step counts, Kronecker factors ``m × m``, per-leaf scalars) is replicated
-  over ``mesh``.
+  over ``mesh``. The optimizers return every leaf with the sharding it came
+  in with (:func:`keep_layout`), so these are also the shardings after any
+  number of jitted updates.
+
+  Each sharding is given by the name a jitted update returns it under, so
+  that the state's shardings are one jit cache key: ``jax.jit`` names an
+  output after its *first* input leaf when they are equivalent and of the
+  same rank (here the first parameter, i.e. the first leaf of the
+  gradients or parameters passed before the state), and with a canonical
+  spec otherwise (:func:`canonical_spec`: ``P('fsdp', None)`` as
+  ``P('fsdp')``, ``P(None)`` as ``P()``).
 
   Args:
     state_shapes: the state, or ``jax.eval_shape(tx.init, params)``.
-    params: the parameters, as committed ``jax.Array`` values with shardings.
+    params: the parameters, as committed ``jax.Array`` values with
+      shardings (all on one device: every leaf gets that device's
+      sharding).
     mesh: the mesh to replicate the other leaves on; default: the mesh of
       the first ``NamedSharding`` found in ``params``.
 
@@ -176,9 +196,23 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
         mesh = sh.mesh
         break
   if mesh is None:
+    one = getattr(p_flat[0][1], 'sharding', None) if p_flat else None
+    if isinstance(one, jax.sharding.SingleDeviceSharding):
+      # Parameters committed to one device: the whole state there.
+      return jax.tree.map(lambda _: one, state_shapes)
     raise ValueError('mesh: no NamedSharding found in params; pass mesh=.')
   replicated = NamedSharding(mesh, P())
   suffixes = sorted(by_suffix, key=len, reverse=True)
+  first = getattr(p_flat[0][1], 'sharding', None) if p_flat else None
+  first_ndim = len(getattr(p_flat[0][1], 'shape', ())) if p_flat else -1
+  if not isinstance(first, NamedSharding):
+    first = None
+
+  def as_jit_names_it(sh, ndim):
+    if (first is not None and ndim == first_ndim
+        and sh.is_equivalent_to(first, ndim)):
+      return first
+    return canonical_sharding(sh)
 
   def pick(path, leaf):
     key = _path_key(path)
@@ -188,8 +222,8 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
         p = by_suffix[suf]
         if tuple(p.shape) == shape and isinstance(
             getattr(p, 'sharding', None), NamedSharding):
-          return p.sharding
-    return replicated
+          return as_jit_names_it(p.sharding, len(shape))
+    return as_jit_names_it(replicated, len(shape))
 
   from optax_lite.linalg import grouped  # noqa: PLC0415 (import cycle)
 
@@ -197,7 +231,7 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
     # Owner-resident stacks (grouped.OwnerStacks) carry their own sharding.
     if isinstance(x, grouped.OwnerStacks):
       sh = x.sharding()
-      return jax.tree.map(lambda _: sh, x)
+      return jax.tree.map(lambda a: as_jit_names_it(sh, len(a.shape)), x)
     return pick(path, x)
 
   return jax.tree_util.tree_map_with_path(
@@ -216,3 +250,24 @@ def sharded_init(init_fn: Callable[[Any], Any], params,
   shapes = jax.eval_shape(init_fn, params)
   shardings = state_shardings(shapes, params, mesh)
   return jax.jit(init_fn, out_shardings=shardings)(params)
+
+
+def canonical_spec(spec: P) -> P:
+  """``spec`` without its trailing ``None`` entries.
+
+  ``P('fsdp', None)`` and ``P('fsdp')`` place an array alike, but they are
+  different jit cache keys; ``jax.jit`` names its outputs in the short form
+  (unless it names one after its first input, see :func:`state_shardings`).
+  """
+  parts = list(spec)
+  while parts and parts[-1] is None:
+    parts.pop()
+  return P(*parts)
+
+
+def canonical_sharding(sharding):
+  """A ``NamedSharding`` with :func:`canonical_spec`; others as given."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  return NamedSharding(sharding.mesh, canonical_spec(sharding.spec),
+                       memory_kind=sharding.memory_kind)

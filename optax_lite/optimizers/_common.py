@@ -10,6 +10,7 @@ import optax
 
 from optax_lite import _checks
 from optax_lite import labels as labels_lib
+from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.transforms.cautious import add_cautious_decayed_weights
 
 # Labels produced by ``label_params`` plus "adam", a catch-all a user may use
@@ -163,7 +164,11 @@ def partition(by_label: Mapping[str, optax.GradientTransformation], labels
   def label_fn(params):
     return resolve_labels(labels, params)
 
-  return refuse_non_float(optax.partition(txs, label_fn))
+  # The whole state (AdamW's moments included) leaves a jitted update with
+  # the shardings it came in with: one compile, no re-layout.
+  tx = optax.partition(txs, label_fn)
+  return refuse_non_float(optax.GradientTransformationExtraArgs(
+      tx.init, distributed_lib.layout_stable(tx.update)))
 
 
 def refuse_non_float(tx: optax.GradientTransformation

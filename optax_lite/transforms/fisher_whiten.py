@@ -427,16 +427,19 @@ def _init_leaf(view, x, cfg: _Config, max_factor_size, cache: bool):
   """-> ``(P_0, Q_0, P cache, Q cache)`` for one leaf (``I`` or
   placeholders)."""
   del x
-  empty = _tree.identity_placeholder(cfg.factor_dtype)
+  # A new array for every leaf: a state that holds one buffer twice cannot
+  # be donated to a jitted update ("donate the same buffer twice").
+  empty = lambda: _tree.identity_placeholder(cfg.factor_dtype)
   def eye(d):
     if max_factor_size is not None and d > max_factor_size:
-      return empty
+      return empty()
     return jnp.broadcast_to(jnp.eye(d, dtype=cfg.factor_dtype),
                             view.batch_shape + (d, d))
-  p, q = (empty, empty) if view is None else (eye(view.cols), eye(view.rows))
+  sides = lambda: ((empty(), empty()) if view is None
+                   else (eye(view.cols), eye(view.rows)))
   if cache:  # Cached roots start at I (overwritten on the first step).
-    return p, q, p, q
-  return p, q, empty, empty
+    return sides() + sides()
+  return sides() + (empty(), empty())
 
 
 def _step_factors(x, prev: _Pair, cached: _Pair | None, refresh,
@@ -1227,7 +1230,6 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       functools.partial(_init, inner=inner, cfg=cfg, dims=dims,
                         max_factor_size=max_factor_size,
                         root_every=root_every, spec=spec, fused=fused),
-      functools.partial(_update, inner=inner, cfg=cfg, dims=dims,
-                        root_every=root_every,
-                        max_factor_size=max_factor_size, spec=spec,
-                        fused=fused))
+      distributed_lib.layout_stable(functools.partial(
+          _update, inner=inner, cfg=cfg, dims=dims, root_every=root_every,
+          max_factor_size=max_factor_size, spec=spec, fused=fused)))

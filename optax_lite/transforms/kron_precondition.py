@@ -1403,7 +1403,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
     new_updates, *fields = _tree.unzip(out, 9, updates)
     return new_updates, SoapState(count, *fields)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, distributed_lib.layout_stable(update_fn))
 
 
 def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
@@ -1623,7 +1624,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
     new_updates, *fields = _tree.unzip(out, 7, updates)
     return new_updates, ShampooState(count, *fields)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, distributed_lib.layout_stable(update_fn))
 
 
 def kron_precondition(mode: str = 'soap', **kwargs: Any

@@ -526,9 +526,13 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     res = _tree.map_leaves(leaf, updates, state.mu, params_tree,
                            *state.geometry, dims=leaf_dims)
     parts = _tree.unzip(res, 2 + len(state.geometry), updates)
-    return parts[0], LiteState(count, parts[1], pack(parts[2:]))
+    # ``owned`` as it came (None, or the int placeholder of a params-less
+    # init), so that the state keeps its tree structure.
+    return parts[0], LiteState(count, parts[1], pack(parts[2:]),
+                               state.owned)
 
-  transform = optax.GradientTransformation(init_fn, update_fn)
+  transform = optax.GradientTransformation(
+      init_fn, distributed_lib.layout_stable(update_fn))
   if not owner_inner:
     return transform
   if use_wd or not geometry.needs_matrix:
