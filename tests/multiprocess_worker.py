@@ -6,11 +6,13 @@ on ``localhost:PORT`` (CPU collectives: gloo), one mesh over every device of
 every process, parameters FSDP-sharded on axis 0 over it. For each named
 optimizer, plain and with ``distribute=mesh``, it takes ``STEPS`` jitted
 steps and process 0 writes the gathered parameters to
-``OUT_DIR/NAME-VARIANT.npz`` (leaves in ``jax.tree.leaves`` order). The
+``OUT_DIR/NAME-VARIANT.npz`` (leaves in ``jax.tree.leaves`` order) and
+the step's compile count and moved state leaves to ``NAME-VARIANT.json``. The
 first optimizer's plain parameters and state are also saved with orbax by
 both processes to ``OUT_DIR/checkpoint``.
 """
 
+import json
 import os
 import sys
 import time
@@ -87,12 +89,21 @@ def main(argv):
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
+      init_shardings = [getattr(x, 'sharding', None)
+                        for x in jax.tree.leaves(state)]
       for g in grads:
         params, state = step(params, state, put(g))
+      # Issue 27: the state is a fixed point of the update (one compile,
+      # every leaf back with the sharding it started with).
+      moved = sum(getattr(x, 'sharding', None) != s0 for x, s0 in
+                  zip(jax.tree.leaves(state), init_shardings))
+      layout = {'compiles': step._cache_size(), 'moved_leaves': int(moved)}
       full = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
               for x in jax.tree.leaves(params)]
       if pid == 0:
         np.savez(os.path.join(out_dir, f'{name}-{variant}.npz'), *full)
+        with open(os.path.join(out_dir, f'{name}-{variant}.json'), 'w') as f:
+          json.dump(layout, f)
       if name == names[0] and variant == 'plain':
         # Every process writes its shards; the test restores on 1 device.
         ckptr = ocp.StandardCheckpointer()

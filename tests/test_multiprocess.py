@@ -15,6 +15,7 @@ owners, owner-resident state); the ``slow`` test covers every named
 optimizer.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -95,6 +96,11 @@ def _check(names, tmp_path, timeout_s):
       with np.load(tmp_path / f'{name}-{variant}.npz') as f:
         got = [f[f'arr_{i}'] for i in range(len(f.files))]
       _close(got, ref)
+      with open(tmp_path / f'{name}-{variant}.json') as f:
+        layout = json.load(f)
+      # One compile for every step, the state back in its init shardings.
+      assert layout == {'compiles': 1, 'moved_leaves': 0}, (name, variant,
+                                                           layout)
     if name == names[0]:
       _restores_on_one_device(tmp_path, ref, ref_state)
 
