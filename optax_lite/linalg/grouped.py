@@ -411,6 +411,48 @@ def _unpack(bufs, out_struct, counts, kmax, dts, length, offsets):
   return groups
 
 
+# Primitives that XLA:CPU runs as jaxlib LAPACK calls (jax.lax.linalg).
+_LAPACK_PRIMITIVES = frozenset((
+    'cholesky', 'cholesky_update', 'eig', 'eigh', 'geqp3', 'geqrf',
+    'hessenberg', 'householder_product', 'lu', 'ormqr', 'qr', 'schur', 'svd',
+    'triangular_solve', 'tridiagonal', 'tridiagonal_solve'))
+
+
+def _calls_lapack(jaxpr) -> bool:
+  """Whether a (closed) jaxpr or any jaxpr nested in it has a LAPACK call.
+
+  Why the owners call such a kernel one item at a time on CPU: XLA:CPU runs
+  the programs of all ``D`` host devices on one intra-op thread pool of
+  ``max(cores, D)`` threads, and a device waiting in a collective holds its
+  thread until every device has arrived. jaxlib's CPU LAPACK kernels split
+  a *batch* of matrices into tasks on that same pool and block their own
+  thread until the tasks are done. Devices that reach the result exchange
+  early plus owners blocked in a batched ``eigh`` / ``qr`` can hold every
+  thread: the queued tasks never run and the rendezvous aborts after 40 s
+  (``docs/multi_device.md``). A batch of one runs inline.
+  """
+  stack = [getattr(jaxpr, 'jaxpr', jaxpr)]
+  while stack:
+    jp = stack.pop()
+    for eqn in jp.eqns:
+      if eqn.primitive.name in _LAPACK_PRIMITIVES:
+        return True
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          sub = getattr(sub, 'jaxpr', sub)
+          if hasattr(sub, 'eqns'):
+            stack.append(sub)
+  return False
+
+
+def _one_item_at_a_time(call, key, args):
+  """``call(key, *args)`` for a slice-wise kernel, one row at a time."""
+  def one(row):
+    y = call(key, *(a[None] for a in row))
+    return jax.tree.map(lambda o: o[0], y)
+  return jax.lax.map(one, args)
+
+
 def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
                     resident=None):
   """The multi-device half of :func:`grouped_map`.
@@ -441,12 +483,15 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
   vectors = sorted({tuple(int(c) for c in row) for row in asg.counts})
   branch_of = np.asarray([vectors.index(tuple(int(c) for c in row))
                           for row in asg.counts], np.int32)
-  out_struct = []
+  out_struct, one_at_a_time = [], []
+  on_cpu = all(d.platform == 'cpu' for d in spec.mesh.devices.flat)
   for (gkey, _), stack, rs in zip(glist, stacks, res_in):
     one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
            for x in stack + tuple(rs)]
-    st = jax.eval_shape(lambda *xs, k=gkey[1]: call(k, *xs), *one)
+    jaxpr, st = jax.make_jaxpr(lambda *xs, k=gkey[1]: call(k, *xs),
+                               return_shape=True)(*one)
     out_struct.append(st if resident is None else st[0])
+    one_at_a_time.append(on_cpu and _calls_lapack(jaxpr))
 
   def pspec(ndim, axis):
     parts = [None] * ndim
@@ -476,7 +521,6 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
               for st in out_struct]
   if gather_in:
     dts, length, offsets = _packing(out_struct, asg.counts)
-
   def body(dev, *xs):
     d = dev[0]
     xs, res_local = xs[:n_moving], xs[n_moving:]
@@ -503,7 +547,10 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
                 out_struct[g]))
             new_res.extend(rgrp)
             continue
-          y = call(gkey[1], *(x[:c] for x in grp), *(r[:c] for r in rgrp))
+          args = (tuple(x[:c] for x in grp)
+                  + tuple(r[:c] for r in rgrp))
+          y = (_one_item_at_a_time(call, gkey[1], args)
+               if one_at_a_time[g] and c > 1 else call(gkey[1], *args))
           if resident is not None:
             y, ry = y
             # The pad slots keep their (unused) old state.
