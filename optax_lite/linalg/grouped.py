@@ -72,6 +72,128 @@ def matrix_cost(shapes: Sequence[tuple[int, ...]]) -> float:
   return float(s * s * l * max(1, math.prod(shape[:-2])))
 
 
+def matrix_bytes(shapes: Sequence[tuple[int, ...]],
+                 dtypes: Sequence[Any]) -> int:
+  """Default working set of one item's kernel, in bytes.
+
+  Every input and output once, plus a Newton–Schulz iteration's
+  temporaries on the first input ``s × l`` (``s ≤ l``): three ``s × l``
+  iterates and two ``s × s`` Gram products, in the first input's dtype
+  (at least four bytes: products accumulate in float32).
+  """
+  total = sum(math.prod(s) * jnp.dtype(d).itemsize
+              for s, d in zip(shapes, dtypes))
+  shape = shapes[0]
+  if len(shape) < 2:
+    return int(2 * total)
+  m, n = shape[-2:]
+  s, l = min(m, n), max(m, n)
+  size = max(4, jnp.dtype(dtypes[0]).itemsize)
+  batch = max(1, math.prod(shape[:-2]))
+  return int(2 * total + batch * size * (3 * s * l + 2 * s * s))
+
+
+def check_memory_budget(memory_budget, name: str = 'memory_budget'):
+  """``None`` (unbounded) or a number ``>= 0``; returns it as a float."""
+  if memory_budget is None:
+    return None
+  if isinstance(memory_budget, bool) or not isinstance(
+      memory_budget, (int, float, np.integer, np.floating)):
+    raise TypeError(f'{name} must be None or a number >= 0, got '
+                    f'{type(memory_budget).__name__}.')
+  if not (memory_budget >= 0 and math.isfinite(memory_budget)):
+    raise ValueError(f'{name} must be None or a finite number >= 0, got '
+                     f'{memory_budget!r}.')
+  return float(memory_budget)
+
+
+# Default ``memory_budget`` of the transforms and optimizers: one kernel
+# call's working set, as a fraction of the parameter bytes.
+DEFAULT_MEMORY_BUDGET = 0.1
+
+
+def budget_bytes(memory_budget: float | None, tree) -> float | None:
+  """``memory_budget`` (a fraction of ``tree``'s bytes) in bytes."""
+  if memory_budget is None:
+    return None
+  total = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+              for x in jax.tree.leaves(tree))
+  return memory_budget * total
+
+
+def chunk_size(budget: float | None, per_item: float, n_items: int) -> int:
+  """Items per kernel call: ``max(1, budget // per_item)``, capped at
+  ``n_items`` (``budget=None``: all of them in one call)."""
+  if budget is None or per_item <= 0:
+    return n_items
+  return int(max(1, min(n_items, budget // per_item)))
+
+
+def _chunked(call, key, stack: Item, chunk: int):
+  """``call(key, *stack)`` in ``ceil(N / chunk)`` calls one after another.
+
+  The calls run in one ``lax.map`` over equal chunks (so the kernel is
+  compiled once and one chunk's temporaries are live at a time); the chunk
+  is evened out to ``ceil(N / calls)`` items and the last chunk is padded
+  with copies of the last item (fewer than ``calls`` pad rows, dropped
+  after; copies rather than zeros so that no kernel sees a degenerate
+  input).
+  """
+  n = stack[0].shape[0]
+  if chunk >= n:
+    return call(key, *stack)
+  calls = -(-n // chunk)
+  chunk = -(-n // calls)
+  pad = calls * chunk - n
+
+  def fold(x):
+    if pad:
+      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+    return x.reshape((calls, chunk) + x.shape[1:])
+
+  ys = jax.lax.map(lambda xs: call(key, *xs), tuple(fold(x) for x in stack))
+  return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], ys)
+
+
+def _budgeted(call, key, items: Sequence[Item], chunk: int) -> list:
+  """One group's results, at most ``chunk`` items per kernel call.
+
+  A leaf with more than ``chunk`` items (a stacked ``[layers, ...]`` leaf)
+  runs through :func:`_chunked` on its own array: one compiled kernel
+  whatever the depth, and no copy of the group into one stack. Smaller
+  leaves are packed, in order, into calls of at most ``chunk`` items; each
+  call's inputs pass an ``optimization_barrier`` with the previous call's
+  outputs, so the calls run one after another and their temporaries can
+  share memory (a stack of the whole group would itself be as large as
+  the group).
+  """
+  out: list[Any] = [None] * len(items)
+  packs, cur, n = [], [], 0
+  for i, it in enumerate(items):
+    b = it[0].shape[0]
+    if b > chunk:
+      out[i] = _chunked(call, key, it, chunk)
+      continue
+    if n + b > chunk and cur:
+      packs.append(cur)
+      cur, n = [], 0
+    cur.append(i)
+    n += b
+  if cur:
+    packs.append(cur)
+  prev = None
+  for pack in packs:
+    xs = tuple(_concat([items[i][j] for i in pack])
+               for j in range(len(items[pack[0]])))
+    if prev is not None:
+      xs, _ = jax.lax.optimization_barrier((xs, prev))
+    prev = call(key, *xs)
+    for i, piece in zip(pack, _split(prev, [items[i][0].shape[0]
+                                            for i in pack])):
+      out[i] = piece
+  return out
+
+
 def _key(item: Item, extra: Hashable) -> tuple:
   return (tuple((tuple(x.shape[1:]), jnp.dtype(x.dtype).name) for x in item),
           extra)
@@ -160,7 +282,9 @@ def _split(tree, sizes):
 def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
                 spec=None, cost: Callable[[Sequence[tuple]], float] | None
                 = None, keys: Sequence[Hashable] | None = None,
-                resident: "OwnerStacks | None" = None):
+                resident: "OwnerStacks | None" = None,
+                memory_budget: float | None = None,
+                item_bytes: Callable[..., float] | None = None):
   """Applies a slice-wise batched kernel to every item, one call per shape.
 
   Args:
@@ -213,8 +337,13 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
 
   if spec is None or spec.num_shards() == 1:
     for (gkey, idx), stack, sz in zip(glist, stacks, sizes):
-      res = call(gkey[1], *stack)
-      for i, piece in zip(idx, _split(res, sz)):
+      chunk = chunk_size(memory_budget, _item_bytes(item_bytes, gkey),
+                         stack[0].shape[0])
+      if chunk < stack[0].shape[0]:
+        pieces = _budgeted(call, gkey[1], [leaves[i] for i in idx], chunk)
+      else:
+        pieces = _split(call(gkey[1], *stack), sz)
+      for i, piece in zip(idx, pieces):
         out[i] = piece
     return out
 
@@ -236,6 +365,13 @@ class _Plan(NamedTuple):
   kmax: list[int]
   perms: list[np.ndarray]   # per group: (D·K_g,) item index of each row
   n_items: list[int]
+
+
+def _item_bytes(item_bytes, gkey) -> float:
+  """The working set of one item of the group ``gkey`` (shapes, dtypes)."""
+  shapes = [s for s, _ in gkey[0]]
+  dtypes = [d for _, d in gkey[0]]
+  return float((item_bytes or matrix_bytes)(shapes, dtypes))
 
 
 def _plan(glist, sizes, cost, spec) -> _Plan:
