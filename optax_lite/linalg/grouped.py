@@ -93,22 +93,37 @@ def matrix_bytes(shapes: Sequence[tuple[int, ...]],
   return int(2 * total + batch * size * (3 * s * l + 2 * s * s))
 
 
-def check_memory_budget(memory_budget, name: str = 'memory_budget'):
-  """``None`` (unbounded) or a number ``>= 0``; returns it as a float."""
-  if memory_budget is None:
+def check_memory_budget(memory_budget, name: str = 'memory_budget'
+                        ) -> float | None:
+  """The budget as a fraction (``None``: unbounded).
+
+  Accepts ``"auto"`` (:data:`DEFAULT_MEMORY_BUDGET`), ``None`` or
+  ``"unbounded"`` (each shape group in one call) or a static number
+  ``>= 0`` (``0``: one matrix at a time). A string default keeps it out of
+  ``optax.inject_hyperparams``' traced numbers.
+  """
+  if memory_budget is None or memory_budget == 'unbounded':
     return None
+  if isinstance(memory_budget, str):
+    if memory_budget == 'auto':
+      return DEFAULT_MEMORY_BUDGET
+    raise ValueError(f'{name} must be "auto", "unbounded", None or a '
+                     f'number >= 0, got {memory_budget!r}.')
+  if isinstance(memory_budget, jax.core.Tracer):
+    raise TypeError(f'{name} is static (it decides the compiled program); '
+                    'pass it in static_args of optax.inject_hyperparams.')
   if isinstance(memory_budget, bool) or not isinstance(
       memory_budget, (int, float, np.integer, np.floating)):
-    raise TypeError(f'{name} must be None or a number >= 0, got '
-                    f'{type(memory_budget).__name__}.')
+    raise TypeError(f'{name} must be "auto", "unbounded", None or a number '
+                    f'>= 0, got {type(memory_budget).__name__}.')
   if not (memory_budget >= 0 and math.isfinite(memory_budget)):
-    raise ValueError(f'{name} must be None or a finite number >= 0, got '
+    raise ValueError(f'{name} must be a finite number >= 0, got '
                      f'{memory_budget!r}.')
   return float(memory_budget)
 
 
-# Default ``memory_budget`` of the transforms and optimizers: one kernel
-# call's working set, as a fraction of the parameter bytes.
+# ``memory_budget="auto"`` of the transforms and optimizers: one kernel
+# call's working set, as a fraction of the bytes of the updates.
 DEFAULT_MEMORY_BUDGET = 0.1
 
 
@@ -749,3 +764,31 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
     for i, piece in zip(idx, _split(res, sz)):
       out[i] = piece
   return out if resident is None else (out, new_groups)
+
+
+def sequential_calls(calls: Sequence[tuple[Callable[..., Any], tuple]],
+                     sizes: Sequence[float], memory_budget: float | None
+                     ) -> list:
+  """``[fn(*args) for fn, args in calls]``, in packs that fit a budget.
+
+  The per-leaf counterpart of :func:`grouped_map`'s budget: consecutive
+  calls are packed while their ``sizes`` (working sets, bytes) sum to at
+  most ``memory_budget``; each pack's arguments pass an
+  ``optimization_barrier`` with the previous pack's results, so packs run
+  one after another and their temporaries can share memory. Values are
+  unchanged (a barrier is the identity). ``memory_budget=None``: plain
+  calls, scheduled as XLA likes.
+  """
+  out, prev, pack, used = [], None, [], 0.0
+  for (fn, args), size in zip(calls, sizes):
+    if memory_budget is not None and size > 0:
+      if pack and used + size > memory_budget:
+        prev, pack, used = tuple(pack), [], 0.0
+      if prev is not None:
+        args, _ = jax.lax.optimization_barrier((tuple(args), prev))
+      used += size
+    res = fn(*args)
+    if memory_budget is not None and size > 0:
+      pack.append(res)
+    out.append(res)
+  return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import optax
 
 from optax_lite import _checks
-from optax_lite.linalg import grouped
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.transforms.momentum import momentum as momentum_tx
@@ -20,7 +19,7 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          weight_decay: float = 0.1, weight_decay_mask=None, mu_dtype=None,
          dims=None, labels=None, precision=None, distribute=None,
          ns_dtype=None, shard_polar=None,
-         memory_budget: float | None = grouped.DEFAULT_MEMORY_BUDGET,
+         memory_budget: float | str | None = 'auto',
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float | None = None, adam_nesterov: bool = False

@@ -65,8 +65,7 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
                   dims: _tree.DimsSpec = None, *, eps: float = polar_lib.EPS,
                   precision=None, distribute=None, ns_dtype=None,
                   shard_polar=None,
-                  memory_budget: float | None =
-                  grouped_lib.DEFAULT_MEMORY_BUDGET
+                  memory_budget: float | str | None = 'auto'
                   ) -> optax.GradientTransformation:
   """Maps each matrix leaf ``G`` to ``≈ polar(G) = U Vᵀ``.
 
