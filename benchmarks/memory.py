@@ -24,11 +24,16 @@ turns it into the memory table of ``docs/benchmarks.md``.
   python benchmarks/memory.py              # three sizes, up to ~1B params
   python benchmarks/memory.py --quick      # two small trees
   python benchmarks/memory.py --models M --modes one_device
+  python benchmarks/memory.py --scheduler memory   # XLA:CPU memory scheduler
+
+Rows of earlier runs with other settings (models, modes, scheduler) stay in
+the results file; a run replaces the rows it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -36,6 +41,27 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _host_devices  # noqa: F401,E402  (8 CPU devices before JAX starts)
+
+# XLA:CPU's default scheduler optimises for concurrency and runs independent
+# per-leaf work side by side; ``--scheduler memory`` measures under its
+# memory-minimising scheduler instead (an XLA flag, read when JAX starts).
+SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def _scheduler(argv) -> str:
+  """``--scheduler`` from the command line (read before JAX starts)."""
+  for k, a in enumerate(argv):
+    if a.startswith('--scheduler='):
+      return a.split('=', 1)[1]
+    if a == '--scheduler' and k + 1 < len(argv):
+      return argv[k + 1]
+  return 'concurrency'
+
+
+SCHEDULER = _scheduler(sys.argv)
+if SCHEDULER == 'memory':
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                             + SCHEDULER_FLAG)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -140,6 +166,10 @@ def main(argv=None):
                   ', '.join(MODES))
   ap.add_argument('--optimizers', default='')
   ap.add_argument('--out', default=None, help='results directory')
+  ap.add_argument('--scheduler', default='concurrency',
+                  choices=('concurrency', 'memory'),
+                  help='XLA:CPU scheduler: the default (concurrency) or the '
+                  'memory-minimising one (%s)' % SCHEDULER_FLAG)
   args = ap.parse_args(argv)
   models, jobs = plan(args)
   reg = registry(sorted({j[2] for j in jobs}))
@@ -151,14 +181,24 @@ def main(argv=None):
                        'host_platform_device_count=8)')
     mesh = Mesh(np.asarray(devices[:8]), ('fsdp',))
   trees = {m: llama_tree(*cfg) for m, cfg in models.items()}
-  out = {'meta': metadata(args), 'models': {}, 'rows': []}
+  path = result_path('memory', args.out, quick=args.quick)
+  old = {}
+  if os.path.exists(path):  # runs with other settings keep their rows
+    with open(path) as f:
+      old = json.load(f)
+  old_rows = old.get('rows', [])
+  key = lambda r: (r['mode'], r['model'], r['optimizer'], r['budget'],  # noqa: E731
+                   r.get('scheduler', 'concurrency'))
+  new_keys = {(mode, model, name, b, args.scheduler)
+              for mode, model, name, b in jobs}
+  out = {'meta': metadata(args), 'models': dict(old.get('models', {})),
+         'rows': [r for r in old_rows if key(r) not in new_keys]}
   for m, cfg in models.items():
     out['models'][m] = {
         'd_model': cfg[0], 'depth': cfg[1], 'd_ff': cfg[2], 'vocab': cfg[3],
         'n_params': sum(math.prod(x.shape)
                         for x in jax.tree.leaves(trees[m])),
         'param_bytes': tree_bytes(trees[m])}
-  path = result_path('memory', args.out, quick=args.quick)
   for mode, model, name, budget in progress(jobs, desc='memory'):
     params = trees[model]
     kw = dict(BUDGETS[budget])
@@ -171,7 +211,7 @@ def main(argv=None):
     res = measure(tx, params, mesh if mode == 'distribute8' else None)
     pb = out['models'][model]['param_bytes']
     row = {'optimizer': name, 'model': model, 'mode': mode,
-           'budget': budget, **res,
+           'budget': budget, 'scheduler': args.scheduler, **res,
            'temp_per_param': res['temp_bytes'] / (pb / devices),
            'state_per_param': res['state_bytes'] / pb}
     out['rows'].append(row)
