@@ -13,7 +13,8 @@ collectives. :func:`grouped_map` instead
    optional static key);
 2. **one device** (``spec=None``): stacks each group and calls the kernel
    once per group, so the program has one kernel per *distinct shape*
-   however deep the model is;
+   however deep the model is (with ``memory_budget``, in chunks whose
+   working set fits it, run one after another);
 3. **several devices** (``spec`` a :class:`PolarSharding`): assigns whole
    items to the ``D`` devices of the chosen mesh axes by their cost
    (longest-processing-time greedy: items sorted by cost, each given to the
@@ -54,6 +55,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+# The budget's helpers, re-exported: the transforms reach them here.
+from optax_lite.linalg.budget import DEFAULT_MEMORY_BUDGET  # noqa: F401
+from optax_lite.linalg.budget import _budgeted, _chunked, _concat, _split
+from optax_lite.linalg.budget import budget_bytes  # noqa: F401
+from optax_lite.linalg.budget import check_memory_budget  # noqa: F401
+from optax_lite.linalg.budget import chunk_size
+from optax_lite.linalg.budget import matrix_bytes
+from optax_lite.linalg.budget import sequential_calls  # noqa: F401
+
 Item = tuple  # a tuple of arrays sharing their leading (batch) axis
 
 
@@ -70,143 +80,6 @@ def matrix_cost(shapes: Sequence[tuple[int, ...]]) -> float:
   m, n = shape[-2:]
   s, l = min(m, n), max(m, n)
   return float(s * s * l * max(1, math.prod(shape[:-2])))
-
-
-def matrix_bytes(shapes: Sequence[tuple[int, ...]],
-                 dtypes: Sequence[Any]) -> int:
-  """Default working set of one item's kernel, in bytes.
-
-  Every input and output once, plus a Newton–Schulz iteration's
-  temporaries on the first input ``s × l`` (``s ≤ l``): three ``s × l``
-  iterates and two ``s × s`` Gram products, in the first input's dtype
-  (at least four bytes: products accumulate in float32).
-  """
-  total = sum(math.prod(s) * jnp.dtype(d).itemsize
-              for s, d in zip(shapes, dtypes))
-  shape = shapes[0]
-  if len(shape) < 2:
-    return int(2 * total)
-  m, n = shape[-2:]
-  s, l = min(m, n), max(m, n)
-  size = max(4, jnp.dtype(dtypes[0]).itemsize)
-  batch = max(1, math.prod(shape[:-2]))
-  return int(2 * total + batch * size * (3 * s * l + 2 * s * s))
-
-
-def check_memory_budget(memory_budget, name: str = 'memory_budget'
-                        ) -> float | None:
-  """The budget as a fraction (``None``: unbounded).
-
-  Accepts ``"auto"`` (:data:`DEFAULT_MEMORY_BUDGET`), ``None`` or
-  ``"unbounded"`` (each shape group in one call) or a static number
-  ``>= 0`` (``0``: one matrix at a time). A string default keeps it out of
-  ``optax.inject_hyperparams``' traced numbers.
-  """
-  if memory_budget is None or memory_budget == 'unbounded':
-    return None
-  if isinstance(memory_budget, str):
-    if memory_budget == 'auto':
-      return DEFAULT_MEMORY_BUDGET
-    raise ValueError(f'{name} must be "auto", "unbounded", None or a '
-                     f'number >= 0, got {memory_budget!r}.')
-  if isinstance(memory_budget, jax.core.Tracer):
-    raise TypeError(f'{name} is static (it decides the compiled program); '
-                    'pass it in static_args of optax.inject_hyperparams.')
-  if isinstance(memory_budget, bool) or not isinstance(
-      memory_budget, (int, float, np.integer, np.floating)):
-    raise TypeError(f'{name} must be "auto", "unbounded", None or a number '
-                    f'>= 0, got {type(memory_budget).__name__}.')
-  if not (memory_budget >= 0 and math.isfinite(memory_budget)):
-    raise ValueError(f'{name} must be a finite number >= 0, got '
-                     f'{memory_budget!r}.')
-  return float(memory_budget)
-
-
-# ``memory_budget="auto"`` of the transforms and optimizers: one kernel
-# call's working set, as a fraction of the bytes of the updates.
-DEFAULT_MEMORY_BUDGET = 0.1
-
-
-def budget_bytes(memory_budget: float | None, tree) -> float | None:
-  """``memory_budget`` (a fraction of ``tree``'s bytes) in bytes."""
-  if memory_budget is None:
-    return None
-  total = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-              for x in jax.tree.leaves(tree))
-  return memory_budget * total
-
-
-def chunk_size(budget: float | None, per_item: float, n_items: int) -> int:
-  """Items per kernel call: ``max(1, budget // per_item)``, capped at
-  ``n_items`` (``budget=None``: all of them in one call)."""
-  if budget is None or per_item <= 0:
-    return n_items
-  return int(max(1, min(n_items, budget // per_item)))
-
-
-def _chunked(call, key, stack: Item, chunk: int):
-  """``call(key, *stack)`` in ``ceil(N / chunk)`` calls one after another.
-
-  The calls run in one ``lax.map`` over equal chunks (so the kernel is
-  compiled once and one chunk's temporaries are live at a time); the chunk
-  is evened out to ``ceil(N / calls)`` items and the last chunk is padded
-  with copies of the last item (fewer than ``calls`` pad rows, dropped
-  after; copies rather than zeros so that no kernel sees a degenerate
-  input).
-  """
-  n = stack[0].shape[0]
-  if chunk >= n:
-    return call(key, *stack)
-  calls = -(-n // chunk)
-  chunk = -(-n // calls)
-  pad = calls * chunk - n
-
-  def fold(x):
-    if pad:
-      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
-    return x.reshape((calls, chunk) + x.shape[1:])
-
-  ys = jax.lax.map(lambda xs: call(key, *xs), tuple(fold(x) for x in stack))
-  return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], ys)
-
-
-def _budgeted(call, key, items: Sequence[Item], chunk: int) -> list:
-  """One group's results, at most ``chunk`` items per kernel call.
-
-  A leaf with more than ``chunk`` items (a stacked ``[layers, ...]`` leaf)
-  runs through :func:`_chunked` on its own array: one compiled kernel
-  whatever the depth, and no copy of the group into one stack. Smaller
-  leaves are packed, in order, into calls of at most ``chunk`` items; each
-  call's inputs pass an ``optimization_barrier`` with the previous call's
-  outputs, so the calls run one after another and their temporaries can
-  share memory (a stack of the whole group would itself be as large as
-  the group).
-  """
-  out: list[Any] = [None] * len(items)
-  packs, cur, n = [], [], 0
-  for i, it in enumerate(items):
-    b = it[0].shape[0]
-    if b > chunk:
-      out[i] = _chunked(call, key, it, chunk)
-      continue
-    if n + b > chunk and cur:
-      packs.append(cur)
-      cur, n = [], 0
-    cur.append(i)
-    n += b
-  if cur:
-    packs.append(cur)
-  prev = None
-  for pack in packs:
-    xs = tuple(_concat([items[i][j] for i in pack])
-               for j in range(len(items[pack[0]])))
-    if prev is not None:
-      xs, _ = jax.lax.optimization_barrier((xs, prev))
-    prev = call(key, *xs)
-    for i, piece in zip(pack, _split(prev, [items[i][0].shape[0]
-                                            for i in pack])):
-      out[i] = piece
-  return out
 
 
 def _key(item: Item, extra: Hashable) -> tuple:
@@ -281,19 +154,6 @@ def assign_lpt(sizes: Sequence[int], costs: Sequence[float],
   return Assignment(device, slot, counts, loads)
 
 
-def _concat(parts):
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-
-
-def _split(tree, sizes):
-  """Splits every leaf of ``tree`` along axis 0 into pieces of ``sizes``."""
-  if len(sizes) == 1:
-    return [tree]
-  offsets = np.cumsum([0] + list(sizes))
-  return [jax.tree.map(lambda y, a=a, b=b: y[a:b], tree)
-          for a, b in zip(offsets[:-1], offsets[1:])]
-
-
 def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
                 spec=None, cost: Callable[[Sequence[tuple]], float] | None
                 = None, keys: Sequence[Hashable] | None = None,
@@ -325,6 +185,15 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
       resident arrays after the moving ones, ``fn(*arrays, *resident)``,
       and returns ``(output pytree, tuple of new resident arrays)``; the new
       resident state stays on the owners (no collective) and is returned.
+    memory_budget: bytes for one kernel call's working set, or ``None``
+      (each group, or each device's share of it, in one call). A group of
+      ``N`` items whose item needs ``w`` bytes (``item_bytes``) runs in
+      calls of ``max(1, memory_budget // w)`` items, one after another: a
+      ``lax.map`` over the chunks of a stacked leaf or of a device's
+      items (one compiled kernel), and barrier-chained calls over packs
+      of separate leaves (no copy of the whole group into one stack).
+    item_bytes: ``item_bytes(shapes, dtypes)`` of one item's per-slice
+      inputs: its working set; default :func:`matrix_bytes`.
 
   Returns:
     A list, per leaf, of ``fn``'s output pytree with leading axis ``B_i``;
@@ -367,8 +236,11 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
     raise ValueError(f'resident: {len(resident.groups)} groups, but the '
                      f'leaves form {len(glist)}; build it with owner_stacks '
                      'from the same leaves.')
+  chunks = [chunk_size(memory_budget, _item_bytes(item_bytes, gkey), k)
+            for (gkey, _), k in zip(glist, plan.kmax)]
   res = _owner_computes(call, glist, stacks, sizes, plan, spec, out,
-                        None if resident is None else resident.groups)
+                        None if resident is None else resident.groups,
+                        chunks)
   if resident is None:
     return res
   out, new_groups = res
@@ -605,7 +477,7 @@ def _one_item_at_a_time(call, key, args):
 
 
 def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
-                    resident=None):
+                    resident=None, chunks=None):
   """The multi-device half of :func:`grouped_map`.
 
   Per group, the items are put in owner order (device 0's items, padded
@@ -623,7 +495,9 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
   along one axis (arrays with no divisible axis: gathered), or, for
   ``"replicated"``, every device packs its results of all groups into one
   flat buffer per dtype (padded to the largest device's total) and one
-  ``all_gather`` per dtype gives every device every result.
+  ``all_gather`` per dtype gives every device every result. ``chunks``:
+  per group, the most items of one kernel call (``memory_budget``); a
+  device's items run in a ``lax.map`` over such chunks.
   """
   num = spec.num_shards()
   gather_in = spec.layout == 'replicated'
@@ -700,8 +574,11 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
             continue
           args = (tuple(x[:c] for x in grp)
                   + tuple(r[:c] for r in rgrp))
-          y = (_one_item_at_a_time(call, gkey[1], args)
-               if one_at_a_time[g] and c > 1 else call(gkey[1], *args))
+          if one_at_a_time[g] and c > 1:
+            y = _one_item_at_a_time(call, gkey[1], args)
+          else:  # the device's items in budgeted chunks
+            y = _chunked(call, gkey[1], args,
+                         c if chunks is None else chunks[g])
           if resident is not None:
             y, ry = y
             # The pad slots keep their (unused) old state.
@@ -765,30 +642,3 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
       out[i] = piece
   return out if resident is None else (out, new_groups)
 
-
-def sequential_calls(calls: Sequence[tuple[Callable[..., Any], tuple]],
-                     sizes: Sequence[float], memory_budget: float | None
-                     ) -> list:
-  """``[fn(*args) for fn, args in calls]``, in packs that fit a budget.
-
-  The per-leaf counterpart of :func:`grouped_map`'s budget: consecutive
-  calls are packed while their ``sizes`` (working sets, bytes) sum to at
-  most ``memory_budget``; each pack's arguments pass an
-  ``optimization_barrier`` with the previous pack's results, so packs run
-  one after another and their temporaries can share memory. Values are
-  unchanged (a barrier is the identity). ``memory_budget=None``: plain
-  calls, scheduled as XLA likes.
-  """
-  out, prev, pack, used = [], None, [], 0.0
-  for (fn, args), size in zip(calls, sizes):
-    if memory_budget is not None and size > 0:
-      if pack and used + size > memory_budget:
-        prev, pack, used = tuple(pack), [], 0.0
-      if prev is not None:
-        args, _ = jax.lax.optimization_barrier((tuple(args), prev))
-      used += size
-    res = fn(*args)
-    if memory_budget is not None and size > 0:
-      pack.append(res)
-    out.append(res)
-  return out
