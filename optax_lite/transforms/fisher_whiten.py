@@ -1174,7 +1174,9 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       matrix leaves whitened together, as a fraction of the updates' bytes
       (``"auto"``: 0.1): they run in packs that fit it, one pack after
       another (:func:`optax_lite.linalg.grouped.sequential_calls`); same
-      values. ``None``: every leaf at once, as XLA schedules it.
+      values. ``None``: every leaf at once, as XLA schedules it. (FISMO's
+      inner ``orthogonalize`` takes its own budget, which is what bounds
+      its polar factors; see ``docs/benchmarks.md``, memory.)
 
   ``gamma``, ``damping``, ``min_eig``, ``trace_damping``, ``root_eps``,
   ``root_iters`` and the value of ``root_every`` may be traced (e.g. by

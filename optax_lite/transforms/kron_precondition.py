@@ -1121,13 +1121,16 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       be static in ``update`` too (it decides the owners).
 
     memory_budget: on one device, the working set of the leaves stepped
-      together, as a fraction of the updates' bytes (default ``0.1``):
+      together, as a fraction of the updates' bytes (``"auto"``: 0.1):
       the matrix leaves run in packs whose estimated working sets (every
       array twice, four copies of each factor for the ``eigh`` / QR) fit
-      it, one pack after another, so that XLA does not schedule every
-      leaf's refresh at once. Same values; ``None``: every leaf at once, as
-      XLA schedules it. With ``distribute`` it is ignored (each device
-      computes its own share).
+      it, one pack after another (barrier-chained). Same values;
+      ``None``: every leaf at once, as XLA schedules it. These leaves
+      already run one kernel each; on XLA:CPU the measured temporaries do
+      not change with the budget (they come from its default
+      concurrency-optimised scheduler and from the refresh conditionals'
+      copies of the kept bases; ``docs/benchmarks.md``, memory). With
+      ``distribute`` it is ignored (each device computes its own share).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`SoapState`.
@@ -1336,13 +1339,16 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       static in ``update`` too.
 
     memory_budget: on one device, the working set of the leaves stepped
-      together, as a fraction of the updates' bytes (default ``0.1``):
+      together, as a fraction of the updates' bytes (``"auto"``: 0.1):
       the matrix leaves run in packs whose estimated working sets (every
       array twice, four copies of each factor for the ``eigh`` / QR) fit
-      it, one pack after another, so that XLA does not schedule every
-      leaf's refresh at once. Same values; ``None``: every leaf at once, as
-      XLA schedules it. With ``distribute`` it is ignored (each device
-      computes its own share).
+      it, one pack after another (barrier-chained). Same values;
+      ``None``: every leaf at once, as XLA schedules it. These leaves
+      already run one kernel each; on XLA:CPU the measured temporaries do
+      not change with the budget (they come from its default
+      concurrency-optimised scheduler and from the refresh conditionals'
+      copies of the kept bases; ``docs/benchmarks.md``, memory). With
+      ``distribute`` it is ignored (each device computes its own share).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ShampooState`.

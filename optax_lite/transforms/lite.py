@@ -408,11 +408,14 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       reference code's extra decoupled decay along flat directions (the
       learning rate multiplies it later in the chain). Needs ``params``.
     memory_budget: on one device, the working set of the matrix leaves
-      stepped together, as a fraction of the updates' bytes (default
-      ``0.1``): the leaves run in packs whose estimated working sets fit
-      it, one pack after another
+      stepped together, as a fraction of the updates' bytes (``"auto"``:
+      0.1): the leaves run in packs whose estimated working sets fit it,
+      one pack after another
       (:func:`optax_lite.linalg.grouped.sequential_calls`); same values.
-      ``None``: every leaf at once, as XLA schedules it.
+      ``None``: every leaf at once, as XLA schedules it. On XLA:CPU the
+      measured temporaries do not change with it: they come from the
+      default concurrency-optimised scheduler running the leaves side by
+      side (``docs/benchmarks.md``, memory).
     distribute: ``None`` (one device) or a :class:`optax_lite.PolarSharding`
       / ``Mesh`` / ``(mesh, axes)``: owner-computes. Every matrix slice's
       whole LITE step (the geometry's polar factors, filter, rotations and
