@@ -113,17 +113,14 @@ def test_budget_lowers_muon_temporaries():
 
 _MEMORY_SCHEDULER = r'''
 import json, sys
-import jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 import optimizer_zoo as zoo
 from test_memory_budget import llama_tree, temp_ratio
 params = llama_tree(32, 8, 88, 64)
-out = {}
-for name in zoo.NAMED:
-  out[name] = temp_ratio(zoo.make(name), params)
-for name in ('muon', 'fismo'):
-  out[name + '_smallest'] = temp_ratio(zoo.make(name, memory_budget=0),
-                                       params)
+out = {'muon': temp_ratio(zoo.make('muon'), params)}
+out['muon_smallest'] = temp_ratio(zoo.make('muon', memory_budget=0), params)
+out['muon_unbounded'] = temp_ratio(zoo.make('muon', memory_budget=None),
+                                   params)
 print(json.dumps(out))
 '''
 
@@ -131,9 +128,9 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_bounds_under_memory_scheduler():
   """With XLA:CPU's memory-minimising scheduler (a process flag, hence a
-  subprocess): the default bound for every named optimizer but SOAP and
-  FISMO-LITE, and <= 0.1x at the smallest budget for Muon and FISMO on a
-  tree whose largest matrix is 3% of the parameters."""
+  subprocess): Muon within 0.5x at the default budget and within 0.1x at
+  the smallest on a tree whose largest matrix is 1.5% of the parameters
+  (unbounded: several times more)."""
   tests = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
       os.environ.get('XLA_FLAGS', '') +
@@ -141,11 +138,9 @@ def test_bounds_under_memory_scheduler():
              OPTAX_LITE_JAX_CACHE='0')
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   res = subprocess.run([sys.executable, '-c', _MEMORY_SCHEDULER, tests],
-                       env=env, capture_output=True, text=True, timeout=900,
+                       env=env, capture_output=True, text=True, timeout=1200,
                        check=True)
   got = json.loads(res.stdout.strip().splitlines()[-1])
-  for name in zoo.NAMED:
-    if name not in ('soap', 'fismo_lite'):
-      assert got[name] <= 0.5, (name, got[name])
+  assert got['muon'] <= 0.5
   assert got['muon_smallest'] <= 0.1
-  assert got['fismo_smallest'] <= 0.1
+  assert got['muon_unbounded'] > 4 * got['muon_smallest']
