@@ -99,8 +99,8 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
       set)`` matrices, one chunk after another (a ``lax.map``, so the
       kernel is compiled once). ``0`` runs one matrix at a time; ``None``
       runs each group in one call (fastest, temporaries grow with the
-      number of same-shape matrices). With ``distribute`` the budget
-      applies to each device's share.
+      number of same-shape matrices). With ``distribute`` over several
+      devices it does not apply: each device runs its share in one call.
 
   Returns:
     A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``).
