@@ -28,7 +28,7 @@ import lm  # noqa: E402  (its summarize() is the one source of the LM table)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NAMES = ('step_time', 'lm', 'horizon', 'synthetic', 'state_bytes',
+NAMES = ('step_time', 'lm', 'horizon', 'synthetic', 'state_bytes', 'memory',
          'distributed', 'distributed_polar', 'gpu_suite')
 
 
@@ -376,6 +376,47 @@ def state_bytes_section(path, d):
           + _table(header, rows))
 
 
+def memory_section(path, d):
+  """Update temporaries per parameter byte (benchmarks/memory.py)."""
+  models = d.get('models', {})
+  cols = sorted({(r['mode'], r['model'], r.get('scheduler', 'concurrency'))
+                 for r in d['rows']},
+                key=lambda c: (c[0] != 'one_device', c[2] != 'concurrency',
+                               models.get(c[1], {}).get('n_params', 0)))
+  cells, state = {}, {}
+  for r in d['rows']:
+    col = (r['mode'], r['model'], r.get('scheduler', 'concurrency'))
+    cells.setdefault(r['optimizer'], {}).setdefault(col, {})[
+        r['budget']] = r['temp_per_param']
+    if r['mode'] == 'one_device':
+      state[r['optimizer']] = r['state_per_param']
+
+  def cell(budgets):
+    if set(budgets) == {'default'}:
+      return f'{budgets["default"]:.2f}'
+    return ' / '.join(_fmt(budgets.get(b), '.2f')
+                      for b in ('default', 'none', 'smallest'))
+
+  def label(c):
+    n = models.get(c[1], {}).get('n_params')
+    size = f'{n / 1e6:.0f}M' if n else '?'
+    sched = '' if c[2] == 'concurrency' else ', memory scheduler'
+    return f'{c[0]} {c[1]} ({size}{sched})'
+
+  header = ['optimizer', 'state'] + [label(c) for c in cols]
+  rows = [[f'`{name}`', _fmt(state.get(name), '.2f')]
+          + [cell(cells[name][c]) if c in cells[name] else '–'
+             for c in cols] for name in cells]
+  return (_head(path, d) + '\n\nXLA temporaries of one jitted update '
+          '(`memory_analysis().temp_size_in_bytes`) per parameter byte, at '
+          '`memory_budget` default / `None` / `0` (`adamw`, `optax_muon`: '
+          'their one setting); `state`: optimizer-state bytes per parameter '
+          'byte. `distribute8`: per device, over the per-device parameter '
+          'bytes (FSDP on 8 host devices). "memory scheduler": XLA:CPU '
+          'with `--xla_cpu_enable_concurrency_optimized_scheduler=false`.'
+          '\n\n' + _table(header, rows))
+
+
 def distributed_section(path, d):
   """Owner-computes vs plain GSPMD per optimizer (benchmarks/distributed.py)."""
   t = d.get('targets', {})
@@ -548,6 +589,7 @@ SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
             'horizon': horizon_section,
             'synthetic': synthetic_section,
             'state_bytes': state_bytes_section,
+            'memory': memory_section,
             'distributed': distributed_section,
             'distributed_polar': distributed_polar_section}
 

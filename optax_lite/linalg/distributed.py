@@ -111,7 +111,9 @@ def check_distribute(distribute: Any, shard_polar: Any = None
 
 def sharded_polar(mats: Sequence[jax.Array],
                   polar_fn: Callable[[jax.Array], jax.Array],
-                  spec: PolarSharding | None) -> list[jax.Array]:
+                  spec: PolarSharding | None, *,
+                  memory_budget: float | None = None,
+                  item_bytes=None) -> list[jax.Array]:
   """Applies ``polar_fn`` to every ``(batch, m, n)`` array, spread over devices.
 
   Args:
@@ -119,6 +121,11 @@ def sharded_polar(mats: Sequence[jax.Array],
     polar_fn: a batched polar factor ``(B, s, l) -> (B, s, l)`` for wide
       inputs (``s ≤ l``), e.g. ``lambda x: newton_schulz(x, coeffs)``.
     spec: the :class:`PolarSharding` (``None``: one device, grouped only).
+    memory_budget: bytes for one kernel call's working set (``None``:
+      each shape group in one call); see
+      :func:`optax_lite.linalg.grouped.grouped_map`.
+    item_bytes: ``item_bytes(shapes, dtypes)``, one item's working set
+      (default :func:`optax_lite.linalg.grouped.matrix_bytes`).
 
   Returns:
     A list of arrays shaped like ``mats``, each slice ``polar_fn`` of the
@@ -129,7 +136,9 @@ def sharded_polar(mats: Sequence[jax.Array],
   spec = check_polar_sharding(spec)
   wide = [jnp.swapaxes(m, -1, -2) if m.shape[-2] > m.shape[-1] else m
           for m in mats]
-  outs = grouped.grouped_map(polar_fn, [(w,) for w in wide], spec=spec)
+  outs = grouped.grouped_map(polar_fn, [(w,) for w in wide], spec=spec,
+                             memory_budget=memory_budget,
+                             item_bytes=item_bytes)
   return [jnp.swapaxes(o, -1, -2) if m.shape[-2] > m.shape[-1] else o
           for m, o in zip(mats, outs)]
 

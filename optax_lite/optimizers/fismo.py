@@ -56,7 +56,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
           weight_decay: float = 0.1, weight_decay_mask=None,
           cautious_weight_decay: bool = False, mu_dtype=None,
           dims=None, labels=None, precision=None, ns_dtype=None,
-          distribute=None,
+          distribute=None, memory_budget: float | str | None = 'auto',
           adam_learning_rate: optax.ScalarOrSchedule | None = None,
           adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
           adam_weight_decay: float | None = None, adam_nesterov: bool = False
@@ -151,6 +151,10 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       ``distribute=None`` state still runs under it). With
       ``optax.inject_hyperparams`` pass a ``Mesh`` in ``static_args`` (it
       is callable, which would make it a schedule).
+    memory_budget: on one device, the working set of the matrices
+      whitened (and orthogonalised) together, as a fraction of their
+      bytes (``"auto"``: 0.1; ``None``: all at once); see
+      :func:`optax_lite.transforms.fisher_whiten`.
     adam_*: AdamW for the non-matrix leaves; ``adam_learning_rate=None`` uses
       ``learning_rate`` and ``adam_weight_decay=None`` uses ``weight_decay``.
 
@@ -174,7 +178,8 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   inner = optax.chain(
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
-                    ns_dtype=ns_dtype, distribute=distribute))
+                    ns_dtype=ns_dtype, distribute=distribute,
+                    memory_budget=memory_budget))
   if distribute is not None:
     # Over several devices the whole per-matrix step runs on the owner.
     inner = _momentum_polar(
@@ -195,5 +200,6 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
                     factor_dtype=factor_dtype, root_every=root_every,
                     max_factor_size=max_factor_size,
                     scale_invariant=scale_invariant, dims=dims,
-                    precision=precision, distribute=distribute),
+                    precision=precision, distribute=distribute,
+                    memory_budget=memory_budget),
       scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)

@@ -25,7 +25,9 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float | None = None, adam_nesterov: bool = False,
-         distribute=None) -> optax.GradientTransformation:
+         distribute=None,
+         memory_budget: float | str | None = 'auto'
+         ) -> optax.GradientTransformation:
   r"""SOAP for hidden matrices, AdamW for embeddings, head, norms, biases.
 
   For each matrix leaf (``fan_in × fan_out`` after the ``dims`` reshape):
@@ -71,6 +73,9 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
       ``ol.sharded_init`` places it); each step only the gradient travels
       there and the update back, one all-to-all per shape group each way.
       ``None``: one device, unchanged.
+    memory_budget: on one device, the working set of the matrix leaves
+      stepped together, as a fraction of their bytes (``None``: all at
+      once, as XLA schedules them); see ``scale_by_soap``.
 
   ``optax.inject_hyperparams(soap)(learning_rate=…)`` works as is: every
   float (learning rate, betas, ε, decays, ``null_threshold``) and
@@ -102,7 +107,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
           dims, skip_first_update=skip_first_update,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype, precision=precision,
-          distribute=distribute),
+          distribute=distribute, memory_budget=memory_budget),
       warmup_fn=warmup_fn, cautious=cautious_weight_decay)
 
 
@@ -119,7 +124,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
             adam_learning_rate: optax.ScalarOrSchedule | None = None,
             adam_b1: float = 0.9, adam_b2: float = 0.95,
             adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
-            adam_nesterov: bool = False, distribute=None
+            adam_nesterov: bool = False, distribute=None,
+            memory_budget: float | str | None = 'auto'
             ) -> optax.GradientTransformation:
   r"""Shampoo (grafted to Adam) for hidden matrices, AdamW for the rest.
 
@@ -150,6 +156,7 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
       whose state (moments, factors, roots) lives there
       (``ShampooState.owned``); only the gradient and the update travel.
       ``None``: one device, unchanged.
+    memory_budget: as in :func:`soap`.
 
   ``optax.inject_hyperparams(shampoo)`` as for :func:`soap`; in addition
   ``exponent`` must be static with ``root_method="newton"``.
@@ -171,5 +178,6 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
           root_method=root_method, matrix_eps=matrix_eps, graft=graft,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype,
-          precision=precision, distribute=distribute),
+          precision=precision, distribute=distribute,
+          memory_budget=memory_budget),
       cautious=cautious_weight_decay)

@@ -31,6 +31,7 @@ import optax
 
 from optax_lite import _checks
 from optax_lite.linalg import distributed
+from optax_lite.linalg import grouped
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.optimizers import lite_schedule as lite_schedule_lib
@@ -252,6 +253,7 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               sharp_dim_rule: str = 'reference',
               filter_route: str = 'small_side', mu_dtype=None, dims=None,
               labels=None, precision=None, ns_dtype=None, distribute=None,
+              memory_budget: float | str | None = 'auto',
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
@@ -300,6 +302,9 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
       / ``(mesh, axes)``: owner-computes for the matrix leaves (each
       device runs whole matrices' LITE steps, chosen by cost; see
       :func:`optax_lite.lite_flat_boost` and ``docs/multi_device.md``).
+    memory_budget: on one device, the working set of the matrix leaves
+      stepped together, as a fraction of their bytes (``"auto"``: 0.1;
+      ``None``: all at once); see :func:`optax_lite.lite_flat_boost`.
 
   ``optax.inject_hyperparams(muon_lite)(learning_rate=...)`` works: every
   float argument may be traced. The integers ``total_steps``,
@@ -326,7 +331,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
                       ns_dtype=ns_dtype),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
-        rms=rms, flat_weight_decay=flat_decay, distribute=distribute)
+        rms=rms, flat_weight_decay=flat_decay, distribute=distribute,
+        memory_budget=memory_budget)
 
   return assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
@@ -384,6 +390,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               reference_schedules: bool = True, threshold_rate: float = 1.05,
               mu_dtype=None, precond_dtype='float32', dims=None,
               labels=None, precision=None, distribute=None,
+              memory_budget: float | str | None = 'auto',
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
@@ -443,7 +450,7 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=b1,
         nesterov=False, mu_dtype=mu_dtype or precond_dtype,
         dims=dims, scaling='none', flat_weight_decay=flat_decay,
-        distribute=distribute)
+        distribute=distribute, memory_budget=memory_budget)
 
   # SOAP's statistics-only first step skips the weight decay too.
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
@@ -475,6 +482,7 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
               schedule: str | None = None, reference_schedules: bool = True,
               threshold_rate: float = 1.05, mu_dtype=None, dims=None,
               labels=None, distribute=None,
+              memory_budget: float | str | None = 'auto',
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
@@ -507,7 +515,8 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
                           threshold_rate=threshold_rate),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
-        rms=rms, flat_weight_decay=flat_decay)
+        rms=rms, flat_weight_decay=flat_decay,
+        memory_budget=grouped.check_memory_budget(memory_budget))
 
   return assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
@@ -543,6 +552,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                threshold_rate: float = 1.05,
                filter_route: str = 'small_side', mu_dtype=None, dims=None,
                labels=None, precision=None, distribute=None,
+               memory_budget: float | str | None = 'auto',
                adam_learning_rate: optax.ScalarOrSchedule | None = None,
                adam_b1: float = 0.9, adam_b2: float = 0.95,
                adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
@@ -593,7 +603,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       filter_route=filter_route),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none',
-        distribute=distribute, owner_inner=distribute is not None)
+        distribute=distribute, owner_inner=distribute is not None,
+        memory_budget=memory_budget)
     return optax.chain(
         fisher_whiten(inner, gamma=gamma, damping=damping,
                       root_method=root_method, root_iters=root_iters,
@@ -602,7 +613,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       factor_dtype=factor_dtype,
                       root_every=root_every, max_factor_size=max_factor_size,
                       scale_invariant=scale_invariant, dims=dims,
-                      precision=precision, distribute=distribute),
+                      precision=precision, distribute=distribute,
+                      memory_budget=memory_budget),
         scale_by_shape(scaling, rms, dims))
 
   return assemble(

@@ -20,6 +20,7 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          cautious_weight_decay: bool = False, mu_dtype=None,
          dims=None, labels=None, precision=None, distribute=None,
          ns_dtype=None, shard_polar=None,
+         memory_budget: float | str | None = 'auto',
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float | None = None, adam_nesterov: bool = False
@@ -72,6 +73,12 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       in that dtype with float32 accumulation (as Keller Jordan's Muon); see
       docs/precision.md for its accuracy band.
     shard_polar: the former name of ``distribute`` (an alias).
+    memory_budget: working set of one batched polar-factor call, as a
+      fraction of the matrix leaves' bytes: same-shape matrices are
+      orthogonalised in chunks that fit it, one after another (``0``: one
+      matrix at a time; ``None``: each shape in one call, fastest, with
+      temporaries that grow with depth). See
+      :func:`optax_lite.orthogonalize`.
     adam_*: AdamW settings for the non-matrix leaves;
       ``adam_learning_rate=None`` uses ``learning_rate`` and
       ``adam_weight_decay=None`` uses ``weight_decay``.
@@ -93,5 +100,5 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
                   bias_correction=bias_correction, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
                     distribute=distribute, shard_polar=shard_polar,
-                    ns_dtype=ns_dtype),
+                    ns_dtype=ns_dtype, memory_budget=memory_budget),
       scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)

@@ -23,6 +23,7 @@ def muonh(learning_rate: optax.ScalarOrSchedule, *,
           weight_decay: float = 0.1, cautious_weight_decay: bool = False,
           mu_dtype=None, dims=None, labels=None, precision=None,
           distribute=None, ns_dtype=None,
+          memory_budget: float | str | None = 'auto',
           adam_learning_rate: optax.ScalarOrSchedule | None = None,
           adam_b1: float = 0.9, adam_b2: float = 0.95,
           adam_eps: float = 1e-8, adam_nesterov: bool = False
@@ -59,8 +60,8 @@ def muonh(learning_rate: optax.ScalarOrSchedule, *,
       (:func:`optax_lite.neuron_normalize`, with ``beta2`` and ``eps``).
     beta2: ``β₂`` of that normalisation.
     eps: ``ε`` of the norm divisions (dion's ``hyperball_eps``).
-    method, steps, precision, ns_dtype, distribute, mu_dtype, dims,
-      labels: as for :func:`optax_lite.muon`.
+    method, steps, precision, ns_dtype, distribute, memory_budget,
+      mu_dtype, dims, labels: as for :func:`optax_lite.muon`.
     scaling: ``c``: ``"none"`` (dion's default), ``"spectral"``, ``"rms"``
       or ``"width"``.
     rms: target RMS for ``scaling="rms"``.
@@ -85,7 +86,8 @@ def muonh(learning_rate: optax.ScalarOrSchedule, *,
   matrix_txs = [
       momentum_tx(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
-                    distribute=distribute, ns_dtype=ns_dtype)]
+                    distribute=distribute, ns_dtype=ns_dtype,
+                    memory_budget=memory_budget)]
   if normalization is not None:
     matrix_txs.append(neuron_normalize(beta2, eps, normalization, dims))
   matrix_txs.append(hyperball_step(learning_rate, scaling=scaling, rms=rms,

@@ -23,6 +23,7 @@ def normuon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
             weight_decay: float = 0.1, weight_decay_mask=None,
             cautious_weight_decay: bool = False, mu_dtype=None, dims=None,
             labels=None, precision=None, distribute=None, ns_dtype=None,
+            memory_budget: float | str | None = 'auto',
             adam_learning_rate: optax.ScalarOrSchedule | None = None,
             adam_b1: float = 0.9, adam_b2: float = 0.95,
             adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
@@ -63,9 +64,10 @@ def normuon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     momentum, nesterov: heavy-ball ``μ`` and the Nesterov look-ahead.
     beta2: ``β₂`` of the per-neuron EMA, in ``[0, 1)``.
     eps: ``ε`` (> 0).
-    method, steps, precision, ns_dtype, distribute: the polar factor, as
-      for :func:`optax_lite.muon` (``distribute`` spreads the polar factors;
-      the normalisation is O(mn) and stays where the leaf is).
+    method, steps, precision, ns_dtype, distribute, memory_budget: the
+      polar factor, as for :func:`optax_lite.muon` (``distribute`` spreads
+      the polar factors; the normalisation is O(mn) and stays where the
+      leaf is).
     scaling: ``"rms"``, ``"spectral"``, ``"width"`` or ``"none"``.
     rms: target RMS for ``scaling="rms"``.
     weight_decay, weight_decay_mask, cautious_weight_decay, mu_dtype, dims,
@@ -86,7 +88,8 @@ def normuon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       momentum_tx(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
-                    distribute=distribute, ns_dtype=ns_dtype),
+                    distribute=distribute, ns_dtype=ns_dtype,
+                    memory_budget=memory_budget),
       neuron_normalize(beta2, eps, 'neuron', dims),
       scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)
 
@@ -109,6 +112,7 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
                  filter_route: str = 'small_side', mu_dtype=None,
                  dims=None, labels=None, precision=None, ns_dtype=None,
                  distribute=None,
+                 memory_budget: float | str | None = 'auto',
                  adam_learning_rate: optax.ScalarOrSchedule | None = None,
                  adam_b1: float = 0.9, adam_b2: float = 0.95,
                  adam_eps: float = 1e-8,
@@ -155,7 +159,8 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
                          ns_dtype=ns_dtype),
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=nesterov, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
-        rms=rms, flat_weight_decay=flat_decay, distribute=distribute)
+        rms=rms, flat_weight_decay=flat_decay, distribute=distribute,
+        memory_budget=memory_budget)
 
   return lite_lib.assemble(
       matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,

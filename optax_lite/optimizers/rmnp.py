@@ -6,6 +6,7 @@ import optax
 
 from optax_lite import _checks
 from optax_lite.linalg import distributed
+from optax_lite.linalg import grouped
 from optax_lite.optimizers import _common
 from optax_lite.transforms.momentum import momentum as momentum_tx
 from optax_lite.transforms.row_normalize import AXES, row_normalize
@@ -20,7 +21,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
          scaling: str = 'width', rms: float = 0.2, weight_decay: float = 0.1,
          weight_decay_mask=None, cautious_weight_decay: bool = False,
          mu_dtype=None, dims=None, labels=None,
-         distribute=None,
+         distribute=None, memory_budget: float | str | None = 'auto',
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float | None = None, adam_nesterov: bool = False
@@ -88,6 +89,8 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       splits with the parameter's sharding at the cost of one small
       all-reduce of the row norms (``fan_out`` numbers per matrix); moving
       whole matrices to owner devices would cost more bytes than it saves.
+    memory_budget: accepted and checked for a uniform interface (row
+      normalisation is element-wise; nothing to budget).
     adam_learning_rate: AdamW's learning rate; ``None`` uses
       ``learning_rate``.
     adam_weight_decay: AdamW's weight decay; ``None`` (default) uses
@@ -105,6 +108,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   _checks.check_choice('axis', axis, AXES)
   _checks.check_positive('eps', eps)
   distributed.check_polar_sharding(distribute, 'distribute')
+  grouped.check_memory_budget(memory_budget)
   if nesterov is None:
     nesterov = variant == 'code'
   if ema is None:

@@ -1053,7 +1053,7 @@ def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
 
 def _update(updates, state: FisherWhitenState, params=None, *, inner,
             cfg: _Config, dims, root_every, max_factor_size=None, spec=None,
-            fused=None):
+            fused=None, memory_budget=None):
   del params  # the inner transform lives in the whitened space
   owned = isinstance(state.owned, grouped_lib.OwnerStacks)
   if owned and (spec is None or spec.num_shards() == 1):
@@ -1071,15 +1071,17 @@ def _update(updates, state: FisherWhitenState, params=None, *, inner,
     return _update_distributed(updates, state, inner=inner, cfg=cfg,
                                dims=dims, root_every=root_every, spec=spec)
   refresh = state.count % root_every == 0
+  budget = grouped_lib.budget_bytes(memory_budget, updates)
   out = _tree.map_leaves(
       functools.partial(_whiten_leaf, refresh=refresh, cfg=cfg),
-      updates, state.p, state.q, state.p_isqrt, state.q_isqrt, dims=dims)
+      updates, state.p, state.q, state.p_isqrt, state.q_isqrt, dims=dims,
+      memory_budget=budget)
   step = _LeafStep(*_tree.unzip(out, len(_LeafStep._fields), updates))
   inner_updates, inner_state = inner.update(step.whitened, state.inner_state,
                                             None)
   new_updates = _tree.map_leaves(
       functools.partial(_unwhiten_leaf, cfg=cfg), inner_updates,
-      step.p_isqrt, step.q_isqrt, dims=dims)
+      step.p_isqrt, step.q_isqrt, dims=dims, memory_budget=budget)
   return new_updates, FisherWhitenState(
       count=optax.safe_increment(state.count), p=step.p, q=step.q,
       inner_state=inner_state, p_isqrt=step.p_cache, q_isqrt=step.q_cache)
@@ -1094,7 +1096,9 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                   max_factor_size: int | None = 4096,
                   scale_invariant: bool = False, root_every: int = 1,
                   dims: _tree.DimsSpec = None, precision=None,
-                  distribute=None) -> optax.GradientTransformation:
+                  distribute=None,
+                  memory_budget: float | str | None = 'auto'
+                  ) -> optax.GradientTransformation:
   """Whitens matrix leaves with FISMO's Kronecker factors around ``inner``.
 
   Args:
@@ -1170,6 +1174,14 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       float32 on the owner (the per-leaf path rounds them to the
       gradient's dtype).
 
+    memory_budget: with ``distribute=None``, the working set of the
+      matrix leaves whitened together, as a fraction of the updates' bytes
+      (``"auto"``: 0.1): they run in packs that fit it, one pack after
+      another (:func:`optax_lite.linalg.grouped.sequential_calls`); same
+      values. ``None``: every leaf at once, as XLA schedules it. (FISMO's
+      inner ``orthogonalize`` takes its own budget, which is what bounds
+      its polar factors; see ``docs/benchmarks.md``, memory.)
+
   ``gamma``, ``damping``, ``min_eig``, ``trace_damping``, ``root_eps``,
   ``root_iters`` and the value of ``root_every`` may be traced (e.g. by
   ``optax.inject_hyperparams``); ``max_factor_size`` and whether
@@ -1200,6 +1212,7 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
     raise TypeError('inner: expected an optax.GradientTransformation, an '
                     f'OwnerInner or None, got {type(inner).__name__}.')
   spec = distributed_lib.check_distribute(distribute)
+  memory_budget = grouped_lib.check_memory_budget(memory_budget)
   _checks.check_decay('gamma', gamma, allow_one=True)
   _checks.check_positive('damping', damping)
   _checks.check_choice('root_method', root_method, _ROOT_METHODS)
@@ -1232,4 +1245,5 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
                         root_every=root_every, spec=spec, fused=fused),
       distributed_lib.layout_stable(functools.partial(
           _update, inner=inner, cfg=cfg, dims=dims, root_every=root_every,
-          max_factor_size=max_factor_size, spec=spec, fused=fused)))
+          max_factor_size=max_factor_size, spec=spec, fused=fused,
+          memory_budget=memory_budget)))

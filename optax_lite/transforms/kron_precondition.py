@@ -1080,6 +1080,36 @@ def _kron_flops(m, n, left, right, k, root) -> float:
                + right * (4 * m * n * n + root * n ** 3 / k) + m * n)
 
 
+def _kron_bytes(*arrays) -> float:
+  """Working set of one leaf's step: every array (gradient, moments,
+  factors, bases) read and written once, plus an ``eigh`` / QR workspace of
+  four copies of each square factor."""
+  total = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+              for a in arrays)
+  square = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+               for a in arrays if a.ndim >= 2 and a.shape[-1] == a.shape[-2])
+  return float(2 * total + 4 * square)
+
+
+def _leafwise(leaf, updates, resolved, fields, memory_budget):
+  """``jax.tree.map(leaf, updates, resolved, *fields)``; with a budget
+  (a fraction of the updates' bytes) the leaves run in packs that fit it,
+  one pack after another (:func:`grouped_lib.sequential_calls`)."""
+  if memory_budget is None:
+    return jax.tree.map(leaf, updates, resolved, *fields)
+  g_leaves, treedef = jax.tree.flatten(updates)
+  d_leaves = treedef.flatten_up_to(resolved)
+  f_leaves = [treedef.flatten_up_to(f) for f in fields]
+  args = [(g, d) + tuple(f[i] for f in f_leaves)
+          for i, (g, d) in enumerate(zip(g_leaves, d_leaves))]
+  sizes = [_kron_bytes(a[0], *a[2:]) for a in args]
+  calls = [(lambda g, *fs, d=a[1]: leaf(g, d, *fs), (a[0],) + a[2:])
+           for a in args]
+  budget = grouped_lib.budget_bytes(memory_budget, updates)
+  out = grouped_lib.sequential_calls(calls, sizes, budget)
+  return jax.tree.unflatten(treedef, out)
+
+
 def _resident_cost(precondition_frequency, max_precond_dim, root):
   """Cost of an owner-resident item, whose only moving array is its
   gradient ``(B, m, n)``: the sides are those ``<= max_precond_dim``."""
@@ -1167,7 +1197,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
                   skip_first_update: bool = True,
                   null_threshold: float | None = NULL_THRESHOLD, mu_dtype=None,
                   precond_dtype='float32',
-                  precision=_HIGHEST, distribute=None
+                  precision=_HIGHEST, distribute=None,
+                  memory_budget: float | str | None = 'auto'
                   ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -1273,6 +1304,18 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       naming ``distribute``; with several devices ``max_precond_dim`` must
       be static in ``update`` too (it decides the owners).
 
+    memory_budget: on one device, the working set of the leaves stepped
+      together, as a fraction of the updates' bytes (``"auto"``: 0.1):
+      the matrix leaves run in packs whose estimated working sets (every
+      array twice, four copies of each factor for the ``eigh`` / QR) fit
+      it, one pack after another (barrier-chained). Same values;
+      ``None``: every leaf at once, as XLA schedules it. These leaves
+      already run one kernel each; on XLA:CPU the measured temporaries do
+      not change with the budget (they come from its default
+      concurrency-optimised scheduler and from the refresh conditionals'
+      copies of the kept bases; ``docs/benchmarks.md``, memory). With
+      ``distribute`` it is ignored (each device computes its own share).
+
   Returns:
     An ``optax.GradientTransformation`` with state :class:`SoapState`.
 
@@ -1312,6 +1355,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
   if null_threshold is not None:
     _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   spec = distributed_lib.check_distribute(distribute)
+  memory_budget = grouped_lib.check_memory_budget(memory_budget)
   precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
   mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
@@ -1382,7 +1426,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       new_updates, *fields = _tree.unzip(out, 9, updates)
       return new_updates, SoapState(count, *fields, owned)
     if spec is None:
-      out = jax.tree.map(leaf, updates, resolved, *fields)
+      out = _leafwise(leaf, updates, resolved, fields, memory_budget)
     else:
       def item(view, g, mu, nu, *factors):
         if not (has_side(factors[0]) or has_side(factors[1])):
@@ -1416,7 +1460,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
                      matrix_eps: float = 1e-6, graft: str = 'adam',
                      null_threshold: float | None = NULL_THRESHOLD,
                      mu_dtype=None, precond_dtype='float32',
-                     precision=_HIGHEST, distribute=None
+                     precision=_HIGHEST, distribute=None,
+                     memory_budget: float | str | None = 'auto'
                      ) -> optax.GradientTransformation:
   r"""Shampoo with EMA or summed factors, cached inverse roots and grafting.
 
@@ -1482,6 +1527,18 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       ``distribute``; with several devices ``max_precond_dim`` must be
       static in ``update`` too.
 
+    memory_budget: on one device, the working set of the leaves stepped
+      together, as a fraction of the updates' bytes (``"auto"``: 0.1):
+      the matrix leaves run in packs whose estimated working sets (every
+      array twice, four copies of each factor for the ``eigh`` / QR) fit
+      it, one pack after another (barrier-chained). Same values;
+      ``None``: every leaf at once, as XLA schedules it. These leaves
+      already run one kernel each; on XLA:CPU the measured temporaries do
+      not change with the budget (they come from its default
+      concurrency-optimised scheduler and from the refresh conditionals'
+      copies of the kept bases; ``docs/benchmarks.md``, memory). With
+      ``distribute`` it is ignored (each device computes its own share).
+
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ShampooState`.
   """
@@ -1503,6 +1560,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
         raise ValueError('exponent: root_method="newton" needs 1/exponent to '
                          f'be an integer, got exponent={exponent}.')
   spec = distributed_lib.check_distribute(distribute)
+  memory_budget = grouped_lib.check_memory_budget(memory_budget)
   precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
   mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
@@ -1594,7 +1652,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       new_updates, *fields = _tree.unzip(out, 7, updates)
       return new_updates, ShampooState(count, *fields, owned)
     if spec is None:
-      out = jax.tree.map(leaf, updates, resolved, *fields)
+      out = _leafwise(leaf, updates, resolved, fields, memory_budget)
     else:
       def item(view, g, mu, nu, *factors):
         if not (has_side(factors[0]) or has_side(factors[1])):

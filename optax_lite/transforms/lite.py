@@ -386,7 +386,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                     mu_dtype=None, dims: _tree.DimsSpec = None,
                     scaling: str = 'none', rms: float = 0.2,
                     flat_weight_decay: optax.ScalarOrSchedule = 0.0,
-                    distribute=None, owner_inner: bool = False
+                    distribute=None, owner_inner: bool = False,
+                    memory_budget: float | str | None = 'auto'
                     ) -> optax.GradientTransformation | OwnerInner:
   r"""LITE around ``geometry``; see the module docstring for the math.
 
@@ -407,6 +408,15 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     flat_weight_decay: ``λ_f``; adds ``λ_f·(χ − 1)·Q W`` to the update, the
       reference code's extra decoupled decay along flat directions (the
       learning rate multiplies it later in the chain). Needs ``params``.
+    memory_budget: on one device, the working set of the matrix leaves
+      stepped together, as a fraction of the updates' bytes (``"auto"``:
+      0.1): the leaves run in packs whose estimated working sets fit it,
+      one pack after another
+      (:func:`optax_lite.linalg.grouped.sequential_calls`); same values.
+      ``None``: every leaf at once, as XLA schedules it. On XLA:CPU the
+      measured temporaries do not change with it: they come from the
+      default concurrency-optimised scheduler running the leaves side by
+      side (``docs/benchmarks.md``, memory).
     distribute: ``None`` (one device) or a :class:`optax_lite.PolarSharding`
       / ``Mesh`` / ``(mesh, axes)``: owner-computes. Every matrix slice's
       whole LITE step (the geometry's polar factors, filter, rotations and
@@ -442,6 +452,7 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                        allow_schedule=True)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   spec = distributed_lib.check_distribute(distribute)
+  memory_budget = grouped.check_memory_budget(memory_budget)
   if not geometry.needs_matrix:
     spec = None  # elementwise geometries: nothing super-linear to spread
   ema = geometry.momentum_ema
@@ -523,8 +534,10 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     if isinstance(state.owned, grouped.OwnerStacks):
       return _owner_update(leaf, spec, updates, state, count, params_tree,
                            leaf_dims, pack)
-    res = _tree.map_leaves(leaf, updates, state.mu, params_tree,
-                           *state.geometry, dims=leaf_dims)
+    res = _tree.map_leaves(
+        leaf, updates, state.mu, params_tree, *state.geometry,
+        dims=leaf_dims, memory_budget=grouped.budget_bytes(
+            memory_budget if geometry.needs_matrix else None, updates))
     parts = _tree.unzip(res, 2 + len(state.geometry), updates)
     # ``owned`` as it came (None, or the int placeholder of a params-less
     # init), so that the state keeps its tree structure.

@@ -22,6 +22,7 @@ import jax
 import optax
 
 from optax_lite.linalg import distributed as distributed_lib
+from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.transforms import _tree
@@ -44,14 +45,16 @@ def polar_kernel(method, steps, eps, precision, ns_dtype=None):
   return fn
 
 
-def _grouped_update(updates, dims, fn, spec):
+def _grouped_update(updates, dims, fn, spec, memory_budget=None):
   """``orthogonalize``'s update: same-shape matrices in one batched kernel."""
   x_leaves, treedef, view_leaves = _tree.matrix_views(updates, dims,
                                                      'updates')
   todo = [i for i, v in enumerate(view_leaves) if v is not None]
   mats = [view_leaves[i].to_matrix(x_leaves[i]) for i in todo]
   # Tall matrices are transposed to wide, so m x n and n x m share a kernel.
-  outs = distributed_lib.sharded_polar(mats, fn, spec) if mats else []
+  budget = grouped_lib.budget_bytes(memory_budget, updates)
+  outs = distributed_lib.sharded_polar(
+      mats, fn, spec, memory_budget=budget) if mats else []
   new = list(x_leaves)
   for i, o in zip(todo, outs):
     new[i] = view_leaves[i].from_matrix(o)
@@ -61,7 +64,8 @@ def _grouped_update(updates, dims, fn, spec):
 def orthogonalize(method: str = 'polar_express', steps: int | None = None,
                   dims: _tree.DimsSpec = None, *, eps: float = polar_lib.EPS,
                   precision=None, distribute=None, ns_dtype=None,
-                  shard_polar=None
+                  shard_polar=None,
+                  memory_budget: float | str | None = 'auto'
                   ) -> optax.GradientTransformation:
   """Maps each matrix leaf ``G`` to ``≈ polar(G) = U Vᵀ``.
 
@@ -91,6 +95,14 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
       :func:`optax_lite.linalg.polar.newton_schulz`); the output keeps the
       leaf's dtype.
     shard_polar: the former name of ``distribute`` (an alias).
+    memory_budget: the working set of one batched kernel call, as a
+      fraction of the bytes of the updates (the parameter bytes): each
+      shape group runs in chunks of ``max(1, budget // per-matrix working
+      set)`` matrices, one chunk after another (a ``lax.map``, so the
+      kernel is compiled once). ``0`` runs one matrix at a time; ``None``
+      runs each group in one call (fastest, temporaries grow with the
+      number of same-shape matrices). With ``distribute`` over several
+      devices it does not apply: each device runs its share in one call.
 
   Returns:
     A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``).
@@ -104,9 +116,10 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
   precision = matmul_lib.check_precision('precision', precision)
   ns_dtype = polar_lib.check_ns_dtype(ns_dtype)
   fn = polar_kernel(method, steps, eps, precision, ns_dtype)
+  memory_budget = grouped_lib.check_memory_budget(memory_budget)
 
   def update_fn(updates, state, params=None):
     del params
-    return _grouped_update(updates, dims, fn, spec), state
+    return _grouped_update(updates, dims, fn, spec, memory_budget), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)

@@ -1,0 +1,146 @@
+"""memory_budget: validation, equal results, and XLA's temporaries.
+
+The temporaries are XLA's compile-time buffer assignment for one jitted
+update (``memory_analysis().temp_size_in_bytes``) on abstract trees:
+nothing is allocated and nothing is timed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optimizer_zoo as zoo
+from conftest import assert_trees_close
+from optax_lite.linalg import grouped
+
+
+def llama_tree(d, depth, d_ff, vocab):
+  f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+  tree = {'embed': {'embedding': f(vocab, d)}, 'final_norm': {'scale': f(d)},
+          'head': {'kernel': f(d, vocab)}}
+  for i in range(depth):
+    tree[f'layer_{i}'] = {
+        'attn_norm': {'scale': f(d)},
+        'attn': {n: {'kernel': f(d, d)} for n in ('q', 'k', 'v', 'o')},
+        'mlp': {'up': {'kernel': f(d, d_ff)}, 'down': {'kernel': f(d_ff, d)}}}
+  return tree
+
+
+def temp_ratio(tx, params):
+  state = jax.eval_shape(tx.init, params)
+  compiled = jax.jit(tx.update).lower(params, state, params).compile()
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  return compiled.memory_analysis().temp_size_in_bytes / param_bytes
+
+
+@pytest.mark.parametrize('value', [None, 'unbounded', 'auto', 0, 0.25, 3])
+def test_budget_accepted(value):
+  got = grouped.check_memory_budget(value)
+  assert got is None if value in (None, 'unbounded') else got >= 0
+
+
+@pytest.mark.parametrize('value,err', [(-0.1, ValueError),
+                                       (float('inf'), ValueError),
+                                       ('small', ValueError),
+                                       ([1], TypeError), (True, TypeError)])
+def test_budget_rejected_by_every_optimizer(value, err):
+  for name in zoo.NAMED:
+    with pytest.raises(err, match='memory_budget'):
+      zoo.make(name, memory_budget=value)
+
+
+def test_chunk_size():
+  assert grouped.chunk_size(None, 10.0, 7) == 7
+  assert grouped.chunk_size(0.0, 10.0, 7) == 1
+  assert grouped.chunk_size(35.0, 10.0, 7) == 3
+  assert grouped.chunk_size(1e9, 10.0, 7) == 7
+
+
+def test_grouped_map_budget_equals_one_call():
+  """Stacked leaves (lax.map over padded chunks) and separate leaves
+  (barrier-chained packs) give the one-call results."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  leaves = [(jax.random.normal(ks[0], (5, 3, 4)),),
+            (jax.random.normal(ks[1], (1, 3, 4)),),
+            (jax.random.normal(ks[2], (1, 3, 4)),),
+            (jax.random.normal(ks[3], (2, 3, 4)),)]
+  fn = lambda x: {'y': jnp.tanh(x @ jnp.swapaxes(x, -1, -2) @ x)}  # noqa
+  want = grouped.grouped_map(fn, leaves)
+  for budget in (0.0, 2.5 * grouped.matrix_bytes([(3, 4)], ['float32'])):
+    got = jax.jit(lambda ls, b=budget: grouped.grouped_map(
+        fn, ls, memory_budget=b))(leaves)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g['y'], w['y'], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', zoo.NAMED)
+def test_budgeted_update_equals_unbudgeted(name):
+  params = zoo.params_tree()
+  grads = zoo.grad_stream(params, 3)
+  outs = []
+  for budget in (None, 0):
+    tx = zoo.make(name, memory_budget=budget)
+    outs.append(zoo.run_steps(tx, params, grads))
+  assert_trees_close(outs[0][0], outs[1][0], rtol=2e-5, atol=1e-6)
+
+
+# Optimizers whose default-budget temporaries are within 0.5x the parameter
+# bytes under XLA:CPU's default (concurrency-optimised) scheduler; the
+# per-leaf paths of the others (SOAP, Shampoo, LITE, FISMO's whitening) are
+# run side by side by that scheduler whatever the budget (see
+# docs/benchmarks.md, "Optimizer memory").
+BOUNDED_BY_DEFAULT = ('muon', 'rmnp', 'rmnp_lite')
+
+
+@pytest.mark.parametrize('name', BOUNDED_BY_DEFAULT)
+def test_default_budget_bound(name):
+  params = llama_tree(32, 6, 88, 64)
+  assert temp_ratio(zoo.make(name), params) <= 0.5
+
+
+def test_budget_lowers_muon_temporaries():
+  params = llama_tree(32, 6, 88, 64)
+  bounded = temp_ratio(zoo.make('muon'), params)
+  unbounded = temp_ratio(zoo.make('muon', memory_budget=None), params)
+  assert bounded < 0.5 * unbounded
+
+
+_MEMORY_SCHEDULER = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import optimizer_zoo as zoo
+from test_memory_budget import llama_tree, temp_ratio
+params = llama_tree(32, 8, 88, 64)
+out = {'muon': temp_ratio(zoo.make('muon'), params)}
+out['muon_smallest'] = temp_ratio(zoo.make('muon', memory_budget=0), params)
+out['muon_unbounded'] = temp_ratio(zoo.make('muon', memory_budget=None),
+                                   params)
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_bounds_under_memory_scheduler():
+  """With XLA:CPU's memory-minimising scheduler (a process flag, hence a
+  subprocess): Muon within 0.5x at the default budget and within 0.1x at
+  the smallest on a tree whose largest matrix is 1.5% of the parameters
+  (unbounded: several times more)."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      os.environ.get('XLA_FLAGS', '') +
+      ' --xla_cpu_enable_concurrency_optimized_scheduler=false'),
+             OPTAX_LITE_JAX_CACHE='0')
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  res = subprocess.run([sys.executable, '-c', _MEMORY_SCHEDULER, tests],
+                       env=env, capture_output=True, text=True, timeout=1200,
+                       check=True)
+  got = json.loads(res.stdout.strip().splitlines()[-1])
+  assert got['muon'] <= 0.5
+  assert got['muon_smallest'] <= 0.1
+  assert got['muon_unbounded'] > 4 * got['muon_smallest']
