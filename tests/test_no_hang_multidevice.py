@@ -39,8 +39,13 @@ CHILD_TIMEOUT_S = 420
 # fourth roots of one Gaussian 64x64 gradient's statistics, 9.9e-5 on the
 # first update (8 devices vs one: 1.2e-5 .. 2.7e-5 on the parameters);
 # FISMO-LITE on the 'odd' tree, 8.2e-6 on the parameters after two steps
-# (8 vs one: 1.2e-5). Every other optimizer: 1e-5.
-TOLERANCE = {'shampoo': 5e-5, 'fismo_lite': 3e-5}
+# (8 vs one: 1.2e-5). Every other optimizer: 1e-5. Since Shampoo's
+# round-off floor is 16 eps of the largest eigenvalue (was 1e-5), the
+# eigenvalues just above it enter the inverse fourth root too, and the two
+# summation orders differ by 1.2e-4 of the parameters on the 'issue' tree
+# (6.8e-4 of the update; the same size as a batched vs a per-leaf eigh on
+# one device, tests/test_flax.py).
+TOLERANCE = {'shampoo': 3e-4, 'fismo_lite': 3e-5}
 
 
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
