@@ -40,6 +40,10 @@ PAGES = (
     ('distributed', 'optax_lite.linalg.distributed',
      '`optax_lite.linalg.distributed`',
      'Multi-device helpers, beyond those at the top level.'),
+    ('resident', 'optax_lite.linalg.resident',
+     '`optax_lite.linalg.resident`',
+     'Owner-resident state and its layout (static metadata), what '
+     '`portable_state` / `place_state` move between placements.'),
     ('matmul', 'optax_lite.linalg.matmul', '`optax_lite.linalg.matmul`',
      'The one entry point of every matrix product and its precision policy.'),
     ('labels', 'optax_lite.labels', '`optax_lite.labels`',

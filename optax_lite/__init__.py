@@ -54,6 +54,8 @@ from optax_lite.transforms import muon_geometry
 from optax_lite.transforms import neuron_normalize
 from optax_lite.transforms import normuon_geometry
 from optax_lite.transforms import orthogonalize
+from optax_lite.transforms import place_state
+from optax_lite.transforms import portable_state
 from optax_lite.transforms import qk_clip
 from optax_lite.transforms import row_norm_geometry
 from optax_lite.transforms import row_normalize
@@ -114,6 +116,8 @@ __all__ = (
     'neuron_normalize',
     'normuon_geometry',
     'orthogonalize',
+    'place_state',
+    'portable_state',
     'qk_clip',
     'row_norm_geometry',
     'row_normalize',

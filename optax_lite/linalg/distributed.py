@@ -29,8 +29,7 @@ Everything here is pure JAX (no optax) and jit-safe.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,74 +38,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # Re-exported: the transforms make their update a fixed point with these.
 from optax_lite.linalg.layout import keep_layout  # noqa: F401
 from optax_lite.linalg.layout import layout_stable  # noqa: F401
-
-
-LAYOUTS = ('sharded', 'replicated')
-
-
-class PolarSharding(NamedTuple):
-  """Where to spread per-matrix work: a mesh, some of its axes, a layout.
-
-  Attributes:
-    mesh: a ``jax.sharding.Mesh``.
-    axes: mesh axis name(s) over which whole matrices are spread;
-      ``None`` (default) uses all axes of the mesh, i.e. every device gets a
-      share. Devices along axes not named here repeat their share.
-    layout: how the parameters (and so the gradients) are laid out:
-      ``"sharded"`` (default; FSDP / tensor parallel: the inputs reach their
-      owner by one all-to-all, ``≈ |W| / D`` bytes per device) or
-      ``"replicated"`` (data parallel: each device slices its own inputs,
-      no input collective). Either is correct for any layout; the other
-      one moves more bytes (``"sharded"`` on replicated parameters makes
-      XLA shard the preceding elementwise work and gather it back).
-  """
-  mesh: Mesh
-  axes: str | tuple[str, ...] | None = None
-  layout: str = 'sharded'
-
-  def axis_names(self) -> tuple[str, ...]:
-    if self.axes is None:
-      return tuple(self.mesh.axis_names)
-    return (self.axes,) if isinstance(self.axes, str) else tuple(self.axes)
-
-  def num_shards(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in self.axis_names())
-
-
-def check_polar_sharding(spec: Any, name: str = 'shard_polar'
-                         ) -> PolarSharding | None:
-  """Validates ``spec``: None, a PolarSharding, a Mesh or ``(mesh, axes)``."""
-  if spec is None:
-    return None
-  if isinstance(spec, Mesh):
-    spec = PolarSharding(spec)
-  elif isinstance(spec, tuple) and not isinstance(spec, PolarSharding):
-    if len(spec) not in (2, 3) or not isinstance(spec[0], Mesh):
-      raise TypeError(f'{name} must be a PolarSharding, a Mesh or a '
-                      f'(mesh, axes[, layout]) tuple, got {spec!r}.')
-    spec = PolarSharding(*spec)
-  if not isinstance(spec, PolarSharding):
-    raise TypeError(f'{name} must be a PolarSharding, a Mesh or a '
-                    f'(mesh, axes) pair, got {type(spec).__name__}.')
-  if spec.layout not in LAYOUTS:
-    raise ValueError(f'{name}: layout must be one of {LAYOUTS}, got '
-                     f'{spec.layout!r}.')
-  for a in spec.axis_names():
-    if a not in spec.mesh.axis_names:
-      raise ValueError(f'{name}: axis {a!r} is not an axis of the mesh '
-                       f'{tuple(spec.mesh.axis_names)}.')
-  return spec
-
-
-def check_distribute(distribute: Any, shard_polar: Any = None
-                     ) -> PolarSharding | None:
-  """``distribute=`` with its alias ``shard_polar=`` (at most one given)."""
-  if distribute is not None and shard_polar is not None:
-    raise ValueError('distribute: pass either distribute= or its alias '
-                     'shard_polar=, not both.')
-  if shard_polar is not None:
-    return check_polar_sharding(shard_polar, 'shard_polar')
-  return check_polar_sharding(distribute, 'distribute')
+from optax_lite.linalg import grouped
+# The placement spec lives in a leaf module; re-exported here.
+from optax_lite.linalg.placement import LAYOUTS  # noqa: F401
+from optax_lite.linalg.placement import PolarSharding  # noqa: F401
+from optax_lite.linalg.placement import check_distribute  # noqa: F401
+from optax_lite.linalg.placement import check_polar_sharding
 
 
 def sharded_polar(mats: Sequence[jax.Array],
@@ -132,7 +69,6 @@ def sharded_polar(mats: Sequence[jax.Array],
     corresponding input slice (tall inputs are transposed to wide and back,
     so ``m × n`` and ``n × m`` matrices share a kernel).
   """
-  from optax_lite.linalg import grouped  # grouped imports this module
   spec = check_polar_sharding(spec)
   wide = [jnp.swapaxes(m, -1, -2) if m.shape[-2] > m.shape[-1] else m
           for m in mats]
@@ -233,8 +169,6 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
             getattr(p, 'sharding', None), NamedSharding):
           return as_jit_names_it(p.sharding, len(shape))
     return as_jit_names_it(replicated, len(shape))
-
-  from optax_lite.linalg import grouped  # noqa: PLC0415 (import cycle)
 
   def pick_node(path, x):
     # Owner-resident stacks (grouped.OwnerStacks) carry their own sharding.

@@ -65,6 +65,10 @@ from optax_lite.linalg.budget import check_memory_budget  # noqa: F401
 from optax_lite.linalg.budget import chunk_size
 from optax_lite.linalg.budget import matrix_bytes
 from optax_lite.linalg.budget import sequential_calls  # noqa: F401
+from optax_lite.linalg.placement import check_polar_sharding
+from optax_lite.linalg.resident import Home
+from optax_lite.linalg.resident import OwnerStacks  # noqa: F401 (re-export)
+from optax_lite.linalg.resident import owner_layout
 
 Item = tuple  # a tuple of arrays sharing their leading (batch) axis
 
@@ -174,7 +178,7 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
       ``(B, m, n)``, or ``(G, L, R)`` with Kronecker factors ``(B, m, m)``,
       ``(B, n, n)``).
     spec: ``None`` (one device: group and stack only) or a
-      :class:`optax_lite.linalg.distributed.PolarSharding` (or a ``Mesh`` /
+      :class:`optax_lite.linalg.placement.PolarSharding` (or a ``Mesh`` /
       ``(mesh, axes)``): spread the items over the devices of its axes.
     cost: ``cost(per_slice_shapes) -> float`` of one item, for the balance;
       default :func:`matrix_cost`.
@@ -203,8 +207,7 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
     with ``resident``, the pair ``(that list, new OwnerStacks)``.
     With ``keys``, ``fn`` is called as ``fn(*arrays, key=key)``.
   """
-  from optax_lite.linalg import distributed  # PolarSharding, checks
-  spec = distributed.check_polar_sharding(spec, 'distribute')
+  spec = check_polar_sharding(spec, 'distribute')
   groups = group_items(leaves, keys)
   out: list[Any] = [None] * len(leaves)
   if resident is not None and (spec is None or spec.num_shards() == 1):
@@ -249,7 +252,7 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
   if resident is None:
     return res
   out, new_groups = res
-  return out, OwnerStacks(tuple(new_groups), resident.mesh, resident.axes)
+  return out, resident.replace_groups(new_groups)
 
 
 class _Plan(NamedTuple):
@@ -290,46 +293,11 @@ def _owner_order(x, perm):
   return jnp.take(x, jnp.asarray(perm, np.int32), axis=0)
 
 
-@jax.tree_util.register_pytree_node_class
-class OwnerStacks:
-  """Per-item state that lives on its owner device (owner-computes).
-
-  ``groups``: one tuple of arrays per shape group of :func:`grouped_map`,
-  each ``(D·K_g, ...)`` in owner order (device ``d`` holds rows ``d·K_g``
-  to ``(d+1)·K_g − 1``: its items, then zero pads), sharded over the mesh
-  axes ``axes`` along axis 0. A pytree whose static data are the mesh and
-  axes, so :func:`optax_lite.linalg.distributed.state_shardings` gives its
-  leaves exactly that sharding (``jax.jit(tx.init, out_shardings=...)``,
-  orbax checkpoints).
-  """
-
-  def __init__(self, groups, mesh, axes):
-    self.groups = tuple(tuple(g) for g in groups)
-    self.mesh = mesh
-    self.axes = tuple(axes)
-
-  def sharding(self):
-    ax = self.axes if len(self.axes) > 1 else self.axes[0]
-    return NamedSharding(self.mesh, P(ax))
-
-  def tree_flatten(self):
-    return (self.groups,), (self.mesh, self.axes)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    obj = object.__new__(cls)
-    obj.groups, (obj.mesh, obj.axes) = children[0], aux
-    return obj
-
-  def __repr__(self):
-    shapes = [[tuple(getattr(x, 'shape', ())) for x in g]
-              for g in self.groups]
-    return f'OwnerStacks(axes={self.axes}, groups={shapes})'
-
-
 def owner_stacks(leaves: Sequence[Item], state: Sequence[Item], *, spec,
                  cost: Callable[[Sequence[tuple]], float] | None = None,
-                 keys: Sequence[Hashable] | None = None) -> OwnerStacks:
+                 keys: Sequence[Hashable] | None = None,
+                 homes: Sequence[Sequence[Home]] | None = None
+                 ) -> OwnerStacks:
   """Per-leaf state arrays stacked on their owner devices.
 
   Args:
@@ -339,9 +307,13 @@ def owner_stacks(leaves: Sequence[Item], state: Sequence[Item], *, spec,
     state: per leaf, a tuple of arrays with the same leading axis ``B_i``
       (the state of each of its items).
     spec, cost, keys: as for :func:`grouped_map`.
+    homes: per leaf, a :class:`~optax_lite.linalg.resident.Home` for each
+      of its state arrays: where it lives in the one-device state. Stored
+      in the stacks' static :class:`~optax_lite.linalg.resident.OwnerLayout`
+      so that the state can move to another placement
+      (:func:`optax_lite.portable_state`).
   """
-  from optax_lite.linalg import distributed  # PolarSharding, checks
-  spec = distributed.check_polar_sharding(spec, 'distribute')
+  spec = check_polar_sharding(spec, 'distribute')
   if spec is None or spec.num_shards() == 1:
     raise ValueError('distribute: owner_stacks needs a spec over more than '
                      'one device.')
@@ -358,7 +330,12 @@ def owner_stacks(leaves: Sequence[Item], state: Sequence[Item], *, spec,
             _owner_order(_concat([state[i][j] for i in idx]),
                          plan.perms[g]), sh)
         for j in range(k)))
-  return OwnerStacks(tuple(groups), spec.mesh, axes)
+  members = [[(i, sizes[g][r]) for r, i in enumerate(idx)]
+             for g, (_, idx) in enumerate(glist)]
+  rows = [plan.asg.device[g].astype(np.int64) * plan.kmax[g]
+          + plan.asg.slot[g] for g in range(len(glist))]
+  layout = owner_layout(members, rows, homes)
+  return OwnerStacks(tuple(groups), spec.mesh, axes, layout)
 
 
 def _split_axis(shape: tuple[int, ...], num: int) -> int | None:

@@ -41,7 +41,11 @@ def _momentum_polar(transform, *, decay, nesterov: bool, ema: bool,
   def cost(rows, cols):
     return polar_lib.flops(rows, cols, steps)
 
-  return OwnerInner(transform, init, step, cost)
+  def locate(j):  # the momentum: MomentumState.mu of the chain's first
+    del j
+    return (0, 'mu'), True
+
+  return OwnerInner(transform, init, step, cost, locate=locate)
 
 
 def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,

@@ -41,6 +41,8 @@ from optax_lite.transforms.neuron_normalize import neuron_normalize
 from optax_lite.transforms.neuron_normalize import normuon_geometry
 from optax_lite.transforms.orthogonalize import orthogonalize
 from optax_lite.transforms.owner_inner import OwnerInner
+from optax_lite.transforms.portable import place_state
+from optax_lite.transforms.portable import portable_state
 from optax_lite.transforms.qk_clip import logits_by_module
 from optax_lite.transforms.qk_clip import qk_clip
 from optax_lite.transforms.row_normalize import row_normalize

@@ -196,6 +196,7 @@ from optax_lite import _checks
 from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
+from optax_lite.linalg import resident as resident_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.transforms import _tree
 from optax_lite.transforms import owner_inner as owner_inner_lib
@@ -730,6 +731,7 @@ def _owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
     return state._replace(owned=jnp.zeros((), jnp.int32))
   sides = [_static_sides(v, max_factor_size) for v in views]
   todo = [i for i, s in enumerate(sides) if any(s)]
+  paths = resident_lib.leaf_paths(params)
   fields = [treedef.flatten_up_to(t) for t in (
       state.p, state.q, state.p_isqrt, state.q_isqrt)]
   structs = [tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in item)
@@ -738,7 +740,9 @@ def _owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
                               views[i].matrix_shape[0]) for i in todo]
   owned = grouped_lib.owner_stacks(
       structs, per_leaf, spec=spec, cost=_whiten_cost(cfg),
-      keys=[sides[i] + (cache,) for i in todo])
+      keys=[sides[i] + (cache,) for i in todo],
+      homes=[_stored_homes(fields, sides[i], cache, i, paths[i])
+             for i in todo])
   p, q, pc, qc = _placeholders(fields, todo, treedef, cfg)
   return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc, owned=owned)
 
@@ -749,6 +753,28 @@ def _stored_factors(fields, sides, cache: bool, i: int, batch: int):
   if cache:
     stored += [f[i] for f, flag in zip(fields[2:], sides) if flag]
   return tuple(x.reshape((batch,) + x.shape[-2:]) for x in stored)
+
+
+def _stored_homes(fields, sides, cache: bool, i: int, key) -> tuple:
+  """Where :func:`_stored_factors`' arrays live in the one-device state
+  (``key``: leaf ``i``'s key path)."""
+  names = ('p', 'q', 'p_isqrt', 'q_isqrt')
+  flags = tuple(sides) + (tuple(sides) if cache else (False, False))
+  return tuple(resident_lib.Home((name,), key, tuple(f[i].shape))
+               for name, f, flag in zip(names, fields, flags) if flag)
+
+
+def _inner_homes(fused, view, leaf_shape, arrays, key) -> tuple:
+  """Where an :class:`OwnerInner`'s per-matrix arrays of leaf ``i`` live in
+  the one-device state (its plain transform's, under ``inner_state``)."""
+  homes = []
+  for j, x in enumerate(arrays):
+    path, matrix_form = fused.locate(j)
+    homes.append(resident_lib.Home(
+        ('inner_state',) + tuple(path), key,
+        tuple(leaf_shape) if matrix_form else tuple(x.shape),
+        view if matrix_form else None))
+  return tuple(homes)
 
 
 def _placeholders(fields, todo, treedef, cfg: _Config):
@@ -802,9 +828,8 @@ def _update_owned(updates, state: FisherWhitenState, *, inner, cfg: _Config,
               for d, flag in zip((views[i].cols, views[i].rows), sides[i])
               if flag) for i, it in zip(todo, items)],
         spec=spec, cost=cost, keys=keys)
-    resident = grouped_lib.OwnerStacks(
-        tuple(a + b for a, b in zip(resident.groups, buffers.groups)),
-        resident.mesh, resident.axes)
+    resident = resident.replace_groups(
+        tuple(a + b for a, b in zip(resident.groups, buffers.groups)))
   ct = _compute_dtype(cfg)
 
   def whiten(x, *res, key):
@@ -840,9 +865,8 @@ def _update_owned(updates, state: FisherWhitenState, *, inner, cfg: _Config,
       unwhiten, _owned_items(u_leaves, views, sides, cfg), spec=spec,
       keys=keys, cost=cost, resident=resident)
   if not cache:  # drop the root buffers
-    resident = grouped_lib.OwnerStacks(
-        tuple(g[:len(g) // 2] for g in resident.groups), resident.mesh,
-        resident.axes)
+    resident = resident.replace_groups(
+        tuple(g[:len(g) // 2] for g in resident.groups))
   new_u = list(u_leaves)
   for i, v in enumerate(views):
     if v is not None and i not in todo:
@@ -895,17 +919,24 @@ def _fused_init(state: FisherWhitenState, params, *, fused, cfg: _Config,
   sides = [_static_sides(v, max_factor_size) for v in views]
   todo = [i for i, v in enumerate(views) if v is not None]
   ct = _compute_dtype(cfg)
+  paths = resident_lib.leaf_paths(params)
   fields = [treedef.flatten_up_to(t) for t in (
       state.p, state.q, state.p_isqrt, state.q_isqrt)]
-  structs, per_leaf = [], []
+  structs, per_leaf, homes = [], [], []
   for i in todo:
     x = views[i].to_matrix(leaves[i])
     structs.append((jax.ShapeDtypeStruct(x.shape, ct),))
+    inner = tuple(fused.init(x))
     per_leaf.append(_stored_factors(fields, sides[i], cache, i, x.shape[0])
-                    + tuple(fused.init(x)))
+                    + inner)
+    homes.append(_stored_homes(fields, sides[i], cache, i, paths[i])
+                 + (_inner_homes(fused, views[i], leaves[i].shape, inner,
+                                 paths[i])
+                    if fused.locate is not None else ()))
   owned = grouped_lib.owner_stacks(
       structs, per_leaf, spec=spec, cost=_fused_cost(cfg, fused),
-      keys=[sides[i] + (cache,) for i in todo])
+      keys=[sides[i] + (cache,) for i in todo],
+      homes=homes if fused.locate is not None else None)
   p, q, pc, qc = _placeholders(fields, todo, treedef, cfg)
   inner_state = fused.transform.init(_masked(treedef, leaves, todo))
   return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc,

@@ -101,6 +101,7 @@ from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import eigenbasis as eig_lib
 from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
+from optax_lite.linalg import resident as resident_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.linalg.matrices import MatrixView, matrix_view
 from optax_lite.transforms import _tree
@@ -994,7 +995,7 @@ def _compute_dtype(x):
 
 
 def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
-                   n_mats, transpose_tall):
+                   n_mats, transpose_tall, names):
   """Moves the per-matrix state of every preconditioned leaf to its owner.
 
   ``per_leaf`` is the single-device state, a tree like ``params`` of
@@ -1007,6 +1008,9 @@ def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
   items :func:`_resident_update` will pass, so that the groups and owners
   agree; the leaf's own entries become one-element placeholders.
 
+  ``names``: the per-leaf fields' names in the state, in tuple order (the
+  stacks' layout records where each resident array lives).
+
   Returns ``(per_leaf with placeholders, owned)``.
   """
   p_leaves, treedef = jax.tree.flatten(params)
@@ -1016,8 +1020,9 @@ def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
     return per_leaf, jnp.zeros((), jnp.int32)
   d_leaves = treedef.flatten_up_to(resolved)
   t_leaves = treedef.flatten_up_to(per_leaf)
-  structs, owned_state, new = [], [], []
-  for p, d, t in zip(p_leaves, d_leaves, t_leaves):
+  structs, owned_state, homes, new = [], [], [], []
+  keys = resident_lib.leaf_paths(params)
+  for i, (p, d, t) in enumerate(zip(p_leaves, d_leaves, t_leaves)):
     if not (has_side(t[2]) or has_side(t[3])):
       new.append(t)
       continue
@@ -1025,13 +1030,18 @@ def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
     b, m, n = view.matrix_shape
     st = tuple(view.to_matrix(t[j]) if k < n_mats else t[j]
                for k, j in enumerate(resident_fields))
+    home = tuple(resident_lib.Home((names[j],), keys[i], tuple(t[j].shape),
+                                   view if k < n_mats else None)
+                 for k, j in enumerate(resident_fields))
     if transpose_tall and m > n:
       m, n, st = n, m, _transposed(st, n_mats)
+      home = resident_lib.transposed_homes(home, n_mats)
     structs.append((jax.ShapeDtypeStruct((b, m, n), _compute_dtype(p)),))
     owned_state.append(st)
+    homes.append(home)
     new.append(tuple(_tree.identity_placeholder(x.dtype) for x in t))
   owned = grouped_lib.owner_stacks(structs, owned_state, spec=spec,
-                                   cost=cost)
+                                   cost=cost, homes=homes)
   return treedef.unflatten(new), owned
 
 
@@ -1384,7 +1394,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       return SoapState(jnp.zeros([], jnp.int32), *fields)
     out, owned = _resident_init(params, resolved, out, spec, resident_cost(),
                                 resident_fields=range(8), n_mats=2,
-                                transpose_tall=False)
+                                transpose_tall=False,
+                                names=SoapState._fields[1:])
     fields = _tree.unzip(out, 8, params)
     return SoapState(jnp.zeros([], jnp.int32), *fields, owned)
 
@@ -1597,7 +1608,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       return ShampooState(jnp.zeros([], jnp.int32), *fields)
     out, owned = _resident_init(params, resolved, out, spec, resident_cost(),
                                 resident_fields, n_leaf_shaped,
-                                transpose_tall=True)
+                                transpose_tall=True,
+                                names=ShampooState._fields[1:])
     fields = _tree.unzip(out, 6, params)
     return ShampooState(jnp.zeros([], jnp.int32), *fields, owned)
 

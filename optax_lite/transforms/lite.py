@@ -54,6 +54,7 @@ from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import grouped
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
+from optax_lite.linalg import resident as resident_lib
 from optax_lite.linalg import subspace
 from optax_lite.transforms import _tree
 from optax_lite.transforms.owner_inner import OwnerInner
@@ -571,7 +572,10 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
   def cost(rows, cols):  # about three polar factors of 6 steps each
     return 3 * polar_lib.flops(rows, cols, 6)
 
-  return OwnerInner(transform, owner_init, None, cost, bind)
+  def locate(j):  # owner_init's arrays: the momentum, then the geometry's
+    return (('mu',), True) if j == 0 else (('geometry', j - 1), False)
+
+  return OwnerInner(transform, owner_init, None, cost, bind, locate)
 
 
 def _compute_dtype(x):
@@ -611,7 +615,13 @@ def _owner_init(state, params, spec, dims, use_wd, pack):
                                 p_leaves if use_wd else None)]
   owned_state = [(views[i].to_matrix(mu[i]),) + tuple(t[i] for t in geom)
                  for i, v in enumerate(views) if v is not None]
-  owned = grouped.owner_stacks(structs, owned_state, spec=spec)
+  paths = resident_lib.leaf_paths(params)
+  homes = [(resident_lib.Home(('mu',), paths[i], tuple(mu[i].shape), v),)
+           + tuple(resident_lib.Home(('geometry', j), paths[i],
+                                     tuple(t[i].shape))
+                   for j, t in enumerate(geom))
+           for i, v in enumerate(views) if v is not None]
+  owned = grouped.owner_stacks(structs, owned_state, spec=spec, homes=homes)
 
   def placeholder(x, view):
     return x if view is None else _tree.identity_placeholder(x.dtype)

@@ -52,12 +52,19 @@ class OwnerInner(NamedTuple):
       count for schedules), when the step depends on it; ``step`` is then
       unused (``None``). The transform itself is still updated each step
       (on the leaves without a matrix view), which advances that state.
+    locate: optional ``locate(j) -> (path, matrix_form)``: where ``init``'s
+      array ``j`` lives in ``transform``'s one-device state: the path
+      (field names and indices) to a tree shaped like the parameters, and
+      whether the array is the leaf in matrix form (else the leaf's entry
+      as it is). Without it the resident state cannot be moved to another
+      placement (:func:`optax_lite.portable_state`).
   """
   transform: optax.GradientTransformation
   init: Callable
   step: Callable | None
   cost: Callable[[int, int], float] | None = None
   bind: Callable | None = None
+  locate: Callable | None = None
 
   def step_for(self, transform_state) -> Callable:
     """The step to use with ``transform_state`` (``bind``'s or ``step``)."""
