@@ -24,6 +24,7 @@ your own optax schedules.
 from __future__ import annotations
 
 import functools
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -178,61 +179,151 @@ def lite_schedules(chi, beta1, beta2, *, total_steps, warmup_steps, schedule,
   return c, b2
 
 
-def assemble(matrix_lite, *, learning_rate, variant, chi, beta1, beta2,
-             lite_h_betas, emb_chi, emb_sharp_ratio, emb_smooth_ratio,
-             weight_decay, flat_weight_decay, total_steps, warmup_steps,
-             schedule, reference_schedules, threshold_rate, mu_dtype,
-             labels, adam_learning_rate, adam_b1, adam_b2, adam_eps,
-             adam_weight_decay, warmup_fn=None, cautious=False
-             ) -> optax.GradientTransformation:
+class LiteRun(NamedTuple):
+  """The run the reference's χ / β₂ ramps span (frozen settings).
+
+  ``total_steps`` ``None``: no ramps (χ and β₂ constant);
+  ``warmup_steps`` ``None``: 0; ``schedule``: the learning rate's kind
+  (``"cosine"`` or ``"wsd"``, ``None``: read from an
+  :func:`optax_lite.lite_schedule` learning rate, else cosine);
+  ``reference_schedules``: the ramps' switch.
+  """
+  total_steps: int | None = None
+  warmup_steps: int | None = None
+  schedule: str | None = None
+  reference_schedules: bool = True
+
+
+class LiteMix(NamedTuple):
+  """How a LITE optimizer mixes its directions (frozen settings).
+
+  ``chi``, ``beta1``, ``beta2``: the matrix leaves' boost and damping;
+  ``variant``: ``"lite"``, ``"lite_l"`` (χ only) or ``"lite_h"`` (damping
+  only, with ``h_betas`` as ``(β₁, β₂)``); ``emb_chi``,
+  ``emb_sharp_ratio``, ``emb_smooth_ratio``: AdamW-LITE on the embedding
+  and norm leaves; ``threshold_rate``: both filters' controller.
+  """
+  variant: str
+  chi: Any
+  beta1: Any
+  beta2: Any
+  h_betas: tuple[float, float]
+  emb_chi: Any
+  emb_sharp_ratio: Any
+  emb_smooth_ratio: Any
+  threshold_rate: Any
+
+
+class LiteDecay(NamedTuple):
+  """Decoupled weight decay of a LITE optimizer (frozen settings):
+  ``weight_decay`` on every leaf, the reference's extra decay along flat
+  directions (``flat``), and whether the decoupled decay is cautious."""
+  weight_decay: Any
+  flat: bool
+  cautious: bool
+
+
+class LiteSettings(NamedTuple):
+  """What every LITE optimizer shares beyond its matrix transform."""
+  mix: LiteMix
+  run: LiteRun
+  decay: LiteDecay
+  adam: _common.AdamRest
+  mu_dtype: Any
+  labels: Any
+
+
+def lite_settings(args: Mapping[str, Any], *, h_betas: tuple[float, float],
+                  emb_smooth_ratio: str = 'emb_smooth_ratio') -> LiteSettings:
+  """The shared settings, read by name from a LITE builder's arguments.
+
+  Every named LITE optimizer takes the same keywords for them (``chi``,
+  ``beta1``, ``beta2``, ``variant``, ``emb_*``, ``threshold_rate``,
+  ``weight_decay``, ``flat_weight_decay``, ``total_steps``,
+  ``warmup_steps``, ``schedule``, ``reference_schedules``, ``mu_dtype``,
+  ``labels``, ``adam_*``, ``cautious_weight_decay``), flat so that
+  ``optax.inject_hyperparams`` can trace the numbers; this groups them
+  once. ``emb_smooth_ratio``: the argument holding the emb/norm leaves'
+  smooth ratio (SOAP-LITE and RMNP-LITE share their ``smooth_ratio``).
+  """
+  mix = LiteMix(args['variant'], args['chi'], args['beta1'], args['beta2'],
+                h_betas, args['emb_chi'], args['emb_sharp_ratio'],
+                args[emb_smooth_ratio], args['threshold_rate'])
+  run = LiteRun(args['total_steps'], args['warmup_steps'], args['schedule'],
+                args['reference_schedules'])
+  decay = LiteDecay(args['weight_decay'], args['flat_weight_decay'],
+                    args['cautious_weight_decay'])
+  adam = _common.AdamRest(args['adam_learning_rate'], args['adam_b1'],
+                          args['adam_b2'], args['adam_eps'],
+                          args['adam_weight_decay'], False)
+  return LiteSettings(mix, run, decay, adam, args['mu_dtype'], args['labels'])
+
+
+def assemble(matrix_lite, learning_rate, settings: LiteSettings, *,
+             warmup_fn=None) -> optax.GradientTransformation:
   """The shared shape of every LITE optimizer.
 
   ``matrix_lite(chi, beta1, beta2, flat_decay)`` builds the matrix leaves'
   LITE transform (before decay and learning rate) from the resolved χ and
   β₂ (constants or reference schedules). Embedding and norm leaves get
-  AdamW-LITE, the head and other leaves AdamW. ``cautious``
-  (``cautious_weight_decay``): every leaf's decoupled decay is cautious
+  AdamW-LITE, the head and other leaves AdamW. A cautious decay
+  (``cautious_weight_decay``) is cautious on every leaf
   (:func:`optax_lite.add_cautious_decayed_weights`); the reference's extra
   decay along flat directions (``flat_weight_decay``) is not.
   """
-  chi, beta1, beta2 = _variant(variant, chi, beta1, beta2, lite_h_betas)
-  _checks.check_structural(total_steps=total_steps, warmup_steps=warmup_steps)
+  mix, run, decay, rest = (settings.mix, settings.run, settings.decay,
+                           settings.adam)
+  chi, beta1, beta2 = _variant(mix.variant, mix.chi, mix.beta1, mix.beta2,
+                               mix.h_betas)
+  _checks.check_structural(total_steps=run.total_steps,
+                           warmup_steps=run.warmup_steps)
   total_steps, warmup_steps, schedule, min_lr_ratio = (
-      lite_schedule_lib.resolve_run(learning_rate, total_steps, warmup_steps,
-                                    schedule))
+      lite_schedule_lib.resolve_run(learning_rate, run.total_steps,
+                                    run.warmup_steps, run.schedule))
   warmup_steps = structural_int('warmup_steps', warmup_steps, 0)
-  if variant == 'lite_h':
-    emb_chi = 1.0
+  emb_chi = 1.0 if mix.variant == 'lite_h' else mix.emb_chi
   _checks.check_choice('schedule', schedule, lite_schedule_lib.KINDS)
   _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)
-  _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
-  chi_m, beta2_m = lite_schedules(
-      chi, beta1, beta2, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='ramp', reference_schedules=reference_schedules,
+  _checks.check_positive('weight_decay', decay.weight_decay, allow_zero=True)
+  ramps = functools.partial(
+      lite_schedules, total_steps=total_steps, warmup_steps=warmup_steps,
+      schedule=schedule, reference_schedules=run.reference_schedules,
       min_lr_ratio=min_lr_ratio)
-  chi_e, _ = lite_schedules(
-      emb_chi, 0.0, 0.0, total_steps=total_steps, warmup_steps=warmup_steps,
-      schedule=schedule, mode='decay', reference_schedules=reference_schedules,
-      min_lr_ratio=min_lr_ratio)
-  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-  adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
+  chi_m, beta2_m = ramps(chi, beta1, beta2, mode='ramp')
+  chi_e, _ = ramps(emb_chi, 0.0, 0.0, mode='decay')
+  adam_lr = learning_rate if rest.learning_rate is None else rest.learning_rate
+  adam_wd = (decay.weight_decay if rest.weight_decay is None
+             else rest.weight_decay)
   matrix_tx = optax.chain(
       matrix_lite(chi_m, beta1, beta2_m,
-                  weight_decay if flat_weight_decay else 0.0),
-      *_common.decay_and_learning_rate(learning_rate, weight_decay,
+                  decay.weight_decay if decay.flat else 0.0),
+      *_common.decay_and_learning_rate(learning_rate, decay.weight_decay,
                                        warmup_fn=warmup_fn,
-                                       cautious=cautious))
-  adam = _common.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                       weight_decay=adam_wd, mu_dtype=mu_dtype,
-                       cautious=cautious)
-  emb_tx = adamw_lite(adam_lr, chi=chi_e, sharp_ratio=emb_sharp_ratio,
-                      smooth_ratio=emb_smooth_ratio, b1=adam_b1, b2=adam_b2,
-                      eps=adam_eps, weight_decay=adam_wd,
-                      flat_weight_decay=flat_weight_decay,
-                      threshold_rate=threshold_rate, mu_dtype=mu_dtype,
-                      cautious_weight_decay=cautious)
-  return _common.with_adamw(matrix_tx, labels, adam,
+                                       cautious=decay.cautious))
+  adam = _common.adamw(adam_lr, b1=rest.b1, b2=rest.b2, eps=rest.eps,
+                       weight_decay=adam_wd, mu_dtype=settings.mu_dtype,
+                       cautious=decay.cautious)
+  emb_tx = adamw_lite(adam_lr, chi=chi_e, sharp_ratio=mix.emb_sharp_ratio,
+                      smooth_ratio=mix.emb_smooth_ratio, b1=rest.b1,
+                      b2=rest.b2, eps=rest.eps, weight_decay=adam_wd,
+                      flat_weight_decay=decay.flat,
+                      threshold_rate=mix.threshold_rate,
+                      mu_dtype=settings.mu_dtype,
+                      cautious_weight_decay=decay.cautious)
+  return _common.with_adamw(matrix_tx, settings.labels, adam,
                             {'embedding': emb_tx, 'norm': emb_tx})
+
+
+MUON_GEOMETRY_ARGS = ('sharp_ratio', 'method', 'steps', 'threshold_rate',
+                      'threshold_cap', 'sharp_dim_rule',
+                      'threshold_deadband', 'precision', 'filter_route',
+                      'ns_dtype')
+
+
+def muon_geometry_settings(args: Mapping[str, Any]) -> dict[str, Any]:
+  """The :func:`optax_lite.muon_geometry` arguments of a LITE builder
+  (Muon-, NorMuon- and FISMO-LITE take them under the same names)."""
+  return {k: args[k] for k in MUON_GEOMETRY_ARGS}
 
 
 def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -320,30 +411,17 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
 
+  geometry = muon_geometry(**muon_geometry_settings(locals()))
+
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(
-        muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
-                      threshold_rate=threshold_rate,
-                      threshold_cap=threshold_cap,
-                      sharp_dim_rule=sharp_dim_rule,
-                      threshold_deadband=threshold_deadband,
-                      precision=precision, filter_route=filter_route,
-                      ns_dtype=ns_dtype),
-        chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
+        geometry, chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=True, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay, distribute=distribute,
         memory_budget=memory_budget)
 
-  return assemble(
-      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
-      beta1=beta1, beta2=beta2, lite_h_betas=(-0.25, 2.0), emb_chi=emb_chi,
-      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=emb_smooth_ratio,
-      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
-      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
-      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
-      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
-      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay, cautious=cautious_weight_decay)
+  return assemble(matrix_lite, learning_rate,
+                  lite_settings(locals(), h_betas=(-0.25, 2.0)))
 
 
 def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -456,17 +534,10 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
                if skip_first_update else None)
-  return assemble(
-      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
-      beta1=beta1, beta2=beta2, lite_h_betas=(0.0, 0.5), emb_chi=emb_chi,
-      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=smooth_ratio,
-      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
-      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
-      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
-      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
-      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay,
-      warmup_fn=warmup_fn, cautious=cautious_weight_decay)
+  return assemble(matrix_lite, learning_rate,
+                  lite_settings(locals(), h_betas=(0.0, 0.5),
+                                emb_smooth_ratio='smooth_ratio'),
+                  warmup_fn=warmup_fn)
 
 
 def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -518,16 +589,9 @@ def rmnp_lite(learning_rate: optax.ScalarOrSchedule, *,
         rms=rms, flat_weight_decay=flat_decay,
         memory_budget=grouped.check_memory_budget(memory_budget))
 
-  return assemble(
-      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
-      beta1=beta1, beta2=beta2, lite_h_betas=(-0.25, 2.0), emb_chi=emb_chi,
-      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=smooth_ratio,
-      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
-      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
-      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
-      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
-      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay, cautious=cautious_weight_decay)
+  return assemble(matrix_lite, learning_rate,
+                  lite_settings(locals(), h_betas=(-0.25, 2.0),
+                                emb_smooth_ratio='smooth_ratio'))
 
 
 def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -550,8 +614,11 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                warmup_steps: int | None = None,
                schedule: str | None = None, reference_schedules: bool = True,
                threshold_rate: float = 1.05,
+               threshold_cap: float | None = 1.0,
+               threshold_deadband: float = 0.0,
+               sharp_dim_rule: str = 'reference',
                filter_route: str = 'small_side', mu_dtype=None, dims=None,
-               labels=None, precision=None, distribute=None,
+               labels=None, precision=None, ns_dtype=None, distribute=None,
                memory_budget: float | str | None = 'auto',
                adam_learning_rate: optax.ScalarOrSchedule | None = None,
                adam_b1: float = 0.9, adam_b2: float = 0.95,
@@ -573,7 +640,11 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``chi=1, beta2=0, emb_chi=1`` this is exactly ``ol.fismo``.
 
   The whitening's arguments (``gamma`` ... ``root_every``) are
-  :func:`optax_lite.fismo`'s, with its defaults.
+  :func:`optax_lite.fismo`'s, with its defaults; the filter's
+  (``sharp_ratio``, ``threshold_*``, ``sharp_dim_rule``, ``filter_route``)
+  and the polar factors' (``method``, ``steps``, ``precision``,
+  ``ns_dtype``) are :func:`optax_lite.muon_lite`'s
+  (:func:`optax_lite.muon_geometry`).
   Under ``optax.inject_hyperparams`` the whitening's arguments behave as in
   :func:`optax_lite.fismo` (``max_factor_size`` and whether ``root_every >
   1`` are read when the state is created); the rest as in
@@ -595,13 +666,12 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   _checks.check_decay('momentum', momentum)
   distribute = distributed.check_distribute(distribute)
 
+  geometry = muon_geometry(**muon_geometry_settings(locals()))
+
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     del flat_decay  # the whitened inner step sees no weights
     inner = lite_flat_boost(
-        muon_geometry(sharp_ratio=sharp_ratio, method=method, steps=steps,
-                      threshold_rate=threshold_rate, precision=precision,
-                      filter_route=filter_route),
-        chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
+        geometry, chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none',
         distribute=distribute, owner_inner=distribute is not None,
         memory_budget=memory_budget)
@@ -617,13 +687,5 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                       memory_budget=memory_budget),
         scale_by_shape(scaling, rms, dims))
 
-  return assemble(
-      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
-      beta1=beta1, beta2=beta2, lite_h_betas=(0.0, 2.0), emb_chi=emb_chi,
-      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=emb_smooth_ratio,
-      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
-      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
-      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
-      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
-      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay, cautious=cautious_weight_decay)
+  return assemble(matrix_lite, learning_rate,
+                  lite_settings(locals(), h_betas=(0.0, 2.0)))

@@ -109,6 +109,9 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
                  warmup_steps: int | None = None, schedule: str | None = None,
                  reference_schedules: bool = True,
                  threshold_rate: float = 1.05,
+                 threshold_cap: float | None = 1.0,
+                 threshold_deadband: float = 0.0,
+                 sharp_dim_rule: str = 'reference',
                  filter_route: str = 'small_side', mu_dtype=None,
                  dims=None, labels=None, precision=None, ns_dtype=None,
                  distribute=None,
@@ -140,8 +143,7 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
     neuron_beta2: NorMuon's ``β₂`` (``beta2`` is LITE's flat damping).
     eps: NorMuon's ``ε``.
     nesterov: Nesterov momentum term (as :func:`optax_lite.normuon`).
-    The others: as for :func:`optax_lite.muon_lite` (the threshold
-      controller's cap, deadband and ``d_s`` rounding keep their defaults).
+    The others: as for :func:`optax_lite.muon_lite`.
   """
   _checks.check_structural(steps=steps, total_steps=total_steps,
                            warmup_steps=warmup_steps)
@@ -150,25 +152,16 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
   _checks.check_decay('neuron_beta2', neuron_beta2)
   _checks.check_positive('eps', eps)
 
+  geometry = normuon_geometry(beta2=neuron_beta2, eps=eps,
+                              **lite_lib.muon_geometry_settings(locals()))
+
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     return lite_flat_boost(
-        normuon_geometry(beta2=neuron_beta2, eps=eps,
-                         sharp_ratio=sharp_ratio, method=method,
-                         steps=steps, threshold_rate=threshold_rate,
-                         precision=precision, filter_route=filter_route,
-                         ns_dtype=ns_dtype),
-        chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
+        geometry, chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=momentum,
         nesterov=nesterov, mu_dtype=mu_dtype, dims=dims, scaling=scaling,
         rms=rms, flat_weight_decay=flat_decay, distribute=distribute,
         memory_budget=memory_budget)
 
-  return lite_lib.assemble(
-      matrix_lite, learning_rate=learning_rate, variant=variant, chi=chi,
-      beta1=beta1, beta2=beta2, lite_h_betas=(-0.25, 2.0), emb_chi=emb_chi,
-      emb_sharp_ratio=emb_sharp_ratio, emb_smooth_ratio=emb_smooth_ratio,
-      weight_decay=weight_decay, flat_weight_decay=flat_weight_decay,
-      total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
-      reference_schedules=reference_schedules, threshold_rate=threshold_rate,
-      mu_dtype=mu_dtype, labels=labels, adam_learning_rate=adam_learning_rate,
-      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay, cautious=cautious_weight_decay)
+  return lite_lib.assemble(matrix_lite, learning_rate,
+                           lite_lib.lite_settings(locals(),
+                                                  h_betas=(-0.25, 2.0)))
