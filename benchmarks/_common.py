@@ -6,6 +6,7 @@ optax_lite as ol``) and of optax.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import inspect
@@ -266,6 +267,15 @@ def write_json(path: str, data: dict) -> str:
     f.write('\n')
   print(f'wrote {path}')
   return path
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+  """A benchmark's command line: its docstring ``doc`` as the help, laid
+  out as written, and ``--quick`` (the small run the smoke test takes)."""
+  p = argparse.ArgumentParser(description=doc,
+                              formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--quick', action='store_true')
+  return p
 
 
 def result_path(stem: str, out_dir: str | None = None, ext: str = 'json',

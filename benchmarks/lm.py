@@ -53,7 +53,6 @@ The all-optimizer race of docs/benchmarks.md (tiny model, 1000 steps,
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import functools
@@ -318,9 +317,7 @@ def parse_override(item: str):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--quick', action='store_true')
+  p = _common.arg_parser(__doc__)
   p.add_argument('--optimizers', nargs='*', default=None,
                  help='subset of registry names (default: all)')
   p.add_argument('--model', default=None, help=f'one of {list(models.CONFIGS)}')

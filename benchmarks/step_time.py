@@ -47,7 +47,6 @@ block 3) and writes ``polar_step_time[_quick]_<device>.json`` (a stem that
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import statistics
@@ -175,9 +174,7 @@ def orthogonality(sizes, cond, seed):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--quick', action='store_true')
+  p = _common.arg_parser(__doc__)
   p.add_argument('--sizes', default=None,
                  help='comma list like 256x256,1024x1024 (overrides mode); '
                  "'' for whole models only")

@@ -37,7 +37,6 @@ scaling, as in every optimizer here); the grid runs under ``jax.vmap``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -387,9 +386,7 @@ def kronecker(quick: bool, seeds, smoke: bool = False, names=None):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--quick', action='store_true')
+  p = _common.arg_parser(__doc__)
   p.add_argument('--parts', nargs='*', default=None,
                  help='default: muon_gd lite kron')
   p.add_argument('--seeds', type=int, nargs='*', default=None)

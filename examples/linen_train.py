@@ -20,7 +20,6 @@ The pattern::
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -32,11 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-import optax_lite as ol
-
-NAMED = ['muon', 'rmnp', 'fismo', 'soap', 'shampoo', 'muon_lite', 'soap_lite',
-         'rmnp_lite', 'fismo_lite']
-LR = {'rmnp': 0.005, 'rmnp_lite': 0.005}
+import teacher_student  # examples/teacher_student.py: data, CLI
 
 
 class Student(nn.Module):
@@ -53,30 +48,10 @@ class Student(nn.Module):
     return nn.Dense(self.d_out, name='head')(h)
 
 
-def make_data(key, n, d_in, d_out):
-  k1, k2, k3 = jax.random.split(key, 3)
-  w1 = jax.random.normal(k1, (d_in, 64)) / jnp.sqrt(d_in)
-  w2 = jax.random.normal(k2, (64, d_out)) / 8.0
-  x = jax.random.normal(k3, (n, d_in))
-  return x, jnp.tanh(x @ w1) @ w2
-
-
-def make_optimizer(name: str, learning_rate: float, total_steps: int):
-  """``optax_lite.<name>`` with settings for this task (``adamw``: baseline)."""
-  if name == 'adamw':
-    return optax.adamw(3e-3)
-  kw = {}
-  if name in ('soap', 'shampoo', 'soap_lite'):
-    kw['precondition_frequency'] = 5
-  if name.endswith('_lite'):
-    kw['total_steps'] = total_steps
-  return getattr(ol, name)(learning_rate=learning_rate, **kw)
-
-
 def train(tx: optax.GradientTransformation, steps: int, batch: int,
           seed: int = 0):
   """Trains a fresh student with ``tx``; returns (loss@0, loss@end, s)."""
-  x, y = make_data(jax.random.PRNGKey(42), 4096, 16, 4)
+  x, y = teacher_student.make_data(jax.random.PRNGKey(42), 4096, 16, 4)
   x = x.reshape(-1, 4, 4, 1)
   model = Student()
   params = model.init(jax.random.PRNGKey(seed), x[:1])['params']
@@ -104,23 +79,7 @@ def train(tx: optax.GradientTransformation, steps: int, batch: int,
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--optimizers', nargs='+', default=NAMED + ['adamw'])
-  ap.add_argument('--steps', type=int, default=100)
-  ap.add_argument('--batch', type=int, default=128)
-  ap.add_argument('--lr', type=float, default=0.02)
-  args = ap.parse_args(argv)
-  print(f'{"optimizer":<12} {"loss@0":>9} {"loss@end":>9} {"seconds":>8}')
-  results = {}
-  for name in args.optimizers:
-    tx = make_optimizer(name, LR.get(name, args.lr), args.steps)
-    out = train(tx, args.steps, args.batch)
-    results[name] = out
-    print(f'{name:<12} {out[0]:9.4f} {out[1]:9.4f} {out[2]:8.1f}')
-  bad = [n for n, (a, b, _) in results.items() if not b == b or b >= a]
-  if bad and args.steps >= 20:
-    raise SystemExit(f'loss did not decrease for: {bad}')
-  return results
+  return teacher_student.main(train, __doc__.split('\n')[0], argv)
 
 
 if __name__ == '__main__':

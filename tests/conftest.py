@@ -16,6 +16,7 @@ if os.environ.get('OPTAX_LITE_JAX_CACHE', '1') != '0':
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -40,6 +41,40 @@ def assert_tree_finite(tree):
     assert np.all(np.isfinite(np.asarray(leaf, np.float64))), leaf
 
 
+def assert_injected_matches_plain(plain, injected, params, steps):
+  """``injected`` (``optax.inject_hyperparams`` of ``plain``'s factory)
+  gives ``plain``'s updates step for step on gradients drawn from
+  ``PRNGKey(i)``, up to float32 round-off of the hyperparameters as arrays
+  (relative to each leaf's update). Returns ``(state, grads)``: the
+  injected state after ``steps`` steps and the last gradients."""
+  sp, si = plain.init(params), injected.init(params)
+  up, ui = jax.jit(plain.update), jax.jit(injected.update)
+  for i in range(steps):
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
+                                                      p.shape), params)
+    a, sp = up(g, sp, params)
+    b, si = ui(g, si, params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert float(jnp.linalg.norm(y - x)) <= 1e-5 * float(
+          jnp.linalg.norm(x)) + 1e-9, (i, x.shape)
+  return si, g
+
+
+def nnx_losses(model, tx, loss_fn, steps):
+  """Trains the NNX ``model`` in place with ``nnx.Optimizer(model, tx)``
+  for ``steps`` jitted steps; returns ``loss_fn(model)`` before each."""
+  from flax import nnx
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  return [float(step(model, opt)) for _ in range(steps)]
+
+
 @pytest.fixture(params=[False, True], ids=['nojit', 'jit'])
 def maybe_jit(request):
   """Runs a test with and without ``jax.jit`` (chex-style variants)."""
@@ -54,6 +89,34 @@ def host_mesh(shape=(8,), names=('fsdp',)):
       f'multidevice tests need 8 devices, got {len(devices)}: run with '
       'XLA_FLAGS=--xla_force_host_platform_device_count=8')
   return Mesh(np.asarray(devices[:8]).reshape(shape), names)
+
+
+def fsdp_put(tree, mesh):
+  """Each leaf on ``mesh``, FSDP style: a matrix's first axis split over
+  ``'fsdp'`` where the axis divides evenly, the rest replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  def put(x):
+    parts = [None] * x.ndim
+    if x.ndim >= 2 and x.shape[0] % mesh.shape['fsdp'] == 0:
+      parts[0] = 'fsdp'
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*parts)))
+  return jax.tree.map(put, tree)
+
+
+def param_mirrors(state, params, by_size=False):
+  """``(state path, param path, state leaf, param)`` for each state leaf
+  that mirrors a parameter: its path ends with the parameter's path and it
+  has the parameter's shape (``by_size``: its number of elements, as SOAP's
+  momentum in the ``(batch, fan_in, fan_out)`` matrix view of the leaf)."""
+  attr = 'size' if by_size else 'shape'
+  p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    for ppath, p in p_flat:
+      if (len(path) >= len(ppath) and tuple(path[-len(ppath):]) == tuple(ppath)
+          and getattr(leaf, attr) == getattr(p, attr)):
+        out.append((path, ppath, leaf, p))
+  return out
 
 
 @pytest.fixture(autouse=True, scope='module')

@@ -94,6 +94,20 @@ def grad_stream(params, n, seed=1, scale=1.0):
   return [grads_like(params, key=seed + i, scale=scale) for i in range(n)]
 
 
+def update_trajectory(tx, params, steps):
+  """The updates of ``steps`` steps of ``tx`` from ``params``; gradient
+  ``i`` is standard normal from ``PRNGKey(i)``."""
+  import optax
+  state, update, outs = tx.init(params), jax.jit(tx.update), []
+  for i in range(steps):
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
+                                                      p.shape), params)
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    outs.append(u)
+  return outs
+
+
 def run_steps(tx, params, grads_list, state=None, jit=True):
   """Applies ``tx`` to a list of gradients; returns ``(params, state)``."""
   import optax

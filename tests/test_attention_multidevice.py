@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
-from conftest import host_mesh
+from conftest import fsdp_put, host_mesh
 
 pytestmark = pytest.mark.multidevice
 
@@ -38,15 +37,6 @@ def _params(seed=0):
         'up': {'kernel': n(D, 4 * D)},     # 1:4, the Gram form
         'down': {'kernel': n(4 * D, D)}}
   return p
-
-
-def _fsdp(tree, mesh):
-  def put(x):
-    parts = [None] * x.ndim
-    if x.ndim >= 2 and x.shape[0] % 8 == 0:
-      parts[0] = 'fsdp'
-    return jax.device_put(x, NamedSharding(mesh, P(*parts)))
-  return jax.tree.map(put, tree)
 
 
 def _max_logits(params):
@@ -80,9 +70,9 @@ def test_gram_per_head_qk_clip_distributed_equal_one_device(clip):
     return optax.chain(tx, ol.qk_clip(5.0)) if clip else tx
 
   ref = _run(make(None), params, grads, clip)
-  sp = _fsdp(params, mesh)
+  sp = fsdp_put(params, mesh)
   dtx = make(ol.PolarSharding(mesh, layout='sharded'))
-  out = _run(dtx, sp, [_fsdp(g, mesh) for g in grads], clip)
+  out = _run(dtx, sp, [fsdp_put(g, mesh) for g in grads], clip)
   for x, y, s in zip(jax.tree.leaves(out), jax.tree.leaves(ref),
                      jax.tree.leaves(sp)):
     np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)

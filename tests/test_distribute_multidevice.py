@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
-from conftest import host_mesh
+from conftest import fsdp_put, host_mesh
 from optimizer_zoo import NAMED, grad_stream, make
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
@@ -51,15 +51,6 @@ def _params():
                       'down': {'kernel': n((40, 16))},
                       'conv': {'kernel': n((2, 2, 4, 8))}}
   return p
-
-
-def _fsdp(tree, mesh):
-  def spec(x):
-    parts = [None] * x.ndim
-    if x.ndim >= 2 and x.shape[0] % 8 == 0:
-      parts[0] = 'fsdp'
-    return NamedSharding(mesh, P(*parts))
-  return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
 
 
 def _replicated(tree, mesh):
@@ -104,7 +95,7 @@ def test_distribute_equals_single_device(name, layout):
   grads = grad_stream(params, 2, scale=0.3)
   tx = make(name)
   ref_p, _ = _run(tx, params, grads, tx.init(params))
-  put = _fsdp if layout == 'sharded' else _replicated
+  put = fsdp_put if layout == 'sharded' else _replicated
   sp = put(params, mesh)
   dtx = make(name, distribute=ol.PolarSharding(mesh, layout=layout))
   out_p, _ = _run(dtx, sp, [put(g, mesh) for g in grads],
@@ -127,8 +118,8 @@ POLAR_LOOPS = ('muon', 'muon_lite', 'normuon', 'normuon_lite', 'muonh')
 def test_distribute_collectives(name):
   """FSDP layout: no collective inside a loop, far fewer bytes."""
   mesh = _mesh()
-  sp = _fsdp(_params(), mesh)
-  g = _fsdp(grad_stream(_params(), 1)[0], mesh)
+  sp = fsdp_put(_params(), mesh)
+  g = fsdp_put(grad_stream(_params(), 1)[0], mesh)
   counts, raw = {}, {}
   for variant, kw in (('plain', {}), ('distribute', {'distribute': mesh})):
     tx = make(name, **kw)
@@ -193,7 +184,7 @@ def test_stacked_leaf_slices_are_separate_work_items(layout='sharded'):
   dims = {'stacked': ol.MatrixDims(1, 2), 'single': ol.MatrixDims(0, 1),
           'other': ol.MatrixDims(0, 1)}
   ref = {k: ol.polar_factor(v) for k, v in g.items()}
-  put = _fsdp if layout == 'sharded' else _replicated
+  put = fsdp_put if layout == 'sharded' else _replicated
   tx = ol.orthogonalize(dims=dims, distribute=ol.PolarSharding(
       mesh, layout=layout))
   seen = []
@@ -222,7 +213,7 @@ def test_owner_resident_state(name):
   ``sharded_init`` and a jitted step, and ``tree_map_params`` still works."""
   from optax_lite.linalg import grouped
   mesh = _mesh()
-  sp = _fsdp(_params(), mesh)
+  sp = fsdp_put(_params(), mesh)
   tx = make(name, distribute=mesh)
   state = ol.sharded_init(tx.init, sp)
 
@@ -247,7 +238,7 @@ def test_owner_resident_state(name):
   shardings = ol.linalg.distributed.state_shardings(
       jax.eval_shape(tx.init, sp), sp)
   p_sh = jax.tree.map(lambda x: x.sharding, sp)
-  g = _fsdp(grad_stream(_params(), 1)[0], mesh)
+  g = fsdp_put(grad_stream(_params(), 1)[0], mesh)
   step = jax.jit(_step(tx), out_shardings=(p_sh, shardings))
   _, state = step(sp, state, g)
   check(state)

@@ -14,6 +14,10 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
 
 
 def _load(name):
+  # As ``python examples/<name>.py`` does: the examples import their shared
+  # ``teacher_student.py`` from beside them.
+  if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
   spec = importlib.util.spec_from_file_location(f'example_{name}',
                                                 EXAMPLES / f'{name}.py')
   module = importlib.util.module_from_spec(spec)

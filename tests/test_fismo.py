@@ -161,19 +161,26 @@ def _spd_and_traces(state, leaf='k'):
   return np.linalg.cond(p), np.linalg.cond(q)
 
 
+def _some_rank_one(seed, steps, scale, every, at):
+  """``steps`` (12, 8) gradients ``scale · N(0, 1)``, the ``t``-th rank one
+  instead where ``t % every == at``."""
+  rng = np.random.default_rng(seed)
+  for t in range(steps):
+    g = rng.normal(size=(12, 8))
+    if t % every == at:
+      g = np.outer(rng.normal(size=12), rng.normal(size=8))
+    yield {'k': jnp.asarray(scale * g, jnp.float32)}
+
+
 @pytest.mark.parametrize('scale_invariant', [False, True])
 @pytest.mark.parametrize('scale', [1e-3, 1.0, 1e2])
 def test_factors_stay_spd_with_right_traces(scale, scale_invariant):
-  rng = np.random.default_rng(4)
   params = {'k': jnp.zeros((12, 8))}
   tx, update = _whiten((0.95, 'polar_express'),
                        scale_invariant=scale_invariant)
   state = tx.init(params)
-  for t in range(60):
-    g = rng.normal(size=(12, 8))
-    if t % 3 == 1:  # rank one
-      g = np.outer(rng.normal(size=12), rng.normal(size=8))
-    u, state = update({'k': jnp.asarray(scale * g, jnp.float32)}, state)
+  for t, g in enumerate(_some_rank_one(4, 60, scale, every=3, at=1)):
+    u, state = update(g, state)
     assert_tree_finite(u)
     if t % 15 == 14:
       _spd_and_traces(state)
@@ -329,17 +336,23 @@ def test_gamma_one_equals_muon_direction():
                 - np.asarray(b[-1]['dense']['kernel'])).max() > 1e-4
 
 
-def test_fismo_bf16_and_jit(maybe_jit):
+def _run_bf16(tx, update, seed):
+  """Three steps of ``tx`` on the bfloat16 model with bfloat16 gradients;
+  returns the last ``(params, update, state)``."""
   params = _model_params(jnp.bfloat16)
-  tx = ol.fismo(0.02, mu_dtype=jnp.bfloat16)
   state = tx.init(params)
-  update = maybe_jit(tx.update)
-  rng = np.random.default_rng(10)
+  rng = np.random.default_rng(seed)
   for _ in range(3):
     g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
                                            jnp.bfloat16), params)
     upd, state = update(g, state, params)
     params = optax.apply_updates(params, upd)
+  return params, upd, state
+
+
+def test_fismo_bf16_and_jit(maybe_jit):
+  tx = ol.fismo(0.02, mu_dtype=jnp.bfloat16)
+  params, upd, state = _run_bf16(tx, maybe_jit(tx.update), seed=10)
   assert_tree_finite(upd)
   assert upd['dense']['kernel'].dtype == jnp.bfloat16
   assert params['dense']['kernel'].dtype == jnp.bfloat16
@@ -619,15 +632,11 @@ def test_root_every_skipped_steps_compute_no_root():
 
 @pytest.mark.parametrize('k, scale', [(5, 1.0), (3, 1e2)])
 def test_root_every_stays_finite(k, scale):
-  rng = np.random.default_rng(22)
   params = {'k': jnp.zeros((12, 8))}
   tx, update = _whiten((0.95, 'polar_express'), root_every=k)
   state = tx.init(params)
-  for t in range(30):
-    g = rng.normal(size=(12, 8))
-    if t % 4 == 3:  # rank one
-      g = np.outer(rng.normal(size=12), rng.normal(size=8))
-    u, state = update({'k': jnp.asarray(scale * g, jnp.float32)}, state)
+  for g in _some_rank_one(22, 30, scale, every=4, at=3):
+    u, state = update(g, state)
     assert_tree_finite(u)
     assert np.abs(np.asarray(u['k'])).max() > 0
   assert_tree_finite(state)
@@ -654,16 +663,8 @@ def test_root_every_identity_side_and_factor_dtype():
 
 
 def test_fismo_root_every_bf16_and_jit(maybe_jit):
-  params = _model_params(jnp.bfloat16)
   tx = ol.fismo(0.02, mu_dtype=jnp.bfloat16, root_every=2)
-  state = tx.init(params)
-  update = maybe_jit(tx.update)
-  rng = np.random.default_rng(24)
-  for _ in range(3):
-    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
-                                           jnp.bfloat16), params)
-    upd, state = update(g, state, params)
-    params = optax.apply_updates(params, upd)
+  _, upd, state = _run_bf16(tx, maybe_jit(tx.update), seed=24)
   assert_tree_finite(upd)
   assert upd['dense']['kernel'].dtype == jnp.bfloat16
   fw = [s for s in jax.tree.leaves(

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import param_mirrors
 from optimizer_zoo import (FACTOR_DTYPE, NAMED, cached, get, grads_like, make,
                            params_tree, state_dtype_kw)
 
@@ -246,14 +247,8 @@ def _param_shaped(state, params):
   and it has ``q``'s number of elements (SOAP keeps its momentum in the
   ``(batch, fan_in, fan_out)`` matrix view of the leaf).
   """
-  p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    for ppath, q in p_flat:
-      if (len(path) >= len(ppath) and tuple(path[-len(ppath):]) == tuple(ppath)
-          and leaf.size == q.size):
-        out.append((jax.tree_util.keystr(ppath), leaf))
-  return out
+  return [(jax.tree_util.keystr(ppath), leaf)
+          for _, ppath, leaf, _ in param_mirrors(state, params, by_size=True)]
 
 
 def _assert_state_dtype(state, params, dtype):

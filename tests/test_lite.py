@@ -13,7 +13,9 @@ from hypothesis import given, strategies as st
 import optax_lite as ol
 from optax_lite.linalg import matrix_view, subspace
 from optax_lite.transforms import lite as lite_lib
-from conftest import assert_tree_finite, assert_trees_close
+from optimizer_zoo import update_trajectory
+from conftest import (assert_injected_matches_plain, assert_tree_finite,
+                      assert_trees_close, nnx_losses)
 
 
 def gapped_matrix(key, m, n, top, ds):
@@ -116,16 +118,7 @@ def _params(key):
 
 
 def _trajectory(tx, params, steps=4):
-  state = tx.init(params)
-  upd = jax.jit(tx.update)
-  outs = []
-  for i in range(steps):
-    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
-                                                      p.shape), params)
-    u, state = upd(g, state, params)
-    params = optax.apply_updates(params, u)
-    outs.append(u)
-  return outs
+  return update_trajectory(tx, params, steps)
 
 
 def test_muon_lite_reduces_to_muon():
@@ -257,22 +250,15 @@ def test_muon_lite_state_and_nnx_training():
     def __call__(self, t):
       return self.lm_head(self.norm(jax.nn.gelu(self.hidden(self.embed(t)))))
 
-  model = Net(nnx.Rngs(0))
-  opt = nnx.Optimizer(model, ol.muon_lite(0.02, total_steps=40,
-                                          warmup_steps=4), wrt=nnx.Param)
   tokens = jnp.arange(64) % 16
   target = (tokens * 5 + 3) % 16
 
-  @nnx.jit
-  def step(model, opt):
-    def loss_fn(m):
-      return optax.softmax_cross_entropy_with_integer_labels(
-          m(tokens), target).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
+  def loss_fn(m):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        m(tokens), target).mean()
 
-  losses = [float(step(model, opt)) for _ in range(40)]
+  losses = nnx_losses(Net(nnx.Rngs(0)), ol.muon_lite(
+      0.02, total_steps=40, warmup_steps=4), loss_fn, steps=40)
   assert losses[-1] < 0.5 * losses[0]
 
 
@@ -543,18 +529,8 @@ def test_inject_hyperparams_matches_plain_and_lr_is_live(name):
   inj = optax.inject_hyperparams(getattr(ol, name),
                                  static_args=_STATIC.get(name, ()))(
                                      learning_rate=0.01, **kw)
-  sp, si = plain.init(params), inj.init(params)
-  up, ui = jax.jit(plain.update), jax.jit(inj.update)
-  for i in range(3):
-    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
-                                                      p.shape), params)
-    a, sp = up(g, sp, params)
-    b, si = ui(g, si, params)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      # float32 round-off of the hyperparameters as arrays, relative to
-      # the leaf's update
-      assert float(jnp.linalg.norm(y - x)) <= 1e-5 * float(
-          jnp.linalg.norm(x)) + 1e-9, (name, i, x.shape)
+  si, _ = assert_injected_matches_plain(plain, inj, params, steps=3)
+  ui = jax.jit(inj.update)
   g = jax.tree.map(jnp.ones_like, params)
   a, _ = ui(g, si, params)
   si.hyperparams['learning_rate'] = jnp.asarray(0.03)

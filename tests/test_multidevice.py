@@ -20,6 +20,7 @@ from optax_lite.transforms.kron_precondition import (NULL_THRESHOLD,
                                                      null_coordinates)
 from optax_lite.transforms.lite import LiteState
 from optax_lite.transforms.lite_geometries import SoapGeometryState
+from conftest import param_mirrors
 from optimizer_zoo import NAMED, grad_stream, make
 
 pytestmark = pytest.mark.multidevice
@@ -91,18 +92,6 @@ def _close(a, b, tol=1e-5):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x, np.float64),
                                np.asarray(y, np.float64), atol=tol, rtol=tol)
-
-
-def _param_shaped_state(state, params):
-  """(state leaf, its parameter) pairs where the state mirrors a parameter."""
-  p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    for ppath, p in p_flat:
-      if (len(path) >= len(ppath) and tuple(path[-len(ppath):]) == tuple(ppath)
-          and leaf.shape == p.shape):
-        out.append((path, leaf, p))
-  return out
 
 
 def _mask_null(q_l, q_r, lam_l, lam_r, nu):
@@ -179,9 +168,9 @@ def test_sharded_equals_single_device(name):
   # State leaves that mirror a parameter are sharded like it, both after
   # sharded_init and after jitted steps with no out_shardings given.
   for st in (state, out_s):
-    pairs = _param_shaped_state(st, sp)
+    pairs = param_mirrors(st, sp)
     assert len(pairs) >= 4, f'{name}: no parameter-shaped state found'
-    for path, leaf, p in pairs:
+    for path, _, leaf, p in pairs:
       assert leaf.sharding.is_equivalent_to(p.sharding, leaf.ndim), (
           name, jax.tree_util.keystr(path), leaf.sharding, p.sharding)
 
@@ -191,11 +180,11 @@ def test_sharded_init_shardings():
   tx = ol.muon(1e-2)
   sp = _shard(_params(), mesh)
   state = distributed.sharded_init(tx.init, sp)
-  pairs = _param_shaped_state(state, sp)
+  pairs = param_mirrors(state, sp)
   # Momentum of the 4 hidden matrices (3 kernels + conv) + Adam mu and nu of
   # the 5 other leaves (embedding, head, 2 biases, norm scale).
   assert len(pairs) == 4 + 2 * 5
-  for _, leaf, p in pairs:
+  for _, _, leaf, p in pairs:
     assert leaf.sharding == p.sharding
 
 
@@ -267,8 +256,8 @@ def test_plain_init_keeps_parameter_sharding(name):
   mesh = _mesh()
   sp = _shard(_params(), mesh)
   state = make(name).init(sp)
-  pairs = _param_shaped_state(state, sp)
+  pairs = param_mirrors(state, sp)
   assert len(pairs) >= 4
-  for path, leaf, p in pairs:
+  for path, _, leaf, p in pairs:
     assert leaf.sharding == p.sharding, (jax.tree_util.keystr(path),
                                          leaf.sharding, p.sharding)

@@ -9,7 +9,7 @@ from flax import linen as nn
 from flax import nnx
 
 import optax_lite as ol
-from conftest import assert_trees_close
+from conftest import assert_trees_close, nnx_losses
 
 
 def mlp_params(key, bias=True):
@@ -242,19 +242,13 @@ def test_flax_matrix_dims_for_attention():
 
 
 def test_nnx_model_trains_and_loss_falls():
-  model = TinyLM(16, 16, nnx.Rngs(0))
-  opt = nnx.Optimizer(model, ol.muon(0.02), wrt=nnx.Param)
   tokens = jnp.arange(64) % 16
   target = (tokens * 3 + 1) % 16
 
-  @nnx.jit
-  def step(model, opt):
-    def loss_fn(m):
-      return optax.softmax_cross_entropy_with_integer_labels(
-          m(tokens), target).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
+  def loss_fn(m):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        m(tokens), target).mean()
 
-  losses = [float(step(model, opt)) for _ in range(60)]
+  losses = nnx_losses(TinyLM(16, 16, nnx.Rngs(0)), ol.muon(0.02), loss_fn,
+                      steps=60)
   assert losses[-1] < 0.5 * losses[0], losses[::10]

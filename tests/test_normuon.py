@@ -16,6 +16,7 @@ import pytest
 
 import optax_lite as ol
 from conftest import assert_trees_close
+from optimizer_zoo import update_trajectory
 
 
 def polar_np(x):
@@ -176,14 +177,7 @@ def _params(key):
 
 
 def _trajectory(tx, params, steps=5):
-  state, upd, outs = tx.init(params), jax.jit(tx.update), []
-  for i in range(steps):
-    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i),
-                                                      p.shape), params)
-    u, state = upd(g, state, params)
-    params = optax.apply_updates(params, u)
-    outs.append(u)
-  return outs
+  return update_trajectory(tx, params, steps)
 
 
 @pytest.mark.parametrize('nesterov', [True, False])

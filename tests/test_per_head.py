@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 import optax_lite as ol
 import optimizer_zoo as zoo
+from conftest import nnx_losses
 from optax_lite.linalg import matrices
 
 D, H, HD = 16, 4, 8
@@ -166,18 +167,10 @@ def test_muon_per_head_bfloat16_inject_and_distribute():
 def test_nnx_optimizer_trains_with_per_head_muon():
   mha = nnx.MultiHeadAttention(num_heads=H, in_features=D, qkv_features=H * HD,
                                decode=False, rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(mha, ol.muon(0.02, dims=PER_HEAD), wrt=nnx.Param)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, D))
   y = jax.random.normal(jax.random.PRNGKey(1), (2, 5, D))
-
-  @nnx.jit
-  def step(model, opt):
-    loss, grads = nnx.value_and_grad(
-        lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    opt.update(model, grads)
-    return loss
-
-  losses = [float(step(mha, opt)) for _ in range(8)]
+  losses = nnx_losses(mha, ol.muon(0.02, dims=PER_HEAD),
+                      lambda m: jnp.mean((m(x) - y) ** 2), steps=8)
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 

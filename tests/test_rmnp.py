@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import optax_lite as ol
 from optax_lite.linalg import diagnostics
 from optax_lite.transforms.row_normalize import row_normalize
-from conftest import assert_tree_finite, assert_trees_close
+from conftest import assert_tree_finite, assert_trees_close, nnx_losses
 
 
 def _apply(tx, tree):
@@ -261,20 +261,11 @@ def test_rmnp_trains_nnx_model():
     def __call__(self, x):
       return self.out(jax.nn.relu(self.l2(jax.nn.relu(self.l1(x)))))
 
-  model = Net(nnx.Rngs(0))
-  opt = nnx.Optimizer(model, ol.rmnp(0.02, adam_learning_rate=0.01),
-                      wrt=nnx.Param)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 4)), jnp.float32)
   y = jnp.sin(x.sum(-1, keepdims=True))
-
-  @nnx.jit
-  def step(model, opt):
-    loss, grads = nnx.value_and_grad(
-        lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    opt.update(model, grads)
-    return loss
-
-  losses = [float(step(model, opt)) for _ in range(60)]
+  losses = nnx_losses(Net(nnx.Rngs(0)),
+                      ol.rmnp(0.02, adam_learning_rate=0.01),
+                      lambda m: jnp.mean((m(x) - y) ** 2), steps=60)
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.5 * losses[0]
 
