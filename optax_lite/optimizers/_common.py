@@ -204,6 +204,28 @@ class AdamRest(NamedTuple):
   nesterov: bool
 
 
+# fisher_whiten's keywords, which FISMO and FISMO-LITE take as they are.
+WHITENING_ARGS = ('gamma', 'damping', 'root_method', 'root_iters',
+                  'warm_iters', 'root_eps', 'min_eig', 'trace_damping',
+                  'factor_dtype', 'root_every', 'max_factor_size',
+                  'scale_invariant', 'dims', 'precision', 'distribute',
+                  'memory_budget')
+
+
+def whitening_settings(args: Mapping[str, Any]) -> dict[str, Any]:
+  """The :func:`optax_lite.fisher_whiten` keywords of a named optimizer's
+  arguments (the same names in ``fismo`` and ``fismo_lite``)."""
+  return {k: args[k] for k in WHITENING_ARGS}
+
+
+def adam_rest(args: Mapping[str, Any]) -> AdamRest:
+  """The ``adam_*`` settings, read by name from a named optimizer's
+  arguments (``adam_nesterov`` where it has one)."""
+  return AdamRest(args['adam_learning_rate'], args['adam_b1'],
+                  args['adam_b2'], args['adam_eps'], args['adam_weight_decay'],
+                  bool(args.get('adam_nesterov', False)))
+
+
 def matrix_and_adamw(labels, rest: AdamRest, learning_rate, weight_decay,
                      weight_decay_mask, mu_dtype,
                      *matrix_txs: optax.GradientTransformation,

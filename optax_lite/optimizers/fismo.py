@@ -124,10 +124,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     scaling, rms: shape scaling as in :func:`optax_lite.muon`.
     weight_decay: decoupled weight decay of the matrix leaves.
     weight_decay_mask: optional mask for it.
-    cautious_weight_decay: apply the decoupled decay (matrix and AdamW
-      leaves) only where the update direction and the weight agree in sign,
-      ``λ·𝟙[u⊙W ≥ 0]⊙W`` with ``u`` the step before the learning rate (see
-      :func:`optax_lite.add_cautious_decayed_weights`).
+    cautious_weight_decay: as for :func:`optax_lite.muon`.
     mu_dtype: momentum dtype (also AdamW's first moment).
     dims: matrix view of leaves.
     labels: ``None`` (:func:`optax_lite.label_params`), a callable or a
@@ -193,17 +190,9 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
                            matmul_lib.check_precision('precision', precision),
                            polar_lib.check_ns_dtype(ns_dtype)),
         steps=steps)
-  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
-                          adam_weight_decay, adam_nesterov)
+  rest = _common.adam_rest(locals())
+  whitening = _common.whitening_settings(locals())
   return _common.matrix_and_adamw(
       labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
-      fisher_whiten(inner, gamma=gamma, damping=damping,
-                    root_method=root_method, root_iters=root_iters,
-                    warm_iters=warm_iters, root_eps=root_eps,
-                    min_eig=min_eig, trace_damping=trace_damping,
-                    factor_dtype=factor_dtype, root_every=root_every,
-                    max_factor_size=max_factor_size,
-                    scale_invariant=scale_invariant, dims=dims,
-                    precision=precision, distribute=distribute,
-                    memory_budget=memory_budget),
+      fisher_whiten(inner, **whitening),
       scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)

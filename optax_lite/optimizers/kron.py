@@ -51,10 +51,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
       differs from the reference code, with the size of each difference.
     weight_decay: decoupled weight decay for the matrix leaves.
     weight_decay_mask: optional mask for it.
-    cautious_weight_decay: apply the decoupled decay (matrix and AdamW
-      leaves) only where the update direction and the weight agree in sign,
-      ``λ·𝟙[u⊙W ≥ 0]⊙W`` with ``u`` the step before the learning rate (see
-      :func:`optax_lite.add_cautious_decayed_weights`).
+    cautious_weight_decay: as for :func:`optax_lite.muon`.
     mu_dtype: first-moment dtype (also AdamW's mu); ``None``: float32 for
       the matrix leaves, the parameter dtype for AdamW.
     precond_dtype: dtype of ``V``, ``L``, ``R``, ``Q``.
@@ -98,8 +95,7 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
                if skip_first_update else None)
-  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
-                          adam_weight_decay, adam_nesterov)
+  rest = _common.adam_rest(locals())
   return _common.matrix_and_adamw(
       labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       scale_by_soap(
@@ -168,8 +164,7 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     2023.
   """
   mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
-  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
-                          adam_weight_decay, adam_nesterov)
+  rest = _common.adam_rest(locals())
   return _common.matrix_and_adamw(
       labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       scale_by_shampoo(

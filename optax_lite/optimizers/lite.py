@@ -253,10 +253,8 @@ def lite_settings(args: Mapping[str, Any], *, h_betas: tuple[float, float],
                 args['reference_schedules'])
   decay = LiteDecay(args['weight_decay'], args['flat_weight_decay'],
                     args['cautious_weight_decay'])
-  adam = _common.AdamRest(args['adam_learning_rate'], args['adam_b1'],
-                          args['adam_b2'], args['adam_eps'],
-                          args['adam_weight_decay'], False)
-  return LiteSettings(mix, run, decay, adam, args['mu_dtype'], args['labels'])
+  return LiteSettings(mix, run, decay, _common.adam_rest(args),
+                      args['mu_dtype'], args['labels'])
 
 
 def assemble(matrix_lite, learning_rate, settings: LiteSettings, *,
@@ -667,6 +665,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   distribute = distributed.check_distribute(distribute)
 
   geometry = muon_geometry(**muon_geometry_settings(locals()))
+  whitening = _common.whitening_settings(locals())
 
   def matrix_lite(chi_t, beta1_t, beta2_t, flat_decay):
     del flat_decay  # the whitened inner step sees no weights
@@ -675,17 +674,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
         nesterov=False, mu_dtype=mu_dtype, dims=dims, scaling='none',
         distribute=distribute, owner_inner=distribute is not None,
         memory_budget=memory_budget)
-    return optax.chain(
-        fisher_whiten(inner, gamma=gamma, damping=damping,
-                      root_method=root_method, root_iters=root_iters,
-                      warm_iters=warm_iters, root_eps=root_eps,
-                      min_eig=min_eig, trace_damping=trace_damping,
-                      factor_dtype=factor_dtype,
-                      root_every=root_every, max_factor_size=max_factor_size,
-                      scale_invariant=scale_invariant, dims=dims,
-                      precision=precision, distribute=distribute,
-                      memory_budget=memory_budget),
-        scale_by_shape(scaling, rms, dims))
+    return optax.chain(fisher_whiten(inner, **whitening),
+                       scale_by_shape(scaling, rms, dims))
 
   return assemble(matrix_lite, learning_rate,
                   lite_settings(locals(), h_betas=(0.0, 2.0)))

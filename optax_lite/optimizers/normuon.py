@@ -82,8 +82,7 @@ def normuon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
-  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
-                          adam_weight_decay, adam_nesterov)
+  rest = _common.adam_rest(locals())
   return _common.matrix_and_adamw(
       labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       momentum_tx(momentum, nesterov=nesterov, mu_dtype=mu_dtype),

@@ -74,10 +74,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     weight_decay: decoupled weight decay ``λ`` of the matrix leaves
       (multiplied by the learning rate, not by the shape factor).
     weight_decay_mask: optional mask for it.
-    cautious_weight_decay: apply the decoupled decay (matrix and AdamW
-      leaves) only where the update direction and the weight agree in sign,
-      ``λ·𝟙[u⊙W ≥ 0]⊙W`` with ``u`` the step before the learning rate (see
-      :func:`optax_lite.add_cautious_decayed_weights`).
+    cautious_weight_decay: as for :func:`optax_lite.muon`.
     mu_dtype: momentum dtype, also for AdamW's first moment.
     dims: matrix view of leaves, see :func:`optax_lite.orthogonalize`.
     labels: ``None`` (:func:`optax_lite.label_params`), a callable
@@ -113,8 +110,7 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     nesterov = variant == 'code'
   if ema is None:
     ema = variant == 'paper'
-  rest = _common.AdamRest(adam_learning_rate, adam_b1, adam_b2, adam_eps,
-                          adam_weight_decay, adam_nesterov)
+  rest = _common.adam_rest(locals())
   return _common.matrix_and_adamw(
       labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
