@@ -4,12 +4,13 @@ Started as ``python tests/multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES
 OUT_DIR NAME...``: 4 CPU devices per process, ``jax.distributed.initialize``
 on ``localhost:PORT`` (CPU collectives: gloo), one mesh over every device of
 every process, parameters FSDP-sharded on axis 0 over it. For each named
-optimizer, plain and with ``distribute=mesh``, it takes ``STEPS`` jitted
+optimizer, plain and with ``distribute=mesh`` (``NAME@plain`` or
+``NAME@distribute``: that one only), it takes ``STEPS`` jitted
 steps and process 0 writes the gathered parameters to
 ``OUT_DIR/NAME-VARIANT.npz`` (leaves in ``jax.tree.leaves`` order) and
 the step's compile count and moved state leaves to ``NAME-VARIANT.json``. The
-first optimizer's plain parameters and state are also saved with orbax by
-both processes to ``OUT_DIR/checkpoint``.
+first run's parameters and state are also saved with orbax by both
+processes to ``OUT_DIR/checkpoint``.
 """
 
 import json
@@ -58,6 +59,16 @@ def host_arrays(seed=0):
   return make_tree(0.1), [make_tree(1.0) for _ in range(STEPS)]
 
 
+def parse_runs(names):
+  """``[(name, variants)]`` from ``NAME`` (plain and distribute) or
+  ``NAME@VARIANT`` arguments."""
+  runs = []
+  for arg in names:
+    name, _, only = arg.partition('@')
+    runs.append((name, (only,) if only else ('plain', 'distribute')))
+  return runs
+
+
 def main(argv):
   port, pid, nproc, out_dir = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
   names = argv[4:]
@@ -76,8 +87,9 @@ def main(argv):
     return jax.tree.map(one, tree)
 
   params0, grads = host_arrays()
-  for name in names:
-    for variant in ('plain', 'distribute'):
+  first = True
+  for name, variants in parse_runs(names):
+    for variant in variants:
       t0 = time.time()
       tx = (make(name) if variant == 'plain' else
             make(name, distribute=mesh))
@@ -104,13 +116,14 @@ def main(argv):
         np.savez(os.path.join(out_dir, f'{name}-{variant}.npz'), *full)
         with open(os.path.join(out_dir, f'{name}-{variant}.json'), 'w') as f:
           json.dump(layout, f)
-      if name == names[0] and variant == 'plain':
+      if first:
         # Every process writes its shards; the test restores on 1 device.
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(out_dir, CHECKPOINT),
                    {'params': params, 'state': state})
         ckptr.wait_until_finished()
         ckptr.close()
+        first = False
       print(f'{pid} {name} {variant} {time.time() - t0:.1f}s', flush=True)
   jax.distributed.shutdown()
 

@@ -400,20 +400,19 @@ def _refresh_side(stats, q, lam, threshold):
   keep_old = energetic(lam, threshold)
   redo = ~jnp.all(keep_old, axis=-1)  # (B,): a null column to re-derive
 
-  def qr_only():
-    return (q_qr, eig_lib.rayleigh_eigenvalues(stats, q_qr),
-            jnp.zeros(q.shape, q_qr.dtype))
-
-  def with_eigh():
-    q_e, lam_e = eig_lib.eigenbasis_init(stats)
-    w = _transport(q.astype(q_e.dtype), q_e, keep_old)
-    sel = redo[..., None, None]
-    return (jnp.where(sel, q_e, q_qr),
-            jnp.where(redo[..., None], lam_e,
-                      eig_lib.rayleigh_eigenvalues(stats, q_qr)),
-            w)
-
-  q_new, lam_new, w = jax.lax.cond(jnp.any(redo), with_eigh, qr_only)
+  # Both bases, then a select, not a ``lax.cond`` on ``any(redo)``: the
+  # predicate compares round-off-level eigenvalues with τ·λ_max, so two
+  # devices (or processes) holding the "same" replicated statistics can
+  # disagree on it, and under SPMD partitioning the branches hold different
+  # collectives: each side waited in its own, a deadlock (seen with two
+  # processes × 4 CPU devices, FSDP-sharded SOAP; docs/multi_device.md).
+  # The price is an ``eigh`` at every refresh (every k steps).
+  q_e, lam_e = eig_lib.eigenbasis_init(stats)
+  w = jnp.where(redo[..., None, None],
+                _transport(q.astype(q_e.dtype), q_e, keep_old), 0.0)
+  q_new = jnp.where(redo[..., None, None], q_e, q_qr)
+  lam_new = jnp.where(redo[..., None], lam_e,
+                      eig_lib.rayleigh_eigenvalues(stats, q_qr))
 
   def mix(nu, axis):
     if axis == -2:
