@@ -488,44 +488,22 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
   vectors = sorted({tuple(int(c) for c in row) for row in asg.counts})
   branch_of = np.asarray([vectors.index(tuple(int(c) for c in row))
                           for row in asg.counts], np.int32)
-  out_struct, one_at_a_time = [], []
-  on_cpu = all(d.platform == 'cpu' for d in spec.mesh.devices.flat)
-  for (gkey, _), stack, rs in zip(glist, stacks, res_in):
-    one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
-           for x in stack + tuple(rs)]
-    jaxpr, st = jax.make_jaxpr(lambda *xs, k=gkey[1]: call(k, *xs),
-                               return_shape=True)(*one)
-    out_struct.append(st if resident is None else st[0])
-    one_at_a_time.append(on_cpu and _calls_lapack(jaxpr))
-
-  def pspec(ndim, axis):
-    parts = [None] * ndim
-    if axis is not None:
-      parts[axis] = ax
-    return P(*parts)
-
-  # Owner-ordered inputs: row d*K + k is item (d, k); pads read a zero row.
-  flat_in, in_specs, in_axes = [], [], []
-  for g, stack in enumerate(stacks):
-    for x in stack:
-      x = _owner_order(x, plan.perms[g])
-      a = None if gather_in else _split_axis(x.shape[1:], num)
-      axis = None if a is None else a + 1
-      sh = pspec(x.ndim, axis)
-      flat_in.append(jax.lax.with_sharding_constraint(
-          x, NamedSharding(spec.mesh, sh)))
-      in_specs.append(sh)
-      in_axes.append(axis)
+  out_struct, one_at_a_time = _trace_kernels(call, glist, stacks, res_in,
+                                             resident is not None, spec)
+  flat_in, in_specs, in_axes = _owner_inputs(stacks, plan, spec, ax,
+                                             gather_in)
   n_moving = len(flat_in)
   res_specs = []
   for rs in res_in:
     for r in rs:
       flat_in.append(r)
-      res_specs.append(pspec(r.ndim, 0))
+      res_specs.append(_pspec(r.ndim, 0, ax))
   out_axes = [jax.tree.map(lambda o: _split_axis(o.shape[1:], num), st)
               for st in out_struct]
-  if gather_in:
-    dts, length, offsets = _packing(out_struct, asg.counts)
+  packing = _packing(out_struct, asg.counts) if gather_in else None
+  groups = _Groups(glist, stacks, res_in, kmax, out_struct, one_at_a_time,
+                   resident is not None, packing)
+  branches = [_branch(call, groups, v) for v in vectors]
 
   def body(dev, *xs):
     d = dev[0]
@@ -537,68 +515,28 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
         local.append(jax.lax.dynamic_slice_in_dim(x, d * k, k, axis=0))
       else:
         local.append(jax.lax.all_to_all(x, ax, 0, axis, tiled=True))
-
-    def make_branch(vec):
-      def branch(*ls):
-        ls, rl = ls[:len(local)], ls[len(local):]
-        res, new_res, pos, rpos = [], [], 0, 0
-        for g, (gkey, _) in enumerate(glist):
-          k_in, k_res = len(stacks[g]), len(res_in[g])
-          grp, rgrp = ls[pos:pos + k_in], rl[rpos:rpos + k_res]
-          pos, rpos = pos + k_in, rpos + k_res
-          c, kg = vec[g], kmax[g]
-          if c == 0:
-            res.append(jax.tree.map(
-                lambda o, kg=kg: jnp.zeros((kg,) + o.shape[1:], o.dtype),
-                out_struct[g]))
-            new_res.extend(rgrp)
-            continue
-          args = (tuple(x[:c] for x in grp)
-                  + tuple(r[:c] for r in rgrp))
-          y = (_one_item_at_a_time(call, gkey[1], args)
-               if one_at_a_time[g] and c > 1 else call(gkey[1], *args))
-          if resident is not None:
-            y, ry = y
-            # The pad slots keep their (unused) old state.
-            new_res.extend(
-                (n.astype(r.dtype) if kg == c else
-                 jnp.concatenate([n.astype(r.dtype), r[c:]]))
-                for n, r in zip(ry, rgrp))
-          if kg > c:
-            y = jax.tree.map(lambda o, pad=kg - c: jnp.concatenate(
-                [o, jnp.zeros((pad,) + o.shape[1:], o.dtype)]), y)
-          res.append(y)
-        if gather_in:  # this device's results of every group, packed
-          return _pack(res, vec, dts, length), new_res
-        return res, new_res
-      return branch
-
-    branches = [make_branch(v) for v in vectors]
     if len(branches) == 1:
       res, new_res = branches[0](*local, *res_local)
     else:
       res, new_res = jax.lax.switch(jnp.asarray(branch_of)[d], branches,
                                     *local, *res_local)
-
-    def back(y, a):
-      if gather_in:  # replicated parameters: every device gets every result
-        return jax.lax.all_gather(y, ax, axis=0, tiled=True)
-      if a is None:
-        return y  # (K, ...) block of the (D*K, ...) output
-      return jax.lax.all_to_all(y, ax, a + 1, 0, tiled=True)
-
     if gather_in:  # one all-gather per dtype of every device's results
       return ([jax.lax.all_gather(b, ax, axis=0, tiled=True) for b in res],
               list(new_res))
+
+    def back(y, a):
+      if a is None:
+        return y  # (K, ...) block of the (D*K, ...) output
+      return jax.lax.all_to_all(y, ax, a + 1, 0, tiled=True)
     return ([jax.tree.map(back, r, oa) for r, oa in zip(res, out_axes)],
             list(new_res))
 
-  out_specs = [jax.tree.map(
-      lambda o, a: P() if gather_in else pspec(
-          o.ndim, 0 if a is None else a + 1), st, oa)
-      for st, oa in zip(out_struct, out_axes)]
   if gather_in:
-    out_specs = [P()] * len(dts)
+    out_specs = [P()] * len(packing[0])
+  else:
+    out_specs = [jax.tree.map(
+        lambda o, a: _pspec(o.ndim, 0 if a is None else a + 1, ax), st, oa)
+        for st, oa in zip(out_struct, out_axes)]
   mapped = jax.shard_map(body, mesh=spec.mesh,
                          in_specs=(P(ax),) + tuple(in_specs)
                          + tuple(res_specs),
@@ -607,7 +545,7 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
       jnp.arange(num, dtype=jnp.int32), NamedSharding(spec.mesh, P(ax)))
   bufs, new_flat = mapped(dev_ids, *flat_in)
   if gather_in:
-    bufs = _unpack(bufs, out_struct, asg.counts, kmax, dts, length, offsets)
+    bufs = _unpack(bufs, out_struct, asg.counts, kmax, *packing)
   new_groups, pos = [], 0
   for rs in res_in:
     new_groups.append(tuple(new_flat[pos:pos + len(rs)]))
@@ -620,3 +558,96 @@ def _owner_computes(call, glist, stacks, sizes, plan, spec, out,
       out[i] = piece
   return out if resident is None else (out, new_groups)
 
+
+def _pspec(ndim: int, axis: int | None, ax) -> P:
+  """A spec splitting ``axis`` (``None``: nothing) over the mesh axes."""
+  parts = [None] * ndim
+  if axis is not None:
+    parts[axis] = ax
+  return P(*parts)
+
+
+def _trace_kernels(call, glist, stacks, res_in, resident: bool, spec):
+  """Per group: the kernel's output structure for one item, and whether it
+  must run one item at a time (a LAPACK call on CPU devices)."""
+  out_struct, one_at_a_time = [], []
+  on_cpu = all(d.platform == 'cpu' for d in spec.mesh.devices.flat)
+  for (gkey, _), stack, rs in zip(glist, stacks, res_in):
+    one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+           for x in stack + tuple(rs)]
+    jaxpr, st = jax.make_jaxpr(lambda *xs, k=gkey[1]: call(k, *xs),
+                               return_shape=True)(*one)
+    out_struct.append(st[0] if resident else st)
+    one_at_a_time.append(on_cpu and _calls_lapack(jaxpr))
+  return out_struct, one_at_a_time
+
+
+def _owner_inputs(stacks, plan, spec, ax, gather_in: bool):
+  """The moving arrays in owner order (row ``d·K + k`` is item ``(d, k)``;
+  pads read a zero row), each split along one per-slice axis (``"sharded"``
+  layout) or replicated; with their specs and split axes."""
+  num = spec.num_shards()
+  flat_in, in_specs, in_axes = [], [], []
+  for g, stack in enumerate(stacks):
+    for x in stack:
+      x = _owner_order(x, plan.perms[g])
+      a = None if gather_in else _split_axis(x.shape[1:], num)
+      axis = None if a is None else a + 1
+      sh = _pspec(x.ndim, axis, ax)
+      flat_in.append(jax.lax.with_sharding_constraint(
+          x, NamedSharding(spec.mesh, sh)))
+      in_specs.append(sh)
+      in_axes.append(axis)
+  return flat_in, in_specs, in_axes
+
+
+class _Groups(NamedTuple):
+  """What one device's branch needs to know of every shape group."""
+  glist: list
+  stacks: list
+  res_in: list
+  kmax: list
+  out_struct: list
+  one_at_a_time: list
+  resident: bool
+  packing: tuple | None  # (dtypes, lengths, offsets) with gathered results
+
+
+def _branch(call, groups: _Groups, vec):
+  """Device branch for per-group item counts ``vec``: runs the kernel on
+  its first ``vec[g]`` items of each group, pads to ``K_g`` slots (the pad
+  slots keep their old resident state), packs the results when every
+  device gathers them."""
+  def branch(*ls):
+    n_local = sum(len(st) for st in groups.stacks)
+    ls, rl = ls[:n_local], ls[n_local:]
+    res, new_res, pos, rpos = [], [], 0, 0
+    for g, (gkey, _) in enumerate(groups.glist):
+      k_in, k_res = len(groups.stacks[g]), len(groups.res_in[g])
+      grp, rgrp = ls[pos:pos + k_in], rl[rpos:rpos + k_res]
+      pos, rpos = pos + k_in, rpos + k_res
+      c, kg = vec[g], groups.kmax[g]
+      if c == 0:
+        res.append(jax.tree.map(
+            lambda o, kg=kg: jnp.zeros((kg,) + o.shape[1:], o.dtype),
+            groups.out_struct[g]))
+        new_res.extend(rgrp)
+        continue
+      args = tuple(x[:c] for x in grp) + tuple(r[:c] for r in rgrp)
+      y = (_one_item_at_a_time(call, gkey[1], args)
+           if groups.one_at_a_time[g] and c > 1 else call(gkey[1], *args))
+      if groups.resident:
+        y, ry = y
+        new_res.extend(
+            (n.astype(r.dtype) if kg == c else
+             jnp.concatenate([n.astype(r.dtype), r[c:]]))
+            for n, r in zip(ry, rgrp))
+      if kg > c:
+        y = jax.tree.map(lambda o, pad=kg - c: jnp.concatenate(
+            [o, jnp.zeros((pad,) + o.shape[1:], o.dtype)]), y)
+      res.append(y)
+    if groups.packing is not None:  # this device's results, packed
+      dts, length, _ = groups.packing
+      return _pack(res, vec, dts, length), new_res
+    return res, new_res
+  return branch
