@@ -554,18 +554,28 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                      'flat_weight_decay (the per-matrix step sees no '
                      'parameters).')
 
-  def stack_view(x):  # a (B, rows, cols) stack: B matrices
-    return _tree.matrix_view(x.shape, _tree.MatrixDims(1, 2))
+  return _lite_owner_inner(transform, geometry, make_leaf, mu_dtype)
 
+
+def _stack_view(x):
+  """The view of a ``(B, rows, cols)`` stack: ``B`` matrices."""
+  return _tree.matrix_view(x.shape, _tree.MatrixDims(1, 2))
+
+
+def _lite_owner_inner(transform, geometry, make_leaf, mu_dtype
+                      ) -> OwnerInner:
+  """``lite_flat_boost``'s per-matrix form: the momentum and the geometry's
+  state of a stack of matrices, and the step at the transform's count
+  (``make_leaf(count) -> (new count, leaf step)``)."""
   def owner_init(x):
     return ((jnp.zeros_like(x, dtype=mu_dtype or x.dtype),)
-            + tuple(geometry.init(stack_view(x), x)))
+            + tuple(geometry.init(_stack_view(x), x)))
 
   def bind(state):
     _, leaf = make_leaf(state.count)
 
     def step(x, m, *geom_leaf):
-      out = leaf(stack_view(x), x, m, None, *geom_leaf)
+      out = leaf(_stack_view(x), x, m, None, *geom_leaf)
       return out[0], tuple(out[1:])
     return step
 
