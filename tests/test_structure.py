@@ -98,15 +98,8 @@ def _long_functions():
   return out
 
 
-# Not yet split (issue 22): Shampoo's transform builder. Listed so that the
-# test fails when a new long function appears, or when this one is split
-# and the entry is left behind.
-KNOWN_LONG = {'optax_lite.transforms.kron_precondition.scale_by_shampoo'}
-
-
 def test_function_length():
-  long = {entry.split(':')[0] for entry in _long_functions()}
-  assert long == KNOWN_LONG, _long_functions()
+  assert not _long_functions()
 
 
 # Not yet split (issue 22): SOAP/Shampoo and the Fisher whitening.

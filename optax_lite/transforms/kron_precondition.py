@@ -90,7 +90,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +99,7 @@ import optax
 from optax_lite import _checks
 from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import eigenbasis as eig_lib
+from optax_lite.linalg import engine
 from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import resident as resident_lib
@@ -927,59 +928,8 @@ def soap_warmup_leaves(tree, dims: _tree.DimsSpec = None,
 
 
 # --------------------------------------------------------------------------
-# Owner-computes (``distribute=``).
+# On the matrix engine (one device, owner-computes, owner-resident).
 # --------------------------------------------------------------------------
-def _transposed(arrays, n_mats: int) -> tuple:
-  """An item (or its result) of ``Gᵀ``: the first ``n_mats`` arrays
-  (``(B, m, n)``: gradient or update, moments) transposed, the factor
-  arrays after them swapped pairwise (left ↔ right). Its own inverse.
-
-  Kronecker preconditioning commutes with transposition (``L`` of ``Gᵀ`` is
-  ``R`` of ``G``), so the two computations agree up to the association of
-  the matrix products.
-  """
-  mats = tuple(jnp.swapaxes(x, -1, -2) for x in arrays[:n_mats])
-  rest = arrays[n_mats:]
-  return mats + tuple(rest[j ^ 1] for j in range(len(rest)))
-
-
-def _owner_computes(updates, resolved, fields, item, kernel, unpack, local,
-                    spec, cost, n_mats, transpose_tall):
-  """Per-leaf results, the preconditioned matrices computed by their owners.
-
-  ``item(view, g, *state_leaves)`` gives a leaf's work item (its gradient
-  and state arrays, batch-leading: ``n_mats`` matrices ``(B, m, n)``, then
-  left/right pairs of factors) or ``None`` (the leaf stays on ``local(g,
-  d, *state_leaves)``). With ``transpose_tall`` tall items are transposed
-  to wide (:func:`_transposed`), so that ``m × n`` and ``n × m`` leaves
-  share a group (fewer padded slots per device, fewer bytes moved).
-  :func:`optax_lite.linalg.grouped
-  .grouped_map` runs ``kernel`` on the items of each shape group, on the
-  devices it assigns them to by ``cost``, and ``unpack(view, g,
-  state_leaves, result)`` turns an item's result back into the leaf's
-  tuple ``(update, *new state leaves)`` in the single-device layout.
-  """
-  g_leaves, treedef = jax.tree.flatten(updates)
-  d_leaves = treedef.flatten_up_to(resolved)
-  f_leaves = [treedef.flatten_up_to(f) for f in fields]
-  out, items, todo = [None] * len(g_leaves), [], []
-  for i, (g, d) in enumerate(zip(g_leaves, d_leaves)):
-    fs = [f[i] for f in f_leaves]
-    view, _ = _leaf_view(g, d)
-    it = item(view, g, *fs)
-    if it is None:
-      out[i] = local(g, d, *fs)
-      continue
-    tall = transpose_tall and view.rows > view.cols
-    todo.append((i, view, fs, tall))
-    items.append(_transposed(it, n_mats) if tall else it)
-  results = grouped_lib.grouped_map(kernel, items, spec=spec, cost=cost)
-  for (i, view, fs, tall), res in zip(todo, results):
-    res = _transposed(tuple(res), n_mats) if tall else tuple(res)
-    out[i] = unpack(view, g_leaves[i], fs, res)
-  return jax.tree.unflatten(treedef, out)
-
-
 def _resolve_init_dims(dims, params):
   """Resolved dims; params without leaves (the placeholder that
   ``optax.tree_utils.tree_map_params`` passes to ``init``) match any dims
@@ -989,97 +939,94 @@ def _resolve_init_dims(dims, params):
   return _tree.resolve_dims(dims, params)
 
 
-def _compute_dtype(x):
-  return jnp.promote_types(x.dtype, jnp.float32)
+class _KronSpec(NamedTuple):
+  """What SOAP and Shampoo differ in, for :func:`_kron_transform`."""
+  state_type: type
+  method: engine.MatrixMethod
+  init_leaf: Callable      # (x, d) -> the leaf's fields, in state order
+  kernel_at: Callable      # count -> kernel(g, *active) -> (u, *new)
+  max_precond_dim: Any
 
 
-def _resident_init(params, resolved, per_leaf, spec, cost, resident_fields,
-                   n_mats, transpose_tall, names):
-  """Moves the per-matrix state of every preconditioned leaf to its owner.
-
-  ``per_leaf`` is the single-device state, a tree like ``params`` of
-  per-leaf tuples in field order (``stats_l``, ``stats_r`` third and
-  fourth). Every leaf with a preconditioned side is one work item whose
-  moving part is its gradient ``(B, m, n)`` (compute dtype; ``(B, n, m)``
-  for a tall leaf with ``transpose_tall``): the fields ``resident_fields``
-  (the first ``n_mats`` of them leaf-shaped, put in matrix form) go into an
-  :class:`~optax_lite.linalg.grouped.OwnerStacks` built from exactly the
-  items :func:`_resident_update` will pass, so that the groups and owners
-  agree; the leaf's own entries become one-element placeholders.
-
-  ``names``: the per-leaf fields' names in the state, in tuple order (the
-  stacks' layout records where each resident array lives).
-
-  Returns ``(per_leaf with placeholders, owned)``.
-  """
-  p_leaves, treedef = jax.tree.flatten(params)
-  if not p_leaves:
-    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
-    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
-    return per_leaf, jnp.zeros((), jnp.int32)
-  d_leaves = treedef.flatten_up_to(resolved)
-  t_leaves = treedef.flatten_up_to(per_leaf)
-  structs, owned_state, homes, new = [], [], [], []
-  keys = resident_lib.leaf_paths(params)
-  for i, (p, d, t) in enumerate(zip(p_leaves, d_leaves, t_leaves)):
-    if not (has_side(t[2]) or has_side(t[3])):
-      new.append(t)
-      continue
-    view, _ = _leaf_view(p, d)
-    b, m, n = view.matrix_shape
-    st = tuple(view.to_matrix(t[j]) if k < n_mats else t[j]
-               for k, j in enumerate(resident_fields))
-    home = tuple(resident_lib.Home((names[j],), keys[i], tuple(t[j].shape),
-                                   view if k < n_mats else None)
-                 for k, j in enumerate(resident_fields))
-    if transpose_tall and m > n:
-      m, n, st = n, m, _transposed(st, n_mats)
-      home = resident_lib.transposed_homes(home, n_mats)
-    structs.append((jax.ShapeDtypeStruct((b, m, n), _compute_dtype(p)),))
-    owned_state.append(st)
-    homes.append(home)
-    new.append(tuple(_tree.identity_placeholder(x.dtype) for x in t))
-  owned = grouped_lib.owner_stacks(structs, owned_state, spec=spec,
-                                   cost=cost, homes=homes)
-  return treedef.unflatten(new), owned
-
-
-def _resident_update(updates, resolved, fields, owned, kernel, local, spec,
-                     cost, transpose_tall):
-  """Per-leaf results with the per-matrix state resident on its owner.
-
-  A leaf whose ``stats_l`` entry is a one-element placeholder (moved into
-  ``owned`` by :func:`_resident_init`) sends only its gradient to the
-  owner, where ``kernel(g, *resident) -> (u, new resident)`` runs next to
-  its state; the update comes back, the state stays. Other leaves run
-  ``local(g, d, *state_leaves)``. Returns ``(tree of per-leaf tuples
-  (update, *state leaves), new owned)``.
-  """
-  g_leaves, treedef = jax.tree.flatten(updates)
+def _leaves(tree, resolved, fields, sides_of=None) -> list:
+  """The engine's leaves of ``tree`` (updates or params): per leaf its
+  view, its fields, and whether it is a matrix item (a preconditioned
+  side, read from the state's factors or, with ``sides_of``, from the
+  static sides)."""
+  g_leaves, treedef = jax.tree.flatten(tree)
   d_leaves = treedef.flatten_up_to(resolved)
   f_leaves = [treedef.flatten_up_to(f) for f in fields]
-  out, items, todo = [None] * len(g_leaves), [], []
+  out = []
   for i, (g, d) in enumerate(zip(g_leaves, d_leaves)):
     fs = tuple(f[i] for f in f_leaves)
-    if fs[2].ndim != 1:  # a (B, 1) or (B, m, m) factor: not owned
-      out[i] = local(g, d, *fs)
-      continue
-    view, _ = _leaf_view(g, d)
-    x = view.to_matrix(g).astype(_compute_dtype(g))
-    tall = transpose_tall and view.rows > view.cols
-    items.append((_t(x) if tall else x,))
-    todo.append((i, view, fs, tall))
+    view, is_matrix = _leaf_view(g, d)
+    item = (any(sides_of(view, is_matrix)) if sides_of is not None
+            else has_side(fs[2]) or has_side(fs[3]))
+    out.append(engine.Leaf(g, view, fs, item))
+  return out
 
-  def fn(g, *resident):
-    u, new = kernel(g, *resident)
-    return (u,), tuple(new)
 
-  results, owned = grouped_lib.grouped_map(fn, items, spec=spec, cost=cost,
-                                           resident=owned)
-  for (i, view, fs, tall), (u,) in zip(todo, results):
-    u = _t(u) if tall else u
-    out[i] = (view.from_matrix(u).astype(g_leaves[i].dtype),) + fs
-  return jax.tree.unflatten(treedef, out), owned
+def _kron_transform(spec_of: _KronSpec, dims, spec, memory_budget
+                    ) -> optax.GradientTransformation:
+  """SOAP's or Shampoo's transform: one step per leaf through the engine.
+
+  Over several devices (``spec``) every matrix's state lives on its owner
+  (``state.owned``, made by ``init``); a state made without ``distribute``
+  still steps there, its state then travelling each step.
+  """
+  kind = spec_of.state_type
+  n_fields = len(kind._fields) - 2  # without count and owned
+  resident = spec is not None and spec.num_shards() > 1
+
+  def static_sides(view, is_matrix):
+    require_static('the owner of each matrix depends on it',
+                   max_precond_dim=spec_of.max_precond_dim)
+    return _sides(view, is_matrix, spec_of.max_precond_dim)
+
+  def init_fn(params):
+    require_static(max_precond_dim=spec_of.max_precond_dim)
+    resolved = _resolve_init_dims(dims, params)
+    out = jax.tree.map(spec_of.init_leaf, params, resolved)
+    fields = _tree.unzip(out, n_fields, params)
+    if not resident:
+      return kind(jnp.zeros([], jnp.int32), *fields)
+    if not jax.tree.leaves(params):
+      # optax.tree_utils.tree_map_params's placeholder params. A leaf here
+      # (not a subtree) lets its non-params rule take OwnerStacks.
+      return kind(jnp.zeros([], jnp.int32), *fields,
+                  jnp.zeros((), jnp.int32))
+    leaves = _leaves(params, resolved, fields, static_sides)
+    per_leaf, owned = engine.own_leaves(
+        spec_of.method, engine.placement_for(spec, resident=True), leaves,
+        resident_lib.leaf_paths(params),
+        lambda x: _tree.identity_placeholder(x.dtype))
+    treedef = jax.tree.structure(params)
+    fields = [treedef.unflatten([t[j] for t in per_leaf])
+              for j in range(n_fields)]
+    return kind(jnp.zeros([], jnp.int32), *fields, owned)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    resolved = _tree.resolve_dims(dims, updates)
+    fields = tuple(state[1:1 + n_fields])
+    owned = isinstance(state.owned, grouped_lib.OwnerStacks)
+    placement = engine.placement_for(
+        spec, resident=owned,
+        memory_budget=grouped_lib.budget_bytes(memory_budget, updates))
+    leaves = _leaves(updates, resolved, fields,
+                     static_sides if owned else None)
+    out = engine.step_leaves(spec_of.method, spec_of.kernel_at(count),
+                             placement, leaves,
+                             state.owned if owned else None)
+    out, owned_out = out if owned else (out, state.owned)
+    treedef = jax.tree.structure(updates)
+    new_updates, *fields = [treedef.unflatten([t[j] for t in out])
+                            for j in range(1 + n_fields)]
+    return new_updates, kind(count, *fields, owned_out)
+
+  return optax.GradientTransformation(
+      init_fn, distributed_lib.layout_stable(update_fn))
 
 
 def _kron_flops(m, n, left, right, k, root) -> float:
@@ -1098,25 +1045,6 @@ def _kron_bytes(*arrays) -> float:
   square = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
                for a in arrays if a.ndim >= 2 and a.shape[-1] == a.shape[-2])
   return float(2 * total + 4 * square)
-
-
-def _leafwise(leaf, updates, resolved, fields, memory_budget):
-  """``jax.tree.map(leaf, updates, resolved, *fields)``; with a budget
-  (a fraction of the updates' bytes) the leaves run in packs that fit it,
-  one pack after another (:func:`grouped_lib.sequential_calls`)."""
-  if memory_budget is None:
-    return jax.tree.map(leaf, updates, resolved, *fields)
-  g_leaves, treedef = jax.tree.flatten(updates)
-  d_leaves = treedef.flatten_up_to(resolved)
-  f_leaves = [treedef.flatten_up_to(f) for f in fields]
-  args = [(g, d) + tuple(f[i] for f in f_leaves)
-          for i, (g, d) in enumerate(zip(g_leaves, d_leaves))]
-  sizes = [_kron_bytes(a[0], *a[2:]) for a in args]
-  calls = [(lambda g, *fs, d=a[1]: leaf(g, d, *fs), (a[0],) + a[2:])
-           for a in args]
-  budget = grouped_lib.budget_bytes(memory_budget, updates)
-  out = grouped_lib.sequential_calls(calls, sizes, budget)
-  return jax.tree.unflatten(treedef, out)
 
 
 def _resident_cost(precondition_frequency, max_precond_dim, root):
@@ -1377,32 +1305,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
             jnp.zeros(x.shape, precond_dtype)) + tuple(soap_basis_init(
                 b, m, n, left=on_l, right=on_r, dtype=precond_dtype))
 
-  resident = spec is not None and spec.num_shards() > 1
-
-  def resident_cost():
-    require_static('the owner of each matrix depends on it',
-                   max_precond_dim=max_precond_dim)
-    return _resident_cost(precondition_frequency, max_precond_dim, 4)
-
-  def init_fn(params):
-    require_static(max_precond_dim=max_precond_dim)
-    resolved = _resolve_init_dims(dims, params)
-    out = jax.tree.map(init_leaf, params, resolved)
-    if not resident:
-      fields = _tree.unzip(out, 8, params)
-      return SoapState(jnp.zeros([], jnp.int32), *fields)
-    out, owned = _resident_init(params, resolved, out, spec, resident_cost(),
-                                resident_fields=range(8), n_mats=2,
-                                transpose_tall=False,
-                                names=SoapState._fields[1:])
-    fields = _tree.unzip(out, 8, params)
-    return SoapState(jnp.zeros([], jnp.int32), *fields, owned)
-
-  def update_fn(updates, state, params=None):
-    del params
-    count = optax.safe_increment(state.count)
-    resolved = _tree.resolve_dims(dims, updates)
-
+  def kernel_at(count):
     def kernel(g, mu, nu, *factors):
       """One step on ``(B, m, n)`` matrices: ``(u, *new SoapLeaf fields)``."""
       new, direc = soap_leaf_update(
@@ -1412,53 +1315,24 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
           skip_first_update=skip_first_update, null_threshold=null_threshold,
           precision=precision)
       return (soap_direction(direc, precision=precision),) + tuple(new)
+    return kernel
 
-    def unpack(view, g, res):
-      u, mu, nu, *factors = res
-      mu, nu = view.from_matrix(mu), view.from_matrix(nu)
-      return (view.from_matrix(u).astype(g.dtype), mu, nu) + tuple(factors)
-
-    def leaf(g, d, mu, nu, *factors):
-      view, _ = _leaf_view(g, d)
-      mu, nu = view.to_matrix(mu), view.to_matrix(nu)
-      return unpack(view, g, kernel(view.to_matrix(g), mu, nu, *factors))
-
-    fields = (state.mu, state.nu, state.stats_l, state.stats_r, state.q_l,
-              state.q_r, state.lam_l, state.lam_r)
-    if isinstance(state.owned, grouped_lib.OwnerStacks):
-      def resident_kernel(g, *leaf_state):
-        u, *new = kernel(g, *leaf_state)
-        return u, new
-
-      out, owned = _resident_update(updates, resolved, fields, state.owned,
-                                    resident_kernel, leaf, spec,
-                                    resident_cost(), transpose_tall=False)
-      new_updates, *fields = _tree.unzip(out, 9, updates)
-      return new_updates, SoapState(count, *fields, owned)
-    if spec is None:
-      out = _leafwise(leaf, updates, resolved, fields, memory_budget)
-    else:
-      def item(view, g, mu, nu, *factors):
-        if not (has_side(factors[0]) or has_side(factors[1])):
-          return None  # Adam: element-wise, stays where it is
-        return (view.to_matrix(g), view.to_matrix(mu),
-                view.to_matrix(nu)) + tuple(factors)
-
-      # Tall leaves are not transposed to share a group with wide ones:
-      # Q_lᵀ(G Q_r) instead of (Q_lᵀ G) Q_r changes the round-off, which
-      # the sign-like first Adam step amplifies on rank-deficient leaves
-      # (2.8e-4 measured on a 24 × 8 leaf, 2.7× the float32 error of the
-      # step itself); untransposed, the owners' results equal the
-      # single-device ones to the bit on unstacked leaves.
-      out = _owner_computes(updates, resolved, fields, item, kernel,
-                            lambda view, g, fs, res: unpack(view, g, res),
-                            leaf, spec, _soap_cost(precondition_frequency),
-                            n_mats=3, transpose_tall=False)
-    new_updates, *fields = _tree.unzip(out, 9, updates)
-    return new_updates, SoapState(count, *fields)
-
-  return optax.GradientTransformation(
-      init_fn, distributed_lib.layout_stable(update_fn))
+  # Tall leaves are not transposed to share a group with wide ones:
+  # Q_lᵀ(G Q_r) instead of (Q_lᵀ G) Q_r changes the round-off, which the
+  # sign-like first Adam step amplifies on rank-deficient leaves (2.8e-4
+  # measured on a 24 × 8 leaf, 2.7× the float32 error of the step itself);
+  # untransposed, the owners' results equal the single-device ones to the
+  # bit on unstacked leaves.
+  method = engine.MatrixMethod(
+      names=SoapState._fields[1:9], active=tuple(range(8)),
+      leaf_shaped=(0, 1), transpose_tall=False,
+      cost=_soap_cost(precondition_frequency),
+      resident_cost=_resident_cost(precondition_frequency, max_precond_dim,
+                                   4),
+      item_bytes=lambda arrays: _kron_bytes(*arrays))
+  return _kron_transform(
+      _KronSpec(SoapState, method, init_leaf, kernel_at, max_precond_dim),
+      dims, spec, memory_budget)
 
 
 def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
@@ -1587,41 +1461,14 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
             _factor(b, m, on_l, precond_dtype, eye=True),
             _factor(b, n, on_r, precond_dtype, eye=True))
 
-  resident = spec is not None and spec.num_shards() > 1
-  # Resident per matrix: mu, nu (grafting only: else a (1,) placeholder),
-  # the factors and the roots.
-  resident_fields = (0, 1, 2, 3, 4, 5) if graft == 'adam' else (0, 2, 3, 4, 5)
-  n_leaf_shaped = 2 if graft == 'adam' else 1
+  graft_adam = graft == 'adam'
 
-  def resident_cost():
-    require_static('the owner of each matrix depends on it',
-                   max_precond_dim=max_precond_dim)
-    return _resident_cost(precondition_frequency, max_precond_dim, 10)
-
-  def init_fn(params):
-    require_static(max_precond_dim=max_precond_dim)
-    resolved = _resolve_init_dims(dims, params)
-    out = jax.tree.map(init_leaf, params, resolved)
-    if not resident:
-      fields = _tree.unzip(out, 6, params)
-      return ShampooState(jnp.zeros([], jnp.int32), *fields)
-    out, owned = _resident_init(params, resolved, out, spec, resident_cost(),
-                                resident_fields, n_leaf_shaped,
-                                transpose_tall=True,
-                                names=ShampooState._fields[1:])
-    fields = _tree.unzip(out, 6, params)
-    return ShampooState(jnp.zeros([], jnp.int32), *fields, owned)
-
-  def update_fn(updates, state, params=None):
-    del params
-    count = optax.safe_increment(state.count)
-    resolved = _tree.resolve_dims(dims, updates)
-
-    def kernel(g, mu, nu, *factors):
-      """One step on ``(B, m, n)`` matrices: ``(u, *new ShampooLeaf fields)``.
-
-      Without grafting ``nu`` is the ``(1,)`` placeholder (unbatched).
-      """
+  def kernel_at(count):
+    def kernel(g, mu, *rest):
+      """One step on ``(B, m, n)`` matrices: ``(u, *new active fields)``;
+      without grafting ``nu`` is not stepped (a ``(1,)`` placeholder)."""
+      nu, factors = ((rest[0], rest[1:]) if graft_adam else
+                     (jnp.zeros((1,), mu.dtype), rest))
       parts = ShampooLeaf(mu, nu, *factors)
       n_sides = int(has_side(parts.stats_l)) + int(has_side(parts.stats_r))
       new, u = shampoo_leaf_update(
@@ -1631,70 +1478,25 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
           root_method=root_method,
           precondition_frequency=precondition_frequency, graft=graft,
           null_threshold=null_threshold, precision=precision)
-      return (u,) + tuple(new)
+      if graft_adam:
+        return (u,) + tuple(new)
+      return (u, new.mu) + tuple(new[2:])
+    return kernel
 
-    def unpack(view, g, res):
-      u, mu, nu, *factors = res
-      mu = view.from_matrix(mu)
-      if graft == 'adam':
-        nu = view.from_matrix(nu)
-      return (view.from_matrix(u).astype(g.dtype), mu, nu) + tuple(factors)
-
-    def leaf(g, d, mu, nu, *factors):
-      view, _ = _leaf_view(g, d)
-      if graft == 'adam':
-        nu = view.to_matrix(nu)
-      mu = view.to_matrix(mu)
-      return unpack(view, g, kernel(view.to_matrix(g), mu, nu, *factors))
-
-    fields = (state.mu, state.nu, state.stats_l, state.stats_r,
-              state.precond_l, state.precond_r)
-    if isinstance(state.owned, grouped_lib.OwnerStacks):
-      def resident_kernel(g, mu, *rest):
-        if graft == 'adam':
-          u, *new = kernel(g, mu, *rest)
-          return u, new
-        u, mu, _, *factors = kernel(g, mu, jnp.zeros((1,), mu.dtype), *rest)
-        return u, (mu,) + tuple(factors)
-
-      out, owned = _resident_update(updates, resolved, fields, state.owned,
-                                    resident_kernel, leaf, spec,
-                                    resident_cost(), transpose_tall=True)
-      new_updates, *fields = _tree.unzip(out, 7, updates)
-      return new_updates, ShampooState(count, *fields, owned)
-    if spec is None:
-      out = _leafwise(leaf, updates, resolved, fields, memory_budget)
-    else:
-      def item(view, g, mu, nu, *factors):
-        if not (has_side(factors[0]) or has_side(factors[1])):
-          return None  # graft / momentum only: element-wise, stays local
-        if graft == 'adam':
-          return (view.to_matrix(g), view.to_matrix(mu),
-                  view.to_matrix(nu)) + tuple(factors)
-        return (view.to_matrix(g), view.to_matrix(mu)) + tuple(factors)
-
-      def distributed_kernel(g, mu, *rest):
-        if graft == 'adam':
-          return kernel(g, mu, *rest)
-        u, mu, _, *factors = kernel(g, mu, jnp.zeros((1,), mu.dtype), *rest)
-        return (u, mu) + tuple(factors)
-
-      def unpack_item(view, g, fs, res):
-        if graft != 'adam':  # the (1,) placeholder did not travel
-          res = tuple(res[:2]) + (fs[1],) + tuple(res[2:])
-        return unpack(view, g, res)
-
-      out = _owner_computes(updates, resolved, fields, item,
-                            distributed_kernel, unpack_item, leaf, spec,
-                            _shampoo_cost(precondition_frequency,
-                                          3 if graft == 'adam' else 2),
-                            n_mats=3 if graft == 'adam' else 2,
-                            transpose_tall=True)
-    new_updates, *fields = _tree.unzip(out, 7, updates)
-    return new_updates, ShampooState(count, *fields)
-
-  return optax.GradientTransformation(
-      init_fn, distributed_lib.layout_stable(update_fn))
+  # Resident per matrix: mu, nu (grafting only), the factors and the roots.
+  # Tall matrices run transposed, their sides swapped (Kronecker
+  # preconditioning commutes with transposition).
+  method = engine.MatrixMethod(
+      names=ShampooState._fields[1:7],
+      active=(0, 1, 2, 3, 4, 5) if graft_adam else (0, 2, 3, 4, 5),
+      leaf_shaped=(0, 1) if graft_adam else (0,), transpose_tall=True,
+      cost=_shampoo_cost(precondition_frequency, 3 if graft_adam else 2),
+      resident_cost=_resident_cost(precondition_frequency, max_precond_dim,
+                                   10),
+      item_bytes=lambda arrays: _kron_bytes(*arrays))
+  return _kron_transform(
+      _KronSpec(ShampooState, method, init_leaf, kernel_at, max_precond_dim),
+      dims, spec, memory_budget)
 
 
 def kron_precondition(mode: str = 'soap', **kwargs: Any
