@@ -40,6 +40,9 @@ PAGES = (
     ('distributed', 'optax_lite.linalg.distributed',
      '`optax_lite.linalg.distributed`',
      'Multi-device helpers, beyond those at the top level.'),
+    ('engine', 'optax_lite.linalg.engine', '`optax_lite.linalg.engine`',
+     'The matrix engine: where a per-matrix kernel runs (one device, '
+     'stacked, owner-computes, owner-resident).'),
     ('resident', 'optax_lite.linalg.resident',
      '`optax_lite.linalg.resident`',
      'Owner-resident state and its layout (static metadata), what '
