@@ -344,20 +344,41 @@ def factor_step(prev: jax.Array, stat: jax.Array, gamma: float,
   """
   d = prev.shape[-1]
   eye = jnp.eye(d, dtype=prev.dtype)
+  # Every rate as an array of the factor's dtype, as an injected one is.
+  gamma, damping = _as(gamma, prev), _as(damping, prev)
   if scale_invariant:
     tr_s = _trace(stat)
     stat = jnp.where(tr_s > 0, d * stat / jnp.where(tr_s > 0, tr_s, 1.0),
                      0.0)
   ridge = damping * (_trace(prev) / d)
   if not _is_static_zero(trace_damping):
-    ridge = ridge + trace_damping * (_trace(stat) / d)
+    ridge = ridge + _as(trace_damping, prev) * (_trace(stat) / d)
   lt = stat + ridge * eye
-  gamma = jnp.asarray(gamma, prev.dtype)  # 1 − γ as for an injected γ
   ft = gamma * prev + (1.0 - gamma) * lt
   f = roots_lib.symmetrize(d / _trace(ft) * ft)
   if not _is_static_zero(min_eig):
+    min_eig = _as(min_eig, prev)
     f = (1.0 - min_eig) * f + min_eig * eye
   return f
+
+
+def _as(x, runtime: jax.Array):
+  """A hyperparameter as a scalar of ``runtime``'s dtype that XLA cannot
+  fold into a constant.
+
+  ``optax.inject_hyperparams`` passes float32 arrays, known only at run
+  time; a Python float would be a constant that XLA folds (``1.0·x``
+  disappears) and then contracts the rest into other fused multiply-adds:
+  1 ulp in the factors, ~20× after the Newton root. Selected by a value
+  known at run time (``runtime``'s first entry, not NaN), both are the
+  same unknown scalar and are computed alike. (An optimization barrier
+  does not survive XLA:CPU's pipeline.)
+  """
+  x = jnp.asarray(x, runtime.dtype)
+  if runtime.size == 0:
+    return x
+  first = jnp.ravel(runtime)[0]
+  return jnp.where(first == first, x, 0.0)
 
 
 def _gram(a, transpose_first: bool, cfg: _Config):

@@ -115,6 +115,10 @@ ROUNDOFF_ULPS = 16
 # Neighbour leak of roundoff_coordinates: band and cap of θ.
 LEAK_BAND = 4
 LEAK_CAP = 0.1
+# roundoff_weight: a rotated coordinate's update weight rises linearly from
+# 0 at the round-off bound δ to 1 at ROUNDOFF_RAMP·δ.
+ROUNDOFF_RAMP = 512.0
+RAMP_BASE = True
 ACCUMULATIONS = ('ema', 'sum')
 GRAFTS = ('adam', 'none')
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -217,9 +221,10 @@ class SoapDirection(NamedTuple):
     grad_rot: ``Q_lᵀ G Q_r`` (rotated gradient).
     denominator: ``sqrt(V̂) + ε`` (bias-corrected, rotated basis).
     q_l, q_r: the bases used for this step (before any refresh).
-    keep: ``(B, m, n)`` booleans (broadcastable), False on the coordinates
-      without gradient energy (see :func:`null_coordinates`): their update
-      must be exactly zero.
+    keep: ``(B, m, n)`` weights in ``[0, 1]`` (broadcastable), 0 on the
+      coordinates without gradient energy (see :func:`null_coordinates`),
+      whose update must be exactly zero, and below 1 on those near the
+      round-off bound (:func:`roundoff_weight`).
     nu_hat: ``V̂``, the bias-corrected second moment in the rotated basis
       (SOAP's eigenvalue estimates; 0 on a statistics-only step).
   """
@@ -532,14 +537,51 @@ def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
   no leak: the guard never freezes a cluster. ``lam_*``: the column
   energies (``None``: identity side). All True when ``τ <= 0``.
   """
-  tau = roundoff_level(threshold, nu_hat.dtype)
+  return roundoff_weight(nu_hat, threshold, lam_l, lam_r) > 0
+
+
+def _roundoff_bound(nu_hat, tau, lam_l, lam_r):
+  """``(A, δ, δ₀)``: the amplitudes, round-off bounds (see
+  :func:`roundoff_coordinates`) and their first term ``δ₀ = τ·sqrt(Σ V̂)``
+  (per matrix)."""
   amp = jnp.sqrt(nu_hat)
-  delta = tau * jnp.sqrt(jnp.sum(nu_hat, axis=(-2, -1), keepdims=True))
+  floor = tau * jnp.sqrt(jnp.sum(nu_hat, axis=(-2, -1), keepdims=True))
+  delta = floor
   if lam_l is not None:
     delta = delta + _neighbour_leak(amp, lam_l.astype(amp.dtype), tau, -2)
   if lam_r is not None:
     delta = delta + _neighbour_leak(amp, lam_r.astype(amp.dtype), tau, -1)
-  return (amp > delta) | (tau <= 0)
+  return amp, delta, floor
+
+
+def roundoff_weight(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
+                    lam_l: jax.Array | None = None,
+                    lam_r: jax.Array | None = None) -> jax.Array:
+  """``(B, m, n)`` update weights in ``[0, 1]``: 0 on round-off.
+
+  With ``A``, ``δ`` of :func:`roundoff_coordinates`, ``δ₀ = τ·sqrt(Σ V̂)``
+  (``τ`` times the RMS of ``‖G‖_F``) and ``ρ = ROUNDOFF_RAMP``::
+
+    w = clip((A − δ) / ((ρ − 1)·δ₀), 0, 1)
+
+  0 up to the round-off bound, 1 from ``δ + (ρ − 1)·δ₀`` on (about
+  ``1e-3‖G‖_F`` in float32), linear between. A coordinate's amplitude is
+  only known to about ``ε‖G‖_F`` (the rotation's own round-off, and the
+  basis computed from a gradient that differs by round-off), so near ``δ``
+  Adam's ratio, ``±1`` whatever the amplitude, is decided by round-off. A
+  hard threshold there let the mean of four micro-batches
+  (``optax.MultiSteps``), 2.6e-7 from the batch's gradient, move a 64 × 64
+  kernel by 0.17 of the distance travelled after the first real step; the
+  ramp moves a coordinate by ``ΔA / ((ρ − 1)δ₀) ≈ 1e-4`` of a step
+  instead. All 1 when ``τ <= 0``.
+  """
+  tau = roundoff_level(threshold, nu_hat.dtype)
+  amp, delta, floor = _roundoff_bound(nu_hat, tau, lam_l, lam_r)
+  width = (ROUNDOFF_RAMP - 1.0) * floor
+  ramp = (amp - delta) / jnp.maximum(width, jnp.finfo(amp.dtype).tiny)
+  w = jnp.where(amp > delta + width, 1.0,
+                jnp.where(amp > delta, jnp.clip(ramp, 0.0, 1.0), 0.0))
+  return jnp.where(tau <= 0, 1.0, w).astype(nu_hat.dtype)
 
 
 def null_coordinates(lam_l: jax.Array, lam_r: jax.Array, threshold, *,
@@ -653,16 +695,17 @@ def soap_basis_refresh(basis: SoapBasis, nu: jax.Array, t: jax.Array, *,
 
 def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD,
               nu_hat: jax.Array | None = None) -> jax.Array:
-  """Coordinates of the rotated basis that carry gradient energy: not in a
-  null column of the basis and, given ``nu_hat`` (``V̂``), not round-off
-  (:func:`roundoff_coordinates`)."""
+  """Weights in ``[0, 1]`` of the rotated basis's coordinates: 0 in a null
+  column of the basis and, given ``nu_hat`` (``V̂``), the round-off weight
+  (:func:`roundoff_weight`; 0 on round-off)."""
   keep = null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
                           sides=soap_basis_sides(basis))
+  keep = keep.astype(basis.lam_l.dtype)
   if nu_hat is not None:
     left, right = soap_basis_sides(basis)
-    keep = keep & roundoff_coordinates(
+    keep = keep * roundoff_weight(
         nu_hat, null_threshold, basis.lam_l if left else None,
-        basis.lam_r if right else None)
+        basis.lam_r if right else None).astype(keep.dtype)
   return keep
 
 
@@ -763,10 +806,12 @@ def soap_leaf_update(leaf: SoapLeaf, g: jax.Array, count: jax.Array, *,
 def soap_direction(d: SoapDirection, *, precision=_HIGHEST) -> jax.Array:
   """The plain SOAP update ``Q_l (num / den) Q_rᵀ`` from a direction.
 
-  Coordinates without gradient energy (``d.keep`` False) contribute
-  exactly zero; ``0·num`` keeps a non-finite gradient visible.
+  Each coordinate is weighted by ``d.keep``; those without gradient energy
+  (weight 0) contribute exactly zero; ``0·num`` keeps a non-finite
+  gradient visible.
   """
-  u = jnp.where(d.keep, d.numerator / d.denominator, 0.0 * d.numerator)
+  u = jnp.where(d.keep > 0, d.keep * (d.numerator / d.denominator),
+                0.0 * d.numerator)
   return rotate_back(u, d.q_l, d.q_r, precision=precision)
 
 
@@ -1183,7 +1228,10 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
         signal, and count no leak): see :func:`roundoff_coordinates`. This
         is what removes the full-batch round-off: with the same gradient
         twice the rotated gradient is diagonal and its off-diagonal entries
-        are round-off.
+        are round-off. Above that bound the update is weighted, from 0 to
+        1 over ``(ρ − 1)·τ·sqrt(Σ V̂)`` (``ρ = ROUNDOFF_RAMP = 512``:
+        full weight from about ``1e-3‖G‖_F`` in float32), not switched on:
+        see :func:`roundoff_weight`.
       * *Null columns when the basis is first computed* (step 1, from one
         gradient): row ``i`` of the basis is null when the rotated
         gradient's row is round-off in amplitude,

@@ -124,17 +124,19 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
     g_rot = rotate(view.to_matrix(g).astype(ct), basis.q_l, basis.q_r,
                    precision=precision)
     nu, v_hat = soap_second_moment(st.nu.astype(ct), g_rot, t, first, b2=b2)
+    # Weights in [0, 1]: 0 on null and round-off coordinates.
     keep = soap_keep(basis, null_threshold, v_hat)
     if first is not None:  # zero update on the statistics-only step
-      keep = keep & ~first
+      keep = jnp.where(first, 0.0, keep)
     tf = jnp.maximum(t, 1).astype(ct)
     num = rotate(view.to_matrix(m_term).astype(ct) / (1.0 - b1 ** tf),
                  basis.q_l, basis.q_r, precision=precision)
     den = jnp.sqrt(v_hat) + eps
     # 0·x where masked: a non-finite gradient stays visible.
-    d_m = jnp.where(keep, num / den, 0.0 * num)
-    d_g = (jnp.where(keep, g_rot / den, 0.0 * g_rot) if need_g else None)
-    v_hat = jnp.where(keep, v_hat, 0.0)  # SOAP's eigenvalues, for the mask
+    d_m = jnp.where(keep > 0, keep * (num / den), 0.0 * num)
+    d_g = (jnp.where(keep > 0, keep * (g_rot / den), 0.0 * g_rot)
+           if need_g else None)
+    v_hat = keep * v_hat  # SOAP's eigenvalues, for the mask
     mn = view.rows * view.cols
     l_s, l_m = st.l_sharp, st.l_smooth
     s = subspace.soft_mask(v_hat, l_s, l_m, axes=(-2, -1))
