@@ -102,9 +102,8 @@ def test_function_length():
   assert not _long_functions()
 
 
-# Not yet split (issue 22): SOAP/Shampoo and the Fisher whitening.
-KNOWN_LARGE = {'optax_lite.transforms.kron_precondition',
-               'optax_lite.transforms.fisher_whiten'}
+# Not yet split (issue 22): the Fisher whitening.
+KNOWN_LARGE = {'optax_lite.transforms.fisher_whiten'}
 
 
 def test_module_length():
