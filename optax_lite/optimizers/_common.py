@@ -252,6 +252,20 @@ def matrix_and_adamw(labels, rest: AdamRest, learning_rate, weight_decay,
   return with_adamw(matrix_tx, labels, adam)
 
 
+def named_optimizer(args: Mapping[str, Any],
+                    *matrix_txs: optax.GradientTransformation,
+                    warmup_fn=None) -> optax.GradientTransformation:
+  """:func:`matrix_and_adamw` with the settings every named optimizer takes
+  under the same names (``learning_rate``, ``weight_decay``,
+  ``weight_decay_mask``, ``mu_dtype``, ``labels``,
+  ``cautious_weight_decay``, ``adam_*``), read from its arguments."""
+  return matrix_and_adamw(
+      args['labels'], adam_rest(args), args['learning_rate'],
+      args['weight_decay'], args['weight_decay_mask'], args['mu_dtype'],
+      *matrix_txs, warmup_fn=warmup_fn,
+      cautious=args['cautious_weight_decay'])
+
+
 def with_adamw(matrix_tx: optax.GradientTransformation, labels,
                adam: optax.GradientTransformation,
                overrides: (Mapping[str, optax.GradientTransformation]

@@ -190,9 +190,8 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
                            matmul_lib.check_precision('precision', precision),
                            polar_lib.check_ns_dtype(ns_dtype)),
         steps=steps)
-  rest = _common.adam_rest(locals())
   whitening = _common.whitening_settings(locals())
-  return _common.matrix_and_adamw(
-      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
+  return _common.named_optimizer(
+      locals(),
       fisher_whiten(inner, **whitening),
-      scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)
+      scale_by_shape(scaling, rms, dims))

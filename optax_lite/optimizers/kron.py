@@ -95,16 +95,15 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,
                                  max_precond_dim=max_precond_dim)
                if skip_first_update else None)
-  rest = _common.adam_rest(locals())
-  return _common.matrix_and_adamw(
-      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
+  return _common.named_optimizer(
+      locals(),
       scale_by_soap(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, skip_first_update=skip_first_update,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype, precision=precision,
           distribute=distribute, memory_budget=memory_budget),
-      warmup_fn=warmup_fn, cautious=cautious_weight_decay)
+      warmup_fn=warmup_fn)
 
 
 def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
@@ -164,9 +163,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
     2023.
   """
   mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
-  rest = _common.adam_rest(locals())
-  return _common.matrix_and_adamw(
-      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
+  return _common.named_optimizer(
+      locals(),
       scale_by_shampoo(
           b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim,
           dims, accumulation=accumulation, exponent=exponent,
@@ -174,5 +172,4 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype,
           precision=precision, distribute=distribute,
-          memory_budget=memory_budget),
-      cautious=cautious_weight_decay)
+          memory_budget=memory_budget))

@@ -92,12 +92,11 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
-  rest = _common.adam_rest(locals())
-  return _common.matrix_and_adamw(
-      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
+  return _common.named_optimizer(
+      locals(),
       momentum_tx(momentum, nesterov=nesterov, ema=ema,
                   bias_correction=bias_correction, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
                     distribute=distribute, shard_polar=shard_polar,
                     ns_dtype=ns_dtype, memory_budget=memory_budget),
-      scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)
+      scale_by_shape(scaling, rms, dims))

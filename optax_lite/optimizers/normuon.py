@@ -82,15 +82,14 @@ def normuon(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
-  rest = _common.adam_rest(locals())
-  return _common.matrix_and_adamw(
-      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
+  return _common.named_optimizer(
+      locals(),
       momentum_tx(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
                     distribute=distribute, ns_dtype=ns_dtype,
                     memory_budget=memory_budget),
       neuron_normalize(beta2, eps, 'neuron', dims),
-      scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)
+      scale_by_shape(scaling, rms, dims))
 
 
 def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,

@@ -110,9 +110,8 @@ def rmnp(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
     nesterov = variant == 'code'
   if ema is None:
     ema = variant == 'paper'
-  rest = _common.adam_rest(locals())
-  return _common.matrix_and_adamw(
-      labels, rest, learning_rate, weight_decay, weight_decay_mask, mu_dtype,
+  return _common.named_optimizer(
+      locals(),
       momentum_tx(momentum, nesterov=nesterov, ema=ema, mu_dtype=mu_dtype),
       row_normalize(axis, eps, dims),
-      scale_by_shape(scaling, rms, dims), cautious=cautious_weight_decay)
+      scale_by_shape(scaling, rms, dims))

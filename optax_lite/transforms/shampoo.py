@@ -231,17 +231,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       ``distribute``; with several devices ``max_precond_dim`` must be
       static in ``update`` too.
 
-    memory_budget: on one device, the working set of the leaves stepped
-      together, as a fraction of the updates' bytes (``"auto"``: 0.1):
-      the matrix leaves run in packs whose estimated working sets (every
-      array twice, four copies of each factor for the ``eigh`` / QR) fit
-      it, one pack after another (barrier-chained). Same values;
-      ``None``: every leaf at once, as XLA schedules it. These leaves
-      already run one kernel each; on XLA:CPU the measured temporaries do
-      not change with the budget (they come from its default
-      concurrency-optimised scheduler and from the refresh conditionals'
-      copies of the kept bases; ``docs/benchmarks.md``, memory). With
-      ``distribute`` it is ignored (each device computes its own share).
+    memory_budget: as for
+      :func:`~optax_lite.transforms.soap.scale_by_soap`.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ShampooState`.
