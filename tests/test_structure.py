@@ -102,14 +102,10 @@ def test_function_length():
   assert not _long_functions()
 
 
-# Not yet split (issue 22): the Fisher whitening.
-KNOWN_LARGE = {'optax_lite.transforms.fisher_whiten'}
-
-
 def test_module_length():
   large = {_name(p) for p in _modules()
            if len(p.read_text().splitlines()) > MAX_MODULE_LINES}
-  assert large == KNOWN_LARGE, large
+  assert not large, large
 
 
 def test_the_checks_see_a_violation(tmp_path):
