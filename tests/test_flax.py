@@ -232,7 +232,12 @@ def test_stacked_layers_step_like_separate_layers(name):
     # (~ε·λ_max in every eigenvalue), which the inverse fourth root turns
     # into up to ~1e-3 of the largest entry for eigenvalues just above the
     # round-off floor (16ε·λ_max); everything else agrees entry by entry.
-    atol = 1e-3 * np.max(np.abs(want)) if name == 'shampoo' else 2e-6
+    # SOAP / SOAP-LITE: a coordinate near the round-off bound gets a weight
+    # on the guard's ramp, whose slope turns the batched-vs-per-leaf
+    # amplitude round-off (~ε‖G‖) into ~ε/(511τ) ≈ 1.2e-4 of that
+    # coordinate's step (measured: 6.7e-6 absolute on 23 of 504 entries).
+    atol = {'shampoo': 1e-3, 'soap': 3e-4, 'soap_lite': 3e-4}.get(
+        name, 0.0) * np.max(np.abs(want)) or 2e-6
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=atol,
                                err_msg=f'step {step}')
     ps = jax.tree.map(jnp.add, ps, us)
