@@ -283,4 +283,10 @@ def test_distribute_scanned_layers_equal_single_device(name):
   # ~1e-5 of the largest, where its (λ + ε)^(-1/4) turns float32 round-off
   # of another summation order into ~5e-4 of the step (seen: 2.0e-5 on
   # steps of 0.04; the same on the per-layer tree with these gradients).
-  _close(out_p, ref_p, tol=1e-4 if name == 'shampoo' else 1e-5)
+  # SOAP / SOAP-LITE: the 4 stacked layers run as one batch on one device
+  # and one per device on 8, so their bases differ by round-off between
+  # near-degenerate pairs (1-2 τ‖G‖ in a coordinate's amplitude); the
+  # round-off guard's ramp turns that into up to ~1e-4 of the step (seen:
+  # 2.1e-5 on parameters that moved 0.06, soap_lite).
+  tol = 1e-4 if name in ('shampoo', 'soap', 'soap_lite') else 1e-5
+  _close(out_p, ref_p, tol=tol)

@@ -32,6 +32,7 @@ Everything here is pure JAX (no optax) and jit-safe.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -78,7 +79,8 @@ class MatrixMethod(NamedTuple):
 
   Attributes:
     names: the per-leaf state fields, in the state's order (each a tree
-      like the parameters in the state).
+      like the parameters in the state): a field name, or a path of names
+      and indices for a field nested in another.
     active: indices of the fields the kernel steps, in its argument order
       (the others are kept as they are).
     leaf_shaped: the active fields shaped like the parameter; the kernel
@@ -95,7 +97,7 @@ class MatrixMethod(NamedTuple):
     item_bytes: ``item_bytes(arrays) -> float``, one leaf's working set
       for the ``"per_leaf"`` budget (``None``: unbounded).
   """
-  names: tuple[str, ...]
+  names: tuple
   active: tuple[int, ...]
   leaf_shaped: tuple[int, ...]
   transpose_tall: bool = False
@@ -105,13 +107,23 @@ class MatrixMethod(NamedTuple):
 
 
 class Leaf(NamedTuple):
-  """One leaf of a step: its gradient, view, state fields, and whether it is
-  a matrix item (``False``: it stays on its leaf, e.g. an element-wise
-  leaf under owner-computes)."""
+  """One leaf of a step: its gradient, view, state fields, whether it is a
+  matrix item (``False``: it stays on its leaf, e.g. an element-wise leaf
+  under owner-computes), and arrays shaped like it that travel with the
+  gradient (e.g. the parameter; the kernel gets them after ``g``)."""
   g: jax.Array
   view: Any
   state: tuple
   is_item: bool
+  extras: tuple = ()
+
+
+def _moving(leaf: Leaf, dtype=None) -> tuple:
+  """The gradient and the extras in matrix form (cast to ``dtype``)."""
+  out = tuple(leaf.view.to_matrix(x) for x in (leaf.g,) + tuple(leaf.extras))
+  if dtype is None:
+    return out
+  return tuple(x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in out)
 
 
 def _to_kernel(method: MatrixMethod, leaf: Leaf) -> tuple:
@@ -144,26 +156,28 @@ def _is_tall(method: MatrixMethod, leaf: Leaf) -> bool:
 
 def step_leaves(method: MatrixMethod, kernel: Callable,
                 placement: Placement, leaves: Sequence[Leaf],
-                owned: OwnerStacks | None = None):
+                owned: OwnerStacks | None = None,
+                local: Callable[[Leaf], tuple] | None = None):
   """One step of every leaf: ``[(update, *state fields)]`` (and the new
   stacks with ``"owner_resident"``).
 
-  ``kernel(g, *active) -> (u, *new active)`` on ``(B, m, n)`` stacks in
-  the compute dtype. Leaves that are not items run the kernel on their
-  own (one device) or keep their state untouched by the owners.
+  ``kernel(g, *extras, *active) -> (u, *new active)`` on ``(B, m, n)``
+  stacks. Leaves that are not items run ``local(leaf)`` (default: the
+  kernel on the leaf alone).
   """
+  local = local or functools.partial(_local, method, kernel)
   kind = placement.kind
   if kind == 'owner_resident':
-    return _step_resident(method, kernel, placement, leaves, owned)
+    return _step_resident(method, kernel, placement, leaves, owned, local)
   if kind == 'per_leaf':
     return _step_per_leaf(method, kernel, placement, leaves)
-  n_mats = 1 + len(method.leaf_shaped)
   out, items, todo = [None] * len(leaves), [], []
   for i, leaf in enumerate(leaves):
     if not leaf.is_item:
-      out[i] = _local(method, kernel, leaf)
+      out[i] = local(leaf)
       continue
-    item = (leaf.view.to_matrix(leaf.g),) + _to_kernel(method, leaf)
+    n_mats = 1 + len(leaf.extras) + len(method.leaf_shaped)
+    item = _moving(leaf) + _to_kernel(method, leaf)
     tall = _is_tall(method, leaf)
     todo.append((i, tall))
     items.append(_transposed(item, n_mats) if tall else item)
@@ -171,13 +185,14 @@ def step_leaves(method: MatrixMethod, kernel: Callable,
       lambda *xs: tuple(kernel(*xs)), items, spec=placement.spec,
       cost=method.cost, memory_budget=placement.memory_budget)
   for (i, tall), res in zip(todo, results):
-    res = _transposed(tuple(res), n_mats) if tall else tuple(res)
+    n_out = 1 + len(method.leaf_shaped)  # the update, then the state
+    res = _transposed(tuple(res), n_out) if tall else tuple(res)
     out[i] = _from_kernel(method, leaves[i], res[0], res[1:])
   return out
 
 
 def _local(method: MatrixMethod, kernel: Callable, leaf: Leaf) -> tuple:
-  u, *new = kernel(leaf.view.to_matrix(leaf.g), *_to_kernel(method, leaf))
+  u, *new = kernel(*_moving(leaf), *_to_kernel(method, leaf))
   return _from_kernel(method, leaf, u, new)
 
 
@@ -192,22 +207,22 @@ def _step_per_leaf(method, kernel, placement, leaves):
   return budget_lib.sequential_calls(calls, sizes, placement.memory_budget)
 
 
-def _step_resident(method, kernel, placement, leaves, owned):
-  """Only the gradient travels to the owner, where the kernel runs next to
-  the resident state; the update comes back, the state stays."""
+def _step_resident(method, kernel, placement, leaves, owned, local):
+  """Only the gradient (and the extras) travel to the owner, where the
+  kernel runs next to the resident state; the update comes back, the state
+  stays."""
   out, items, todo = [None] * len(leaves), [], []
   for i, leaf in enumerate(leaves):
     if not leaf.is_item:
-      out[i] = _local(method, kernel, leaf)
+      out[i] = local(leaf)
       continue
-    x = leaf.view.to_matrix(leaf.g).astype(
-        jnp.promote_types(leaf.g.dtype, jnp.float32))
+    xs = _moving(leaf, dtype='compute')
     tall = _is_tall(method, leaf)
-    items.append((jnp.swapaxes(x, -1, -2) if tall else x,))
+    items.append(tuple(jnp.swapaxes(x, -1, -2) for x in xs) if tall else xs)
     todo.append((i, tall))
 
-  def fn(g, *resident):
-    u, *new = kernel(g, *resident)
+  def fn(*xs):
+    u, *new = kernel(*xs)
     return (u,), tuple(new)
 
   results, owned = grouped.grouped_map(
@@ -219,6 +234,10 @@ def _step_resident(method, kernel, placement, leaves, owned):
     out[i] = ((leaf.view.from_matrix(u).astype(leaf.g.dtype),)
               + tuple(leaf.state))
   return out, owned
+
+
+def _path(name) -> tuple:
+  return tuple(name) if isinstance(name, tuple) else (name,)
 
 
 def own_leaves(method: MatrixMethod, placement: Placement,
@@ -240,7 +259,7 @@ def own_leaves(method: MatrixMethod, placement: Placement,
       continue
     b, m, n = leaf.view.matrix_shape
     st = _to_kernel(method, leaf)
-    home = tuple(Home((method.names[j],), path,
+    home = tuple(Home(_path(method.names[j]), path,
                       tuple(leaf.state[j].shape),
                       leaf.view if j in method.leaf_shaped else None)
                  for j in method.active)
@@ -248,8 +267,10 @@ def own_leaves(method: MatrixMethod, placement: Placement,
       m, n = n, m
       st = _transposed(st, len(method.leaf_shaped))
       home = transposed_homes(home, len(method.leaf_shaped))
-    dtype = jnp.promote_types(leaf.g.dtype, jnp.float32)
-    structs.append((jax.ShapeDtypeStruct((b, m, n), dtype),))
+    structs.append(tuple(
+        jax.ShapeDtypeStruct((b, m, n), jnp.promote_types(x.dtype,
+                                                          jnp.float32))
+        for x in (leaf.g,) + tuple(leaf.extras)))
     state.append(st)
     homes.append(home)
     out.append(tuple(placeholder(x) for x in leaf.state))

@@ -51,6 +51,7 @@ import optax
 
 from optax_lite import _checks
 from optax_lite.linalg import distributed as distributed_lib
+from optax_lite.linalg import engine
 from optax_lite.linalg import grouped
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
@@ -592,19 +593,12 @@ def _compute_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _moving_items(leaves, views, p_leaves):
-  """Per matrix leaf: the arrays that travel to the owner each step (the
-  gradient, and the parameter with flat weight decay), as ``(B, r, c)``."""
-  items = []
-  for i, (x, view) in enumerate(zip(leaves, views)):
-    if view is None:
-      continue
-    item = (view.to_matrix(x).astype(_compute_dtype(x)),)
-    if p_leaves is not None:
-      p = p_leaves[i]
-      item += (view.to_matrix(p).astype(_compute_dtype(p)),)
-    items.append(item)
-  return items
+def _method(n_geom: int) -> engine.MatrixMethod:
+  """The engine's view of a LITE leaf's state: the momentum (shaped like the
+  parameter), then the geometry's fields (``LiteState.geometry[j]``)."""
+  names = ('mu',) + tuple(('geometry', j) for j in range(n_geom))
+  return engine.MatrixMethod(names=names, active=tuple(range(1 + n_geom)),
+                             leaf_shaped=(0,))
 
 
 def _owner_init(state, params, spec, dims, use_wd, pack):
@@ -619,36 +613,24 @@ def _owner_init(state, params, spec, dims, use_wd, pack):
     return state._replace(owned=jnp.zeros((), jnp.int32))
   mu = treedef.flatten_up_to(state.mu)
   geom = [treedef.flatten_up_to(t) for t in state.geometry]
-  structs = [
-      tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in item)
-      for item in _moving_items(p_leaves, views,
-                                p_leaves if use_wd else None)]
-  owned_state = [(views[i].to_matrix(mu[i]),) + tuple(t[i] for t in geom)
-                 for i, v in enumerate(views) if v is not None]
-  paths = resident_lib.leaf_paths(params)
-  homes = [(resident_lib.Home(('mu',), paths[i], tuple(mu[i].shape), v),)
-           + tuple(resident_lib.Home(('geometry', j), paths[i],
-                                     tuple(t[i].shape))
-                   for j, t in enumerate(geom))
-           for i, v in enumerate(views) if v is not None]
-  owned = grouped.owner_stacks(structs, owned_state, spec=spec, homes=homes)
-
-  def placeholder(x, view):
-    return x if view is None else _tree.identity_placeholder(x.dtype)
-
-  new_mu = treedef.unflatten([placeholder(x, v) for x, v in zip(mu, views)])
-  new_geom = pack([treedef.unflatten([placeholder(x, v)
-                                      for x, v in zip(t, views)])
-                   for t in geom])
-  return LiteState(state.count, new_mu, new_geom, owned)
+  leaves = [engine.Leaf(p, v, (mu[i],) + tuple(t[i] for t in geom),
+                        v is not None, (p,) if use_wd else ())
+            for i, (p, v) in enumerate(zip(p_leaves, views))]
+  per_leaf, owned = engine.own_leaves(
+      _method(len(geom)), engine.placement_for(spec, resident=True), leaves,
+      resident_lib.leaf_paths(params),
+      lambda x: _tree.identity_placeholder(x.dtype))
+  fields = [treedef.unflatten([t[j] for t in per_leaf])
+            for j in range(1 + len(geom))]
+  return LiteState(state.count, fields[0], pack(fields[1:]), owned)
 
 
 def _owner_update(leaf, spec, updates, state, count, params_tree, dims,
                   pack):
   """``lite_flat_boost``'s step with every matrix slice on its owner.
 
-  Every matrix leaf is one work item: its ``(B, rows, cols)`` gradient
-  (and parameter) travel to the owner; :func:`grouped_map` runs ``leaf``
+  Every matrix leaf is one work item of the engine: its ``(B, rows,
+  cols)`` gradient (and parameter) travel to the owner, where ``leaf`` runs
   on stacks of same-shape items, seen through a plain ``(K, rows, cols)``
   view, next to their resident momentum and geometry state; the update
   comes back. Leaves without a matrix view take the local path.
@@ -658,34 +640,23 @@ def _owner_update(leaf, spec, updates, state, count, params_tree, dims,
   use_p = any(p is not None for p in p_all)
   mu = treedef.flatten_up_to(state.mu)
   geom = [treedef.flatten_up_to(t) for t in state.geometry]
-  n_geom = len(geom)
 
   def kernel(g, *rest):
     p, rest = (rest[0], rest[1:]) if use_p else (None, rest)
-    m, geo = rest[0], rest[1:]
     k, rows, cols = g.shape
     view = _tree.MatrixView((0, 1, 2), (k,), rows, cols, (k, rows, cols))
-    out = leaf(view, g, m, p, *geo)
-    return (out[0],), tuple(out[1:])
+    return leaf(view, g, rest[0], p, *rest[1:])
 
-  items = _moving_items(g_leaves, views, p_all if use_p else None)
-  results, owned = grouped.grouped_map(kernel, items, spec=spec,
-                                       resident=state.owned)
-  new_u, new_mu, new_geom = [], [], [[] for _ in range(n_geom)]
-  results = iter(results)
-  for i, (g, view) in enumerate(zip(g_leaves, views)):
-    if view is None:
-      out = leaf(None, g, mu[i], p_all[i], *(t[i] for t in geom))
-      new_u.append(out[0])
-      new_mu.append(out[1])
-      for j in range(n_geom):
-        new_geom[j].append(out[2 + j])
-      continue
-    (u,) = next(results)
-    new_u.append(view.from_matrix(u).astype(g.dtype))
-    new_mu.append(mu[i])
-    for j in range(n_geom):
-      new_geom[j].append(geom[j][i])
-  return treedef.unflatten(new_u), LiteState(
-      count, treedef.unflatten(new_mu),
-      pack([treedef.unflatten(t) for t in new_geom]), owned)
+  def local(lf):  # no matrix view: the element-wise step, here
+    p = lf.extras[0] if lf.extras else None
+    return leaf(None, lf.g, lf.state[0], p, *lf.state[1:])
+
+  leaves = [engine.Leaf(g, v, (mu[i],) + tuple(t[i] for t in geom),
+                        v is not None, (p_all[i],) if use_p else ())
+            for i, (g, v) in enumerate(zip(g_leaves, views))]
+  out, owned = engine.step_leaves(
+      _method(len(geom)), kernel,
+      engine.placement_for(spec, resident=True), leaves, state.owned, local)
+  fields = [treedef.unflatten([t[j] for t in out])
+            for j in range(2 + len(geom))]
+  return fields[0], LiteState(count, fields[1], pack(fields[2:]), owned)
