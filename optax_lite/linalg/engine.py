@@ -118,10 +118,11 @@ class Leaf(NamedTuple):
   extras: tuple = ()
 
 
-def _moving(leaf: Leaf, dtype=None) -> tuple:
-  """The gradient and the extras in matrix form (cast to ``dtype``)."""
+def _moving(leaf: Leaf, compute: bool = False) -> tuple:
+  """The gradient and the extras in matrix form (``compute``: cast to the
+  compute dtype, at least float32)."""
   out = tuple(leaf.view.to_matrix(x) for x in (leaf.g,) + tuple(leaf.extras))
-  if dtype is None:
+  if not compute:
     return out
   return tuple(x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in out)
 
@@ -216,7 +217,7 @@ def _step_resident(method, kernel, placement, leaves, owned, local):
     if not leaf.is_item:
       out[i] = local(leaf)
       continue
-    xs = _moving(leaf, dtype='compute')
+    xs = _moving(leaf, compute=True)
     tall = _is_tall(method, leaf)
     items.append(tuple(jnp.swapaxes(x, -1, -2) for x in xs) if tall else xs)
     todo.append((i, tall))

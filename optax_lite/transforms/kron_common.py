@@ -493,6 +493,18 @@ def _shampoo_cost(precondition_frequency, first_factor: int):
 require_static = _checks.require_static
 
 
+def placement_and_dtypes(distribute, memory_budget, precond_dtype, mu_dtype):
+  """SOAP's and Shampoo's ``distribute``, ``memory_budget`` and dtypes,
+  checked (each error names its argument); ``mu_dtype=None`` is
+  ``precond_dtype``."""
+  spec = distributed_lib.check_distribute(distribute)
+  memory_budget = grouped_lib.check_memory_budget(memory_budget)
+  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
+  return (spec, memory_budget, precond_dtype,
+          precond_dtype if mu_dtype is None else mu_dtype)
+
+
 def check_soap_args(b1, b2, shampoo_beta, eps, precondition_frequency,
                     max_precond_dim):
   """Validates SOAP's shared hyperparameters (named errors).

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
-from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import engine
-from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.transforms import _tree
@@ -24,7 +22,7 @@ from optax_lite.transforms.kron_common import (
     ACCUMULATIONS, GRAFTS, NULL_THRESHOLD, _HIGHEST, _KronSpec, _above_floor,
     _auto_exponent, _decay, _factor, _kron_bytes, _kron_transform, _leaf_view,
     _mm, _resident_cost, _shampoo_cost, _sides, _t, check_soap_args, has_side,
-    require_static, roundoff_level, update_factors)
+    placement_and_dtypes, require_static, roundoff_level, update_factors)
 
 
 class ShampooState(NamedTuple):
@@ -254,11 +252,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       if abs(1.0 / float(exponent) - round(1.0 / float(exponent))) > 1e-9:
         raise ValueError('exponent: root_method="newton" needs 1/exponent to '
                          f'be an integer, got exponent={exponent}.')
-  spec = distributed_lib.check_distribute(distribute)
-  memory_budget = grouped_lib.check_memory_budget(memory_budget)
-  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
-  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
-  mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
+  spec, memory_budget, precond_dtype, mu_dtype = placement_and_dtypes(
+      distribute, memory_budget, precond_dtype, mu_dtype)
 
   def init_leaf(x, d):
     view, is_matrix = _leaf_view(x, d)

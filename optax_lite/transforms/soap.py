@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
-from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import engine
-from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.transforms import _tree
 from optax_lite.transforms.kron_common import (
     NULL_THRESHOLD, _HIGHEST, _KronSpec, _decay, _kron_bytes, _kron_transform,
-    _leaf_view, _resident_cost, _sides, _soap_cost, check_soap_args, rotate,
-    rotate_back)
+    _leaf_view, _resident_cost, _sides, _soap_cost, check_soap_args,
+    placement_and_dtypes, rotate, rotate_back)
 from optax_lite.transforms.soap_basis import (
     SoapBasis, soap_basis_init, soap_basis_refresh, soap_basis_update,
     soap_keep, soap_step_index)
@@ -401,11 +399,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
   if null_threshold is not None:
     _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
-  spec = distributed_lib.check_distribute(distribute)
-  memory_budget = grouped_lib.check_memory_budget(memory_budget)
-  precond_dtype = _checks.dtype_argument('precond_dtype', precond_dtype)
-  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
-  mu_dtype = precond_dtype if mu_dtype is None else mu_dtype
+  spec, memory_budget, precond_dtype, mu_dtype = placement_and_dtypes(
+      distribute, memory_budget, precond_dtype, mu_dtype)
 
   def init_leaf(x, d):
     view, is_matrix = _leaf_view(x, d)
