@@ -16,6 +16,7 @@ step, between the updates on 8 devices (FSDP on axis 0 where divisible by 8,
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -87,6 +88,40 @@ def _worst(tree8, tree1) -> float:
   return worst
 
 
+_COLLECTIVES = ('all-reduce', 'all-gather', 'all-to-all',
+                'collective-permute', 'reduce-scatter')
+
+
+def collectives_in_control_flow(hlo: str) -> int:
+  """How many collectives of a compiled program sit in a while body or a
+  conditional branch (``hlo``: ``compiled.as_text()``).
+
+  XLA:CPU orders a program's collectives by a *scheduling* edge only: a
+  while or conditional thunk holding collectives counts as started once
+  it is scheduled, so the top-level collective after it can be issued
+  before the ones inside. With several processes (gloo) each process may
+  then issue them in another order, and the processes deadlock (seen with
+  plain FSDP SOAP and Muon-LITE: docs/multi_device.md). A step with none
+  inside control flow has no such race.
+  """
+  comps, bodies, cur = {}, set(), None
+  for line in hlo.splitlines():
+    head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if head:
+      cur = comps.setdefault(head.group(1), [])
+      continue
+    if cur is None:
+      continue
+    cur.append(line)
+    bodies.update(re.findall(r'body=%?([\w.\-]+)', line))
+    bodies.update(re.findall(r'(?:true|false)_computation=%?([\w.\-]+)',
+                             line))
+    for group in re.findall(r'branch_computations=\{([^}]*)\}', line):
+      bodies.update(x.strip().lstrip('%') for x in group.split(','))
+  return sum(1 for c in bodies for line in comps.get(c, ())
+             for k in _COLLECTIVES if re.search(rf' {k}(-start)?\(', line))
+
+
 def compare(name: str, tree: str, steps: int = 3) -> dict:
   """Per step: the parameters' and the updates' :func:`_worst` difference
   between 8 devices and one."""
@@ -100,10 +135,11 @@ def compare(name: str, tree: str, steps: int = 3) -> dict:
 
   tx1 = make(name)
   tx8 = make(name, distribute=mesh)
-  step1, step8 = jax.jit(tx1.update), jax.jit(tx8.update)
   p1, s1 = p0, tx1.init(p0)
   p8 = put(p0)
   s8 = ol.sharded_init(tx8.init, p8)
+  step1 = jax.jit(tx1.update)
+  step8 = jax.jit(tx8.update).lower(put(grads[0]), s8, p8).compile()
   rel, rel_update = [], []
   for g in grads:
     u1, s1 = step1(g, s1, p1)
@@ -113,6 +149,7 @@ def compare(name: str, tree: str, steps: int = 3) -> dict:
     rel.append(_worst(p8, p1))
     rel_update.append(_worst(u8, u1))
   return {'name': name, 'tree': tree, 'rel': rel, 'rel_update': rel_update,
+          'nested_collectives': collectives_in_control_flow(step8.as_text()),
           'update_max': float(max(np.max(np.abs(np.asarray(u)))
                                   for u in jax.tree.leaves(u1)))}
 

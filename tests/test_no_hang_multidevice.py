@@ -74,3 +74,7 @@ def test_distribute_steps_and_equals_one_device(name):
     assert len(r['rel']) == 3
     assert max(r['rel']) <= TOLERANCE.get(name, 1e-5), r
     assert r['update_max'] > 0, r   # the steps moved the parameters
+    # Every collective at the top level of the step, none inside a loop or
+    # a branch: the order in which processes issue them cannot differ
+    # (multidevice_worker.collectives_in_control_flow).
+    assert r['nested_collectives'] == 0, r

@@ -152,3 +152,57 @@ def test_place_state_refuses_another_optimizer():
   portable = ol.portable_state(soap, ol.sharded_init(soap.init, p), p)
   with pytest.raises(ValueError, match='portable'):
     ol.place_state(make('muon', distribute=m8), portable, p)
+
+
+def test_restore_as_a_user_would(tmp_path):
+  """A wrapped optimizer (gradient clipping, then accumulation over 2
+  micro-batches) with ``distribute`` over both axes of a 2 × 4
+  (data, fsdp) mesh, saved after 2 real steps; restored on one device with
+  host (NumPy) parameters, as a checkpoint is read back for evaluation or
+  fine-tuning: continuing equals the uninterrupted 8-device run (SOAP:
+  owner-resident stacks, its state the most to move)."""
+  name = 'soap'
+  params0, grads = _tree()
+  grads = grads * 2  # 2 micro-batches per step
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('data', 'fsdp'))
+
+  def build(distribute):
+    kw = {} if distribute is None else {'distribute': distribute}
+    return optax.MultiSteps(optax.chain(
+        optax.clip_by_global_norm(1.0), make(name, **kw)), 2)
+
+  put = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(
+      mesh, P('fsdp') if x.ndim >= 2 and x.shape[0] % 4 == 0 else P())), t)
+  tx8 = build((mesh, ('data', 'fsdp')))
+  p8 = put(params0)
+  s8 = ol.sharded_init(tx8.init, p8)
+  update8 = jax.jit(tx8.update)
+  for g in grads[:4]:
+    u, s8 = update8(put(g), s8, p8)
+    p8 = optax.apply_updates(p8, u)
+  path = tmp_path / 'ckpt'
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, {'params': p8, 'opt': ol.portable_state(tx8, s8, p8)})
+  ckptr.wait_until_finished()
+  end8 = p8
+  for g in grads[4:]:
+    u, s8 = update8(put(g), s8, end8)
+    end8 = optax.apply_updates(end8, u)
+
+  tx1 = build(None)
+  host = jax.tree.map(np.asarray, params0)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  like = {'params': jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), host),
+          'opt': ol.portable_state(tx1, jax.eval_shape(tx1.init, host),
+                                   host)}
+  restored = ckptr.restore(path, like)
+  ckptr.close()
+  p1 = jax.tree.map(np.asarray, restored['params'])  # host arrays
+  s1 = ol.place_state(tx1, restored['opt'], p1)
+  update1 = jax.jit(tx1.update)
+  for g in grads[4:]:
+    u, s1 = update1(g, s1, p1)
+    p1 = optax.apply_updates(p1, u)
+  travel = _distance(end8, params0)
+  assert _distance(p1, end8) <= TOL * travel, _distance(p1, end8) / travel

@@ -97,6 +97,25 @@ def _path_key(path) -> tuple:
   return tuple(out)
 
 
+def _stacks_mesh(state_shapes) -> Mesh | None:
+  """The mesh of the first owner-resident stacks in a state, if any."""
+  for x in jax.tree.leaves(
+      state_shapes, is_leaf=lambda y: isinstance(y, grouped.OwnerStacks)):
+    if isinstance(x, grouped.OwnerStacks):
+      return x.mesh
+  return None
+
+
+def _one_device(p_flat) -> jax.sharding.Sharding:
+  """The device of parameters that are not on a mesh: that of the first
+  committed array, else JAX's default device."""
+  for _, leaf in p_flat:
+    sh = getattr(leaf, 'sharding', None)
+    if isinstance(sh, jax.sharding.SingleDeviceSharding):
+      return sh
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def state_shardings(state_shapes, params, mesh: Mesh | None = None):
   """Shardings for an optimizer state: its parameters' where shapes match.
 
@@ -121,9 +140,11 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
 
   Args:
     state_shapes: the state, or ``jax.eval_shape(tx.init, params)``.
-    params: the parameters, as committed ``jax.Array`` values with
-      shardings (all on one device: every leaf gets that device's
-      sharding).
+    params: the parameters, as ``jax.Array`` values with shardings. On
+      no mesh (one device, or host arrays such as NumPy values), every
+      leaf gets the parameters' device (JAX's default device for host
+      arrays), except that a state with owner-resident stacks takes their
+      mesh.
     mesh: the mesh to replicate the other leaves on; default: the mesh of
       the first ``NamedSharding`` found in ``params``.
 
@@ -141,11 +162,11 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
         mesh = sh.mesh
         break
   if mesh is None:
-    one = getattr(p_flat[0][1], 'sharding', None) if p_flat else None
-    if isinstance(one, jax.sharding.SingleDeviceSharding):
-      # Parameters committed to one device: the whole state there.
-      return jax.tree.map(lambda _: one, state_shapes)
-    raise ValueError('mesh: no NamedSharding found in params; pass mesh=.')
+    mesh = _stacks_mesh(state_shapes)
+  if mesh is None:
+    # Parameters on one device (committed there, or host arrays such as a
+    # restored checkpoint's NumPy values): the whole state on that device.
+    return jax.tree.map(lambda _: _one_device(p_flat), state_shapes)
   replicated = NamedSharding(mesh, P())
   suffixes = sorted(by_suffix, key=len, reverse=True)
   first = getattr(p_flat[0][1], 'sharding', None) if p_flat else None
