@@ -33,7 +33,7 @@ Everything here is pure JAX (no optax) and jit-safe.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +64,15 @@ class Placement(NamedTuple):
 def placement_for(spec: PolarSharding | None, *, resident: bool,
                   stacked: bool = False, memory_budget=None) -> Placement:
   """The placement of a step: several devices in ``spec`` (owner-computes,
-  ``resident`` or not), else one device (``stacked`` or leaf by leaf)."""
+  ``resident`` or not), else one device (``stacked`` or leaf by leaf).
+
+  A one-device mesh stacks; the budget then bounds only a method that
+  stacks anyway (``stacked``), the others run each shape in one call.
+  """
   if spec is not None and spec.num_shards() > 1:
     return Placement('owner_resident' if resident else 'owner', spec)
-  if spec is not None:  # a one-device mesh: stacked, each shape in one call
-    return Placement('stacked')
-  if stacked:
-    return Placement('stacked', None, memory_budget)
+  if spec is not None or stacked:
+    return Placement('stacked', None, memory_budget if stacked else None)
   return Placement('per_leaf', None, memory_budget)
 
 
@@ -80,66 +82,108 @@ class MatrixMethod(NamedTuple):
   Attributes:
     names: the per-leaf state fields, in the state's order (each a tree
       like the parameters in the state): a field name, or a path of names
-      and indices for a field nested in another.
+      and indices for a field nested in another; ``None``: the resident
+      state records no homes (it cannot move to another placement).
     active: indices of the fields the kernel steps, in its argument order
-      (the others are kept as they are).
+      (the others are kept as they are); a leaf may step a subset of its
+      own (:attr:`Leaf.active`).
     leaf_shaped: the active fields shaped like the parameter; the kernel
       gets them in matrix form.
-    n_swapped: with ``transpose_tall``, the active fields after the
-      leaf-shaped ones come in left/right pairs that a transposed (tall)
-      matrix swaps; ``0``: none.
     transpose_tall: tall matrices run as their transpose, so that ``m × n``
-      and ``n × m`` leaves share a kernel.
+      and ``n × m`` leaves share a kernel; the active fields after the
+      leaf-shaped ones then come in left/right pairs that it swaps.
     cost: ``cost(per-slice shapes of an item) -> float`` for the balance
       over devices (``None``: :func:`~optax_lite.linalg.grouped.matrix_cost`).
     resident_cost: the same for an owner-resident item (only its gradient
       moves; ``None``: ``cost``).
-    item_bytes: ``item_bytes(arrays) -> float``, one leaf's working set
-      for the ``"per_leaf"`` budget (``None``: unbounded).
+    item_bytes: ``item_bytes(view, arrays) -> float``, one leaf's working
+      set for the ``"per_leaf"`` budget (``arrays``: the gradient and the
+      state fields as stored; ``None``: unbounded).
+    batch_shaped: the active fields stored as ``view.batch_shape + s``
+      (one ``s`` per matrix of the leaf); the kernel gets them as
+      ``(B,) + s``.
+    compute_dtype: the dtype the moving arrays travel in to owner-resident
+      state (``None``: theirs, at least float32).
+    keyed: the kernel takes ``key=``, the leaf's static :attr:`Leaf.key`
+      (leaves with different keys are not stacked together).
+    after_bytes: :func:`step_around`'s ``item_bytes`` for its second map
+      (``arrays``: the inner update and the carry).
   """
-  names: tuple
+  names: tuple | None
   active: tuple[int, ...]
   leaf_shaped: tuple[int, ...]
   transpose_tall: bool = False
   cost: Callable | None = None
   resident_cost: Callable | None = None
   item_bytes: Callable | None = None
+  batch_shaped: tuple[int, ...] = ()
+  compute_dtype: Any = None
+  keyed: bool = False
+  after_bytes: Callable | None = None
 
 
 class Leaf(NamedTuple):
   """One leaf of a step: its gradient, view, state fields, whether it is a
   matrix item (``False``: it stays on its leaf, e.g. an element-wise leaf
-  under owner-computes), and arrays shaped like it that travel with the
-  gradient (e.g. the parameter; the kernel gets them after ``g``)."""
+  under owner-computes), arrays shaped like it that travel with the
+  gradient (e.g. the parameter; the kernel gets them after ``g``), its
+  static key (with :attr:`MatrixMethod.keyed`) and the fields it steps
+  (``None``: the method's ``active``)."""
   g: jax.Array
   view: Any
   state: tuple
   is_item: bool
   extras: tuple = ()
+  key: Hashable = None
+  active: tuple[int, ...] | None = None
 
 
-def _moving(leaf: Leaf, compute: bool = False) -> tuple:
+def _active(method: MatrixMethod, leaf: Leaf) -> tuple[int, ...]:
+  return method.active if leaf.active is None else leaf.active
+
+
+def _moving(method: MatrixMethod, leaf: Leaf, compute: bool = False
+            ) -> tuple:
   """The gradient and the extras in matrix form (``compute``: cast to the
-  compute dtype, at least float32)."""
+  compute dtype)."""
   out = tuple(leaf.view.to_matrix(x) for x in (leaf.g,) + tuple(leaf.extras))
   if not compute:
     return out
-  return tuple(x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in out)
+  return tuple(x.astype(method.compute_dtype or
+                        jnp.promote_types(x.dtype, jnp.float32)) for x in out)
 
 
 def _to_kernel(method: MatrixMethod, leaf: Leaf) -> tuple:
   """The active fields of ``leaf`` in the kernel's (matrix) form."""
-  return tuple(leaf.view.to_matrix(leaf.state[j])
-               if j in method.leaf_shaped else leaf.state[j]
-               for j in method.active)
+  out = []
+  for j in _active(method, leaf):
+    x = leaf.state[j]
+    if j in method.leaf_shaped:
+      x = leaf.view.to_matrix(x)
+    elif j in method.batch_shaped:
+      x = x.reshape(leaf.view.matrix_shape[:1]
+                    + x.shape[len(leaf.view.batch_shape):])
+    out.append(x)
+  return tuple(out)
 
 
 def _from_kernel(method: MatrixMethod, leaf: Leaf, u, new) -> tuple:
   """``(update, *state fields)`` of ``leaf`` from the kernel's outputs."""
   state = list(leaf.state)
-  for j, x in zip(method.active, new):
-    state[j] = leaf.view.from_matrix(x) if j in method.leaf_shaped else x
+  for j, x in zip(_active(method, leaf), new):
+    if j in method.leaf_shaped:
+      x = leaf.view.from_matrix(x)
+    elif j in method.batch_shaped:
+      x = x.reshape(tuple(leaf.view.batch_shape) + x.shape[1:])
+    state[j] = x
   return (leaf.view.from_matrix(u).astype(leaf.g.dtype),) + tuple(state)
+
+
+def _n_mats(method: MatrixMethod, leaf: Leaf, n_moving: int) -> int:
+  """The moving arrays and the leaf-shaped active fields: what a
+  transposed item has transposed."""
+  return n_moving + sum(j in method.leaf_shaped
+                        for j in _active(method, leaf))
 
 
 def _transposed(arrays: Sequence, n_mats: int) -> tuple:
@@ -153,6 +197,37 @@ def _transposed(arrays: Sequence, n_mats: int) -> tuple:
 
 def _is_tall(method: MatrixMethod, leaf: Leaf) -> bool:
   return method.transpose_tall and leaf.view.rows > leaf.view.cols
+
+
+def _call(method: MatrixMethod, kernel: Callable, key, *xs):
+  return kernel(*xs, key=key) if method.keyed else kernel(*xs)
+
+
+def _keys(method: MatrixMethod, leaves: Sequence[Leaf], todo) -> list | None:
+  return [leaves[i].key for i, _ in todo] if method.keyed else None
+
+
+def _items(method: MatrixMethod, leaves: Sequence[Leaf], local, out,
+           resident: bool = False):
+  """The work items (matrix form, tall ones transposed; with ``resident``
+  only the moving arrays, in the compute dtype) and ``[(leaf index,
+  tall)]``; the other leaves' results, ``local(leaf)``, go into ``out``."""
+  items, todo = [], []
+  for i, leaf in enumerate(leaves):
+    if not leaf.is_item:
+      out[i] = local(leaf)
+      continue
+    tall = _is_tall(method, leaf)
+    xs = _moving(method, leaf, compute=resident)
+    if resident:
+      items.append(tuple(jnp.swapaxes(x, -1, -2) for x in xs) if tall
+                   else xs)
+    else:
+      item = xs + _to_kernel(method, leaf)
+      items.append(_transposed(item, _n_mats(method, leaf, len(xs))) if tall
+                   else item)
+    todo.append((i, tall))
+  return items, todo
 
 
 def step_leaves(method: MatrixMethod, kernel: Callable,
@@ -171,64 +246,58 @@ def step_leaves(method: MatrixMethod, kernel: Callable,
   if kind == 'owner_resident':
     return _step_resident(method, kernel, placement, leaves, owned, local)
   if kind == 'per_leaf':
-    return _step_per_leaf(method, kernel, placement, leaves)
-  out, items, todo = [None] * len(leaves), [], []
-  for i, leaf in enumerate(leaves):
-    if not leaf.is_item:
-      out[i] = local(leaf)
-      continue
-    n_mats = 1 + len(leaf.extras) + len(method.leaf_shaped)
-    item = _moving(leaf) + _to_kernel(method, leaf)
-    tall = _is_tall(method, leaf)
-    todo.append((i, tall))
-    items.append(_transposed(item, n_mats) if tall else item)
+    return _leaf_calls(
+        lambda leaf: (_local(method, kernel, leaf) if leaf.is_item
+                      else local(leaf)),
+        leaves, placement.memory_budget, method.item_bytes)
+  out = [None] * len(leaves)
+  items, todo = _items(method, leaves, local, out)
   results = grouped.grouped_map(
-      lambda *xs: tuple(kernel(*xs)), items, spec=placement.spec,
-      cost=method.cost, memory_budget=placement.memory_budget)
+      lambda *xs, **key: tuple(kernel(*xs, **key)), items,
+      spec=placement.spec, cost=method.cost,
+      memory_budget=placement.memory_budget,
+      keys=_keys(method, leaves, todo))
   for (i, tall), res in zip(todo, results):
-    n_out = 1 + len(method.leaf_shaped)  # the update, then the state
-    res = _transposed(tuple(res), n_out) if tall else tuple(res)
+    res = (_transposed(tuple(res), _n_mats(method, leaves[i], 1)) if tall
+           else tuple(res))
     out[i] = _from_kernel(method, leaves[i], res[0], res[1:])
   return out
 
 
 def _local(method: MatrixMethod, kernel: Callable, leaf: Leaf) -> tuple:
-  u, *new = kernel(*_moving(leaf), *_to_kernel(method, leaf))
+  u, *new = _call(method, kernel, leaf.key, *_moving(method, leaf),
+                  *_to_kernel(method, leaf))
   return _from_kernel(method, leaf, u, new)
 
 
-def _step_per_leaf(method, kernel, placement, leaves):
-  """Leaf by leaf; with a budget in packs that fit it, one after another."""
-  if placement.memory_budget is None or method.item_bytes is None:
-    return [_local(method, kernel, leaf) for leaf in leaves]
-  calls = [(lambda g, *st, leaf=leaf: _local(
-      method, kernel, leaf._replace(g=g, state=st)), (leaf.g,) + leaf.state)
+def _leaf_calls(run: Callable[[Leaf], Any], leaves: Sequence[Leaf],
+                budget, item_bytes) -> list:
+  """``run(leaf)`` leaf by leaf; with a budget in packs that fit it, one
+  after another (every leaf's size is ``item_bytes(view, (g, *state))``)."""
+  if budget is None or item_bytes is None:
+    return [run(leaf) for leaf in leaves]
+  calls = [(lambda g, *st, leaf=leaf: run(leaf._replace(g=g, state=st)),
+            (leaf.g,) + tuple(leaf.state)) for leaf in leaves]
+  sizes = [item_bytes(leaf.view, (leaf.g,) + tuple(leaf.state))
            for leaf in leaves]
-  sizes = [method.item_bytes((leaf.g,) + leaf.state) for leaf in leaves]
-  return budget_lib.sequential_calls(calls, sizes, placement.memory_budget)
+  return budget_lib.sequential_calls(calls, sizes, budget)
 
 
 def _step_resident(method, kernel, placement, leaves, owned, local):
   """Only the gradient (and the extras) travel to the owner, where the
   kernel runs next to the resident state; the update comes back, the state
   stays."""
-  out, items, todo = [None] * len(leaves), [], []
-  for i, leaf in enumerate(leaves):
-    if not leaf.is_item:
-      out[i] = local(leaf)
-      continue
-    xs = _moving(leaf, compute=True)
-    tall = _is_tall(method, leaf)
-    items.append(tuple(jnp.swapaxes(x, -1, -2) for x in xs) if tall else xs)
-    todo.append((i, tall))
+  out = [None] * len(leaves)
+  items, todo = _items(method, leaves, local, out, resident=True)
 
-  def fn(*xs):
-    u, *new = kernel(*xs)
+  def fn(*xs, **key):
+    u, *new = kernel(*xs, **key)
     return (u,), tuple(new)
 
   results, owned = grouped.grouped_map(
       fn, items, spec=placement.spec,
-      cost=method.resident_cost or method.cost, resident=owned)
+      cost=method.resident_cost or method.cost, resident=owned,
+      keys=_keys(method, leaves, todo))
   for (i, tall), (u,) in zip(todo, results):
     leaf = leaves[i]
     u = jnp.swapaxes(u, -1, -2) if tall else u
@@ -239,6 +308,13 @@ def _step_resident(method, kernel, placement, leaves, owned, local):
 
 def _path(name) -> tuple:
   return tuple(name) if isinstance(name, tuple) else (name,)
+
+
+def _homes(method: MatrixMethod, leaf: Leaf, path) -> tuple:
+  return tuple(Home(_path(method.names[j]), path,
+                    tuple(leaf.state[j].shape),
+                    leaf.view if j in method.leaf_shaped else None)
+               for j in _active(method, leaf))
 
 
 def own_leaves(method: MatrixMethod, placement: Placement,
@@ -253,29 +329,30 @@ def own_leaves(method: MatrixMethod, placement: Placement,
   placeholder(field) in every field of an item, OwnerStacks)``, the
   groups and owners those of :func:`step_leaves` with the same leaves.
   """
-  structs, state, homes, out = [], [], [], []
+  structs, state, homes, out, keys = [], [], [], [], []
   for leaf, path in zip(leaves, paths):
     if not leaf.is_item:
       out.append(tuple(leaf.state))
       continue
     b, m, n = leaf.view.matrix_shape
     st = _to_kernel(method, leaf)
-    home = tuple(Home(_path(method.names[j]), path,
-                      tuple(leaf.state[j].shape),
-                      leaf.view if j in method.leaf_shaped else None)
-                 for j in method.active)
+    home = None if method.names is None else _homes(method, leaf, path)
     if _is_tall(method, leaf):
       m, n = n, m
-      st = _transposed(st, len(method.leaf_shaped))
-      home = transposed_homes(home, len(method.leaf_shaped))
+      n_mats = _n_mats(method, leaf, 0)
+      st = _transposed(st, n_mats)
+      home = transposed_homes(home, n_mats)
     structs.append(tuple(
-        jax.ShapeDtypeStruct((b, m, n), jnp.promote_types(x.dtype,
-                                                          jnp.float32))
+        jax.ShapeDtypeStruct((b, m, n), method.compute_dtype or
+                             jnp.promote_types(x.dtype, jnp.float32))
         for x in (leaf.g,) + tuple(leaf.extras)))
     state.append(st)
     homes.append(home)
+    keys.append(leaf.key)
     out.append(tuple(placeholder(x) for x in leaf.state))
   owned = grouped.owner_stacks(
       structs, state, spec=placement.spec,
-      cost=method.resident_cost or method.cost, homes=homes)
+      cost=method.resident_cost or method.cost,
+      keys=keys if method.keyed else None,
+      homes=None if method.names is None else homes)
   return out, owned
