@@ -306,6 +306,17 @@ def _step_resident(method, kernel, placement, leaves, owned, local):
   return out, owned
 
 
+def item_groups(method: MatrixMethod, leaves: Sequence[Leaf]
+                ) -> list[list[int]]:
+  """The leaves (indices) of each group of an owner-resident step with
+  these leaves, in the step's order of groups (that of its stacks)."""
+  out = [None] * len(leaves)
+  items, todo = _items(method, leaves, lambda leaf: None, out,
+                       resident=True)
+  groups = grouped.group_items(items, _keys(method, leaves, todo))
+  return [[todo[k][0] for k in idx] for idx in groups.values()]
+
+
 def _path(name) -> tuple:
   return tuple(name) if isinstance(name, tuple) else (name,)
 
@@ -341,7 +352,7 @@ def own_leaves(method: MatrixMethod, placement: Placement,
       m, n = n, m
       n_mats = _n_mats(method, leaf, 0)
       st = _transposed(st, n_mats)
-      home = transposed_homes(home, n_mats)
+      home = home and transposed_homes(home, n_mats)
     structs.append(tuple(
         jax.ShapeDtypeStruct((b, m, n), method.compute_dtype or
                              jnp.promote_types(x.dtype, jnp.float32))
@@ -356,3 +367,178 @@ def own_leaves(method: MatrixMethod, placement: Placement,
       keys=keys if method.keyed else None,
       homes=None if method.names is None else homes)
   return out, owned
+
+
+def step_around(method: MatrixMethod, before: Callable, middle: Callable,
+                after: Callable, placement: Placement,
+                leaves: Sequence[Leaf], owned: OwnerStacks | None = None,
+                local: tuple[Callable, Callable] | None = None):
+  """A step whose tree-level ``middle`` runs between two per-matrix maps.
+
+  ``before(g, *active) -> (w, *new active, *carry)`` on every item, then
+  ``middle([w of every leaf]) -> [u of every leaf]`` (e.g. an inner
+  transform on the whole tree), then ``after(u, *carry) -> Δ`` on every
+  item (both with ``key=`` when the method is keyed). The carry (e.g. the
+  roots a whitening used, for its map back) stays where the item is
+  computed: under ``"owner"`` and ``"owner_resident"`` in buffers on the
+  owner, next to the resident state, for this step only. ``local =
+  (before_local(leaf) -> (w, *state), after_local(leaf) -> Δ)`` for the
+  leaves that are not items (``leaf.g`` is ``u`` for the second). No
+  extras, no transposition.
+
+  Returns ``([(Δ, *state fields)], owned)`` (the new stacks with
+  ``"owner_resident"``, else ``owned`` as given).
+  """
+  if placement.kind == 'per_leaf':
+    return _around_per_leaf(method, before, middle, after, placement,
+                            leaves, local), owned
+  out = [None] * len(leaves)
+  first = _around_first(method, before, placement, leaves, owned, local[0],
+                        out)
+  us = middle([res[0] for res in out])
+  stacks = _around_second(method, after, placement, leaves, us, first, out,
+                          local[1])
+  return out, stacks if placement.kind == 'owner_resident' else owned
+
+
+def _around_per_leaf(method, before, middle, after, placement, leaves,
+                     local):
+  """:func:`step_around` leaf by leaf (each map in packs that fit the
+  budget)."""
+  def first(leaf):
+    if not leaf.is_item:
+      return local[0](leaf), ()
+    ys = _call(method, before, leaf.key, *_moving(method, leaf),
+               *_to_kernel(method, leaf))
+    n = 1 + len(_active(method, leaf))
+    return _from_kernel(method, leaf, ys[0], ys[1:n]), tuple(ys[n:])
+
+  def second(leaf):
+    if not leaf.is_item:
+      return local[1](leaf)
+    delta = _call(method, after, leaf.key, leaf.view.to_matrix(leaf.g),
+                  *leaf.state)
+    return leaf.view.from_matrix(delta).astype(leaf.g.dtype)
+
+  firsts = _leaf_calls(first, leaves, placement.memory_budget,
+                       method.item_bytes)
+  us = middle([res[0] for res, _ in firsts])
+  deltas = _leaf_calls(
+      second, [leaf._replace(g=u, state=carry if leaf.is_item else ())
+               for leaf, u, (_, carry) in zip(leaves, us, firsts)],
+      placement.memory_budget, method.after_bytes)
+  return [(d,) + res[1:] for d, (res, _) in zip(deltas, firsts)]
+
+
+class _First(NamedTuple):
+  """What :func:`step_around`'s second map needs of its first."""
+  todo: list       # [(leaf index, tall)] of the items
+  keys: list       # per item: (its key, the number of carry arrays)
+  group: list      # per item: its group
+  carry: list      # per item: its carry (``"stacked"``; else on owners)
+  stacks: Any      # the resident state and the carry buffers, or None
+
+
+def _around_first(method, before, placement, leaves, owned, local, out):
+  """:func:`step_around`'s first map, stacked or on the owners; the
+  carry buffers (``"owner"``, ``"owner_resident"``) are made here."""
+  kind = placement.kind
+  resident = kind == 'owner_resident'
+  items, todo = _items(method, leaves, local, out, resident=resident)
+  groups = list(grouped.group_items(
+      items, _keys(method, leaves, todo)).items())
+  group, keys, buffers = [0] * len(items), [None] * len(items), []
+  for g, ((_, key), idx) in enumerate(groups):
+    xs = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+          for x in items[idx[0]] + (owned.groups[g] if resident else ())]
+    kw = {'key': key} if method.keyed else {}
+    carry = jax.eval_shape(functools.partial(before, **kw), *xs)[len(xs):]
+    for k in idx:
+      group[k], keys[k] = g, (key, len(carry))
+      buffers.append((k, tuple(jnp.zeros(items[k][0].shape[:1] + c.shape[1:],
+                                         c.dtype) for c in carry)))
+  cost = method.resident_cost or method.cost if resident else method.cost
+  stacks = None
+  if kind != 'stacked':
+    stacks = grouped.owner_stacks(
+        items, [b for _, b in sorted(buffers, key=lambda kb: kb[0])],
+        spec=placement.spec, cost=cost, keys=keys)
+    if resident:
+      stacks = owned.replace_groups(tuple(
+          a + b for a, b in zip(owned.groups, stacks.groups)))
+
+  def fn(*xs, key):
+    n_c = 0 if stacks is None else key[1]
+    ys = tuple(_call(method, before, key[0], *xs[:len(xs) - n_c]))
+    if stacks is None:
+      return ys
+    n_out = 1 if resident else len(xs) - n_c  # w (and the state) go back
+    return ys[:n_out], ys[n_out:]
+
+  res = grouped.grouped_map(fn, items, spec=placement.spec, cost=cost,
+                            keys=keys, resident=stacks,
+                            memory_budget=placement.memory_budget)
+  results, stacks = (res, None) if stacks is None else res
+  carry = []
+  for (i, _), ys in zip(todo, results):
+    leaf = leaves[i]
+    n = 1 + len(_active(method, leaf))
+    if resident:
+      out[i] = (leaf.view.from_matrix(ys[0]).astype(leaf.g.dtype),
+                ) + tuple(leaf.state)
+    else:
+      out[i] = _from_kernel(method, leaf, ys[0], ys[1:n])
+    carry.append(tuple(ys[n:]))
+  return _First(todo, keys, group, carry, stacks)
+
+
+def _around_second(method, after, placement, leaves, us, first: _First,
+                   out, local):
+  """:func:`step_around`'s second map: next to the carry (stacked, or on
+  the owners that made it, which keep it; ``U`` cast to its group's common
+  dtype so that the groups and owners are the first map's)."""
+  kind = placement.kind
+  for i, leaf in enumerate(leaves):
+    if not leaf.is_item:
+      out[i] = (local(leaf._replace(g=us[i])),) + tuple(out[i][1:])
+  mats = [leaves[i].view.to_matrix(us[i]) for i, _ in first.todo]
+  if kind == 'stacked':
+    results = grouped.grouped_map(
+        lambda *xs, key: (_call(method, after, key[0], *xs),),
+        [(u,) + c for u, c in zip(mats, first.carry)], keys=first.keys,
+        memory_budget=placement.memory_budget)
+    stacks = None
+  else:
+    common = {}
+    for u, g in zip(mats, first.group):
+      common[g] = (method.compute_dtype or jnp.promote_types(u.dtype,
+                                                             jnp.float32)
+                   if kind == 'owner_resident' else
+                   jnp.promote_types(common.get(g, u.dtype), u.dtype))
+
+    def fn(*xs, key):
+      (k, n_c), _ = key
+      delta = _call(method, after, k, xs[0], *xs[len(xs) - n_c:])
+      return (delta,), tuple(xs[1:])
+
+    results, stacks = grouped.grouped_map(
+        fn, [(u.astype(common[g]),) for u, g in zip(mats, first.group)],
+        spec=placement.spec, keys=list(zip(first.keys, first.group)),
+        cost=(method.resident_cost or method.cost
+              if kind == 'owner_resident' else method.cost),
+        resident=first.stacks)
+    stacks = stacks.replace_groups(tuple(
+        grp[:len(grp) - n_c] for grp, n_c in zip(
+            stacks.groups, _per_group(first))))
+  for (i, _), (delta,) in zip(first.todo, results):
+    out[i] = ((leaves[i].view.from_matrix(delta).astype(us[i].dtype),)
+              + tuple(out[i][1:]))
+  return stacks
+
+
+def _per_group(first: _First) -> list[int]:
+  """The number of carry arrays of each group."""
+  n = {}
+  for g, (_, n_c) in zip(first.group, first.keys):
+    n[g] = n_c
+  return [n[g] for g in sorted(n)]
