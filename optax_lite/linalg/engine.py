@@ -108,6 +108,9 @@ class MatrixMethod(NamedTuple):
       (leaves with different keys are not stacked together).
     after_bytes: :func:`step_around`'s ``item_bytes`` for its second map
       (``arrays``: the inner update and the carry).
+    carry_in_state: :func:`step_around`'s carry is the last new active
+      fields (e.g. roots that are also cached): with ``"owner_resident"``
+      the second map reads it from the resident state, no buffers.
   """
   names: tuple | None
   active: tuple[int, ...]
@@ -120,6 +123,7 @@ class MatrixMethod(NamedTuple):
   compute_dtype: Any = None
   keyed: bool = False
   after_bytes: Callable | None = None
+  carry_in_state: bool = False
 
 
 class Leaf(NamedTuple):
@@ -433,7 +437,7 @@ def _around_per_leaf(method, before, middle, after, placement, leaves,
 class _First(NamedTuple):
   """What :func:`step_around`'s second map needs of its first."""
   todo: list       # [(leaf index, tall)] of the items
-  keys: list       # per item: (its key, the number of carry arrays)
+  keys: list       # per item: (its key, carry arrays, carry buffers)
   group: list      # per item: its group
   carry: list      # per item: its carry (``"stacked"``; else on owners)
   stacks: Any      # the resident state and the carry buffers, or None
@@ -441,7 +445,8 @@ class _First(NamedTuple):
 
 def _around_first(method, before, placement, leaves, owned, local, out):
   """:func:`step_around`'s first map, stacked or on the owners; the
-  carry buffers (``"owner"``, ``"owner_resident"``) are made here."""
+  carry buffers (``"owner"``, ``"owner_resident"`` unless the carry is
+  resident state) are made here."""
   kind = placement.kind
   resident = kind == 'owner_resident'
   items, todo = _items(method, leaves, local, out, resident=resident)
@@ -453,27 +458,31 @@ def _around_first(method, before, placement, leaves, owned, local, out):
           for x in items[idx[0]] + (owned.groups[g] if resident else ())]
     kw = {'key': key} if method.keyed else {}
     carry = jax.eval_shape(functools.partial(before, **kw), *xs)[len(xs):]
+    if kind == 'stacked' or (resident and method.carry_in_state):
+      carry_buffers = ()
+    else:
+      carry_buffers = carry
     for k in idx:
-      group[k], keys[k] = g, (key, len(carry))
+      group[k], keys[k] = g, (key, len(carry), len(carry_buffers))
       buffers.append((k, tuple(jnp.zeros(items[k][0].shape[:1] + c.shape[1:],
-                                         c.dtype) for c in carry)))
+                                         c.dtype) for c in carry_buffers)))
   cost = method.resident_cost or method.cost if resident else method.cost
-  stacks = None
-  if kind != 'stacked':
-    stacks = grouped.owner_stacks(
+  stacks = owned if resident else None
+  if any(n_b for _, _, n_b in keys):
+    scratch = grouped.owner_stacks(
         items, [b for _, b in sorted(buffers, key=lambda kb: kb[0])],
         spec=placement.spec, cost=cost, keys=keys)
-    if resident:
-      stacks = owned.replace_groups(tuple(
-          a + b for a, b in zip(owned.groups, stacks.groups)))
+    stacks = scratch if not resident else owned.replace_groups(tuple(
+        a + b for a, b in zip(owned.groups, scratch.groups)))
 
   def fn(*xs, key):
-    n_c = 0 if stacks is None else key[1]
-    ys = tuple(_call(method, before, key[0], *xs[:len(xs) - n_c]))
+    ins = xs[:len(xs) - key[2]]
+    ys = tuple(_call(method, before, key[0], *ins))
     if stacks is None:
       return ys
-    n_out = 1 if resident else len(xs) - n_c  # w (and the state) go back
-    return ys[:n_out], ys[n_out:]
+    if resident:  # w goes back; the new state (and the carry) stay
+      return ys[:1], ys[1:len(ins)] + (ys[len(ins):] if key[2] else ())
+    return ys[:len(ins)], ys[len(ins):]  # w and the new state go back
 
   res = grouped.grouped_map(fn, items, spec=placement.spec, cost=cost,
                             keys=keys, resident=stacks,
@@ -502,10 +511,11 @@ def _around_second(method, after, placement, leaves, us, first: _First,
     if not leaf.is_item:
       out[i] = (local(leaf._replace(g=us[i])),) + tuple(out[i][1:])
   mats = [leaves[i].view.to_matrix(us[i]) for i, _ in first.todo]
-  if kind == 'stacked':
+  if first.stacks is None:  # the carry came back with the items
     results = grouped.grouped_map(
         lambda *xs, key: (_call(method, after, key[0], *xs),),
-        [(u,) + c for u, c in zip(mats, first.carry)], keys=first.keys,
+        [(u,) + c for u, c in zip(mats, first.carry)], spec=placement.spec,
+        keys=first.keys, cost=method.cost,
         memory_budget=placement.memory_budget)
     stacks = None
   else:
@@ -516,8 +526,8 @@ def _around_second(method, after, placement, leaves, us, first: _First,
                    if kind == 'owner_resident' else
                    jnp.promote_types(common.get(g, u.dtype), u.dtype))
 
-    def fn(*xs, key):
-      (k, n_c), _ = key
+    def fn(*xs, key):  # the carry: the last arrays next to the item
+      (k, n_c, _), _ = key
       delta = _call(method, after, k, xs[0], *xs[len(xs) - n_c:])
       return (delta,), tuple(xs[1:])
 
@@ -527,18 +537,11 @@ def _around_second(method, after, placement, leaves, us, first: _First,
         cost=(method.resident_cost or method.cost
               if kind == 'owner_resident' else method.cost),
         resident=first.stacks)
+    n_buffers = {g: n_b for g, (_, _, n_b) in zip(first.group, first.keys)}
     stacks = stacks.replace_groups(tuple(
-        grp[:len(grp) - n_c] for grp, n_c in zip(
-            stacks.groups, _per_group(first))))
+        grp[:len(grp) - n_buffers.get(g, 0)]
+        for g, grp in enumerate(stacks.groups)))
   for (i, _), (delta,) in zip(first.todo, results):
     out[i] = ((leaves[i].view.from_matrix(delta).astype(us[i].dtype),)
               + tuple(out[i][1:]))
   return stacks
-
-
-def _per_group(first: _First) -> list[int]:
-  """The number of carry arrays of each group."""
-  n = {}
-  for g, (_, n_c) in zip(first.group, first.keys):
-    n[g] = n_c
-  return [n[g] for g in sorted(n)]

@@ -254,8 +254,10 @@ def update_whiten(updates, state: FisherWhitenState, *, inner, cfg: _Config,
     inner_state.append(new_state)
     return treedef.flatten_up_to(out)
 
+  # Cached roots are the roots used: resident, the map back reads them there.
+  method = _method(cfg)._replace(carry_in_state=owned and cache[0])
   out, owned_out = engine.step_around(
-      _method(cfg), _whiten_kernel(refresh, cfg), middle,
+      method, _whiten_kernel(refresh, cfg), middle,
       _unwhiten_kernel(cfg),
       engine.placement_for(spec, resident=owned, memory_budget=(
           grouped_lib.budget_bytes(memory_budget, updates))),
