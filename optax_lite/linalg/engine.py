@@ -27,6 +27,13 @@ swaps its factor pairs, what an item costs.
   :func:`own_leaves`, with its layout as static metadata), only the
   gradient and the update travelling.
 
+:func:`step_around` runs a tree-level step (an inner transform) between
+two per-matrix maps, whatever the first hands the second (FISMO's roots)
+staying where the matrix is computed. Every matrix transform of
+:mod:`optax_lite.transforms` places its work through these functions:
+Muon's polar factor, RMNP, NorMuon, SOAP, Shampoo, the LITE geometries'
+owner step and FISMO's whitening.
+
 Everything here is pure JAX (no optax) and jit-safe.
 """
 
