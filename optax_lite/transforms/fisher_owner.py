@@ -95,8 +95,13 @@ def _method(cfg: _Config, n_inner: int = 0, fused=None
   says so)."""
   inner = range(len(_NAMES), len(_NAMES) + n_inner)
   located = fused is not None and fused.locate is not None
-  names = _NAMES + tuple(('inner_state',) + tuple(fused.locate(j)[0])
-                         for j in range(n_inner)) if located else None
+  if fused is None:
+    names = _NAMES
+  elif located:  # where the inner arrays live in the plain inner state
+    names = _NAMES + tuple(('inner_state',) + tuple(fused.locate(j)[0])
+                           for j in range(n_inner))
+  else:  # unknown: the stacks record no homes
+    names = None
   placeholder = jax.ShapeDtypeStruct((1,), cfg.factor_dtype)
 
   def item_bytes(view, arrays):
@@ -107,7 +112,7 @@ def _method(cfg: _Config, n_inner: int = 0, fused=None
     return item_bytes(view, tuple(arrays) + pads)
 
   return engine.MatrixMethod(
-      names=names if fused is not None else _NAMES,
+      names=names,
       active=tuple(range(len(_NAMES))) + tuple(inner),
       leaf_shaped=tuple(j for j in inner if located
                         and fused.locate(j - len(_NAMES))[1]),
