@@ -27,13 +27,20 @@ swaps its factor pairs, what an item costs.
   :func:`own_leaves`, with its layout as static metadata), only the
   gradient and the update travelling.
 
+:func:`step_around` runs a tree-level step (an inner transform) between
+two per-matrix maps, whatever the first hands the second (FISMO's roots)
+staying where the matrix is computed. Every matrix transform of
+:mod:`optax_lite.transforms` places its work through these functions:
+Muon's polar factor, RMNP, NorMuon, SOAP, Shampoo, the LITE geometries'
+owner step and FISMO's whitening.
+
 Everything here is pure JAX (no optax) and jit-safe.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +71,15 @@ class Placement(NamedTuple):
 def placement_for(spec: PolarSharding | None, *, resident: bool,
                   stacked: bool = False, memory_budget=None) -> Placement:
   """The placement of a step: several devices in ``spec`` (owner-computes,
-  ``resident`` or not), else one device (``stacked`` or leaf by leaf)."""
+  ``resident`` or not), else one device (``stacked`` or leaf by leaf).
+
+  A one-device mesh stacks; the budget then bounds only a method that
+  stacks anyway (``stacked``), the others run each shape in one call.
+  """
   if spec is not None and spec.num_shards() > 1:
     return Placement('owner_resident' if resident else 'owner', spec)
-  if spec is not None:  # a one-device mesh: stacked, each shape in one call
-    return Placement('stacked')
-  if stacked:
-    return Placement('stacked', None, memory_budget)
+  if spec is not None or stacked:
+    return Placement('stacked', None, memory_budget if stacked else None)
   return Placement('per_leaf', None, memory_budget)
 
 
@@ -80,66 +89,112 @@ class MatrixMethod(NamedTuple):
   Attributes:
     names: the per-leaf state fields, in the state's order (each a tree
       like the parameters in the state): a field name, or a path of names
-      and indices for a field nested in another.
+      and indices for a field nested in another; ``None``: the resident
+      state records no homes (it cannot move to another placement).
     active: indices of the fields the kernel steps, in its argument order
-      (the others are kept as they are).
+      (the others are kept as they are); a leaf may step a subset of its
+      own (:attr:`Leaf.active`).
     leaf_shaped: the active fields shaped like the parameter; the kernel
       gets them in matrix form.
-    n_swapped: with ``transpose_tall``, the active fields after the
-      leaf-shaped ones come in left/right pairs that a transposed (tall)
-      matrix swaps; ``0``: none.
     transpose_tall: tall matrices run as their transpose, so that ``m × n``
-      and ``n × m`` leaves share a kernel.
+      and ``n × m`` leaves share a kernel; the active fields after the
+      leaf-shaped ones then come in left/right pairs that it swaps.
     cost: ``cost(per-slice shapes of an item) -> float`` for the balance
       over devices (``None``: :func:`~optax_lite.linalg.grouped.matrix_cost`).
     resident_cost: the same for an owner-resident item (only its gradient
       moves; ``None``: ``cost``).
-    item_bytes: ``item_bytes(arrays) -> float``, one leaf's working set
-      for the ``"per_leaf"`` budget (``None``: unbounded).
+    item_bytes: ``item_bytes(view, arrays) -> float``, one leaf's working
+      set for the ``"per_leaf"`` budget (``arrays``: the gradient and the
+      state fields as stored; ``None``: unbounded).
+    batch_shaped: the active fields stored as ``view.batch_shape + s``
+      (one ``s`` per matrix of the leaf); the kernel gets them as
+      ``(B,) + s``.
+    compute_dtype: the dtype the moving arrays travel in to owner-resident
+      state (``None``: theirs, at least float32).
+    keyed: the kernel takes ``key=``, the leaf's static :attr:`Leaf.key`
+      (leaves with different keys are not stacked together).
+    after_bytes: :func:`step_around`'s ``item_bytes`` for its second map
+      (``arrays``: the inner update and the carry).
+    carry_in_state: :func:`step_around`'s carry is the last new active
+      fields (e.g. roots that are also cached): with ``"owner_resident"``
+      the second map reads it from the resident state, no buffers.
   """
-  names: tuple
+  names: tuple | None
   active: tuple[int, ...]
   leaf_shaped: tuple[int, ...]
   transpose_tall: bool = False
   cost: Callable | None = None
   resident_cost: Callable | None = None
   item_bytes: Callable | None = None
+  batch_shaped: tuple[int, ...] = ()
+  compute_dtype: Any = None
+  keyed: bool = False
+  after_bytes: Callable | None = None
+  carry_in_state: bool = False
 
 
 class Leaf(NamedTuple):
   """One leaf of a step: its gradient, view, state fields, whether it is a
   matrix item (``False``: it stays on its leaf, e.g. an element-wise leaf
-  under owner-computes), and arrays shaped like it that travel with the
-  gradient (e.g. the parameter; the kernel gets them after ``g``)."""
+  under owner-computes), arrays shaped like it that travel with the
+  gradient (e.g. the parameter; the kernel gets them after ``g``), its
+  static key (with :attr:`MatrixMethod.keyed`) and the fields it steps
+  (``None``: the method's ``active``)."""
   g: jax.Array
   view: Any
   state: tuple
   is_item: bool
   extras: tuple = ()
+  key: Hashable = None
+  active: tuple[int, ...] | None = None
 
 
-def _moving(leaf: Leaf, compute: bool = False) -> tuple:
+def _active(method: MatrixMethod, leaf: Leaf) -> tuple[int, ...]:
+  return method.active if leaf.active is None else leaf.active
+
+
+def _moving(method: MatrixMethod, leaf: Leaf, compute: bool = False
+            ) -> tuple:
   """The gradient and the extras in matrix form (``compute``: cast to the
-  compute dtype, at least float32)."""
+  compute dtype)."""
   out = tuple(leaf.view.to_matrix(x) for x in (leaf.g,) + tuple(leaf.extras))
   if not compute:
     return out
-  return tuple(x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in out)
+  return tuple(x.astype(method.compute_dtype or
+                        jnp.promote_types(x.dtype, jnp.float32)) for x in out)
 
 
 def _to_kernel(method: MatrixMethod, leaf: Leaf) -> tuple:
   """The active fields of ``leaf`` in the kernel's (matrix) form."""
-  return tuple(leaf.view.to_matrix(leaf.state[j])
-               if j in method.leaf_shaped else leaf.state[j]
-               for j in method.active)
+  out = []
+  for j in _active(method, leaf):
+    x = leaf.state[j]
+    if j in method.leaf_shaped:
+      x = leaf.view.to_matrix(x)
+    elif j in method.batch_shaped:
+      x = x.reshape(leaf.view.matrix_shape[:1]
+                    + x.shape[len(leaf.view.batch_shape):])
+    out.append(x)
+  return tuple(out)
 
 
 def _from_kernel(method: MatrixMethod, leaf: Leaf, u, new) -> tuple:
   """``(update, *state fields)`` of ``leaf`` from the kernel's outputs."""
   state = list(leaf.state)
-  for j, x in zip(method.active, new):
-    state[j] = leaf.view.from_matrix(x) if j in method.leaf_shaped else x
+  for j, x in zip(_active(method, leaf), new):
+    if j in method.leaf_shaped:
+      x = leaf.view.from_matrix(x)
+    elif j in method.batch_shaped:
+      x = x.reshape(tuple(leaf.view.batch_shape) + x.shape[1:])
+    state[j] = x
   return (leaf.view.from_matrix(u).astype(leaf.g.dtype),) + tuple(state)
+
+
+def _n_mats(method: MatrixMethod, leaf: Leaf, n_moving: int) -> int:
+  """The moving arrays and the leaf-shaped active fields: what a
+  transposed item has transposed."""
+  return n_moving + sum(j in method.leaf_shaped
+                        for j in _active(method, leaf))
 
 
 def _transposed(arrays: Sequence, n_mats: int) -> tuple:
@@ -153,6 +208,37 @@ def _transposed(arrays: Sequence, n_mats: int) -> tuple:
 
 def _is_tall(method: MatrixMethod, leaf: Leaf) -> bool:
   return method.transpose_tall and leaf.view.rows > leaf.view.cols
+
+
+def _call(method: MatrixMethod, kernel: Callable, key, *xs):
+  return kernel(*xs, key=key) if method.keyed else kernel(*xs)
+
+
+def _keys(method: MatrixMethod, leaves: Sequence[Leaf], todo) -> list | None:
+  return [leaves[i].key for i, _ in todo] if method.keyed else None
+
+
+def _items(method: MatrixMethod, leaves: Sequence[Leaf], local, out,
+           resident: bool = False):
+  """The work items (matrix form, tall ones transposed; with ``resident``
+  only the moving arrays, in the compute dtype) and ``[(leaf index,
+  tall)]``; the other leaves' results, ``local(leaf)``, go into ``out``."""
+  items, todo = [], []
+  for i, leaf in enumerate(leaves):
+    if not leaf.is_item:
+      out[i] = local(leaf)
+      continue
+    tall = _is_tall(method, leaf)
+    xs = _moving(method, leaf, compute=resident)
+    if resident:
+      items.append(tuple(jnp.swapaxes(x, -1, -2) for x in xs) if tall
+                   else xs)
+    else:
+      item = xs + _to_kernel(method, leaf)
+      items.append(_transposed(item, _n_mats(method, leaf, len(xs))) if tall
+                   else item)
+    todo.append((i, tall))
+  return items, todo
 
 
 def step_leaves(method: MatrixMethod, kernel: Callable,
@@ -171,64 +257,58 @@ def step_leaves(method: MatrixMethod, kernel: Callable,
   if kind == 'owner_resident':
     return _step_resident(method, kernel, placement, leaves, owned, local)
   if kind == 'per_leaf':
-    return _step_per_leaf(method, kernel, placement, leaves)
-  out, items, todo = [None] * len(leaves), [], []
-  for i, leaf in enumerate(leaves):
-    if not leaf.is_item:
-      out[i] = local(leaf)
-      continue
-    n_mats = 1 + len(leaf.extras) + len(method.leaf_shaped)
-    item = _moving(leaf) + _to_kernel(method, leaf)
-    tall = _is_tall(method, leaf)
-    todo.append((i, tall))
-    items.append(_transposed(item, n_mats) if tall else item)
+    return _leaf_calls(
+        lambda leaf: (_local(method, kernel, leaf) if leaf.is_item
+                      else local(leaf)),
+        leaves, placement.memory_budget, method.item_bytes)
+  out = [None] * len(leaves)
+  items, todo = _items(method, leaves, local, out)
   results = grouped.grouped_map(
-      lambda *xs: tuple(kernel(*xs)), items, spec=placement.spec,
-      cost=method.cost, memory_budget=placement.memory_budget)
+      lambda *xs, **key: tuple(kernel(*xs, **key)), items,
+      spec=placement.spec, cost=method.cost,
+      memory_budget=placement.memory_budget,
+      keys=_keys(method, leaves, todo))
   for (i, tall), res in zip(todo, results):
-    n_out = 1 + len(method.leaf_shaped)  # the update, then the state
-    res = _transposed(tuple(res), n_out) if tall else tuple(res)
+    res = (_transposed(tuple(res), _n_mats(method, leaves[i], 1)) if tall
+           else tuple(res))
     out[i] = _from_kernel(method, leaves[i], res[0], res[1:])
   return out
 
 
 def _local(method: MatrixMethod, kernel: Callable, leaf: Leaf) -> tuple:
-  u, *new = kernel(*_moving(leaf), *_to_kernel(method, leaf))
+  u, *new = _call(method, kernel, leaf.key, *_moving(method, leaf),
+                  *_to_kernel(method, leaf))
   return _from_kernel(method, leaf, u, new)
 
 
-def _step_per_leaf(method, kernel, placement, leaves):
-  """Leaf by leaf; with a budget in packs that fit it, one after another."""
-  if placement.memory_budget is None or method.item_bytes is None:
-    return [_local(method, kernel, leaf) for leaf in leaves]
-  calls = [(lambda g, *st, leaf=leaf: _local(
-      method, kernel, leaf._replace(g=g, state=st)), (leaf.g,) + leaf.state)
+def _leaf_calls(run: Callable[[Leaf], Any], leaves: Sequence[Leaf],
+                budget, item_bytes) -> list:
+  """``run(leaf)`` leaf by leaf; with a budget in packs that fit it, one
+  after another (every leaf's size is ``item_bytes(view, (g, *state))``)."""
+  if budget is None or item_bytes is None:
+    return [run(leaf) for leaf in leaves]
+  calls = [(lambda g, *st, leaf=leaf: run(leaf._replace(g=g, state=st)),
+            (leaf.g,) + tuple(leaf.state)) for leaf in leaves]
+  sizes = [item_bytes(leaf.view, (leaf.g,) + tuple(leaf.state))
            for leaf in leaves]
-  sizes = [method.item_bytes((leaf.g,) + leaf.state) for leaf in leaves]
-  return budget_lib.sequential_calls(calls, sizes, placement.memory_budget)
+  return budget_lib.sequential_calls(calls, sizes, budget)
 
 
 def _step_resident(method, kernel, placement, leaves, owned, local):
   """Only the gradient (and the extras) travel to the owner, where the
   kernel runs next to the resident state; the update comes back, the state
   stays."""
-  out, items, todo = [None] * len(leaves), [], []
-  for i, leaf in enumerate(leaves):
-    if not leaf.is_item:
-      out[i] = local(leaf)
-      continue
-    xs = _moving(leaf, compute=True)
-    tall = _is_tall(method, leaf)
-    items.append(tuple(jnp.swapaxes(x, -1, -2) for x in xs) if tall else xs)
-    todo.append((i, tall))
+  out = [None] * len(leaves)
+  items, todo = _items(method, leaves, local, out, resident=True)
 
-  def fn(*xs):
-    u, *new = kernel(*xs)
+  def fn(*xs, **key):
+    u, *new = kernel(*xs, **key)
     return (u,), tuple(new)
 
   results, owned = grouped.grouped_map(
       fn, items, spec=placement.spec,
-      cost=method.resident_cost or method.cost, resident=owned)
+      cost=method.resident_cost or method.cost, resident=owned,
+      keys=_keys(method, leaves, todo))
   for (i, tall), (u,) in zip(todo, results):
     leaf = leaves[i]
     u = jnp.swapaxes(u, -1, -2) if tall else u
@@ -237,8 +317,26 @@ def _step_resident(method, kernel, placement, leaves, owned, local):
   return out, owned
 
 
+def item_groups(method: MatrixMethod, leaves: Sequence[Leaf]
+                ) -> list[list[int]]:
+  """The leaves (indices) of each group of an owner-resident step with
+  these leaves, in the step's order of groups (that of its stacks)."""
+  out = [None] * len(leaves)
+  items, todo = _items(method, leaves, lambda leaf: None, out,
+                       resident=True)
+  groups = grouped.group_items(items, _keys(method, leaves, todo))
+  return [[todo[k][0] for k in idx] for idx in groups.values()]
+
+
 def _path(name) -> tuple:
   return tuple(name) if isinstance(name, tuple) else (name,)
+
+
+def _homes(method: MatrixMethod, leaf: Leaf, path) -> tuple:
+  return tuple(Home(_path(method.names[j]), path,
+                    tuple(leaf.state[j].shape),
+                    leaf.view if j in method.leaf_shaped else None)
+               for j in _active(method, leaf))
 
 
 def own_leaves(method: MatrixMethod, placement: Placement,
@@ -253,29 +351,204 @@ def own_leaves(method: MatrixMethod, placement: Placement,
   placeholder(field) in every field of an item, OwnerStacks)``, the
   groups and owners those of :func:`step_leaves` with the same leaves.
   """
-  structs, state, homes, out = [], [], [], []
+  structs, state, homes, out, keys = [], [], [], [], []
   for leaf, path in zip(leaves, paths):
     if not leaf.is_item:
       out.append(tuple(leaf.state))
       continue
     b, m, n = leaf.view.matrix_shape
     st = _to_kernel(method, leaf)
-    home = tuple(Home(_path(method.names[j]), path,
-                      tuple(leaf.state[j].shape),
-                      leaf.view if j in method.leaf_shaped else None)
-                 for j in method.active)
+    home = None if method.names is None else _homes(method, leaf, path)
     if _is_tall(method, leaf):
       m, n = n, m
-      st = _transposed(st, len(method.leaf_shaped))
-      home = transposed_homes(home, len(method.leaf_shaped))
+      n_mats = _n_mats(method, leaf, 0)
+      st = _transposed(st, n_mats)
+      home = home and transposed_homes(home, n_mats)
     structs.append(tuple(
-        jax.ShapeDtypeStruct((b, m, n), jnp.promote_types(x.dtype,
-                                                          jnp.float32))
+        jax.ShapeDtypeStruct((b, m, n), method.compute_dtype or
+                             jnp.promote_types(x.dtype, jnp.float32))
         for x in (leaf.g,) + tuple(leaf.extras)))
     state.append(st)
     homes.append(home)
+    keys.append(leaf.key)
     out.append(tuple(placeholder(x) for x in leaf.state))
   owned = grouped.owner_stacks(
       structs, state, spec=placement.spec,
-      cost=method.resident_cost or method.cost, homes=homes)
+      cost=method.resident_cost or method.cost,
+      keys=keys if method.keyed else None,
+      homes=None if method.names is None else homes)
   return out, owned
+
+
+def step_around(method: MatrixMethod, before: Callable, middle: Callable,
+                after: Callable, placement: Placement,
+                leaves: Sequence[Leaf], owned: OwnerStacks | None = None,
+                local: tuple[Callable, Callable] | None = None):
+  """A step whose tree-level ``middle`` runs between two per-matrix maps.
+
+  ``before(g, *active) -> (w, *new active, *carry)`` on every item, then
+  ``middle([w of every leaf]) -> [u of every leaf]`` (e.g. an inner
+  transform on the whole tree), then ``after(u, *carry) -> Δ`` on every
+  item (both with ``key=`` when the method is keyed). The carry (e.g. the
+  roots a whitening used, for its map back) stays where the item is
+  computed: under ``"owner"`` and ``"owner_resident"`` in buffers on the
+  owner, next to the resident state, for this step only. ``local =
+  (before_local(leaf) -> (w, *state), after_local(leaf) -> Δ)`` for the
+  leaves that are not items (``leaf.g`` is ``u`` for the second). No
+  extras, no transposition.
+
+  Returns ``([(Δ, *state fields)], owned)`` (the new stacks with
+  ``"owner_resident"``, else ``owned`` as given).
+  """
+  if placement.kind == 'per_leaf':
+    return _around_per_leaf(method, before, middle, after, placement,
+                            leaves, local), owned
+  out = [None] * len(leaves)
+  first = _around_first(method, before, placement, leaves, owned, local[0],
+                        out)
+  us = middle([res[0] for res in out])
+  stacks = _around_second(method, after, placement, leaves, us, first, out,
+                          local[1])
+  return out, stacks if placement.kind == 'owner_resident' else owned
+
+
+def _around_per_leaf(method, before, middle, after, placement, leaves,
+                     local):
+  """:func:`step_around` leaf by leaf (each map in packs that fit the
+  budget)."""
+  def first(leaf):
+    if not leaf.is_item:
+      return local[0](leaf), ()
+    ys = _call(method, before, leaf.key, *_moving(method, leaf),
+               *_to_kernel(method, leaf))
+    n = 1 + len(_active(method, leaf))
+    return _from_kernel(method, leaf, ys[0], ys[1:n]), tuple(ys[n:])
+
+  def second(leaf):
+    if not leaf.is_item:
+      return local[1](leaf)
+    delta = _call(method, after, leaf.key, leaf.view.to_matrix(leaf.g),
+                  *leaf.state)
+    return leaf.view.from_matrix(delta).astype(leaf.g.dtype)
+
+  firsts = _leaf_calls(first, leaves, placement.memory_budget,
+                       method.item_bytes)
+  us = middle([res[0] for res, _ in firsts])
+  deltas = _leaf_calls(
+      second, [leaf._replace(g=u, state=carry if leaf.is_item else ())
+               for leaf, u, (_, carry) in zip(leaves, us, firsts)],
+      placement.memory_budget, method.after_bytes)
+  return [(d,) + res[1:] for d, (res, _) in zip(deltas, firsts)]
+
+
+class _First(NamedTuple):
+  """What :func:`step_around`'s second map needs of its first."""
+  todo: list       # [(leaf index, tall)] of the items
+  keys: list       # per item: (its key, carry arrays, carry buffers)
+  group: list      # per item: its group
+  carry: list      # per item: its carry (``"stacked"``; else on owners)
+  stacks: Any      # the resident state and the carry buffers, or None
+
+
+def _around_first(method, before, placement, leaves, owned, local, out):
+  """:func:`step_around`'s first map, stacked or on the owners; the
+  carry buffers (``"owner"``, ``"owner_resident"`` unless the carry is
+  resident state) are made here."""
+  kind = placement.kind
+  resident = kind == 'owner_resident'
+  items, todo = _items(method, leaves, local, out, resident=resident)
+  groups = list(grouped.group_items(
+      items, _keys(method, leaves, todo)).items())
+  group, keys, buffers = [0] * len(items), [None] * len(items), []
+  for g, ((_, key), idx) in enumerate(groups):
+    xs = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+          for x in items[idx[0]] + (owned.groups[g] if resident else ())]
+    kw = {'key': key} if method.keyed else {}
+    carry = jax.eval_shape(functools.partial(before, **kw), *xs)[len(xs):]
+    if kind == 'stacked' or (resident and method.carry_in_state):
+      carry_buffers = ()
+    else:
+      carry_buffers = carry
+    for k in idx:
+      group[k], keys[k] = g, (key, len(carry), len(carry_buffers))
+      buffers.append((k, tuple(jnp.zeros(items[k][0].shape[:1] + c.shape[1:],
+                                         c.dtype) for c in carry_buffers)))
+  cost = method.resident_cost or method.cost if resident else method.cost
+  stacks = owned if resident else None
+  if any(n_b for _, _, n_b in keys):
+    scratch = grouped.owner_stacks(
+        items, [b for _, b in sorted(buffers, key=lambda kb: kb[0])],
+        spec=placement.spec, cost=cost, keys=keys)
+    stacks = scratch if not resident else owned.replace_groups(tuple(
+        a + b for a, b in zip(owned.groups, scratch.groups)))
+
+  def fn(*xs, key):
+    ins = xs[:len(xs) - key[2]]
+    ys = tuple(_call(method, before, key[0], *ins))
+    if stacks is None:
+      return ys
+    if resident:  # w goes back; the new state (and the carry) stay
+      return ys[:1], ys[1:len(ins)] + (ys[len(ins):] if key[2] else ())
+    return ys[:len(ins)], ys[len(ins):]  # w and the new state go back
+
+  res = grouped.grouped_map(fn, items, spec=placement.spec, cost=cost,
+                            keys=keys, resident=stacks,
+                            memory_budget=placement.memory_budget)
+  results, stacks = (res, None) if stacks is None else res
+  carry = []
+  for (i, _), ys in zip(todo, results):
+    leaf = leaves[i]
+    n = 1 + len(_active(method, leaf))
+    if resident:
+      out[i] = (leaf.view.from_matrix(ys[0]).astype(leaf.g.dtype),
+                ) + tuple(leaf.state)
+    else:
+      out[i] = _from_kernel(method, leaf, ys[0], ys[1:n])
+    carry.append(tuple(ys[n:]))
+  return _First(todo, keys, group, carry, stacks)
+
+
+def _around_second(method, after, placement, leaves, us, first: _First,
+                   out, local):
+  """:func:`step_around`'s second map: next to the carry (stacked, or on
+  the owners that made it, which keep it; ``U`` cast to its group's common
+  dtype so that the groups and owners are the first map's)."""
+  kind = placement.kind
+  for i, leaf in enumerate(leaves):
+    if not leaf.is_item:
+      out[i] = (local(leaf._replace(g=us[i])),) + tuple(out[i][1:])
+  mats = [leaves[i].view.to_matrix(us[i]) for i, _ in first.todo]
+  if first.stacks is None:  # the carry came back with the items
+    results = grouped.grouped_map(
+        lambda *xs, key: (_call(method, after, key[0], *xs),),
+        [(u,) + c for u, c in zip(mats, first.carry)], spec=placement.spec,
+        keys=first.keys, cost=method.cost,
+        memory_budget=placement.memory_budget)
+    stacks = None
+  else:
+    common = {}
+    for u, g in zip(mats, first.group):
+      common[g] = (method.compute_dtype or jnp.promote_types(u.dtype,
+                                                             jnp.float32)
+                   if kind == 'owner_resident' else
+                   jnp.promote_types(common.get(g, u.dtype), u.dtype))
+
+    def fn(*xs, key):  # the carry: the last arrays next to the item
+      (k, n_c, _), _ = key
+      delta = _call(method, after, k, xs[0], *xs[len(xs) - n_c:])
+      return (delta,), tuple(xs[1:])
+
+    results, stacks = grouped.grouped_map(
+        fn, [(u.astype(common[g]),) for u, g in zip(mats, first.group)],
+        spec=placement.spec, keys=list(zip(first.keys, first.group)),
+        cost=(method.resident_cost or method.cost
+              if kind == 'owner_resident' else method.cost),
+        resident=first.stacks)
+    n_buffers = {g: n_b for g, (_, _, n_b) in zip(first.group, first.keys)}
+    stacks = stacks.replace_groups(tuple(
+        grp[:len(grp) - n_buffers.get(g, 0)]
+        for g, grp in enumerate(stacks.groups)))
+  for (i, _), (delta,) in zip(first.todo, results):
+    out[i] = ((leaves[i].view.from_matrix(delta).astype(us[i].dtype),)
+              + tuple(out[i][1:]))
+  return stacks

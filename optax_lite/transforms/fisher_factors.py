@@ -69,18 +69,6 @@ class _Factors(NamedTuple):
   isqrt: _Pair
 
 
-class _LeafStep(NamedTuple):
-  """What whitening one leaf produces, as stored leaves (placeholders on
-  identity sides)."""
-  whitened: jax.Array
-  p: jax.Array         # P_t
-  q: jax.Array         # Q_t
-  p_isqrt: jax.Array   # the roots used this step (to map back)
-  q_isqrt: jax.Array
-  p_cache: jax.Array   # the roots cached for the next steps
-  q_cache: jax.Array
-
-
 def _is_static_zero(x) -> bool:
   """``x == 0`` known at trace time (a traced hyperparameter is not)."""
   return _checks.is_static_number(x) and float(x) == 0.0
@@ -254,15 +242,6 @@ def _sandwich(x, isqrt: _Pair, cfg: _Config):
   return x
 
 
-def _as_matrices(view, p, q, cfg: _Config) -> _Pair:
-  """Stored leaves -> ``(b, d, d)`` compute-dtype matrices (``None`` for
-  placeholders)."""
-  b, r, c = view.matrix_shape
-  ct = _compute_dtype(cfg)
-  return _Pair(None if _is_identity(p) else p.reshape(b, c, c).astype(ct),
-               None if _is_identity(q) else q.reshape(b, r, r).astype(ct))
-
-
 def _init_leaf(view, x, cfg: _Config, max_factor_size, cache: bool):
   """-> ``(P_0, Q_0, P cache, Q cache)`` for one leaf (``I`` or
   placeholders)."""
@@ -306,39 +285,3 @@ def _step_factors(x, prev: _Pair, cached: _Pair | None, refresh,
     return fresh(x, prev, cached)
   # Only the chosen branch runs: skipped steps compute no root.
   return jax.lax.cond(refresh, fresh, lagged, x, prev, cached)
-
-
-def _whiten_leaf(view, g, p, q, p_cache, q_cache, refresh, cfg: _Config
-                 ) -> _LeafStep:
-  """Steps 4–6 of Algorithm 1 for one leaf (the roots from the cache on the
-  steps between refreshes when the state caches roots, ``root_every > 1``)."""
-  if view is None:
-    return _LeafStep(g, p, q, p, q, p_cache, q_cache)
-  cache = not (_is_identity(p_cache) and _is_identity(q_cache))
-  x = view.to_matrix(g).astype(_compute_dtype(cfg))  # = paper Gᵀ
-  prev = _as_matrices(view, p, q, cfg)
-  cached = _as_matrices(view, p_cache, q_cache, cfg) if cache else None
-  f = _step_factors(x, prev, cached, refresh, cfg)
-
-  def store(m, like):
-    if m is None:
-      return like
-    return m.astype(cfg.factor_dtype).reshape(view.batch_shape
-                                              + m.shape[-2:])
-
-  used_p, used_q = store(f.isqrt.p, p), store(f.isqrt.q, q)
-  if cache:  # The roots used this step, stored for the next ones.
-    p_cache, q_cache = store(f.isqrt.p, p_cache), store(f.isqrt.q, q_cache)
-  return _LeafStep(
-      whitened=view.from_matrix(_sandwich(x, f.isqrt, cfg)).astype(g.dtype),
-      p=store(f.new.p, p), q=store(f.new.q, q), p_isqrt=used_p,
-      q_isqrt=used_q, p_cache=p_cache, q_cache=q_cache)
-
-
-def _unwhiten_leaf(view, u, p_isqrt, q_isqrt, cfg: _Config):
-  """Step 8's map back: ``Q^{-1/2} U P^{-1/2}`` in the Flax view."""
-  if view is None:
-    return u
-  x = view.to_matrix(u).astype(_compute_dtype(cfg))
-  x = _sandwich(x, _as_matrices(view, p_isqrt, q_isqrt, cfg), cfg)
-  return view.from_matrix(x).astype(u.dtype)

@@ -1,18 +1,19 @@
-"""The Fisher whitening on owner devices (``distribute=``).
+"""The Fisher whitening on the matrix engine (:mod:`optax_lite.linalg.engine`).
 
-Owner-computes with the factors travelling, with them resident on their
-owners, and fused with an :class:`~optax_lite.transforms.OwnerInner` (the
-whole per-matrix step in one grouped call); see
-:mod:`optax_lite.transforms.fisher_whiten`.
+One per-matrix whitening kernel (factor updates, roots, ``G̃``), one map
+back, and, with an :class:`~optax_lite.transforms.OwnerInner`, one fused
+kernel (the whole per-matrix step); the engine places them: leaf by leaf
+on one device, stacked, or on owner devices with the factors travelling or
+resident there. See :mod:`optax_lite.transforms.fisher_whiten`.
 """
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_lite.linalg import engine
 from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import resident as resident_lib
 from optax_lite.transforms import _tree
@@ -21,10 +22,10 @@ from optax_lite.transforms.fisher_factors import (
     FisherWhitenState, _Config, _Factors, _Pair, _compute_dtype, _is_identity,
     _sandwich, _step_factors)
 
-
-# ----------------------------------------------------------------------------
-# Owner-computes (``distribute=``): the same per-leaf steps, on stacks of
-# same-shape matrices, each computed whole on one device.
+# The per-leaf fields of FisherWhitenState that a matrix steps: its factors,
+# then its cached roots (each ``batch_shape + (d, d)``; a side is present
+# where its factor is stored, see ``_fields``).
+_NAMES = ('p', 'q', 'p_isqrt', 'q_isqrt')
 
 
 def _root_weight(cfg: _Config) -> float:
@@ -52,356 +53,6 @@ def _whiten_cost(cfg: _Config):
   return cost
 
 
-def _leaf_sides(view, p, q):
-  """``(has P, has Q)`` of one leaf (``None`` view: neither)."""
-  if view is None:
-    return False, False
-  return not _is_identity(p), not _is_identity(q)
-
-
-def _whiten_kernel(refresh, cfg: _Config, resident: bool):
-  """Batched whitening of stacked items for :func:`grouped_map`.
-
-  Inputs ``(X, [P], [Q], [P cache], [Q cache])`` as stored (``X`` in the
-  gradient's dtype, factors in ``factor_dtype``, leading batch axis), then,
-  with ``resident``, the owner-resident root buffers ``[P^{-1/2}],
-  [Q^{-1/2}]`` (overwritten). Returns ``{"w": G̃, "p": P_t, "q": Q_t,
-  "p_root": P^{-1/2}, "q_root": Q^{-1/2}}`` (only the stored sides; the
-  roots used this step, which are also the ones to cache); with
-  ``resident``, the pair ``(that dict, the roots)``, and the dict has the
-  roots only when the state caches them.
-  """
-  ct = _compute_dtype(cfg)
-
-  def fn(x_in, *arrays, key):
-    has_p, has_q, cache = key
-    it = iter(arrays)
-    take = lambda flag: next(it).astype(ct) if flag else None
-    x = x_in.astype(ct)
-    prev = _Pair(take(has_p), take(has_q))
-    cached = _Pair(take(has_p), take(has_q)) if cache else None
-    f = _step_factors(x, prev, cached, refresh, cfg)
-    out = {'w': _sandwich(x, f.isqrt, cfg).astype(x_in.dtype)}
-    roots = []
-    for name, flag, new, root in (('p', has_p, f.new.p, f.isqrt.p),
-                                  ('q', has_q, f.new.q, f.isqrt.q)):
-      if flag:
-        out[name] = new.astype(cfg.factor_dtype)
-        roots.append(root.astype(cfg.factor_dtype))
-        if cache or not resident:
-          out[name + '_root'] = roots[-1]
-    return (out, tuple(roots)) if resident else out
-  return fn
-
-
-def _unwhiten_kernel(cfg: _Config, resident: bool):
-  """Batched map back ``Q^{-1/2} U P^{-1/2}`` of stacked ``(U, [P^{-1/2}],
-  [Q^{-1/2}])`` items for :func:`grouped_map` (with ``resident`` the roots
-  are the owner-resident buffers, returned unchanged)."""
-  ct = _compute_dtype(cfg)
-
-  def fn(u_in, *roots, key):
-    has_p, has_q = key[:2]
-    it = iter(roots)
-    isqrt = _Pair(next(it).astype(ct) if has_p else None,
-                  next(it).astype(ct) if has_q else None)
-    out = _sandwich(u_in.astype(ct), isqrt, cfg).astype(u_in.dtype)
-    return (out, roots) if resident else out
-  return fn
-
-
-def _update_distributed(updates, state: FisherWhitenState, *, inner,
-                        cfg: _Config, dims, root_every, spec):
-  """:func:`_update` with owner-computes: two :func:`grouped_map` calls
-  (whitening: factor update, roots, ``G̃``; map back: ``Q^{-1/2} U
-  P^{-1/2}``), the inner transform on the whole tree in between. On several
-  devices the roots stay on their owner between the two calls
-  (:func:`optax_lite.linalg.grouped.owner_stacks`; both calls assign the
-  same owners). The state has the same structure, shapes and dtypes as
-  :func:`_update`'s."""
-  refresh = state.count % root_every == 0
-  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
-  p_l, q_l, pc_l, qc_l = (treedef.flatten_up_to(t) for t in (
-      state.p, state.q, state.p_isqrt, state.q_isqrt))
-  sides = [_leaf_sides(v, p, q) for v, p, q in zip(views, p_l, q_l)]
-  todo = [i for i, s in enumerate(sides) if any(s)]
-  cache = any(not (_is_identity(pc_l[i]) and _is_identity(qc_l[i]))
-              for i in todo)
-  resident = spec.num_shards() > 1
-  cost = _whiten_cost(cfg)
-
-  def matrices(i, *leaves):
-    """Stored ``(batch_shape, d, d)`` factors -> ``(b, d, d)``."""
-    b = views[i].matrix_shape[0]
-    return tuple(x.reshape((b,) + x.shape[-2:]) for x in leaves)
-
-  def on_sides(i, p, q):
-    return [f for f, flag in zip((p, q), sides[i]) if flag]
-
-  items, keys = [], []
-  for i in todo:
-    stored = on_sides(i, p_l[i], q_l[i])
-    if cache:
-      stored += on_sides(i, pc_l[i], qc_l[i])
-    items.append((views[i].to_matrix(g_leaves[i]),) + matrices(i, *stored))
-    keys.append(sides[i] + (cache,))
-  kernel = _whiten_kernel(refresh, cfg, resident)
-  if resident:  # root buffers on the owners, written by the whitening
-    buffers = [tuple(jnp.zeros_like(f) for f in it[1:1 + sum(sides[i])])
-               for i, it in zip(todo, items)]
-    roots = grouped_lib.owner_stacks(items, buffers, spec=spec, cost=cost,
-                                     keys=keys)
-    outs, roots = grouped_lib.grouped_map(kernel, items, spec=spec,
-                                          keys=keys, cost=cost,
-                                          resident=roots)
-  else:
-    outs = grouped_lib.grouped_map(kernel, items, spec=spec, keys=keys,
-                                   cost=cost)
-
-  ct = _compute_dtype(cfg)
-  white = list(g_leaves)
-  for i, v in enumerate(views):  # no stored side: as _whiten_leaf casts
-    if v is not None and i not in todo:
-      white[i] = g_leaves[i].astype(ct).astype(g_leaves[i].dtype)
-  new_p, new_q, new_pc, new_qc = list(p_l), list(q_l), list(pc_l), list(qc_l)
-  root_p, root_q = list(p_l), list(q_l)  # the roots used (to map back)
-  leaf = lambda m, like: m.reshape(like.shape)
-  for i, out in zip(todo, outs):
-    white[i] = views[i].from_matrix(out['w'])
-    if 'p' in out:
-      new_p[i] = leaf(out['p'], p_l[i])
-    if 'q' in out:
-      new_q[i] = leaf(out['q'], q_l[i])
-    if 'p_root' in out:
-      root_p[i] = leaf(out['p_root'], p_l[i])
-      if cache:
-        new_pc[i] = root_p[i]
-    if 'q_root' in out:
-      root_q[i] = leaf(out['q_root'], q_l[i])
-      if cache:
-        new_qc[i] = root_q[i]
-  inner_updates, inner_state = inner.update(
-      treedef.unflatten(white), state.inner_state, None)
-
-  u_leaves = treedef.flatten_up_to(inner_updates)
-  kernel = _unwhiten_kernel(cfg, resident)
-  if resident:
-    # The same groups as the whitening (same shapes, sides and gradient
-    # dtype; ``U`` in the group's common dtype, cast back after), so the
-    # same owners, which hold the roots.
-    keys2 = [k + (jnp.dtype(g_leaves[i].dtype).name, views[i].rows,
-                  views[i].cols) for i, k in zip(todo, keys)]
-    common = {}
-    for i, k in zip(todo, keys2):
-      common[k] = jnp.promote_types(common.get(k, u_leaves[i].dtype),
-                                    u_leaves[i].dtype)
-    items = [(views[i].to_matrix(u_leaves[i]).astype(common[k]),)
-             for i, k in zip(todo, keys2)]
-    backs, _ = grouped_lib.grouped_map(kernel, items, spec=spec, keys=keys2,
-                                       cost=cost, resident=roots)
-  else:
-    items = [(views[i].to_matrix(u_leaves[i]),) + matrices(
-        i, *on_sides(i, root_p[i], root_q[i])) for i in todo]
-    backs = grouped_lib.grouped_map(kernel, items, spec=spec,
-                                    keys=[sides[i] for i in todo])
-  new_u = list(u_leaves)
-  for i, v in enumerate(views):
-    if v is not None and i not in todo:
-      new_u[i] = u_leaves[i].astype(ct).astype(u_leaves[i].dtype)
-  for i, back in zip(todo, backs):
-    new_u[i] = views[i].from_matrix(back).astype(u_leaves[i].dtype)
-  unflat = treedef.unflatten
-  return unflat(new_u), FisherWhitenState(
-      count=optax.safe_increment(state.count), p=unflat(new_p),
-      q=unflat(new_q), inner_state=inner_state, p_isqrt=unflat(new_pc),
-      q_isqrt=unflat(new_qc), owned=state.owned)
-
-
-def _static_sides(view, max_factor_size):
-  """``(has P, has Q)`` of one leaf from its shape, as :func:`_init_leaf`
-  decides (the owner-resident state keeps placeholders per leaf)."""
-  if view is None:
-    return False, False
-  fits = lambda d: max_factor_size is None or d <= max_factor_size
-  return fits(view.cols), fits(view.rows)
-
-
-def _owned_items(leaves, views, sides, cfg: _Config):
-  """The moving items of the owner-resident update: per matrix leaf with a
-  stored side, its ``(B, rows, cols)`` matrix in the compute dtype (the
-  same shapes and dtypes for the gradient ``X`` and the inner update
-  ``U``, so both calls form the groups and owners :func:`_owner_init`
-  fixed)."""
-  ct = _compute_dtype(cfg)
-  return [(views[i].to_matrix(x).astype(ct),)
-          for i, x in enumerate(leaves) if any(sides[i])]
-
-
-def _owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
-                max_factor_size, cache: bool, spec) -> FisherWhitenState:
-  """Moves the matrix leaves' factors (and cached roots) to their owners;
-  their per-leaf entries become one-element placeholders."""
-  leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
-  if not leaves:
-    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
-    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
-    return state._replace(owned=jnp.zeros((), jnp.int32))
-  sides = [_static_sides(v, max_factor_size) for v in views]
-  todo = [i for i, s in enumerate(sides) if any(s)]
-  paths = resident_lib.leaf_paths(params)
-  fields = [treedef.flatten_up_to(t) for t in (
-      state.p, state.q, state.p_isqrt, state.q_isqrt)]
-  structs = [tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in item)
-             for item in _owned_items(leaves, views, sides, cfg)]
-  per_leaf = [_stored_factors(fields, sides[i], cache, i,
-                              views[i].matrix_shape[0]) for i in todo]
-  owned = grouped_lib.owner_stacks(
-      structs, per_leaf, spec=spec, cost=_whiten_cost(cfg),
-      keys=[sides[i] + (cache,) for i in todo],
-      homes=[_stored_homes(fields, sides[i], cache, i, paths[i])
-             for i in todo])
-  p, q, pc, qc = _placeholders(fields, todo, treedef, cfg)
-  return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc, owned=owned)
-
-
-def _stored_factors(fields, sides, cache: bool, i: int, batch: int):
-  """Leaf ``i``'s stored factors (then cached roots) as ``(B, d, d)``."""
-  stored = [f[i] for f, flag in zip(fields[:2], sides) if flag]
-  if cache:
-    stored += [f[i] for f, flag in zip(fields[2:], sides) if flag]
-  return tuple(x.reshape((batch,) + x.shape[-2:]) for x in stored)
-
-
-def _stored_homes(fields, sides, cache: bool, i: int, key) -> tuple:
-  """Where :func:`_stored_factors`' arrays live in the one-device state
-  (``key``: leaf ``i``'s key path)."""
-  names = ('p', 'q', 'p_isqrt', 'q_isqrt')
-  flags = tuple(sides) + (tuple(sides) if cache else (False, False))
-  return tuple(resident_lib.Home((name,), key, tuple(f[i].shape))
-               for name, f, flag in zip(names, fields, flags) if flag)
-
-
-def _inner_homes(fused, view, leaf_shape, arrays, key) -> tuple:
-  """Where an :class:`OwnerInner`'s per-matrix arrays of leaf ``i`` live in
-  the one-device state (its plain transform's, under ``inner_state``)."""
-  homes = []
-  for j, x in enumerate(arrays):
-    path, matrix_form = fused.locate(j)
-    homes.append(resident_lib.Home(
-        ('inner_state',) + tuple(path), key,
-        tuple(leaf_shape) if matrix_form else tuple(x.shape),
-        view if matrix_form else None))
-  return tuple(homes)
-
-
-def _placeholders(fields, todo, treedef, cfg: _Config):
-  """The per-leaf ``p, q, p_isqrt, q_isqrt`` trees with the owned leaves
-  replaced by one-element placeholders."""
-  empty = _tree.identity_placeholder(cfg.factor_dtype)
-  for f in fields:
-    for i in todo:
-      f[i] = empty
-  return tuple(treedef.unflatten(f) for f in fields)
-
-
-def _read_factors(res, key, ct):
-  """An owner kernel's resident arrays: the stored factors, the cached roots
-  (if ``key`` says so) in ``ct``, and an iterator over the rest."""
-  has_p, has_q, cached_roots = key
-  it = iter(res)
-  take = lambda flag: next(it).astype(ct) if flag else None
-  prev = _Pair(take(has_p), take(has_q))
-  cached = _Pair(take(has_p), take(has_q)) if cached_roots else None
-  return prev, cached, it
-
-
-def _update_owned(updates, state: FisherWhitenState, *, inner, cfg: _Config,
-                  dims, root_every, max_factor_size, spec):
-  """:func:`_update` with the factors (and cached roots) resident on their
-  owners (``state.owned``): only ``X`` travels to the owner and ``G̃``
-  back, then ``U`` and ``Δ``; the owners keep this step's roots between
-  the two grouped calls."""
-  refresh = state.count % root_every == 0
-  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
-  sides = [_static_sides(v, max_factor_size) for v in views]
-  todo = [i for i, s in enumerate(sides) if any(s)]
-  items = _owned_items(g_leaves, views, sides, cfg)
-  # Whether the roots are cached, read from the resident layout (per group:
-  # the stored sides' factors, then as many cached roots).
-  n_sides = sum(sum(k[1]) for k in grouped_lib.group_items(
-      items, [sides[i] for i in todo]))
-  n_res = len(jax.tree.leaves(state.owned))
-  if n_res not in (n_sides, 2 * n_sides):
-    raise ValueError(f'state: its owner-resident factors ({n_res} arrays) '
-                     f'do not match these updates ({n_sides} stored sides); '
-                     'create the state with this transform\'s init.')
-  cache = n_sides > 0 and n_res == 2 * n_sides
-  keys = [sides[i] + (cache,) for i in todo]
-  cost = _whiten_cost(cfg)
-  resident = state.owned
-  if not cache:  # this step's roots: buffers on the owners
-    buffers = grouped_lib.owner_stacks(items, [
-        tuple(jnp.zeros((it[0].shape[0], d, d), cfg.factor_dtype)
-              for d, flag in zip((views[i].cols, views[i].rows), sides[i])
-              if flag) for i, it in zip(todo, items)],
-        spec=spec, cost=cost, keys=keys)
-    resident = resident.replace_groups(
-        tuple(a + b for a, b in zip(resident.groups, buffers.groups)))
-  ct = _compute_dtype(cfg)
-
-  def whiten(x, *res, key):
-    has_p, has_q, _ = key
-    prev, cached, _ = _read_factors(res, key, ct)
-    f = _step_factors(x, prev, cached, refresh, cfg)
-    new = [m.astype(cfg.factor_dtype) for m, flag in zip(
-        (f.new.p, f.new.q, f.isqrt.p, f.isqrt.q), (has_p, has_q) * 2)
-           if flag]
-    return (_sandwich(x, f.isqrt, cfg),), tuple(new)
-
-  def unwhiten(u, *res, key):
-    has_p, has_q = key[:2]
-    it = iter(res[len(res) - has_p - has_q:])  # the roots used this step
-    isqrt = _Pair(next(it).astype(ct) if has_p else None,
-                  next(it).astype(ct) if has_q else None)
-    return (_sandwich(u, isqrt, cfg),), res
-
-  outs, resident = grouped_lib.grouped_map(whiten, items, spec=spec,
-                                           keys=keys, cost=cost,
-                                           resident=resident)
-  white = list(g_leaves)
-  for i, v in enumerate(views):  # no stored side: as _whiten_leaf casts
-    if v is not None and i not in todo:
-      white[i] = g_leaves[i].astype(ct).astype(g_leaves[i].dtype)
-  for i, (w,) in zip(todo, outs):
-    white[i] = views[i].from_matrix(w).astype(g_leaves[i].dtype)
-  inner_updates, inner_state = inner.update(
-      treedef.unflatten(white), state.inner_state, None)
-
-  u_leaves = treedef.flatten_up_to(inner_updates)
-  backs, resident = grouped_lib.grouped_map(
-      unwhiten, _owned_items(u_leaves, views, sides, cfg), spec=spec,
-      keys=keys, cost=cost, resident=resident)
-  if not cache:  # drop the root buffers
-    resident = resident.replace_groups(
-        tuple(g[:len(g) // 2] for g in resident.groups))
-  new_u = list(u_leaves)
-  for i, v in enumerate(views):
-    if v is not None and i not in todo:
-      new_u[i] = u_leaves[i].astype(ct).astype(u_leaves[i].dtype)
-  for i, (back,) in zip(todo, backs):
-    new_u[i] = views[i].from_matrix(back).astype(u_leaves[i].dtype)
-  return treedef.unflatten(new_u), state._replace(
-      count=optax.safe_increment(state.count), inner_state=inner_state,
-      owned=resident)
-
-
-# ----------------------------------------------------------------------------
-# Fused owner-computes: with an ``OwnerInner`` over several devices, the
-# whitening, the inner step and the map back run in one grouped call; the
-# factors, cached roots and the inner per-matrix state (FISMO: the momentum)
-# all live on the owner, so per matrix only ``X`` travels in and ``Δ`` out.
-
-
 def _fused_cost(cfg: _Config, fused: owner_inner_lib.OwnerInner):
   """:func:`_whiten_cost` plus the inner step's flops (``X``'s shape)."""
   whiten = _whiten_cost(cfg)
@@ -413,60 +64,118 @@ def _fused_cost(cfg: _Config, fused: owner_inner_lib.OwnerInner):
   return cost
 
 
-def _masked(treedef, leaves, todo):
-  """The tree with the leaves in ``todo`` replaced by ``optax.MaskedNode``
-  (what the plain inner transform sees next to the fused matrices)."""
-  skip = set(todo)
-  return treedef.unflatten([optax.MaskedNode() if i in skip else x
-                            for i, x in enumerate(leaves)])
+def _fields(sides, cache: bool) -> tuple[int, ...]:
+  """The stored fields of a leaf with ``sides = (has P, has Q)``."""
+  flags = tuple(sides) + (tuple(sides) if cache else (False, False))
+  return tuple(j for j, flag in enumerate(flags) if flag)
 
 
-def _fused_init(state: FisherWhitenState, params, *, fused, cfg: _Config,
-                dims, max_factor_size, cache: bool, spec
-                ) -> FisherWhitenState:
-  """Every matrix leaf's factors, cached roots and inner state
-  (``fused.init``) on its owner; the plain inner transform's state covers
-  the other leaves (the matrix leaves are ``optax.MaskedNode`` in it)."""
-  leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
-  if not leaves:
-    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
-    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
-    return state._replace(inner_state=fused.transform.init(params),
-                          owned=jnp.zeros((), jnp.int32))
-  sides = [_static_sides(v, max_factor_size) for v in views]
-  todo = [i for i, v in enumerate(views) if v is not None]
+def _leaf_sides(view, p, q):
+  """``(has P, has Q)`` of one leaf, from its state (``None`` view:
+  neither)."""
+  if view is None:
+    return False, False
+  return not _is_identity(p), not _is_identity(q)
+
+
+def _static_sides(view, max_factor_size):
+  """``(has P, has Q)`` of one leaf from its shape, as :func:`_init_leaf`
+  decides (the owner-resident state keeps placeholders per leaf)."""
+  if view is None:
+    return False, False
+  fits = lambda d: max_factor_size is None or d <= max_factor_size
+  return fits(view.cols), fits(view.rows)
+
+
+def _method(cfg: _Config, n_inner: int = 0, fused=None
+            ) -> engine.MatrixMethod:
+  """The engine's view of a leaf's factors and cached roots (stored with
+  the leaf's batch shape in front), then, fused, an ``OwnerInner``'s
+  per-matrix state (its ``init`` arrays, in matrix form where ``locate``
+  says so)."""
+  inner = range(len(_NAMES), len(_NAMES) + n_inner)
+  located = fused is not None and fused.locate is not None
+  if fused is None:
+    names = _NAMES
+  elif located:  # where the inner arrays live in the plain inner state
+    names = _NAMES + tuple(('inner_state',) + tuple(fused.locate(j)[0])
+                           for j in range(n_inner))
+  else:  # unknown: the stacks record no homes
+    names = None
+  placeholder = jax.ShapeDtypeStruct((1,), cfg.factor_dtype)
+
+  def item_bytes(view, arrays):
+    return 0.0 if view is None else _tree.view_bytes(view, *arrays)
+
+  def after_bytes(view, arrays):  # (U, *roots): absent roots as stored
+    pads = (placeholder,) * (1 + len(_NAMES) // 2 - len(arrays))
+    return item_bytes(view, tuple(arrays) + pads)
+
+  return engine.MatrixMethod(
+      names=names,
+      active=tuple(range(len(_NAMES))) + tuple(inner),
+      leaf_shaped=tuple(j for j in inner if located
+                        and fused.locate(j - len(_NAMES))[1]),
+      batch_shaped=tuple(range(len(_NAMES))),
+      cost=(_whiten_cost(cfg) if fused is None
+            else _fused_cost(cfg, fused)),
+      item_bytes=item_bytes, compute_dtype=_compute_dtype(cfg), keyed=True,
+      after_bytes=after_bytes)
+
+
+def _read_factors(res, key, ct):
+  """A kernel's stored arrays: the factors, the cached roots (if ``key``
+  says so) in ``ct``, and an iterator over the rest."""
+  has_p, has_q, cached_roots = key
+  it = iter(res)
+  take = lambda flag: next(it).astype(ct) if flag else None
+  prev = _Pair(take(has_p), take(has_q))
+  cached = _Pair(take(has_p), take(has_q)) if cached_roots else None
+  return prev, cached, it
+
+
+def _whiten_kernel(refresh, cfg: _Config):
+  """Steps 4–6 of Algorithm 1 on a stack: ``(X, [P], [Q], [P cache],
+  [Q cache]) -> (G̃, *new stored, *the roots used)`` (``key``: the stored
+  sides and whether the roots are cached; ``X`` in the gradient's dtype,
+  ``G̃`` too, the rest in ``factor_dtype``)."""
+  ct, fd = _compute_dtype(cfg), cfg.factor_dtype
+
+  def fn(x_in, *arrays, key):
+    has_p, has_q, cache = key
+    prev, cached, _ = _read_factors(arrays, key, ct)
+    x = x_in.astype(ct)  # = paper Gᵀ
+    f = _step_factors(x, prev, cached, refresh, cfg)
+    new = [m.astype(fd) for m, flag in zip((f.new.p, f.new.q),
+                                           (has_p, has_q)) if flag]
+    roots = [m.astype(fd) for m, flag in zip((f.isqrt.p, f.isqrt.q),
+                                             (has_p, has_q)) if flag]
+    w = _sandwich(x, f.isqrt, cfg).astype(x_in.dtype)
+    return (w, *new, *(roots if cache else ()), *roots)
+  return fn
+
+
+def _unwhiten_kernel(cfg: _Config):
+  """Step 8's map back ``Q^{-1/2} U P^{-1/2}`` of a stack ``U`` with the
+  roots the whitening used."""
   ct = _compute_dtype(cfg)
-  paths = resident_lib.leaf_paths(params)
-  fields = [treedef.flatten_up_to(t) for t in (
-      state.p, state.q, state.p_isqrt, state.q_isqrt)]
-  structs, per_leaf, homes = [], [], []
-  for i in todo:
-    x = views[i].to_matrix(leaves[i])
-    structs.append((jax.ShapeDtypeStruct(x.shape, ct),))
-    inner = tuple(fused.init(x))
-    per_leaf.append(_stored_factors(fields, sides[i], cache, i, x.shape[0])
-                    + inner)
-    homes.append(_stored_homes(fields, sides[i], cache, i, paths[i])
-                 + (_inner_homes(fused, views[i], leaves[i].shape, inner,
-                                 paths[i])
-                    if fused.locate is not None else ()))
-  owned = grouped_lib.owner_stacks(
-      structs, per_leaf, spec=spec, cost=_fused_cost(cfg, fused),
-      keys=[sides[i] + (cache,) for i in todo],
-      homes=homes if fused.locate is not None else None)
-  p, q, pc, qc = _placeholders(fields, todo, treedef, cfg)
-  inner_state = fused.transform.init(_masked(treedef, leaves, todo))
-  return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc,
-                        inner_state=inner_state, owned=owned)
+
+  def fn(u_in, *roots, key):
+    has_p, has_q = key[:2]
+    it = iter(roots)
+    isqrt = _Pair(next(it).astype(ct) if has_p else None,
+                  next(it).astype(ct) if has_q else None)
+    return _sandwich(u_in.astype(ct), isqrt, cfg).astype(u_in.dtype)
+  return fn
 
 
 def _fused_kernel(step, refresh, cfg: _Config):
   """Whitening, the inner ``step`` and the map back of stacked ``X`` (compute
   dtype) next to the resident ``([P], [Q], [P cache], [Q cache], *inner
-  state)``; returns ``((Δ,), new resident arrays)``.
+  state)``; returns ``(Δ, *new resident arrays)``.
 
-  The same arithmetic as the one-device path (:func:`_whiten_leaf`, the
-  inner transform, :func:`_unwhiten_leaf`); the roots that map back are
+  The same arithmetic as the one-device path (:func:`_whiten_kernel`, the
+  inner transform, :func:`_unwhiten_kernel`); the roots that map back are
   rounded to ``factor_dtype`` as that path stores them.
   """
   ct = _compute_dtype(cfg)
@@ -489,14 +198,174 @@ def _fused_kernel(step, refresh, cfg: _Config):
     if cached_roots:
       new += [m.astype(fd) for m, flag in zip((f.isqrt.p, f.isqrt.q),
                                               (has_p, has_q)) if flag]
-    return (delta,), tuple(new) + tuple(new_inner)
+    return (delta,) + tuple(new) + tuple(new_inner)
   return fn
+
+
+def _state_fields(state: FisherWhitenState, treedef) -> list[list]:
+  """The per-leaf ``p, q, p_isqrt, q_isqrt`` leaves."""
+  return [treedef.flatten_up_to(t) for t in (
+      state.p, state.q, state.p_isqrt, state.q_isqrt)]
+
+
+def _unflatten_fields(treedef, per_leaf, n: int) -> list:
+  return [treedef.unflatten([t[j] for t in per_leaf]) for j in range(n)]
+
+
+def _owned_cache(owned, views, sides) -> bool:
+  """Whether the owner-resident factors come with cached roots, read from
+  the number of resident arrays (per group: the stored sides' factors,
+  then as many cached roots)."""
+  groups = {(v.rows, v.cols, s) for v, s in zip(views, sides) if any(s)}
+  n_sides = sum(sum(s) for _, _, s in groups)
+  n_res = len(jax.tree.leaves(owned))
+  if n_res not in (n_sides, 2 * n_sides):
+    raise ValueError(f'state: its owner-resident factors ({n_res} arrays) '
+                     f'do not match these updates ({n_sides} stored sides); '
+                     'create the state with this transform\'s init.')
+  return n_sides > 0 and n_res == 2 * n_sides
+
+
+def update_whiten(updates, state: FisherWhitenState, *, inner, cfg: _Config,
+                  dims, root_every, max_factor_size, spec, memory_budget):
+  """The whitening, ``inner`` on the whole tree, the map back: one engine
+  step around the inner transform (:func:`engine.step_around`), leaf by
+  leaf (``spec=None``), stacked, or on owners, which keep the roots
+  between the two maps (and, for a state made with ``distribute`` over
+  several devices, the factors)."""
+  owned = isinstance(state.owned, grouped_lib.OwnerStacks)
+  refresh = state.count % root_every == 0
+  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+  fields = _state_fields(state, treedef)
+  if owned:
+    sides = [_static_sides(v, max_factor_size) for v in views]
+    cache = [_owned_cache(state.owned, views, sides)] * len(views)
+  else:
+    sides = [_leaf_sides(v, p, q) for v, p, q in zip(views, *fields[:2])]
+    cache = [not (_is_identity(pc) and _is_identity(qc))
+             for pc, qc in zip(*fields[2:])]
+  leaves = [engine.Leaf(g, v, tuple(f[i] for f in fields), any(sides[i]),
+                        key=sides[i] + (cache[i],),
+                        active=_fields(sides[i], cache[i]))
+            for i, (g, v) in enumerate(zip(g_leaves, views))]
+  ct = _compute_dtype(cfg)
+  cast = lambda leaf: (leaf.g if leaf.view is None
+                       else leaf.g.astype(ct).astype(leaf.g.dtype))
+  inner_state = []
+
+  def middle(whitened):
+    out, new_state = inner.update(treedef.unflatten(whitened),
+                                  state.inner_state, None)
+    inner_state.append(new_state)
+    return treedef.flatten_up_to(out)
+
+  # Cached roots are the roots used: resident, the map back reads them there.
+  method = _method(cfg)._replace(carry_in_state=owned and cache[0])
+  out, owned_out = engine.step_around(
+      method, _whiten_kernel(refresh, cfg), middle,
+      _unwhiten_kernel(cfg),
+      engine.placement_for(spec, resident=owned, memory_budget=(
+          grouped_lib.budget_bytes(memory_budget, updates))),
+      leaves, state.owned if owned else None,
+      local=(lambda leaf: (cast(leaf),) + tuple(leaf.state), cast))
+  new_updates, p, q, pc, qc = _unflatten_fields(treedef, out, 5)
+  return new_updates, FisherWhitenState(
+      count=optax.safe_increment(state.count), p=p, q=q,
+      inner_state=inner_state[0], p_isqrt=pc, q_isqrt=qc,
+      owned=owned_out if owned else state.owned)
+
+
+def _placeholder(cfg: _Config):
+  return lambda _: _tree.identity_placeholder(cfg.factor_dtype)
+
+
+def owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
+               max_factor_size, cache: bool, spec) -> FisherWhitenState:
+  """Moves the matrix leaves' factors (and cached roots) to their owners;
+  their per-leaf entries become one-element placeholders."""
+  leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
+  if not leaves:
+    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
+    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
+    return state._replace(owned=jnp.zeros((), jnp.int32))
+  sides = [_static_sides(v, max_factor_size) for v in views]
+  fields = _state_fields(state, treedef)
+  per_leaf, owned = engine.own_leaves(
+      _method(cfg), engine.placement_for(spec, resident=True),
+      [engine.Leaf(x, v, tuple(f[i] for f in fields), any(sides[i]),
+                   key=sides[i] + (cache,), active=_fields(sides[i], cache))
+       for i, (x, v) in enumerate(zip(leaves, views))],
+      resident_lib.leaf_paths(params), _placeholder(cfg))
+  p, q, pc, qc = _unflatten_fields(treedef, per_leaf, 4)
+  return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc, owned=owned)
+
+
+# ----------------------------------------------------------------------------
+# Fused: with an ``OwnerInner`` over several devices, the whitening, the
+# inner step and the map back are one kernel; the factors, cached roots and
+# the inner per-matrix state (FISMO: the momentum) all live on the owner, so
+# per matrix only ``X`` travels in and ``Δ`` out.
+
+
+def _masked(treedef, leaves, todo):
+  """The tree with the leaves in ``todo`` replaced by ``optax.MaskedNode``
+  (what the plain inner transform sees next to the fused matrices)."""
+  skip = set(todo)
+  return treedef.unflatten([optax.MaskedNode() if i in skip else x
+                            for i, x in enumerate(leaves)])
+
+
+def _n_inner(fused, rows: int, cols: int, ct) -> int:
+  """The number of ``fused.init`` arrays of a ``rows × cols`` matrix."""
+  return len(jax.eval_shape(fused.init, jax.ShapeDtypeStruct(
+      (1, rows, cols), ct)))
+
+
+def fused_init(state: FisherWhitenState, params, *, fused, cfg: _Config,
+               dims, max_factor_size, cache: bool, spec
+               ) -> FisherWhitenState:
+  """Every matrix leaf's factors, cached roots and inner state
+  (``fused.init``) on its owner; the plain inner transform's state covers
+  the other leaves (the matrix leaves are ``optax.MaskedNode`` in it)."""
+  leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
+  if not leaves:
+    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
+    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
+    return state._replace(inner_state=fused.transform.init(params),
+                          owned=jnp.zeros((), jnp.int32))
+  todo = [i for i, v in enumerate(views) if v is not None]
+  fields = _state_fields(state, treedef)
+  n_inner = max((_n_inner(fused, views[i].rows, views[i].cols,
+                          _compute_dtype(cfg)) for i in todo), default=0)
+  method = _method(cfg, n_inner, fused)
+  matrix_leaves = []
+  for i, (x, v) in enumerate(zip(leaves, views)):
+    st = tuple(f[i] for f in fields)
+    if v is None:
+      matrix_leaves.append(engine.Leaf(x, v, st, False))
+      continue
+    inner = tuple(fused.init(v.to_matrix(x)))
+    inner = tuple(v.from_matrix(a) if len(_NAMES) + j in method.leaf_shaped
+                  else a for j, a in enumerate(inner))
+    s = _static_sides(v, max_factor_size)
+    matrix_leaves.append(engine.Leaf(
+        x, v, st + inner, True, key=s + (cache,),
+        active=_fields(s, cache) + tuple(range(len(_NAMES),
+                                               len(_NAMES) + len(inner)))))
+  per_leaf, owned = engine.own_leaves(
+      method, engine.placement_for(spec, resident=True), matrix_leaves,
+      resident_lib.leaf_paths(params), _placeholder(cfg))
+  p, q, pc, qc = _unflatten_fields(treedef, per_leaf, 4)
+  return state._replace(p=p, q=q, p_isqrt=pc, q_isqrt=qc,
+                        inner_state=fused.transform.init(
+                            _masked(treedef, leaves, todo)),
+                        owned=owned)
 
 
 def _resident_sides(factors, rows: int, cols: int):
   """``(has P, has Q, cached roots)`` of one group of the fused layout, read
   from its resident factor arrays (``[P], [Q], [P cache], [Q cache]``, each
-  ``(N, d, d)``; ``P`` is ``cols × cols``) as :func:`_fused_init` stored
+  ``(N, d, d)``; ``P`` is ``cols × cols``) as :func:`fused_init` stored
   them, so the update needs no (possibly traced) ``max_factor_size``.
   ``None`` when the layout does not fit; ``cached roots`` is ``None`` for a
   group without stored sides."""
@@ -513,60 +382,64 @@ def _resident_sides(factors, rows: int, cols: int):
   return None
 
 
-def _update_fused(updates, state: FisherWhitenState, *, fused, cfg: _Config,
-                  dims, root_every, spec):
-  """One grouped call per step: ``X`` goes to its owner, which updates the
-  factors, whitens, runs ``fused.step`` with the resident inner state and
-  maps back; ``Δ`` comes back. Leaves without a matrix view get the plain
-  inner transform (with the matrix leaves masked)."""
-  refresh = state.count % root_every == 0
-  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
-  todo = [i for i, v in enumerate(views) if v is not None]
-  ct = _compute_dtype(cfg)
-  items = [(views[i].to_matrix(g_leaves[i]).astype(ct),) for i in todo]
-  # The stored sides and whether the roots are cached, per group, read from
-  # the resident layout. The groups are those of init: its keys (the sides,
-  # fixed by the shape, and the uniform cache flag) split no shape group.
-  groups = list(grouped_lib.group_items(items).items())
-  resident = state.owned
-  if len(resident.groups) != len(groups):
+def _fused_layouts(owned, groups, views, fused, ct):
+  """Per group of the resident step: ``(has P, has Q, n_inner)`` and the
+  state's one cache flag, read from the resident arrays."""
+  if len(owned.groups) != len(groups):
     raise ValueError(f'state: its owner-resident arrays form '
-                     f'{len(resident.groups)} groups, these updates '
+                     f'{len(owned.groups)} groups, these updates '
                      f'{len(groups)}; create the state with this '
                      'transform\'s init.')
   layouts, cache = [], set()
-  for (gkey, _), arrays in zip(groups, resident.groups):
-    shape = gkey[0][0][0]
-    n_inner = len(jax.eval_shape(fused.init, jax.ShapeDtypeStruct(
-        (1,) + shape, ct)))
-    layout = (_resident_sides(arrays[:len(arrays) - n_inner], *shape[-2:])
+  for idx, arrays in zip(groups, owned.groups):
+    shape = views[idx[0]].matrix_shape[1:]
+    n_inner = _n_inner(fused, *shape, ct)
+    layout = (_resident_sides(arrays[:len(arrays) - n_inner], *shape)
               if len(arrays) >= n_inner else None)
     if layout is None:
       raise ValueError(f'state: owner-resident arrays of shapes '
                        f'{[a.shape for a in arrays]} do not fit {shape} '
                        f'matrices with {n_inner} inner state arrays; create '
                        'the state with this transform\'s init.')
-    layouts.append(layout)
+    layouts.append(layout[:2] + (n_inner,))
     if layout[2] is not None:
       cache.add(layout[2])
   if len(cache) > 1:
     raise ValueError('state: some groups cache their roots, others do not; '
                      'create the state with this transform\'s init.')
-  cache = bool(cache and cache.pop())
-  keys = [None] * len(items)
-  for (_, idx), (has_p, has_q, _) in zip(groups, layouts):
-    for j in idx:
-      keys[j] = (has_p, has_q, cache)
-  outs, resident = grouped_lib.grouped_map(
-      _fused_kernel(fused.step_for(state.inner_state), refresh, cfg), items,
-      spec=spec, keys=keys,
-      cost=_fused_cost(cfg, fused), resident=resident)
+  return layouts, bool(cache and cache.pop())
+
+
+def update_fused(updates, state: FisherWhitenState, *, fused, cfg: _Config,
+                 dims, root_every, spec):
+  """One engine step: ``X`` goes to its owner, which updates the factors,
+  whitens, runs ``fused.step`` with the resident inner state and maps
+  back; ``Δ`` comes back. Leaves without a matrix view get the plain inner
+  transform (with the matrix leaves masked)."""
+  refresh = state.count % root_every == 0
+  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+  todo = [i for i, v in enumerate(views) if v is not None]
+  ct = _compute_dtype(cfg)
+  leaves = [engine.Leaf(g, v, (), v is not None)
+            for g, v in zip(g_leaves, views)]
+  groups = engine.item_groups(_method(cfg)._replace(keyed=False), leaves)
+  layouts, cache = _fused_layouts(state.owned, groups, views, fused, ct)
+  for idx, (has_p, has_q, n_inner) in zip(groups, layouts):
+    for i in idx:
+      leaves[i] = leaves[i]._replace(
+          key=(has_p, has_q, cache), active=_fields((has_p, has_q), cache)
+          + tuple(range(len(_NAMES), len(_NAMES) + n_inner)))
+  out, owned = engine.step_leaves(
+      _method(cfg, max((n for _, _, n in layouts), default=0), fused),
+      _fused_kernel(fused.step_for(state.inner_state), refresh, cfg),
+      engine.placement_for(spec, resident=True), leaves, state.owned,
+      local=lambda leaf: (leaf.g,))
   # The other leaves (no matrix view): the plain inner transform, unwhitened.
   inner_updates, inner_state = fused.transform.update(
       _masked(treedef, g_leaves, todo), state.inner_state, None)
   new_u = treedef.flatten_up_to(inner_updates)
-  for i, (delta,) in zip(todo, outs):
-    new_u[i] = views[i].from_matrix(delta).astype(g_leaves[i].dtype)
+  for i in todo:
+    new_u[i] = out[i][0]
   return treedef.unflatten(new_u), state._replace(
       count=optax.safe_increment(state.count), inner_state=inner_state,
-      owned=resident)
+      owned=owned)

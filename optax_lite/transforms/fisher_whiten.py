@@ -197,10 +197,8 @@ from optax_lite.transforms import _tree
 from optax_lite.transforms import owner_inner as owner_inner_lib
 from optax_lite.transforms.fisher_factors import (  # noqa: F401 (re-exported)
     AUTO_ROOT_METHOD, AUTO_ROOT_METHOD_ACCELERATOR, FisherWhitenState, _Config,
-    _LeafStep, _ROOT_METHODS, _init_leaf, _unwhiten_leaf, _whiten_leaf,
-    auto_root_method, factor_step)
-from optax_lite.transforms.fisher_owner import (  # noqa: F401 (re-exported)
-    _fused_init, _owner_init, _update_distributed, _update_fused, _update_owned)
+    _ROOT_METHODS, _init_leaf, auto_root_method, factor_step)
+from optax_lite.transforms import fisher_owner
 
 
 def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
@@ -219,15 +217,12 @@ def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
                             inner_state=None if multi and fused is not None else
                             inner.init(params),
                             p_isqrt=p_cache, q_isqrt=q_cache)
-  if multi and fused is not None:
-    return _fused_init(state, params, fused=fused, cfg=cfg, dims=dims,
-                       max_factor_size=max_factor_size, cache=cache,
-                       spec=spec)
-  if multi:
-    return _owner_init(state, params, cfg=cfg, dims=dims,
-                       max_factor_size=max_factor_size, cache=cache,
-                       spec=spec)
-  return state
+  if not multi:
+    return state
+  init = (fisher_owner.owner_init if fused is None else functools.partial(
+      fisher_owner.fused_init, fused=fused))
+  return init(state, params, cfg=cfg, dims=dims,
+              max_factor_size=max_factor_size, cache=cache, spec=spec)
 
 
 def _update(updates, state: FisherWhitenState, params=None, *, inner,
@@ -240,30 +235,12 @@ def _update(updates, state: FisherWhitenState, params=None, *, inner,
                      'owner devices (made by init with distribute over '
                      'several devices); update it with that distribute.')
   if owned and fused is not None:
-    return _update_fused(updates, state, fused=fused, cfg=cfg, dims=dims,
-                         root_every=root_every, spec=spec)
-  if owned:
-    return _update_owned(updates, state, inner=inner, cfg=cfg, dims=dims,
-                         root_every=root_every,
-                         max_factor_size=max_factor_size, spec=spec)
-  if spec is not None:
-    return _update_distributed(updates, state, inner=inner, cfg=cfg,
-                               dims=dims, root_every=root_every, spec=spec)
-  refresh = state.count % root_every == 0
-  budget = grouped_lib.budget_bytes(memory_budget, updates)
-  out = _tree.map_leaves(
-      functools.partial(_whiten_leaf, refresh=refresh, cfg=cfg),
-      updates, state.p, state.q, state.p_isqrt, state.q_isqrt, dims=dims,
-      memory_budget=budget)
-  step = _LeafStep(*_tree.unzip(out, len(_LeafStep._fields), updates))
-  inner_updates, inner_state = inner.update(step.whitened, state.inner_state,
-                                            None)
-  new_updates = _tree.map_leaves(
-      functools.partial(_unwhiten_leaf, cfg=cfg), inner_updates,
-      step.p_isqrt, step.q_isqrt, dims=dims, memory_budget=budget)
-  return new_updates, FisherWhitenState(
-      count=optax.safe_increment(state.count), p=step.p, q=step.q,
-      inner_state=inner_state, p_isqrt=step.p_cache, q_isqrt=step.q_cache)
+    return fisher_owner.update_fused(updates, state, fused=fused, cfg=cfg,
+                                     dims=dims, root_every=root_every,
+                                     spec=spec)
+  return fisher_owner.update_whiten(
+      updates, state, inner=inner, cfg=cfg, dims=dims, root_every=root_every,
+      max_factor_size=max_factor_size, spec=spec, memory_budget=memory_budget)
 
 
 def fisher_whiten(inner: optax.GradientTransformation | None = None, *,

@@ -33,10 +33,15 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import engine
 from optax_lite.transforms import _tree
 from optax_lite.transforms.lite import Geometry, muon_geometry
 
 NORMALIZATION_AXES = ('neuron', 'short_axis')
+# One per-neuron second moment per matrix (``variance_shape``), stepped
+# leaf by leaf: the work is O(m·n).
+_METHOD = engine.MatrixMethod(names=('variance',), active=(0,),
+                              leaf_shaped=())
 
 
 class NeuronNormalizeState(NamedTuple):
@@ -121,18 +126,21 @@ def neuron_normalize(beta2: float = 0.95, eps: float = 1e-8,
     return NeuronNormalizeState(
         _tree.map_leaves(init_leaf, params, dims=dims, name='params'))
 
-  def leaf(view, u, v):
-    if view is None:
-      return u, v
-    scale, v_new = neuron_scale(view.to_matrix(u), v, beta2=beta2, eps=eps,
-                                axis=axis)
-    out = view.to_matrix(u).astype(scale.dtype) * scale
-    return view.from_matrix(out.astype(u.dtype)), v_new
+  def kernel(u, v):
+    scale, v_new = neuron_scale(u, v, beta2=beta2, eps=eps, axis=axis)
+    return (u.astype(scale.dtype) * scale).astype(u.dtype), v_new
 
   def update_fn(updates, state, params=None):
     del params
-    res = _tree.map_leaves(leaf, updates, state.variance, dims=dims)
-    out, variance = _tree.unzip(res, 2, updates)
+    u_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+    variance = treedef.flatten_up_to(state.variance)
+    leaves = [engine.Leaf(u, view, (v,), view is not None)
+              for u, view, v in zip(u_leaves, views, variance)]
+    out = engine.step_leaves(_METHOD, kernel,
+                             engine.placement_for(None, resident=False),
+                             leaves, local=lambda leaf: (leaf.g,) + leaf.state)
+    out, variance = ([treedef.unflatten([t[j] for t in out])
+                      for j in range(2)])
     return out, NeuronNormalizeState(variance)
 
   return optax.GradientTransformation(init_fn, update_fn)

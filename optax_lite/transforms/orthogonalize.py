@@ -18,23 +18,14 @@ References:
 
 from __future__ import annotations
 
-import jax
 import optax
 
 from optax_lite.linalg import distributed as distributed_lib
+from optax_lite.linalg import engine
 from optax_lite.linalg import grouped as grouped_lib
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.transforms import _tree
-
-
-def polar_of_leaf(view, x, method, steps, eps, precision, ns_dtype=None):
-  """The polar factor of one leaf through its matrix view (None: identity)."""
-  if view is None:
-    return x
-  out = polar_lib.polar_by_method(view.to_matrix(x), method, steps, eps=eps,
-                                  precision=precision, ns_dtype=ns_dtype)
-  return view.from_matrix(out)
 
 
 def polar_kernel(method, steps, eps, precision, ns_dtype=None):
@@ -45,20 +36,24 @@ def polar_kernel(method, steps, eps, precision, ns_dtype=None):
   return fn
 
 
-def _grouped_update(updates, dims, fn, spec, memory_budget=None):
-  """``orthogonalize``'s update: same-shape matrices in one batched kernel."""
-  x_leaves, treedef, view_leaves = _tree.matrix_views(updates, dims,
-                                                     'updates')
-  todo = [i for i, v in enumerate(view_leaves) if v is not None]
-  mats = [view_leaves[i].to_matrix(x_leaves[i]) for i in todo]
-  # Tall matrices are transposed to wide, so m x n and n x m share a kernel.
-  budget = grouped_lib.budget_bytes(memory_budget, updates)
-  outs = distributed_lib.sharded_polar(
-      mats, fn, spec, memory_budget=budget) if mats else []
-  new = list(x_leaves)
-  for i, o in zip(todo, outs):
-    new[i] = view_leaves[i].from_matrix(o)
-  return jax.tree.unflatten(treedef, new)
+# Stateless; tall matrices run as their transpose, so that m × n and n × m
+# leaves share a kernel.
+_METHOD = engine.MatrixMethod(names=(), active=(), leaf_shaped=(),
+                              transpose_tall=True)
+
+
+def _update(updates, dims, fn, spec, memory_budget=None):
+  """``orthogonalize``'s update on the matrix engine: same-shape matrices
+  in one batched kernel (on one device, or spread over ``spec``)."""
+  x_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+  leaves = [engine.Leaf(x, v, (), v is not None)
+            for x, v in zip(x_leaves, views)]
+  placement = engine.placement_for(
+      spec, resident=False, stacked=True,
+      memory_budget=grouped_lib.budget_bytes(memory_budget, updates))
+  out = engine.step_leaves(_METHOD, lambda x: (fn(x),), placement, leaves,
+                           local=lambda leaf: (leaf.g,))
+  return treedef.unflatten([u for u, *_ in out])
 
 
 def orthogonalize(method: str = 'polar_express', steps: int | None = None,
@@ -120,6 +115,6 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
 
   def update_fn(updates, state, params=None):
     del params
-    return _grouped_update(updates, dims, fn, spec, memory_budget), state
+    return _update(updates, dims, fn, spec, memory_budget), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)

@@ -43,9 +43,12 @@ import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
+from optax_lite.linalg import engine
 from optax_lite.transforms import _tree
 
 AXES = ('input', 'output')
+# Stateless, one matrix at a time.
+_METHOD = engine.MatrixMethod(names=(), active=(), leaf_shaped=())
 
 
 def normalize_matrix(mat: jax.Array, axis: str = 'input',
@@ -88,13 +91,19 @@ def row_normalize(axis: str = 'input', eps: float = 1e-12,
   _checks.check_choice('axis', axis, AXES)
   _checks.check_positive('eps', eps)
 
-  def leaf(view, x):
-    if view is None:
-      return x
-    return view.from_matrix(normalize_matrix(view.to_matrix(x), axis, eps))
+  def kernel(x):
+    return (normalize_matrix(x, axis, eps),)
 
   def update_fn(updates, state, params=None):
     del params
-    return _tree.map_leaves(leaf, updates, dims=dims), state
+    x_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+    leaves = [engine.Leaf(x, v, (), v is not None)
+              for x, v in zip(x_leaves, views)]
+    # O(m·n): leaf by leaf, as the parameters are laid out (see rmnp's
+    # distribute).
+    out = engine.step_leaves(_METHOD, kernel,
+                             engine.placement_for(None, resident=False),
+                             leaves, local=lambda leaf: (leaf.g,))
+    return treedef.unflatten([u for u, *_ in out]), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
