@@ -134,3 +134,20 @@ def test_dtype_class_injected_is_refused_naming_it(name):
                                      precond_dtype=jnp.bfloat16)):
     state = inj.init(params)
     assert jnp.dtype(jnp.bfloat16) in {x.dtype for x in jax.tree.leaves(state)}
+
+
+@pytest.mark.parametrize('name', ['muon', 'soap'])
+def test_mesh_as_distribute_needs_static_args(name):
+  """A ``Mesh`` is callable, so ``inject_hyperparams`` hands the optimizer
+  a schedule in its place: the error says what to do, and with
+  ``static_args=('distribute',)`` the mesh arrives as given."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('fsdp',))
+  params = {'w': jnp.ones((8, 4)), 'b': jnp.zeros((4,))}
+  tx = optax.inject_hyperparams(zoo.get(name))(learning_rate=1e-2,
+                                                distribute=mesh)
+  with pytest.raises(TypeError, match=r"distribute.*static_args"):
+    tx.init(params)
+  tx = optax.inject_hyperparams(zoo.get(name), static_args=('distribute',))(
+      learning_rate=1e-2, distribute=mesh)
+  u, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))

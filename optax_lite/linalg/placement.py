@@ -62,8 +62,12 @@ def check_polar_sharding(spec: Any, name: str = 'shard_polar'
                       f'(mesh, axes[, layout]) tuple, got {spec!r}.')
     spec = PolarSharding(*spec)
   if not isinstance(spec, PolarSharding):
+    # A Mesh is callable, so optax.inject_hyperparams takes it for a
+    # schedule and passes a function on.
+    hint = (f" (optax.inject_hyperparams turns a Mesh into a schedule: pass "
+            f"static_args=('{name}',) to it)" if callable(spec) else '')
     raise TypeError(f'{name} must be a PolarSharding, a Mesh or a '
-                    f'(mesh, axes) pair, got {type(spec).__name__}.')
+                    f'(mesh, axes) pair, got {type(spec).__name__}{hint}.')
   if spec.layout not in LAYOUTS:
     raise ValueError(f'{name}: layout must be one of {LAYOUTS}, got '
                      f'{spec.layout!r}.')
