@@ -8,6 +8,7 @@ becomes a test failure instead of killing or blocking pytest::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python tests/multidevice_worker.py soap issue odd deep
+      python tests/multidevice_worker.py --plain-stacked soap issue
 
 For each tree it prints one JSON line: the largest relative difference, per
 step, between the updates on 8 devices (FSDP on axis 0 where divisible by 8,
@@ -154,14 +155,47 @@ def compare(name: str, tree: str, steps: int = 3) -> dict:
                                   for u in jax.tree.leaves(u1)))}
 
 
+def compare_plain_stacked(name: str, tree: str, steps: int = 3) -> dict:
+  """Plain GSPMD (no ``distribute``) with ``stack_by_shape=True`` and no
+  budget (each shape's matrices stacked in one call): per step, the
+  parameters' :func:`_worst` difference between FSDP over 8 devices and
+  one device leaf by leaf (the default)."""
+  rng = np.random.default_rng(3)
+  shapes = tree_shapes(tree)
+  p0 = _arrays(shapes, rng, 0.05)
+  grads = [_arrays(shapes, rng, 1.0) for _ in range(steps)]
+  mesh = Mesh(np.asarray(jax.devices()[:D]), ('fsdp',))
+  put = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(
+      mesh, P('fsdp') if x.ndim >= 2 and x.shape[0] % D == 0 else P())), t)
+  tx1 = make(name)
+  tx8 = make(name, stack_by_shape=True, memory_budget=None)
+  p1, s1 = p0, tx1.init(p0)
+  p8 = put(p0)
+  s8 = tx8.init(p8)
+  step1, step8 = jax.jit(tx1.update), jax.jit(tx8.update)
+  rel = []
+  for g in grads:
+    u1, s1 = step1(g, s1, p1)
+    u8, s8 = step8(put(g), s8, p8)
+    p1 = optax.apply_updates(p1, u1)
+    p8 = optax.apply_updates(p8, u8)
+    rel.append(_worst(p8, p1))
+  return {'name': name, 'tree': tree, 'rel': rel,
+          'update_max': float(max(np.max(np.abs(np.asarray(u)))
+                                  for u in jax.tree.leaves(u1)))}
+
+
 def main(argv):
+  compare_fn = compare
+  if argv and argv[0] == '--plain-stacked':
+    compare_fn, argv = compare_plain_stacked, argv[1:]
   name, trees = argv[0], argv[1:]
   if len(jax.devices()) < D:
     raise SystemExit(f'needs {D} devices: set XLA_FLAGS='
                      f'--xla_force_host_platform_device_count={D}')
   for tree in trees:
     t0 = time.time()
-    out = compare(name, tree)
+    out = compare_fn(name, tree)
     out['seconds'] = round(time.time() - t0, 1)
     print(json.dumps(out), flush=True)
 

@@ -19,7 +19,9 @@ swaps its factor pairs, what an item costs.
 * ``"per_leaf"``: one device, leaf by leaf (in packs that fit a memory
   budget, one after another);
 * ``"stacked"``: one device, same-shape matrices stacked into one kernel
-  call per shape (:func:`optax_lite.linalg.grouped.grouped_map`);
+  call per shape (:func:`optax_lite.linalg.grouped.grouped_map`; a kernel
+  with a LAPACK call maps over the matrices one at a time when the process
+  has several CPU devices);
 * ``"owner"``: several devices, each matrix computed by one owner device,
   its state travelling there and back each step;
 * ``"owner_resident"``: several devices, the state living on the owner

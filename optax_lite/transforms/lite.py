@@ -389,7 +389,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                     scaling: str = 'none', rms: float = 0.2,
                     flat_weight_decay: optax.ScalarOrSchedule = 0.0,
                     distribute=None, owner_inner: bool = False,
-                    memory_budget: float | str | None = 'auto'
+                    memory_budget: float | str | None = 'auto',
+                    stack_by_shape: bool = False
                     ) -> optax.GradientTransformation | OwnerInner:
   r"""LITE around ``geometry``; see the module docstring for the math.
 
@@ -439,6 +440,14 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       :func:`optax_lite.transforms.fisher_whiten` to run that step on each
       matrix's owner inside its whitening call (FISMO-LITE); needs a
       matrix geometry and no ``flat_weight_decay``.
+    stack_by_shape: on one device, the matrix leaves of each distinct shape
+      (and state layout) stacked into one call of the step (the engine's
+      ``"stacked"`` placement, in calls that fit ``memory_budget``): one
+      compiled step per shape instead of one per leaf, so the compile time
+      does not grow with the depth. Off by default: a batched ``eigh`` / QR
+      (SOAP's geometry) differs from per-leaf calls in round-off. In a
+      process with several CPU devices (plain GSPMD) a step with an
+      ``eigh`` / QR runs one matrix at a time (``docs/multi_device.md``).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`LiteState` (an
@@ -453,6 +462,9 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                      f'beta1={beta1}.')
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
+  if not isinstance(stack_by_shape, bool):
+    raise TypeError('stack_by_shape must be a bool (static), got '
+                    f'{type(stack_by_shape).__name__}.')
   _checks.check_number('flat_weight_decay', flat_weight_decay, low=0.0,
                        allow_schedule=True)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -538,7 +550,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
 
     owned = isinstance(state.owned, grouped.OwnerStacks)
     placement = engine.placement_for(
-        spec, resident=owned, memory_budget=grouped.budget_bytes(
+        spec, resident=owned, stacked=stack_by_shape,
+        memory_budget=grouped.budget_bytes(
             memory_budget if geometry.needs_matrix else None, updates))
     return _engine_update(leaf, placement, updates, state, count,
                           params_tree, leaf_dims, pack)
