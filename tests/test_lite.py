@@ -678,3 +678,38 @@ def test_lite_one_device_mesh_stacks(name):
     engine.step_leaves = orig
   for k in ('a', 'b', 'c'):
     np.testing.assert_allclose(out[k], ref[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.multidevice
+def test_lite_state_without_distribute_steps_on_owners():
+  """A state made without ``distribute`` (no owner stacks) updated with
+  ``distribute=`` over 8 devices takes the engine's ``"owner"`` placement
+  (its state travelling) and equals the one-device step to round-off."""
+  if len(jax.devices()) < 8:
+    pytest.fail('needs XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ('x',))
+  ks = jax.random.split(jax.random.PRNGKey(4), 6)
+  params = {f'w{i}': jax.random.normal(ks[i], (8, 12)) for i in range(3)}
+  params['t'] = jax.random.normal(ks[3], (12, 8))
+  grads = [jax.tree.map(lambda x, k=k: jnp.sin(x * 3.0) + 0.1 * k, params)
+           for k in range(2)]
+  from optax_lite.linalg import engine
+  kinds, orig = [], engine.step_leaves
+
+  def spy(method, kernel, placement, *a, **k):
+    kinds.append(placement.kind)
+    return orig(method, kernel, placement, *a, **k)
+
+  tx1, tx8 = ol.muon_lite(0.01), ol.muon_lite(0.01, distribute=mesh)
+  s1 = s8 = tx1.init(params)
+  engine.step_leaves = spy
+  try:
+    for g in grads:
+      u1, s1 = jax.jit(tx1.update)(g, s1, params)
+      u8, s8 = jax.jit(tx8.update)(g, s8, params)
+      for k in params:
+        np.testing.assert_allclose(u8[k], u1[k], atol=1e-5, rtol=0)
+  finally:
+    engine.step_leaves = orig
+  assert 'owner' in kinds, kinds
+  assert jax.tree.structure(s8) == jax.tree.structure(s1)
