@@ -8,6 +8,7 @@ becomes a test failure instead of killing or blocking pytest::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python tests/multidevice_worker.py soap issue odd deep
+      python tests/multidevice_worker.py --plain-stacked soap issue
 
 For each tree it prints one JSON line: the largest relative difference, per
 step, between the updates on 8 devices (FSDP on axis 0 where divisible by 8,
@@ -122,9 +123,9 @@ def collectives_in_control_flow(hlo: str) -> int:
              for k in _COLLECTIVES if re.search(rf' {k}(-start)?\(', line))
 
 
-def compare(name: str, tree: str, steps: int = 3) -> dict:
-  """Per step: the parameters' and the updates' :func:`_worst` difference
-  between 8 devices and one."""
+def _inputs(tree: str, steps: int):
+  """The tree's parameters, ``steps`` gradients, the 8-device mesh and
+  ``put`` (FSDP on axis 0 where divisible by 8, else replicated)."""
   rng = np.random.default_rng(3)
   shapes = tree_shapes(tree)
   p0 = _arrays(shapes, rng, 0.05)
@@ -132,12 +133,27 @@ def compare(name: str, tree: str, steps: int = 3) -> dict:
   mesh = Mesh(np.asarray(jax.devices()[:D]), ('fsdp',))
   put = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(
       mesh, P('fsdp') if x.ndim >= 2 and x.shape[0] % D == 0 else P())), t)
+  return p0, grads, mesh, put
+
+
+def compare(name: str, tree: str, steps: int = 3,
+            plain_stacked: bool = False) -> dict:
+  """Per step: the parameters' and the updates' :func:`_worst` difference
+  between 8 devices and one (leaf by leaf, the default). On 8 devices
+  ``distribute=``, or with ``plain_stacked`` plain GSPMD (no
+  ``distribute``) with ``stack_by_shape=True`` and no budget (each shape's
+  matrices stacked in one call)."""
+  p0, grads, mesh, put = _inputs(tree, steps)
 
   tx1 = make(name)
-  tx8 = make(name, distribute=mesh)
   p1, s1 = p0, tx1.init(p0)
   p8 = put(p0)
-  s8 = ol.sharded_init(tx8.init, p8)
+  if plain_stacked:
+    tx8 = make(name, stack_by_shape=True, memory_budget=None)
+    s8 = tx8.init(p8)
+  else:
+    tx8 = make(name, distribute=mesh)
+    s8 = ol.sharded_init(tx8.init, p8)
   step1 = jax.jit(tx1.update)
   step8 = jax.jit(tx8.update).lower(put(grads[0]), s8, p8).compile()
   rel, rel_update = [], []
@@ -155,13 +171,16 @@ def compare(name: str, tree: str, steps: int = 3) -> dict:
 
 
 def main(argv):
+  plain_stacked = bool(argv) and argv[0] == '--plain-stacked'
+  if plain_stacked:
+    argv = argv[1:]
   name, trees = argv[0], argv[1:]
   if len(jax.devices()) < D:
     raise SystemExit(f'needs {D} devices: set XLA_FLAGS='
                      f'--xla_force_host_platform_device_count={D}')
   for tree in trees:
     t0 = time.time()
-    out = compare(name, tree)
+    out = compare(name, tree, plain_stacked=plain_stacked)
     out['seconds'] = round(time.time() - t0, 1)
     print(json.dumps(out), flush=True)
 

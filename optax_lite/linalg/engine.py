@@ -19,7 +19,9 @@ swaps its factor pairs, what an item costs.
 * ``"per_leaf"``: one device, leaf by leaf (in packs that fit a memory
   budget, one after another);
 * ``"stacked"``: one device, same-shape matrices stacked into one kernel
-  call per shape (:func:`optax_lite.linalg.grouped.grouped_map`);
+  call per shape (:func:`optax_lite.linalg.grouped.grouped_map`; a kernel
+  with a LAPACK call maps over the matrices one at a time when the process
+  has several CPU devices);
 * ``"owner"``: several devices, each matrix computed by one owner device,
   its state travelling there and back each step;
 * ``"owner_resident"``: several devices, the state living on the owner
@@ -104,8 +106,9 @@ class MatrixMethod(NamedTuple):
     resident_cost: the same for an owner-resident item (only its gradient
       moves; ``None``: ``cost``).
     item_bytes: ``item_bytes(view, arrays) -> float``, one leaf's working
-      set for the ``"per_leaf"`` budget (``arrays``: the gradient and the
-      state fields as stored; ``None``: unbounded).
+      set for the ``"per_leaf"`` budget (``arrays``: the gradient, the
+      extras and the state fields as stored; ``view``: ``None`` on a leaf
+      without one; ``None``: unbounded).
     batch_shaped: the active fields stored as ``view.batch_shape + s``
       (one ``s`` per matrix of the leaf); the kernel gets them as
       ``(B,) + s``.
@@ -118,6 +121,11 @@ class MatrixMethod(NamedTuple):
     carry_in_state: :func:`step_around`'s carry is the last new active
       fields (e.g. roots that are also cached): with ``"owner_resident"``
       the second map reads it from the resident state, no buffers.
+    leaf_form: ``"per_leaf"`` runs :func:`step_leaves`'s ``local(leaf)`` on
+      every leaf, items too, on the arrays as stored (a method whose step
+      reads any layout through the leaf's view, as LITE's geometries do):
+      the program of a plain map over the leaves, whose fusions (and so
+      round-off) a matrix-form call would change.
   """
   names: tuple | None
   active: tuple[int, ...]
@@ -131,6 +139,7 @@ class MatrixMethod(NamedTuple):
   keyed: bool = False
   after_bytes: Callable | None = None
   carry_in_state: bool = False
+  leaf_form: bool = False
 
 
 class Leaf(NamedTuple):
@@ -249,8 +258,9 @@ def step_leaves(method: MatrixMethod, kernel: Callable,
   stacks with ``"owner_resident"``).
 
   ``kernel(g, *extras, *active) -> (u, *new active)`` on ``(B, m, n)``
-  stacks. Leaves that are not items run ``local(leaf)`` (default: the
-  kernel on the leaf alone).
+  stacks. Leaves that are not items (with :attr:`MatrixMethod.leaf_form`
+  and ``"per_leaf"``, every leaf) run ``local(leaf)`` (default: the kernel
+  on the leaf alone).
   """
   local = local or functools.partial(_local, method, kernel)
   kind = placement.kind
@@ -258,7 +268,8 @@ def step_leaves(method: MatrixMethod, kernel: Callable,
     return _step_resident(method, kernel, placement, leaves, owned, local)
   if kind == 'per_leaf':
     return _leaf_calls(
-        lambda leaf: (_local(method, kernel, leaf) if leaf.is_item
+        lambda leaf: (_local(method, kernel, leaf)
+                      if leaf.is_item and not method.leaf_form
                       else local(leaf)),
         leaves, placement.memory_budget, method.item_bytes)
   out = [None] * len(leaves)
@@ -284,13 +295,20 @@ def _local(method: MatrixMethod, kernel: Callable, leaf: Leaf) -> tuple:
 def _leaf_calls(run: Callable[[Leaf], Any], leaves: Sequence[Leaf],
                 budget, item_bytes) -> list:
   """``run(leaf)`` leaf by leaf; with a budget in packs that fit it, one
-  after another (every leaf's size is ``item_bytes(view, (g, *state))``)."""
+  after another (every leaf's size is ``item_bytes(view, (g, *extras,
+  *state))``, and all of these wait for the previous pack)."""
   if budget is None or item_bytes is None:
     return [run(leaf) for leaf in leaves]
-  calls = [(lambda g, *st, leaf=leaf: run(leaf._replace(g=g, state=st)),
-            (leaf.g,) + tuple(leaf.state)) for leaf in leaves]
-  sizes = [item_bytes(leaf.view, (leaf.g,) + tuple(leaf.state))
-           for leaf in leaves]
+
+  def call(leaf):
+    n = len(leaf.extras)
+    return (lambda g, *rest: run(leaf._replace(
+        g=g, extras=tuple(rest[:n]), state=tuple(rest[n:]))),
+            (leaf.g,) + tuple(leaf.extras) + tuple(leaf.state))
+
+  calls = [call(leaf) for leaf in leaves]
+  sizes = [item_bytes(leaf.view, args) for leaf, (_, args)
+           in zip(leaves, calls)]
   return budget_lib.sequential_calls(calls, sizes, budget)
 
 

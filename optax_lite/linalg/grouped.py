@@ -29,6 +29,10 @@ collectives. :func:`grouped_map` instead
    slots. The buffers leave in one all-gather each and the items are put
    back into leaf order.
 
+On one device a kernel with a LAPACK call runs one item at a time too
+when the process has several CPU devices (the stack may be sharded over
+them by plain GSPMD, and the same pool is shared).
+
 Why a conditional: SPMD requires every device to run the same shapes, so
 splitting each group's stack evenly pads each group to a multiple of ``D``
 and wastes up to ``(D − 1)/D`` of a small group's work. With the device
@@ -229,7 +233,9 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
     for (gkey, idx), stack, sz in zip(glist, stacks, sizes):
       chunk = chunk_size(memory_budget, _item_bytes(item_bytes, gkey),
                          stack[0].shape[0])
-      if chunk < stack[0].shape[0]:
+      if _lapack_on_cpu_devices(call, gkey[1], stack):
+        pieces = _split(_one_item_at_a_time(call, gkey[1], stack), sz)
+      elif chunk < stack[0].shape[0]:
         pieces = _budgeted(call, gkey[1], [leaves[i] for i in idx], chunk)
       else:
         pieces = _split(call(gkey[1], *stack), sz)
@@ -448,6 +454,17 @@ def _calls_lapack(jaxpr) -> bool:
           if hasattr(sub, 'eqns'):
             stack.append(sub)
   return False
+
+
+def _lapack_on_cpu_devices(call, key, stack) -> bool:
+  """Whether a one-device group's kernel must run one item at a time: it
+  calls LAPACK and this process has several CPU devices, over which the
+  stack may be sharded (plain GSPMD; see :func:`_calls_lapack`). One CPU
+  device: never (no collective can block the pool), nothing traced."""
+  if jax.default_backend() != 'cpu' or jax.local_device_count() < 2:
+    return False
+  one = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype) for x in stack]
+  return _calls_lapack(jax.make_jaxpr(lambda *xs: call(key, *xs))(*one))
 
 
 def _one_item_at_a_time(call, key, args):

@@ -26,7 +26,8 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
          adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
          adam_weight_decay: float | None = None, adam_nesterov: bool = False,
          distribute=None,
-         memory_budget: float | str | None = 'auto'
+         memory_budget: float | str | None = 'auto',
+         stack_by_shape: bool = False
          ) -> optax.GradientTransformation:
   r"""SOAP for hidden matrices, AdamW for embeddings, head, norms, biases.
 
@@ -73,6 +74,10 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
     memory_budget: on one device, the working set of the matrix leaves
       stepped together, as a fraction of their bytes (``None``: all at
       once, as XLA schedules them); see ``scale_by_soap``.
+    stack_by_shape: on one device, one kernel call per distinct matrix
+      shape instead of one per leaf (compile time flat in depth; off by
+      default: batched ``eigh`` / QR round-off differs); see
+      ``scale_by_soap``.
 
   ``optax.inject_hyperparams(soap)(learning_rate=…)`` works as is: every
   float (learning rate, betas, ε, decays, ``null_threshold``) and
@@ -102,7 +107,8 @@ def soap(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.95,
           dims, skip_first_update=skip_first_update,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype, precision=precision,
-          distribute=distribute, memory_budget=memory_budget),
+          distribute=distribute, memory_budget=memory_budget,
+          stack_by_shape=stack_by_shape),
       warmup_fn=warmup_fn)
 
 
@@ -120,7 +126,8 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
             adam_b1: float = 0.9, adam_b2: float = 0.95,
             adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
             adam_nesterov: bool = False, distribute=None,
-            memory_budget: float | str | None = 'auto'
+            memory_budget: float | str | None = 'auto',
+            stack_by_shape: bool = False
             ) -> optax.GradientTransformation:
   r"""Shampoo (grafted to Adam) for hidden matrices, AdamW for the rest.
 
@@ -152,6 +159,7 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
       (``ShampooState.owned``); only the gradient and the update travel.
       ``None``: one device, unchanged.
     memory_budget: as in :func:`soap`.
+    stack_by_shape: as in :func:`soap`.
 
   ``optax.inject_hyperparams(shampoo)`` as for :func:`soap`; in addition
   ``exponent`` must be static with ``root_method="newton"``.
@@ -172,4 +180,4 @@ def shampoo(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9,
           null_threshold=null_threshold, mu_dtype=mu_dtype,
           precond_dtype=precond_dtype,
           precision=precision, distribute=distribute,
-          memory_budget=memory_budget))
+          memory_budget=memory_budget, stack_by_shape=stack_by_shape))

@@ -470,7 +470,8 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
               adam_b1: float = 0.9, adam_b2: float = 0.95,
               adam_eps: float = 1e-8, adam_weight_decay: float | None = None,
-              cautious_weight_decay: bool = False
+              cautious_weight_decay: bool = False,
+              stack_by_shape: bool = False
               ) -> optax.GradientTransformation:
   r"""SOAP-LITE (Zhu et al. 2026, §5.2, Appendix B.2) with AdamW-LITE.
 
@@ -500,6 +501,9 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   SOAP-LITE steps (statistics, rotations, eigenbasis refreshes), chosen by
   cost; see :func:`optax_lite.lite_flat_boost`.
   ``cautious_weight_decay``: as for :func:`muon_lite`.
+  ``stack_by_shape``: on one device, one kernel call per distinct matrix
+  shape instead of one per leaf (off by default: batched ``eigh`` / QR
+  round-off differs); see :func:`optax_lite.lite_flat_boost`.
   """
   _checks.check_structural(precondition_frequency=precondition_frequency,
                            max_precond_dim=max_precond_dim,
@@ -526,7 +530,8 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
         chi=chi_t, beta1=beta1_t, beta2=beta2_t, momentum=b1,
         nesterov=False, mu_dtype=mu_dtype or precond_dtype,
         dims=dims, scaling='none', flat_weight_decay=flat_decay,
-        distribute=distribute, memory_budget=memory_budget)
+        distribute=distribute, memory_budget=memory_budget,
+        stack_by_shape=stack_by_shape)
 
   # SOAP's statistics-only first step skips the weight decay too.
   warmup_fn = (functools.partial(soap_warmup_leaves, dims=dims,

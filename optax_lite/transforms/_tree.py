@@ -62,39 +62,18 @@ def matrix_views(tree, dims: DimsSpec, name: str):
 
 
 def map_leaves(fn: Callable, tree, *rest, dims: DimsSpec = _DEFAULT,
-               name: str = 'updates', memory_budget: float | None = None,
-               leaf_bytes: Callable | None = None):
+               name: str = 'updates'):
   """``fn(view, leaf, *rest_leaves)`` over every leaf of ``tree``.
 
   ``view`` is the leaf's :class:`MatrixView` (``None`` where its dims are
   ``None``). With ``dims=_DEFAULT`` no view is computed and ``view`` is None.
-  ``memory_budget`` (bytes, ``None``: unbounded): the matrix leaves run in
-  packs whose working sets fit it, one pack after another
-  (:func:`optax_lite.linalg.grouped.sequential_calls`); a leaf's working
-  set is ``leaf_bytes(view, leaf, *rest_leaves)`` (default
-  :func:`view_bytes`).
   """
-  if memory_budget is None:
-    if dims is _DEFAULT:
-      return jax.tree.map(lambda x, *r: fn(None, x, *r), tree, *rest)
-    resolved = resolve_dims(dims, tree)
-    return jax.tree.map(lambda x, d, *r: fn(leaf_view(x, d, name), x, *r),
-                        tree, resolved, *rest,
-                        is_leaf=None)
-  leaves, treedef = jax.tree.flatten(tree)
-  rest_leaves = [treedef.flatten_up_to(r) for r in rest]
   if dims is _DEFAULT:
-    views = [None] * len(leaves)
-  else:
-    d_leaves = treedef.flatten_up_to(resolve_dims(dims, tree))
-    views = [leaf_view(x, d, name) for x, d in zip(leaves, d_leaves)]
-  args = [(x,) + tuple(r[i] for r in rest_leaves)
-          for i, x in enumerate(leaves)]
-  sizes = [0.0 if v is None else float((leaf_bytes or view_bytes)(v, *a))
-           for v, a in zip(views, args)]
-  calls = [(lambda *a, v=v: fn(v, *a), a) for v, a in zip(views, args)]
-  out = grouped_lib.sequential_calls(calls, sizes, memory_budget)
-  return treedef.unflatten(out)
+    return jax.tree.map(lambda x, *r: fn(None, x, *r), tree, *rest)
+  resolved = resolve_dims(dims, tree)
+  return jax.tree.map(lambda x, d, *r: fn(leaf_view(x, d, name), x, *r),
+                      tree, resolved, *rest,
+                      is_leaf=None)
 
 
 def view_bytes(view, x, *rest) -> float:

@@ -350,13 +350,15 @@ def _leaves(tree, resolved, fields, sides_of=None) -> list:
   return out
 
 
-def _kron_transform(spec_of: _KronSpec, dims, spec, memory_budget
+def _kron_transform(spec_of: _KronSpec, dims, spec, memory_budget,
+                    stack_by_shape: bool = False
                     ) -> optax.GradientTransformation:
   """SOAP's or Shampoo's transform: one step per leaf through the engine.
 
   Over several devices (``spec``) every matrix's state lives on its owner
   (``state.owned``, made by ``init``); a state made without ``distribute``
-  still steps there, its state then travelling each step.
+  still steps there, its state then travelling each step. On one device
+  ``stack_by_shape`` stacks same-shape matrices into one kernel call.
   """
   kind = spec_of.state_type
   n_fields = len(kind._fields) - 2  # without count and owned
@@ -396,7 +398,7 @@ def _kron_transform(spec_of: _KronSpec, dims, spec, memory_budget
     fields = tuple(state[1:1 + n_fields])
     owned = isinstance(state.owned, grouped_lib.OwnerStacks)
     placement = engine.placement_for(
-        spec, resident=owned,
+        spec, resident=owned, stacked=stack_by_shape,
         memory_budget=grouped_lib.budget_bytes(memory_budget, updates))
     leaves = _leaves(updates, resolved, fields,
                      static_sides if owned else None)
@@ -503,6 +505,14 @@ def placement_and_dtypes(distribute, memory_budget, precond_dtype, mu_dtype):
   mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   return (spec, memory_budget, precond_dtype,
           precond_dtype if mu_dtype is None else mu_dtype)
+
+
+def check_stack_by_shape(stack_by_shape) -> bool:
+  """``stack_by_shape`` must be a Python bool (it decides the program)."""
+  if not isinstance(stack_by_shape, bool):
+    raise TypeError('stack_by_shape must be a bool (static), got '
+                    f'{type(stack_by_shape).__name__}.')
+  return stack_by_shape
 
 
 def check_soap_args(b1, b2, shampoo_beta, eps, precondition_frequency,

@@ -389,7 +389,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                     scaling: str = 'none', rms: float = 0.2,
                     flat_weight_decay: optax.ScalarOrSchedule = 0.0,
                     distribute=None, owner_inner: bool = False,
-                    memory_budget: float | str | None = 'auto'
+                    memory_budget: float | str | None = 'auto',
+                    stack_by_shape: bool = False
                     ) -> optax.GradientTransformation | OwnerInner:
   r"""LITE around ``geometry``; see the module docstring for the math.
 
@@ -429,13 +430,24 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
       momentum and geometry state stay on that device (``LiteState.owned``,
       split along its first axis; ``optax_lite.sharded_init`` and
       ``state_shardings`` know). Same math, up to round-off. Only
-      geometries with ``needs_matrix`` use it.
+      geometries with ``needs_matrix`` use it. A one-device mesh stacks
+      each shape's matrices into one call; a state made without
+      ``distribute`` steps on the owners, its state travelling each step
+      (the placements of :mod:`optax_lite.linalg.engine`).
     owner_inner: return an :class:`optax_lite.transforms.OwnerInner`
       instead (the transform, plus its per-matrix step on a stack of
       matrices bound to the transform's step count), for
       :func:`optax_lite.transforms.fisher_whiten` to run that step on each
       matrix's owner inside its whitening call (FISMO-LITE); needs a
       matrix geometry and no ``flat_weight_decay``.
+    stack_by_shape: on one device, the matrix leaves of each distinct shape
+      (and state layout) stacked into one call of the step (the engine's
+      ``"stacked"`` placement, in calls that fit ``memory_budget``): one
+      compiled step per shape instead of one per leaf, so the compile time
+      does not grow with the depth. Off by default: a batched ``eigh`` / QR
+      (SOAP's geometry) differs from per-leaf calls in round-off. In a
+      process with several CPU devices (plain GSPMD) a step with an
+      ``eigh`` / QR runs one matrix at a time (``docs/multi_device.md``).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`LiteState` (an
@@ -450,6 +462,9 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                      f'beta1={beta1}.')
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
+  if not isinstance(stack_by_shape, bool):
+    raise TypeError('stack_by_shape must be a bool (static), got '
+                    f'{type(stack_by_shape).__name__}.')
   _checks.check_number('flat_weight_decay', flat_weight_decay, low=0.0,
                        allow_schedule=True)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -533,18 +548,13 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     count, leaf = make_leaf(state.count)
     params_tree = params if use_wd else jax.tree.map(lambda _: None, updates)
 
-    if isinstance(state.owned, grouped.OwnerStacks):
-      return _owner_update(leaf, spec, updates, state, count, params_tree,
-                           leaf_dims, pack)
-    res = _tree.map_leaves(
-        leaf, updates, state.mu, params_tree, *state.geometry,
-        dims=leaf_dims, memory_budget=grouped.budget_bytes(
+    owned = isinstance(state.owned, grouped.OwnerStacks)
+    placement = engine.placement_for(
+        spec, resident=owned, stacked=stack_by_shape,
+        memory_budget=grouped.budget_bytes(
             memory_budget if geometry.needs_matrix else None, updates))
-    parts = _tree.unzip(res, 2 + len(state.geometry), updates)
-    # ``owned`` as it came (None, or the int placeholder of a params-less
-    # init), so that the state keeps its tree structure.
-    return parts[0], LiteState(count, parts[1], pack(parts[2:]),
-                               state.owned)
+    return _engine_update(leaf, placement, updates, state, count,
+                          params_tree, leaf_dims, pack)
 
   transform = optax.GradientTransformation(
       init_fn, distributed_lib.layout_stable(update_fn))
@@ -598,7 +608,14 @@ def _method(n_geom: int) -> engine.MatrixMethod:
   parameter), then the geometry's fields (``LiteState.geometry[j]``)."""
   names = ('mu',) + tuple(('geometry', j) for j in range(n_geom))
   return engine.MatrixMethod(names=names, active=tuple(range(1 + n_geom)),
-                             leaf_shaped=(0,))
+                             leaf_shaped=(0,), item_bytes=_item_bytes,
+                             leaf_form=True)
+
+
+def _item_bytes(view, arrays) -> float:
+  """One leaf's working set for the one-device budget: its matrix and
+  every array next to it (:func:`_tree.view_bytes`); 0 without a view."""
+  return 0.0 if view is None else _tree.view_bytes(view, *arrays)
 
 
 def _owner_init(state, params, spec, dims, use_wd, pack):
@@ -625,17 +642,25 @@ def _owner_init(state, params, spec, dims, use_wd, pack):
   return LiteState(state.count, fields[0], pack(fields[1:]), owned)
 
 
-def _owner_update(leaf, spec, updates, state, count, params_tree, dims,
-                  pack):
-  """``lite_flat_boost``'s step with every matrix slice on its owner.
+def _engine_update(leaf, placement, updates, state, count, params_tree, dims,
+                   pack):
+  """``lite_flat_boost``'s step on the matrix engine, under ``placement``.
 
-  Every matrix leaf is one work item of the engine: its ``(B, rows,
-  cols)`` gradient (and parameter) travel to the owner, where ``leaf`` runs
-  on stacks of same-shape items, seen through a plain ``(K, rows, cols)``
-  view, next to their resident momentum and geometry state; the update
-  comes back. Leaves without a matrix view take the local path.
+  Leaf by leaf (``"per_leaf"``), ``leaf`` runs on every leaf as stored,
+  through its view (the engine's ``leaf_form``). Otherwise every matrix
+  leaf is one work item: ``leaf`` runs on stacks of same-shape ``(B, rows,
+  cols)`` gradients (and parameters), momenta and geometry states, seen
+  through a plain ``(K, rows, cols)`` view (``"stacked"``; ``"owner"``
+  and ``"owner_resident"`` on each item's owner, the latter next to its
+  resident state); leaves without a matrix view (all of them with an
+  element-wise geometry, whose ``dims`` is ``_tree._DEFAULT``) take the
+  local path.
   """
-  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+  if dims is _tree._DEFAULT:
+    g_leaves, treedef = jax.tree.flatten(updates)
+    views = [None] * len(g_leaves)
+  else:
+    g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
   p_all = treedef.flatten_up_to(params_tree)
   use_p = any(p is not None for p in p_all)
   mu = treedef.flatten_up_to(state.mu)
@@ -647,16 +672,19 @@ def _owner_update(leaf, spec, updates, state, count, params_tree, dims,
     view = _tree.MatrixView((0, 1, 2), (k,), rows, cols, (k, rows, cols))
     return leaf(view, g, rest[0], p, *rest[1:])
 
-  def local(lf):  # no matrix view: the element-wise step, here
+  def local(lf):  # the leaf as stored, through its view (None: none)
     p = lf.extras[0] if lf.extras else None
-    return leaf(None, lf.g, lf.state[0], p, *lf.state[1:])
+    return leaf(lf.view, lf.g, lf.state[0], p, *lf.state[1:])
 
   leaves = [engine.Leaf(g, v, (mu[i],) + tuple(t[i] for t in geom),
                         v is not None, (p_all[i],) if use_p else ())
             for i, (g, v) in enumerate(zip(g_leaves, views))]
-  out, owned = engine.step_leaves(
-      _method(len(geom)), kernel,
-      engine.placement_for(spec, resident=True), leaves, state.owned, local)
+  out = engine.step_leaves(
+      _method(len(geom)), kernel, placement, leaves, state.owned, local)
+  # ``owned`` as it came unless resident (None, or the int placeholder of a
+  # params-less init), so that the state keeps its tree structure.
+  out, owned = (out if placement.kind == 'owner_resident'
+                else (out, state.owned))
   fields = [treedef.unflatten([t[j] for t in out])
             for j in range(2 + len(geom))]
   return fields[0], LiteState(count, fields[1], pack(fields[2:]), owned)

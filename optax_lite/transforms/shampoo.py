@@ -21,8 +21,9 @@ from optax_lite.transforms import _tree
 from optax_lite.transforms.kron_common import (
     ACCUMULATIONS, GRAFTS, NULL_THRESHOLD, _HIGHEST, _KronSpec, _above_floor,
     _auto_exponent, _decay, _factor, _kron_bytes, _kron_transform, _leaf_view,
-    _mm, _resident_cost, _shampoo_cost, _sides, _t, check_soap_args, has_side,
-    placement_and_dtypes, require_static, roundoff_level, update_factors)
+    _mm, _resident_cost, _shampoo_cost, _sides, _t, check_soap_args,
+    check_stack_by_shape, has_side, placement_and_dtypes, require_static,
+    roundoff_level, update_factors)
 
 
 class ShampooState(NamedTuple):
@@ -163,7 +164,8 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
                      null_threshold: float | None = NULL_THRESHOLD,
                      mu_dtype=None, precond_dtype='float32',
                      precision=_HIGHEST, distribute=None,
-                     memory_budget: float | str | None = 'auto'
+                     memory_budget: float | str | None = 'auto',
+                     stack_by_shape: bool = False
                      ) -> optax.GradientTransformation:
   r"""Shampoo with EMA or summed factors, cached inverse roots and grafting.
 
@@ -231,6 +233,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
 
     memory_budget: as for
       :func:`~optax_lite.transforms.soap.scale_by_soap`.
+    stack_by_shape: as for
+      :func:`~optax_lite.transforms.soap.scale_by_soap` (with an ``eigh``
+      inverse root; Newton's is matmuls only).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ShampooState`.
@@ -302,4 +307,4 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       item_bytes=lambda view, arrays: _kron_bytes(*arrays))
   return _kron_transform(
       _KronSpec(ShampooState, method, init_leaf, kernel_at, max_precond_dim),
-      dims, spec, memory_budget)
+      dims, spec, memory_budget, check_stack_by_shape(stack_by_shape))

@@ -19,7 +19,7 @@ from optax_lite.transforms import _tree
 from optax_lite.transforms.kron_common import (
     NULL_THRESHOLD, _HIGHEST, _KronSpec, _decay, _kron_bytes, _kron_transform,
     _leaf_view, _resident_cost, _sides, _soap_cost, check_soap_args,
-    placement_and_dtypes, rotate, rotate_back)
+    check_stack_by_shape, placement_and_dtypes, rotate, rotate_back)
 from optax_lite.transforms.soap_basis import (
     SoapBasis, soap_basis_init, soap_basis_refresh, soap_basis_update,
     soap_keep, soap_step_index)
@@ -240,7 +240,8 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
                   null_threshold: float | None = NULL_THRESHOLD, mu_dtype=None,
                   precond_dtype='float32',
                   precision=_HIGHEST, distribute=None,
-                  memory_budget: float | str | None = 'auto'
+                  memory_budget: float | str | None = 'auto',
+                  stack_by_shape: bool = False
                   ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -360,6 +361,16 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       concurrency-optimised scheduler and from the refresh conditionals'
       copies of the kept bases; ``docs/benchmarks.md``, memory). With
       ``distribute`` it is ignored (each device computes its own share).
+    stack_by_shape: on one device, stack the matrices of each distinct
+      shape (and state layout) into one kernel call (the engine's
+      ``"stacked"`` placement, in calls that fit ``memory_budget``): one
+      compiled kernel per shape instead of one per leaf, so the compile
+      time does not grow with the depth. Off by default: a batched
+      ``eigh`` / QR differs from per-leaf calls in round-off, which the
+      rotated Adam step amplifies. In a process with several CPU devices
+      (plain GSPMD) a kernel with an ``eigh`` / QR runs one matrix at a
+      time (XLA:CPU's shared pool, ``docs/multi_device.md``). Ignored
+      with ``distribute`` over several devices.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`SoapState`.
@@ -437,4 +448,4 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       item_bytes=lambda view, arrays: _kron_bytes(*arrays))
   return _kron_transform(
       _KronSpec(SoapState, method, init_leaf, kernel_at, max_precond_dim),
-      dims, spec, memory_budget)
+      dims, spec, memory_budget, check_stack_by_shape(stack_by_shape))
