@@ -18,6 +18,7 @@ step, between the updates on 8 devices (FSDP on axis 0 where divisible by 8,
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -168,6 +169,29 @@ def compare(name: str, tree: str, steps: int = 3,
           'nested_collectives': collectives_in_control_flow(step8.as_text()),
           'update_max': float(max(np.max(np.abs(np.asarray(u)))
                                   for u in jax.tree.leaves(u1)))}
+
+
+def run_in_child(args, timeout_s):
+  """Runs this worker with ``args`` in a child process on 8 host devices:
+  ``(return code, JSON results, stderr)``. Raises ``TimeoutError`` (with
+  the output so far) when it does not finish within ``timeout_s``: a hang,
+  or an XLA abort that never returns."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={D}',
+             JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(
+                 [os.path.dirname(here), os.environ.get('PYTHONPATH', '')]))
+  try:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
+                          env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+  except subprocess.TimeoutExpired as e:
+    raise TimeoutError(f'no result within {timeout_s} s (a hang); output '
+                       f'so far: {e.stdout!r}') from e
+  results = [json.loads(line) for line in proc.stdout.splitlines()
+             if line.startswith('{')]
+  return proc.returncode, results, proc.stderr
 
 
 def main(argv):

@@ -16,18 +16,13 @@ leaf's largest entry (Shampoo, FISMO-LITE: a few times that, their own
 float32 round-off; see TOLERANCE).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
+import multidevice_worker as worker
 from optimizer_zoo import NAMED
 
 pytestmark = pytest.mark.multidevice
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # 'issue': issue 23's tree; 'odd': group sizes that are not multiples of 8
 # and shapes with no axis divisible by 8; 'deep': the 6-layer tree on which
 # fismo hung, at d=64 (same groups and per-device counts, smaller matrices).
@@ -51,24 +46,14 @@ TOLERANCE = {'shampoo': 3e-4, 'fismo_lite': 3e-5}
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
 @pytest.mark.parametrize('name', NAMED)
 def test_distribute_steps_and_equals_one_device(name):
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(
-                 [os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')]))
   try:
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, 'multidevice_worker.py'), name,
-         *TREES[name]], env=env, capture_output=True, text=True,
-        timeout=CHILD_TIMEOUT_S)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f'{name}: no result within {CHILD_TIMEOUT_S} s (a hang); '
-                f'output so far: {e.stdout!r}')
-  results = [json.loads(line) for line in proc.stdout.splitlines()
-             if line.startswith('{')]
-  assert proc.returncode == 0, (
-      f'{name}: the child exited with {proc.returncode} after '
-      f'{[r["tree"] for r in results]}:\n{proc.stderr[-3000:]}')
+    rc, results, stderr = worker.run_in_child([name, *TREES[name]],
+                                              CHILD_TIMEOUT_S)
+  except TimeoutError as e:
+    pytest.fail(f'{name}: {e}')
+  assert rc == 0, (
+      f'{name}: the child exited with {rc} after '
+      f'{[r["tree"] for r in results]}:\n{stderr[-3000:]}')
   assert [r['tree'] for r in results] == TREES[name]
   for r in results:
     assert len(r['rel']) == 3

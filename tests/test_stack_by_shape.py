@@ -12,11 +12,7 @@ placement) instead of one per leaf.
   (``docs/multi_device.md``), and equals one device leaf by leaf.
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+import multidevice_worker as worker
 from optimizer_zoo import make
 
 # Of each leaf's largest entry, after 4 steps. SOAP's batched-vs-per-leaf
@@ -92,7 +89,6 @@ def test_stack_by_shape_is_a_bool(name):
     make(name, stack_by_shape='yes')
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD_TIMEOUT_S = 420
 # 8 devices (stacked, LAPACK one matrix at a time) against one device leaf
 # by leaf, of each leaf's largest entry after 3 steps on issue 23's tree:
@@ -109,24 +105,13 @@ def test_plain_gspmd_stacked_steps_on_8_devices(name):
   batched ``eigh`` / QR there aborted XLA:CPU (its rendezvous timed out);
   stacked kernels with LAPACK run one matrix at a time. In a child process
   with a hard timeout, because an abort kills the process."""
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(
-                 [os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')]))
   try:
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, 'multidevice_worker.py'),
-         '--plain-stacked', name, 'issue'], env=env, capture_output=True,
-        text=True, timeout=CHILD_TIMEOUT_S)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f'{name}: no result within {CHILD_TIMEOUT_S} s (a hang); '
-                f'output so far: {e.stdout!r}')
-  assert proc.returncode == 0, (
-      f'{name}: the child exited with {proc.returncode}:\n'
-      f'{proc.stderr[-3000:]}')
-  (r,) = [json.loads(line) for line in proc.stdout.splitlines()
-          if line.startswith('{')]
+    rc, results, stderr = worker.run_in_child(
+        ['--plain-stacked', name, 'issue'], CHILD_TIMEOUT_S)
+  except TimeoutError as e:
+    pytest.fail(f'{name}: {e}')
+  assert rc == 0, f'{name}: the child exited with {rc}:\n{stderr[-3000:]}'
+  (r,) = results
   assert len(r['rel']) == 3
   assert max(r['rel']) <= PLAIN_TOLERANCE, r
   assert r['update_max'] > 0, r
