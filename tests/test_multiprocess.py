@@ -49,7 +49,7 @@ NUM_PROCESSES = 2
 # largest entry here (7e-5 and 1.1e-4 of the distance travelled): their
 # round-off guard's ramp gives a coordinate near the round-off bound a
 # weight that moves by about 1e-4 of a step per ulp of its amplitude
-# (kron_common.roundoff_weight). They are held to what the library states
+# (kron_roundoff.roundoff_weight). They are held to what the library states
 # for round-off-level gradient differences (MultiSteps vs one batch, issue
 # 23): 1e-3 of the distance travelled. With distribute= the owner runs one
 # device's arithmetic: 1e-5 like every other optimizer.

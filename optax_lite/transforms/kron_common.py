@@ -25,16 +25,6 @@ from optax_lite.linalg.matrices import MatrixView, matrix_view
 from optax_lite.transforms import _tree
 
 
-# ``null_threshold`` default: ``None`` is ROUNDOFF_ULPS·ε of the computing
-# dtype (see :func:`roundoff_level` and scale_by_soap's ``null_threshold``).
-NULL_THRESHOLD = None
-ROUNDOFF_ULPS = 16
-# Neighbour leak of roundoff_coordinates: band and cap of θ.
-LEAK_BAND = 4
-LEAK_CAP = 0.1
-# roundoff_weight: a rotated coordinate's update weight rises linearly from
-# 0 at the round-off bound δ to 1 at ROUNDOFF_RAMP·δ.
-ROUNDOFF_RAMP = 512.0
 ACCUMULATIONS = ('ema', 'sum')
 GRAFTS = ('adam', 'none')
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -103,28 +93,6 @@ def update_factors(stats_l: jax.Array, stats_r: jax.Array, g: jax.Array,
   return stats_l, stats_r
 
 
-def roundoff_level(null_threshold, dtype) -> Any:
-  """``τ``, the relative round-off level: ``null_threshold`` or, for
-  ``None``, ``ROUNDOFF_ULPS · ε`` of ``dtype`` widened to float32 (the
-  computing dtype): 1.9e-6 in float32, 3.6e-15 in float64."""
-  if null_threshold is None:
-    wide = jnp.promote_types(dtype, jnp.float32)
-    return ROUNDOFF_ULPS * float(jnp.finfo(wide).eps)
-  return null_threshold
-
-
-def _above_floor(lam: jax.Array, tau) -> jax.Array:
-  """``lam > τ·max(lam)`` per column (a Gram eigenvalue's round-off is
-  ``~ε·λ_max``); everything when ``τ <= 0`` or the factor has no energy."""
-  top = jnp.max(lam, axis=-1, keepdims=True)
-  return (lam > tau * top) | (top <= 0) | (tau <= 0)
-
-
-def _mark_null(lam: jax.Array, keep: jax.Array) -> jax.Array:
-  """The stored energies: ``lam`` where kept, exactly 0 on null columns."""
-  return jnp.where(keep, jnp.maximum(lam, jnp.finfo(lam.dtype).tiny), 0.0)
-
-
 def _decay(beta, dtype) -> jax.Array:
   """A decay rate in the computing dtype, before ``1 − β`` is formed.
 
@@ -137,135 +105,6 @@ def _decay(beta, dtype) -> jax.Array:
   return jnp.asarray(beta, dtype)
 
 
-def _no_energy(stats: jax.Array) -> jax.Array:
-  """Energies of an identity side: the ``(B, 1)`` placeholder."""
-  return jnp.zeros(stats.shape[:1] + (1,), stats.dtype)
-
-
-def energetic(lam: jax.Array, threshold=NULL_THRESHOLD) -> jax.Array:
-  """Stored column energies ``lam`` (``(B, k)``) → the non-null columns.
-
-  The null columns were set to exactly 0 when the basis was computed
-  (:func:`soap_init_bases`, :func:`soap_refresh_bases`). True everywhere
-  when ``threshold <= 0`` (the rule off) or when the factor has no energy
-  at all (a zero factor: its basis is the identity, as the reference's).
-  """
-  tau = roundoff_level(threshold, lam.dtype)
-  top = jnp.max(lam, axis=-1, keepdims=True)
-  return (lam > 0) | (top <= 0) | (tau <= 0)
-
-
-def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
-                    ) -> jax.Array:
-  """``Σ_d θᵢ,ᵢ₊d · amp[i+d]`` along ``axis`` over the ``LEAK_BAND`` nearest
-  columns on each side (columns are sorted by energy), with
-  ``θ = τ·λ_max / |λᵢ − λᵢ₊d|`` where at most ``LEAK_CAP`` (0 beyond):
-  how much of row ``i+d`` a basis vector computed with round-off ``τ``
-  takes in (see :func:`roundoff_coordinates`)."""
-  k = lam.shape[-1]
-  top = jnp.max(lam, axis=-1, keepdims=True)
-  idx = jnp.arange(k)
-  out = jnp.zeros_like(amp)
-  for d in range(1, min(LEAK_BAND, k - 1) + 1):
-    for step in (d, -d):
-      gap = jnp.abs(lam - jnp.roll(lam, -step, axis=-1))
-      theta = tau * top / jnp.maximum(gap, jnp.finfo(lam.dtype).tiny)
-      # θ > c: the pair is not resolved (a degenerate cluster, whose basis
-      # is arbitrary but whose coordinates carry signal): no leak counted.
-      theta = jnp.where((idx + step >= 0) & (idx + step < k)
-                        & (theta <= LEAK_CAP), theta, 0.0)
-      theta = theta[..., :, None] if axis == -2 else theta[..., None, :]
-      out = out + theta.astype(amp.dtype) * jnp.roll(amp, -step, axis=axis)
-  return out
-
-
-def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
-                         lam_l: jax.Array | None = None,
-                         lam_r: jax.Array | None = None) -> jax.Array:
-  """``(B, m, n)`` booleans: False where a rotated coordinate is round-off.
-
-  ``A = sqrt(V̂)`` is each coordinate's RMS amplitude and
-  ``sqrt(Σᵢⱼ V̂ᵢⱼ)`` the RMS of ``‖G‖_F`` (the rotation is orthogonal).
-  Coordinate ``(i, j)`` is round-off when ``Aᵢⱼ <= δᵢⱼ`` with::
-
-    δᵢⱼ = τ·sqrt(Σ V̂) + Σ_d θˡᵢ,ᵢ₊d Aᵢ₊d,ⱼ + Σ_d θʳⱼ,ⱼ₊d Aᵢ,ⱼ₊d,
-    θᵢ,ₖ = τ·λ_max / |λᵢ − λₖ|   (0 where above c)
-
-  The first term is the rotation's own round-off (``~ε‖G‖`` per entry);
-  the others are what a basis vector computed with relative round-off
-  ``τ`` takes in from its neighbours (first-order perturbation:
-  ``δqᵢ ≈ Σₖ τλ_max/(λᵢ−λₖ) qₖ``), over the ``LEAK_BAND`` nearest columns
-  on each side. A pair with ``θ > c = LEAK_CAP`` is not resolved by the
-  arithmetic at all (a degenerate cluster: its basis is arbitrary, but its
-  coordinates carry the gradient's energy in that subspace), so it counts
-  no leak: the guard never freezes a cluster. ``lam_*``: the column
-  energies (``None``: identity side). All True when ``τ <= 0``.
-  """
-  return roundoff_weight(nu_hat, threshold, lam_l, lam_r) > 0
-
-
-def _roundoff_bound(nu_hat, tau, lam_l, lam_r):
-  """``(A, δ, δ₀)``: the amplitudes, round-off bounds (see
-  :func:`roundoff_coordinates`) and their first term ``δ₀ = τ·sqrt(Σ V̂)``
-  (per matrix)."""
-  amp = jnp.sqrt(nu_hat)
-  floor = tau * jnp.sqrt(jnp.sum(nu_hat, axis=(-2, -1), keepdims=True))
-  delta = floor
-  if lam_l is not None:
-    delta = delta + _neighbour_leak(amp, lam_l.astype(amp.dtype), tau, -2)
-  if lam_r is not None:
-    delta = delta + _neighbour_leak(amp, lam_r.astype(amp.dtype), tau, -1)
-  return amp, delta, floor
-
-
-def roundoff_weight(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
-                    lam_l: jax.Array | None = None,
-                    lam_r: jax.Array | None = None) -> jax.Array:
-  """``(B, m, n)`` update weights in ``[0, 1]``: 0 on round-off.
-
-  With ``A``, ``δ`` of :func:`roundoff_coordinates`, ``δ₀ = τ·sqrt(Σ V̂)``
-  (``τ`` times the RMS of ``‖G‖_F``) and ``ρ = ROUNDOFF_RAMP``::
-
-    w = clip((A − δ) / ((ρ − 1)·δ₀), 0, 1)
-
-  0 up to the round-off bound, 1 from ``δ + (ρ − 1)·δ₀`` on (about
-  ``1e-3‖G‖_F`` in float32), linear between. A coordinate's amplitude is
-  only known to about ``ε‖G‖_F`` (the rotation's own round-off, and the
-  basis computed from a gradient that differs by round-off), so near ``δ``
-  Adam's ratio, ``±1`` whatever the amplitude, is decided by round-off. A
-  hard threshold there let the mean of four micro-batches
-  (``optax.MultiSteps``), 2.6e-7 from the batch's gradient, move a 64 × 64
-  kernel by 0.17 of the distance travelled after the first real step; the
-  ramp moves a coordinate by ``ΔA / ((ρ − 1)δ₀) ≈ 1e-4`` of a step
-  instead. All 1 when ``τ <= 0``.
-  """
-  tau = roundoff_level(threshold, nu_hat.dtype)
-  amp, delta, floor = _roundoff_bound(nu_hat, tau, lam_l, lam_r)
-  width = (ROUNDOFF_RAMP - 1.0) * floor
-  ramp = (amp - delta) / jnp.maximum(width, jnp.finfo(amp.dtype).tiny)
-  w = jnp.where(amp > delta + width, 1.0,
-                jnp.where(amp > delta, jnp.clip(ramp, 0.0, 1.0), 0.0))
-  return jnp.where(tau <= 0, 1.0, w).astype(nu_hat.dtype)
-
-
-def null_coordinates(lam_l: jax.Array, lam_r: jax.Array, threshold, *,
-                     sides: tuple[bool, bool]) -> jax.Array:
-  """``(B, m, n)``-broadcastable booleans: True where a rotated coordinate
-  carries gradient energy (see :func:`scale_by_soap`, ``null_threshold``).
-
-  ``sides``: whether each side is preconditioned (identity sides keep all).
-  """
-  keep = jnp.ones(lam_l.shape[:1] + (1, 1), bool)
-  if sides[0]:
-    keep = keep & energetic(lam_l, threshold)[..., :, None]
-  if sides[1]:
-    keep = keep & energetic(lam_r, threshold)[..., None, :]
-  return keep
-
-
-# --------------------------------------------------------------------------
-# Leaf views.
-# --------------------------------------------------------------------------
 def _vector_view(shape) -> MatrixView:
   """A ``(1, 1, size)`` view: the leaf is kept element-wise (identity)."""
   shape = tuple(int(s) for s in shape)

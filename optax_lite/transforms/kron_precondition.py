@@ -96,10 +96,12 @@ import optax
 
 from optax_lite import _checks
 from optax_lite.transforms.kron_common import (  # noqa: F401 (the facade)
-    ACCUMULATIONS, GRAFTS, LEAK_BAND, LEAK_CAP, NULL_THRESHOLD, ROUNDOFF_RAMP,
-    ROUNDOFF_ULPS, check_soap_args, energetic, has_side, null_coordinates,
-    require_static, rotate, rotate_back, roundoff_coordinates, roundoff_level,
-    roundoff_weight, update_factors)
+    ACCUMULATIONS, GRAFTS, check_soap_args, has_side, require_static, rotate,
+    rotate_back, update_factors)
+from optax_lite.transforms.kron_roundoff import (  # noqa: F401 (the facade)
+    LEAK_BAND, LEAK_CAP, NULL_THRESHOLD, ROUNDOFF_RAMP, ROUNDOFF_ULPS,
+    energetic, null_coordinates, roundoff_coordinates, roundoff_level,
+    roundoff_weight)
 from optax_lite.transforms.soap_basis import (  # noqa: F401 (the facade)
     SoapBasis, soap_basis_init, soap_basis_refresh, soap_basis_sides,
     soap_basis_update, soap_init_bases, soap_keep, soap_refresh_bases,

@@ -19,11 +19,12 @@ from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import roots as roots_lib
 from optax_lite.transforms import _tree
 from optax_lite.transforms.kron_common import (
-    ACCUMULATIONS, GRAFTS, NULL_THRESHOLD, _HIGHEST, _KronSpec, _above_floor,
-    _auto_exponent, _decay, _factor, _kron_bytes, _kron_transform, _leaf_view,
-    _mm, _resident_cost, _shampoo_cost, _sides, _t, check_soap_args,
-    check_stack_by_shape, has_side, placement_and_dtypes, require_static,
-    roundoff_level, update_factors)
+    ACCUMULATIONS, GRAFTS, _HIGHEST, _KronSpec, _auto_exponent, _decay,
+    _factor, _kron_bytes, _kron_transform, _leaf_view, _mm, _resident_cost,
+    _shampoo_cost, _sides, _t, check_soap_args, check_stack_by_shape,
+    has_side, placement_and_dtypes, require_static, update_factors)
+from optax_lite.transforms.kron_roundoff import (
+    NULL_THRESHOLD, _above_floor, roundoff_level)
 
 
 class ShampooState(NamedTuple):

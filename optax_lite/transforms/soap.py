@@ -17,9 +17,11 @@ from optax_lite import _checks
 from optax_lite.linalg import engine
 from optax_lite.transforms import _tree
 from optax_lite.transforms.kron_common import (
-    NULL_THRESHOLD, _HIGHEST, _KronSpec, _decay, _kron_bytes, _kron_transform,
-    _leaf_view, _resident_cost, _sides, _soap_cost, check_soap_args,
+    _HIGHEST, _KronSpec, _decay, _kron_bytes, _kron_transform, _leaf_view,
+    _resident_cost, _sides, _soap_cost, check_soap_args,
     check_stack_by_shape, placement_and_dtypes, rotate, rotate_back)
+from optax_lite.transforms.kron_roundoff import (
+    NULL_THRESHOLD)
 from optax_lite.transforms.soap_basis import (
     SoapBasis, soap_basis_init, soap_basis_refresh, soap_basis_update,
     soap_keep, soap_step_index)

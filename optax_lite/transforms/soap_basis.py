@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from optax_lite.linalg import eigenbasis as eig_lib
 
 from optax_lite.transforms.kron_common import (
-    NULL_THRESHOLD, _HIGHEST, _above_floor, _energies, _factor, _mark_null, _mm,
-    _no_energy, _t, energetic, has_side, null_coordinates, rotate,
-    roundoff_level, roundoff_weight, update_factors)
+    _HIGHEST, _energies, _factor, _mm, _t, has_side, rotate, update_factors)
+from optax_lite.transforms.kron_roundoff import (
+    NULL_THRESHOLD, _above_floor, _mark_null, _no_energy, energetic,
+    null_coordinates, roundoff_level, roundoff_weight)
 
 
 def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array,
