@@ -51,8 +51,13 @@ TOLERANCE = {'shampoo': 3e-4, 'fismo_lite': 3e-5}
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
 @pytest.mark.parametrize('name', NAMED)
 def test_distribute_steps_and_equals_one_device(name):
+  # 8 host devices, and this process's other XLA flags (OPTAX_LITE_FAST_
+  # COMPILE's: the children's compiles were most of the multi-device run).
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
   env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             XLA_FLAGS=' '.join(
+                 ['--xla_force_host_platform_device_count=8', *flags]),
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(
                  [os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')]))
