@@ -177,8 +177,13 @@ def run_in_child(args, timeout_s):
   the output so far) when it does not finish within ``timeout_s``: a hang,
   or an XLA abort that never returns."""
   here = os.path.dirname(os.path.abspath(__file__))
+  # D host devices, and this process's other XLA flags (the suite's fast
+  # compile, tests/conftest.py: the children compile like the parent).
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
   env = dict(os.environ,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={D}',
+             XLA_FLAGS=' '.join(
+                 [f'--xla_force_host_platform_device_count={D}', *flags]),
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(
                  [os.path.dirname(here), os.environ.get('PYTHONPATH', '')]))

@@ -21,8 +21,12 @@ import time
 
 LOCAL_DEVICES = 4
 if __name__ == '__main__':  # before JAX starts; the test imports the trees
-  os.environ['XLA_FLAGS'] = (
-      f'--xla_force_host_platform_device_count={LOCAL_DEVICES}')
+  # LOCAL_DEVICES host devices; the parent's other XLA flags stay (the
+  # suite's fast compile: the one-device reference compiles the same way).
+  os.environ['XLA_FLAGS'] = ' '.join(
+      [f for f in os.environ.get('XLA_FLAGS', '').split()
+       if not f.startswith('--xla_force_host_platform_device_count')]
+      + [f'--xla_force_host_platform_device_count={LOCAL_DEVICES}'])
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax

@@ -95,7 +95,11 @@ def test_decay_exactly_on_agreeing_coordinates(name):
     np.testing.assert_allclose(diff[agree & clear],
                                -LR * WD * w[agree & clear], rtol=1e-3,
                                atol=1e-8)
-    np.testing.assert_allclose(diff[~agree & clear], 0.0, atol=1e-8)
+    # No decay: zero up to the round-off of two differently fused programs
+    # (1.3e-8 measured, FISMO-LITE with OPTAX_LITE_FAST_COMPILE). A decay
+    # where it does not belong is at least η·λ·min|w| = 7.1e-6 on these
+    # trees (min |w| = 1.4e-3), so 1e-7 misses none that 1e-8 caught.
+    np.testing.assert_allclose(diff[~agree & clear], 0.0, atol=1e-7)
     n_decayed += int(np.sum(agree & clear & (w != 0)))
     n_kept += int(np.sum(~agree & clear & (w != 0)))
   assert n_decayed > 0 and n_kept > 0, (n_decayed, n_kept)

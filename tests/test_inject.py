@@ -81,6 +81,10 @@ def _relative_gap(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)
 
 
+# 1e-6 is a round-off-sized bound (it caught XLA folding FISMO's constants
+# into other fused multiply-adds, 1.6e-6): it holds for the default
+# compiler's fusion, not another's (1.4e-6, OPTAX_LITE_FAST_COMPILE=1).
+@pytest.mark.default_compiler
 @pytest.mark.parametrize('name', zoo.NAMED)
 def test_every_hyperparameter_injected_equals_plain_states_included(name):
   """``optax.inject_hyperparams(ol.X)(learning_rate=…)`` injects every

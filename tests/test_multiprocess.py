@@ -65,7 +65,6 @@ def _free_port() -> int:
 def _run_children(names, out_dir, timeout_s):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')]))
-  env.pop('XLA_FLAGS', None)
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, 'multiprocess_worker.py'),
