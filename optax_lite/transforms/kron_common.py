@@ -140,10 +140,6 @@ def _energies(batch: int, size: int, on: bool, dtype):
   return jnp.zeros((batch, size if on else 1), dtype)
 
 
-def _leaves_of(tree, like):
-  return jax.tree.structure(like).flatten_up_to(tree)
-
-
 def _auto_exponent(exponent, n_sides: int):
   if exponent is None:
     return 1.0 / (2.0 * max(n_sides, 1))
