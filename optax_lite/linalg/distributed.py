@@ -166,7 +166,8 @@ def state_shardings(state_shapes, params, mesh: Mesh | None = None):
   if mesh is None:
     # Parameters on one device (committed there, or host arrays such as a
     # restored checkpoint's NumPy values): the whole state on that device.
-    return jax.tree.map(lambda _: _one_device(p_flat), state_shapes)
+    one = _one_device(p_flat)
+    return jax.tree.map(lambda _: one, state_shapes)
   replicated = NamedSharding(mesh, P())
   suffixes = sorted(by_suffix, key=len, reverse=True)
   first = getattr(p_flat[0][1], 'sharding', None) if p_flat else None
