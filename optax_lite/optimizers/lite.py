@@ -315,13 +315,15 @@ def assemble(matrix_lite, learning_rate, settings: LiteSettings, *,
 MUON_GEOMETRY_ARGS = ('sharp_ratio', 'method', 'steps', 'threshold_rate',
                       'threshold_cap', 'sharp_dim_rule',
                       'threshold_deadband', 'precision', 'filter_route',
-                      'ns_dtype')
+                      'ns_dtype', 'filter_every')
 
 
 def muon_geometry_settings(args: Mapping[str, Any]) -> dict[str, Any]:
   """The :func:`optax_lite.muon_geometry` arguments of a LITE builder
-  (Muon-, NorMuon- and FISMO-LITE take them under the same names)."""
-  return {k: args[k] for k in MUON_GEOMETRY_ARGS}
+  (Muon-, NorMuon- and FISMO-LITE take them under the same names;
+  ``filter_every`` is a structural int there, ``None``: 1)."""
+  return {**{k: args[k] for k in MUON_GEOMETRY_ARGS}, 'filter_every':
+          structural_int('filter_every', args['filter_every'], 1, low=1)}
 
 
 def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
@@ -340,7 +342,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
               threshold_cap: float | None = 1.0,
               threshold_deadband: float = 0.0,
               sharp_dim_rule: str = 'reference',
-              filter_route: str = 'small_side', mu_dtype=None, dims=None,
+              filter_route: str = 'small_side',
+              filter_every: int | None = None, mu_dtype=None, dims=None,
               labels=None, precision=None, ns_dtype=None, distribute=None,
               memory_budget: float | str | None = 'auto',
               adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -387,6 +390,10 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
       or ``"reference"`` (the LITE code's ``T = ½(polar(M̃) + polar(M̃/τ −
       polar(M̃)))``, ``P_flat = I − TᵀT``, reproducing ``muonlite.py``); see
       :func:`optax_lite.muon_geometry` for the accuracy of each.
+    filter_every: ``k`` (``None``: 1, the paper): the sharp projector is
+      recomputed every ``k`` steps, it and the threshold ratio held in
+      between (not in the paper; saves the filter's sign iteration on
+      ``k − 1`` of ``k`` steps); see :func:`optax_lite.muon_geometry`.
     distribute: ``None`` or a :class:`optax_lite.PolarSharding` / ``Mesh``
       / ``(mesh, axes)``: owner-computes for the matrix leaves (each
       device runs whole matrices' LITE steps, chosen by cost; see
@@ -397,7 +404,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
 
   ``optax.inject_hyperparams(muon_lite)(learning_rate=...)`` works: every
   float argument may be traced. The integers ``total_steps``,
-  ``warmup_steps`` (``None``: 0) and ``steps`` are structural: leave them
+  ``warmup_steps`` (``None``: 0), ``steps`` and ``filter_every`` (``None``:
+  1) are structural: leave them
   ``None`` or pass them in ``static_args`` (otherwise one ``TypeError``
   names all of them). The same holds for every LITE optimizer.
   ``inject_hyperparams`` evaluates a schedule before the optimizer sees it,
@@ -405,7 +413,8 @@ def muon_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``total_steps``/``warmup_steps`` in ``static_args`` there.
   """
   _checks.check_structural(steps=steps, total_steps=total_steps,
-                           warmup_steps=warmup_steps)
+                           warmup_steps=warmup_steps,
+                           filter_every=filter_every)
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
 
@@ -620,7 +629,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                threshold_cap: float | None = 1.0,
                threshold_deadband: float = 0.0,
                sharp_dim_rule: str = 'reference',
-               filter_route: str = 'small_side', mu_dtype=None, dims=None,
+               filter_route: str = 'small_side',
+               filter_every: int | None = None, mu_dtype=None, dims=None,
                labels=None, precision=None, ns_dtype=None, distribute=None,
                memory_budget: float | str | None = 'auto',
                adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -644,7 +654,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
 
   The whitening's arguments (``gamma`` ... ``root_every``) are
   :func:`optax_lite.fismo`'s, with its defaults; the filter's
-  (``sharp_ratio``, ``threshold_*``, ``sharp_dim_rule``, ``filter_route``)
+  (``sharp_ratio``, ``threshold_*``, ``sharp_dim_rule``, ``filter_route``,
+  ``filter_every``)
   and the polar factors' (``method``, ``steps``, ``precision``,
   ``ns_dtype``) are :func:`optax_lite.muon_lite`'s
   (:func:`optax_lite.muon_geometry`).
@@ -664,7 +675,8 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``cautious_weight_decay``: as for :func:`muon_lite`.
   """
   _checks.check_structural(steps=steps, total_steps=total_steps,
-                           warmup_steps=warmup_steps)
+                           warmup_steps=warmup_steps,
+                           filter_every=filter_every)
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
   distribute = distributed.check_distribute(distribute)

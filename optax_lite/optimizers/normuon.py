@@ -110,7 +110,8 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
                  threshold_cap: float | None = 1.0,
                  threshold_deadband: float = 0.0,
                  sharp_dim_rule: str = 'reference',
-                 filter_route: str = 'small_side', mu_dtype=None,
+                 filter_route: str = 'small_side',
+                 filter_every: int | None = None, mu_dtype=None,
                  dims=None, labels=None, precision=None, ns_dtype=None,
                  distribute=None,
                  memory_budget: float | str | None = 'auto',
@@ -144,7 +145,8 @@ def normuon_lite(learning_rate: optax.ScalarOrSchedule, *,
     The others: as for :func:`optax_lite.muon_lite`.
   """
   _checks.check_structural(steps=steps, total_steps=total_steps,
-                           warmup_steps=warmup_steps)
+                           warmup_steps=warmup_steps,
+                           filter_every=filter_every)
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
   _checks.check_decay('neuron_beta2', neuron_beta2)

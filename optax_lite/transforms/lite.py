@@ -25,7 +25,8 @@ masks, an element-wise weight). Geometries in the library:
 
 * :func:`muon_geometry` – Muon-LITE, eq. (5): ``D_m = polar(M̃)``,
   ``D_g = polar(G)``, sharp subspace from the spectral filter on ``M̃``
-  (Appendix B.1), threshold controller eq. (13).
+  (Appendix B.1), threshold controller eq. (13); in
+  :mod:`optax_lite.transforms.lite_muon`.
 * :func:`diagonal_geometry` – AdamW-LITE (embedding / norm leaves): Adam's
   ``m̂ / (√v̂ + ε)`` with the soft mask of eq. (16) on ``v`` (Appendix B.2
   with ``Q_l = Q_r = I``).
@@ -42,8 +43,7 @@ References:
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,57 +53,18 @@ from optax_lite import _checks
 from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import engine
 from optax_lite.linalg import grouped
-from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.linalg import resident as resident_lib
 from optax_lite.linalg import subspace
 from optax_lite.transforms import _tree
+# The geometry interface and Muon-LITE's geometry live in their own modules;
+# their names stay importable from here.
+from optax_lite.transforms.lite_muon import (  # noqa: F401 (re-exported)
+    FILTER_ROUTES, MuonCachedGeometryState, MuonGeometryState, muon_geometry)
+from optax_lite.transforms.lite_types import (  # noqa: F401 (re-exported)
+    Geometry, LeafDirections, sharp_dim)
 from optax_lite.transforms.owner_inner import OwnerInner
 from optax_lite.transforms.scaling import SCALING_MODES, shape_factor
-
-
-class LeafDirections(NamedTuple):
-  """What a geometry returns for one leaf at one step.
-
-  ``flat`` must be linear; the transform applies it once to the sum of the
-  boost and the flat weight-decay terms.
-  """
-  d_m: jax.Array                      # F⁻¹(momentum term), own coordinates
-  d_g: jax.Array | None               # F⁻¹ g, or None when not needed
-  flat: Callable[[jax.Array], jax.Array]       # Q·x in own coordinates
-  finish: Callable[[jax.Array], jax.Array]     # own coordinates -> leaf
-  to_coords: Callable[[jax.Array], jax.Array]  # parameter leaf -> own coords
-  state: tuple                        # the geometry's new per-leaf state
-  # True on a warm-up step of the base method (SOAP's first step only builds
-  # its statistics): the momentum is left unchanged on that step.
-  keep_momentum: jax.Array | None = None
-
-
-class Geometry(NamedTuple):
-  """A preconditioner seen by LITE.
-
-  Attributes:
-    init: ``(view, param) -> tuple of arrays`` (per-leaf state).
-    directions: ``(view, m_term, g, leaf_state, count, need_g) ->
-      LeafDirections``. ``view`` is the leaf's MatrixView (None when
-      ``needs_matrix`` is False).
-    needs_matrix: whether leaves must be seen as matrices (``dims``).
-    momentum_ema: the geometry expects EMA momentum ``θm + (1−θ)g`` (Adam,
-      SOAP) rather than heavy-ball ``θm + g`` (Muon); only matters for
-      geometries that are not scale-invariant.
-    state_type: the NamedTuple class of the per-leaf state that ``init``
-      returns and ``directions`` receives. :class:`LiteState` then holds one
-      instance of it whose fields are trees shaped like the params (as
-      optax's ``ScaleByAdamState(mu, nu)``), so its layout does not depend on
-      the params' leaves and ``optax.tree_utils.tree_map_params`` works.
-      ``None`` (custom geometries): a plain tuple, its length read from the
-      first leaf's state.
-  """
-  init: Callable
-  directions: Callable
-  needs_matrix: bool = True
-  momentum_ema: bool = False
-  state_type: type | None = None
 
 
 class LiteState(NamedTuple):
@@ -120,185 +81,11 @@ class LiteState(NamedTuple):
   owned: Any = None    # None, or OwnerStacks (distribute=)
 
 
-class MuonGeometryState(NamedTuple):
-  """Per-leaf state of :func:`muon_geometry`."""
-  threshold_ratio: jax.Array  # (batch,): l in τ = l·‖M̃‖_F, eq. (13)
-
-
 class DiagonalGeometryState(NamedTuple):
   """Per-leaf state of :func:`diagonal_geometry`."""
   nu: jax.Array       # Adam's second moment, shaped like the leaf
   l_sharp: jax.Array  # sharp threshold factor l_s of eq. (16–17)
   l_smooth: jax.Array  # smooth threshold factor of eq. (16, 18)
-
-
-def sharp_dim(ratio: float, rows: int, cols: int, rule: str) -> int:
-  """Target number of sharp directions ``d_s`` of a ``rows × cols`` matrix.
-
-  ``rule="reference"``: ``min(⌊r·min(m,n)⌋ + 1, min(m,n) − 1)`` (LITE code);
-  ``rule="paper"``: ``max(1, round(r·min(m,n)))``.
-  """
-  k = min(rows, cols)
-  if not _checks.is_static_number(ratio):  # traced (inject_hyperparams)
-    r = jnp.asarray(ratio)
-    if rule == 'reference':
-      return jnp.maximum(1, jnp.minimum(jnp.floor(r * k) + 1, k - 1))
-    return jnp.maximum(1, jnp.round(r * k))
-  if rule == 'reference':
-    return max(1, min(int(ratio * k) + 1, k - 1))
-  return max(1, int(round(ratio * k)))
-
-
-# --------------------------------------------------------------------------
-# Muon geometry (Muon-LITE, eq. 5 and Appendix B.1)
-# --------------------------------------------------------------------------
-
-
-FILTER_ROUTES = ('small_side', 'reference')
-
-
-def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
-                  steps: int | None = None, threshold_rate: float = 1.05,
-                  threshold_cap: float | None = 1.0,
-                  sharp_dim_rule: str = 'reference',
-                  threshold_deadband: float = 0.0, precision=None,
-                  filter_route: str = 'small_side',
-                  ns_dtype=None) -> Geometry:
-  r"""Muon's geometry: polar factors, sharp subspace from the momentum.
-
-  The sharp subspace is the top singular subspace of ``M̃`` on the fan-in
-  side (rows of the ``(fan_in, fan_out)`` view; the *input* side of the
-  PyTorch weight, as in the reference code): singular values above
-  ``τ = l·‖M̃‖_F``. ``l`` starts at ``1/√min(m, n)`` and follows eq. (13)
-  towards ``d_s`` sharp directions. Two matmul-only routes build the
-  projector ``P`` (both are eq. 12–15 in exact arithmetic):
-
-  * ``filter_route="small_side"`` (default): the second sign function is
-    taken on the small symmetric factor of the polar decomposition,
-    ``P = ½(I + sign(H/τ − I))`` with ``H = M̃ Oᵀ`` or ``Oᵀ M̃`` (see
-    :func:`optax_lite.linalg.subspace.small_side_projector`); it costs a
-    third of the flops on a 1:4 matrix, and the controller measures
-    ``‖P‖_F``.
-  * ``filter_route="reference"``: the LITE code's
-    ``T = ½(polar(M̃) + polar(M̃/τ − polar(M̃)))``, ``P = T Tᵀ`` on the fan-in
-    side (``P_flat = I − TᵀT`` of the PyTorch weight), with the controller
-    measuring ``‖T‖_F``; this reproduces ``muonlite.py`` step for step.
-
-  Accuracy against the exact SVD projector onto the top ``d_s`` singular
-  vectors (spectral norm of the difference; float32, Polar Express 6 steps;
-  24 Gaussian matrices from 64×64 to 256×64 and 64×256, ``τ`` halfway
-  between ``σ_{d_s}`` and ``σ_{d_s+1}``;
-  ``benchmarks/lite_filter_accuracy.py``):
-  small side median 1.3e-3, 90th percentile 5.1e-3, worst 0.56; reference
-  route median 2.7e-3, 90th percentile 9.2e-3, worst 0.34 (the small side
-  is closer on 15 of 24). Both worst cases are the same 96×160 matrix, whose
-  ``σ_{d_s}`` and ``σ_{d_s+1}`` differ by 0.14%: no six-step sign function
-  separates them, and which route errs less there is luck. The reference
-  route is kept to reproduce ``muonlite.py`` (to round-off, tested in
-  float64); the default is the more accurate and cheaper one.
-
-  Args:
-    sharp_ratio: ``r_s`` in ``d_s`` (see :func:`sharp_dim`), in (0, 1).
-    method, steps: polar method (Polar Express, 6 steps by default).
-    threshold_rate: controller rate (>1): ×rate / ×(2−rate) per step.
-    threshold_cap: upper bound of ``l`` (reference: 1.0); ``None``: none.
-    sharp_dim_rule: ``"reference"`` or ``"paper"`` rounding of ``d_s``.
-    threshold_deadband: hold ``l`` while ``|‖P‖_F² − d_s| <`` this (0: the
-      paper's eq. (13); see :func:`optax_lite.linalg.subspace.adapt_threshold`).
-    precision: ``jax.lax.Precision`` of the matrix products.
-    filter_route: ``"small_side"`` or ``"reference"`` (see above).
-    ns_dtype: ``None`` or ``jnp.bfloat16``: the Newton–Schulz iteration of
-      ``polar(M̃)`` and ``polar(G)`` in that dtype with float32
-      accumulation (the filter's sign iteration stays in the input dtype).
-  """
-  steps = polar_lib.check_method(method, steps)
-  _checks.check_number('sharp_ratio', sharp_ratio, low=0.0, high=1.0,
-                       low_open=True, high_open=True)
-  _checks.check_number('threshold_rate', threshold_rate, low=1.0,
-                       low_open=True, high=2.0, high_open=True)
-  _checks.check_choice('sharp_dim_rule', sharp_dim_rule,
-                       ('reference', 'paper'))
-  _checks.check_positive('threshold_deadband', threshold_deadband,
-                         allow_zero=True)
-  _checks.check_choice('filter_route', filter_route, FILTER_ROUTES)
-  ns_dtype = polar_lib.check_ns_dtype(ns_dtype)
-
-  def polar(x):
-    return polar_lib.polar_by_method(x, method, steps, precision=precision,
-                                     ns_dtype=ns_dtype)
-
-  def init(view, param):
-    b, rows, cols = view.matrix_shape
-    dtype = jnp.promote_types(param.dtype, jnp.float32)
-    return MuonGeometryState(
-        jnp.full((b,), 1.0 / math.sqrt(min(rows, cols)), dtype))
-
-  def directions(view, m_term, g, leaf_state, count, need_g):
-    del count
-    (ratio,) = leaf_state
-    b, rows, cols = view.matrix_shape
-    m = view.to_matrix(m_term)
-    if need_g:
-      # polar(M̃) and polar(G) in one batched call (same shapes).
-      both = polar(jnp.concatenate([m, view.to_matrix(g)], axis=0))
-      o, h = both[:b], both[b:]
-    else:
-      o, h = polar(m), None
-    mf = m.astype(jnp.promote_types(m.dtype, jnp.float32))
-    norm = jnp.sqrt(jnp.sum(mf * mf, axis=(-2, -1)))
-    tau = (ratio * norm + 1e-9).astype(m.dtype)
-
-    def mm(x, y):
-      return matmul_lib.matmul(x, y, kernel='lite_project',
-                               precision=precision)
-
-    if filter_route == 'reference':
-      # T = ½(polar(M̃) + polar(M̃/τ − polar(M̃))), (fan_in, fan_out); the
-      # sharp projector on the fan-in side is T Tᵀ, measured by ‖T‖_F.
-      t = subspace.filter_from_polar(m, o, tau, method=method, steps=steps,
-                                     precision=precision)
-      measure = t
-      tt = jnp.swapaxes(t, -1, -2)
-
-      def sharp(x):
-        return mm(t, mm(tt, x.astype(t.dtype)))
-    else:
-      # Sharp projector on the small side (see subspace.small_side_projector):
-      # the fan-in side itself when fan_in <= fan_out, else the fan-out side,
-      # carried to the fan-in side through O (T Tᵀ = O P Oᵀ).
-      p = subspace.small_side_projector(m, o, tau, method=method,
-                                        steps=steps, precision=precision)
-      measure = p
-      if rows <= cols:
-        def sharp(x):
-          return mm(p, x.astype(p.dtype))
-      else:
-        ot = jnp.swapaxes(o, -1, -2)
-
-        def sharp(x):
-          return mm(o, mm(p, mm(ot, x.astype(o.dtype))))
-
-    d_s = sharp_dim(sharp_ratio, rows, cols, sharp_dim_rule)
-    target = math.sqrt(d_s) if isinstance(d_s, int) else jnp.sqrt(d_s)
-    mes = measure.astype(jnp.promote_types(measure.dtype, jnp.float32))
-    rank = jnp.sqrt(jnp.sum(jnp.square(mes), axis=(-2, -1)))
-    new_ratio = subspace.adapt_threshold(
-        ratio, rank.astype(ratio.dtype), target,
-        threshold_rate, threshold_cap, threshold_deadband)
-    # A zero momentum carries no geometry: keep the ratio unchanged.
-    new_ratio = jnp.where(norm > 0, new_ratio, ratio).astype(ratio.dtype)
-
-    def flat(x):  # (I − P) x on the fan-in side
-      return x - sharp(x)
-
-    def to_coords(w):
-      return view.to_matrix(w).astype(o.dtype)
-
-    return LeafDirections(o, h, flat, view.from_matrix, to_coords,
-                          MuonGeometryState(new_ratio))
-
-  return Geometry(init, directions, needs_matrix=True, momentum_ema=False,
-                  state_type=MuonGeometryState)
 
 
 # --------------------------------------------------------------------------

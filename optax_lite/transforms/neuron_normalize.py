@@ -35,7 +35,8 @@ import optax
 from optax_lite import _checks
 from optax_lite.linalg import engine
 from optax_lite.transforms import _tree
-from optax_lite.transforms.lite import Geometry, muon_geometry
+from optax_lite.transforms.lite import (Geometry, MuonGeometryState,
+                                        muon_geometry)
 
 NORMALIZATION_AXES = ('neuron', 'short_axis')
 # One per-neuron second moment per matrix (``variance_shape``), stepped
@@ -152,6 +153,13 @@ class NorMuonGeometryState(NamedTuple):
   variance: jax.Array         # per-neuron v (≥ float32), variance_shape
 
 
+class NorMuonCachedGeometryState(NamedTuple):
+  """Per-leaf state of :func:`normuon_geometry` with ``filter_every > 1``."""
+  threshold_ratio: jax.Array  # muon_geometry's controller, (batch,)
+  variance: jax.Array         # per-neuron v (≥ float32), variance_shape
+  sharp_filter: jax.Array     # muon_geometry's cached sharp filter
+
+
 def normuon_geometry(*, beta2: float = 0.95, eps: float = 1e-8,
                      axis: str = 'neuron', **muon_kw) -> Geometry:
   r"""NorMuon's geometry for :func:`optax_lite.lite_flat_boost`.
@@ -163,28 +171,36 @@ def normuon_geometry(*, beta2: float = 0.95, eps: float = 1e-8,
   fan-out side and the flat projector ``Q`` acts on the fan-in side, so
   they commute and the LITE combination is LITE in NorMuon's coordinates;
   with ``χ = 1, β₁ = β₂ = 0`` the direction is exactly NorMuon's.
+  With ``filter_every > 1`` (in ``muon_kw``) the state also holds the
+  Muon geometry's cached sharp filter (:class:`NorMuonCachedGeometryState`).
   """
   _checks.check_decay('beta2', beta2)
   _checks.check_positive('eps', eps)
   _checks.check_choice('axis', axis, NORMALIZATION_AXES)
   inner = muon_geometry(**muon_kw)
+  # The Muon geometry's fields, with NorMuon's variance second.
+  state_type = (NorMuonGeometryState if inner.state_type is MuonGeometryState
+                else NorMuonCachedGeometryState)
 
   def init(view, param):
-    (ratio,) = inner.init(view, param)
-    return NorMuonGeometryState(
+    ratio, *cached = inner.init(view, param)
+    return state_type(
         ratio, jnp.zeros(variance_shape(view, axis),
-                         jnp.promote_types(param.dtype, jnp.float32)))
+                         jnp.promote_types(param.dtype, jnp.float32)),
+        *cached)
 
   def directions(view, m_term, g, leaf_state, count, need_g):
-    out = inner.directions(view, m_term, g, leaf_state[:1], count, need_g)
+    muon_state = inner.state_type(leaf_state[0], *leaf_state[2:])
+    out = inner.directions(view, m_term, g, muon_state, count, need_g)
     scale, v_new = neuron_scale(out.d_m, leaf_state.variance, beta2=beta2,
                                 eps=eps, axis=axis)
     d_m = (out.d_m.astype(scale.dtype) * scale).astype(out.d_m.dtype)
     d_g = out.d_g
     if d_g is not None:
       d_g = (d_g.astype(scale.dtype) * scale).astype(d_g.dtype)
-    return out._replace(d_m=d_m, d_g=d_g, state=NorMuonGeometryState(
-        out.state.threshold_ratio, v_new))
+    ratio, *cached = out.state
+    return out._replace(d_m=d_m, d_g=d_g,
+                        state=state_type(ratio, v_new, *cached))
 
   return Geometry(init, directions, needs_matrix=True, momentum_ema=False,
-                  state_type=NorMuonGeometryState)
+                  state_type=state_type)
