@@ -43,6 +43,17 @@ block 3) and writes ``polar_step_time[_quick]_<device>.json`` (a stem that
   python benchmarks/step_time.py --quick
   python benchmarks/step_time.py
   python benchmarks/step_time.py --quick --polar-only --sizes 512x512,512x2048
+
+``--set NAME.KEY=VALUE`` passes a keyword to one optimizer (as in
+``lm.py``; recorded as ``overrides``). ``NAME+LABEL.KEY=VALUE`` times a
+copy of ``NAME`` with that keyword under the name ``NAME+LABEL`` *beside*
+``NAME`` itself, so the two are measured side by side in one run, e.g.
+Muon-LITE with its sharp filter refreshed every 5 steps against every step
+(the median then times the steps between refreshes, the mean includes
+them)::
+
+  python benchmarks/step_time.py --quick --optimizers muon_lite \
+      --set muon_lite+every5.filter_every=5
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ import optax_lite as ol  # noqa: E402
 
 import _common  # noqa: E402
 import models  # noqa: E402
+from lm import parse_override  # noqa: E402
 
 LR = 1e-3
 # optax.contrib.scale_by_muon used standalone needs explicit dimension numbers.
@@ -186,6 +198,10 @@ def parse_args(argv=None):
   p.add_argument('--ortho-sizes', default=None,
                  help='comma list of shapes for the max|σ−1| check')
   p.add_argument('--out', default=None)
+  p.add_argument('--set', nargs='*', default=[], metavar='NAME.KEY=VALUE',
+                 help='optimizer keyword override, e.g. '
+                 'muon_lite.filter_every=5; NAME+LABEL.KEY=VALUE times a '
+                 'copy of NAME with it beside NAME (recorded in the JSON)')
   p.add_argument('--no-plot', action='store_true')
   p.add_argument('--polar-only', action='store_true',
                  help='time the polar-factor block alone (no optimizers, '
@@ -219,12 +235,36 @@ def plan(args):
   # them). Recorded in the JSON as ``overrides``.
   overrides = ({'fismo': {'root_every': 10}, 'fismo_lite': {'root_every': 10}}
                if args.quick else {})
+  for item in args.set:
+    name, key, value = parse_override(item)
+    overrides[name] = {**overrides.get(name, {}), key: value}
   if args.ortho_sizes:
     ortho = _shapes(args.ortho_sizes)
   else:
     ortho = ([(256, 256), (256, 1024)] if args.quick else
              [(256, 256), (256, 1024), (1024, 1024)])
   return sizes, model_names, timing, overrides, ortho
+
+
+def with_overrides(reg, overrides):
+  """Registry factories with their overrides bound.
+
+  ``NAME+LABEL`` adds a copy of ``NAME``'s factory (as overridden so far)
+  with its keywords, timed beside ``NAME``. An unknown ``NAME`` raises
+  ``ValueError`` and a keyword the optimizer does not take ``TypeError``,
+  before anything is timed.
+  """
+  reg = dict(reg)
+  for name, kw in overrides.items():
+    base = name.partition('+')[0]
+    if base not in _common.ALL_NAMES:
+      raise ValueError(f'--set: unknown optimizer {base!r}; known: '
+                       f'{list(_common.ALL_NAMES)}')
+    if base in reg:
+      reg[base](LR, **kw)  # raises TypeError on an unknown keyword
+      reg[name] = functools.partial(reg[base], **kw)
+      print(f'[note] {name} runs with {kw}')
+  return reg
 
 
 def time_group(kind, what, reg, timing, quick, bar, polar_only=False):
@@ -276,11 +316,7 @@ def time_group(kind, what, reg, timing, quick, bar, polar_only=False):
 def main(argv=None):
   args = parse_args(argv)
   sizes, model_names, timing, overrides, ortho = plan(args)
-  reg = _common.registry(args.optimizers)
-  for name, kw in overrides.items():
-    if name in reg:
-      reg[name] = functools.partial(reg[name], **kw)
-      print(f'[note] {name} runs with {kw}')
+  reg = with_overrides(_common.registry(args.optimizers), overrides)
   print(f'device {_common.device_kind()}; sizes {sizes}; models {model_names}')
 
   tasks = [('leaf', s) for s in sizes] + [('model', m) for m in model_names]
