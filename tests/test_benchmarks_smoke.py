@@ -64,6 +64,27 @@ def test_lm_rejects_unknown_override_before_training():
   assert bound['fismo'].keywords == {'root_every': 10}
 
 
+def test_step_time_overrides_and_side_by_side_copies():
+  """``step_time.py --set``: ``NAME.KEY=VALUE`` binds a keyword to NAME,
+  ``NAME+LABEL.KEY=VALUE`` adds a copy timed beside NAME; a typo raises
+  before anything is timed."""
+  args = step_time.parse_args(['--set', 'muon_lite.filter_route=reference',
+                               'muon_lite+every5.filter_every=5'])
+  _, _, _, overrides, _ = step_time.plan(args)
+  reg = step_time.with_overrides(_common.registry(['muon_lite']), overrides)
+  assert set(reg) == {'muon_lite', 'muon_lite+every5'}
+  assert reg['muon_lite'].keywords == {'filter_route': 'reference'}
+  # The copy starts from NAME as overridden so far.
+  assert reg['muon_lite+every5'].keywords == {'filter_route': 'reference',
+                                              'filter_every': 5}
+  with pytest.raises(TypeError, match='filter_evry'):
+    step_time.with_overrides(_common.registry(['muon_lite']),
+                             {'muon_lite+x': {'filter_evry': 5}})
+  with pytest.raises(ValueError, match='muon_litee'):
+    step_time.with_overrides(_common.registry(['muon_lite']),
+                             {'muon_litee+x': {'filter_every': 5}})
+
+
 def test_time_fn_counts_repeats():
   calls = []
   res = _common.time_fn(lambda: calls.append(1), warmup=2, repeats=3)
