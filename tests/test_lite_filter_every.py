@@ -7,6 +7,8 @@ and the cached one (and the threshold ratio) is held in between, inside a
 placements are in ``test_lite_filter_every_multidevice.py``.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import optax
 import pytest
 
 import optax_lite as ol
+from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.linalg import subspace
 from optax_lite.transforms import lite as lite_tx
@@ -104,6 +107,72 @@ def test_k1_program_has_no_conditional_and_k3_has_one_per_shape(route):
     tx = _boost(every, route)
     hlo = jax.jit(tx.update).lower(g, tx.init(params)).compile().as_text()
     assert hlo.count(' conditional(') == want, (every, route)
+
+
+def _old_muon_geometry(route):
+  """``muon_geometry``'s code before ``filter_every`` (a76cb02), with its
+  defaults: the k=1 program must be this one."""
+  def polar(x):
+    return polar_lib.polar_by_method(x, 'polar_express', 6)
+
+  def init(view, param):
+    b, rows, cols = view.matrix_shape
+    dtype = jnp.promote_types(param.dtype, jnp.float32)
+    return MuonGeometryState(
+        jnp.full((b,), 1.0 / math.sqrt(min(rows, cols)), dtype))
+
+  def directions(view, m_term, g, leaf_state, count, need_g):
+    del count
+    (ratio,) = leaf_state
+    b, rows, cols = view.matrix_shape
+    m = view.to_matrix(m_term)
+    if need_g:
+      both = polar(jnp.concatenate([m, view.to_matrix(g)], axis=0))
+      o, h = both[:b], both[b:]
+    else:
+      o, h = polar(m), None
+    mf = m.astype(jnp.promote_types(m.dtype, jnp.float32))
+    norm = jnp.sqrt(jnp.sum(mf * mf, axis=(-2, -1)))
+    tau = (ratio * norm + 1e-9).astype(m.dtype)
+    mm = lambda x, y: matmul_lib.matmul(x, y, kernel='lite_project')
+    if route == 'reference':
+      t = subspace.filter_from_polar(m, o, tau, method='polar_express',
+                                     steps=6)
+      measure, tt = t, jnp.swapaxes(t, -1, -2)
+      sharp = lambda x: mm(t, mm(tt, x.astype(t.dtype)))
+    else:
+      p = subspace.small_side_projector(m, o, tau, method='polar_express',
+                                        steps=6)
+      measure, ot = p, jnp.swapaxes(o, -1, -2)
+      if rows <= cols:
+        sharp = lambda x: mm(p, x.astype(p.dtype))
+      else:
+        sharp = lambda x: mm(o, mm(p, mm(ot, x.astype(o.dtype))))
+    d_s = lite_tx.sharp_dim(0.1, rows, cols, 'reference')
+    mes = measure.astype(jnp.promote_types(measure.dtype, jnp.float32))
+    rank = jnp.sqrt(jnp.sum(jnp.square(mes), axis=(-2, -1)))
+    new_ratio = subspace.adapt_threshold(ratio, rank.astype(ratio.dtype),
+                                         math.sqrt(d_s), 1.05, 1.0, 0.0)
+    new_ratio = jnp.where(norm > 0, new_ratio, ratio).astype(ratio.dtype)
+    return lite_tx.LeafDirections(
+        o, h, lambda x: x - sharp(x), view.from_matrix,
+        lambda w: view.to_matrix(w).astype(o.dtype),
+        MuonGeometryState(new_ratio))
+
+  return lite_tx.Geometry(init, directions, state_type=MuonGeometryState)
+
+
+@pytest.mark.parametrize('route', ['small_side', 'reference'])
+def test_k1_is_bit_identical_to_the_old_code_path(route):
+  params = _params()
+  old = ol.lite_flat_boost(_old_muon_geometry(route), dims=DIMS,
+                           momentum=MOMENTUM, **COEFS)
+  u_old, s_old = _run(old, params, 4)
+  u_new, s_new = _run(_boost(1, route), params, 4)
+  assert jax.tree.structure(s_new[-1]) == jax.tree.structure(s_old[-1])
+  for a, b in zip(u_new + s_new, u_old + s_old, strict=True):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _dots(jaxpr) -> int:
