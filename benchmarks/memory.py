@@ -152,6 +152,9 @@ def plan(args):
         else:
           budgets = (['default'] if name in ('adamw', 'optax_muon')
                      else list(BUDGETS))
+        if args.budgets:
+          budgets = [b for b in budgets if b in args.budgets.split(',')
+                     or name in ('adamw', 'optax_muon')]
         jobs += [(mode, model, name, b) for b in budgets]
   return models, jobs
 
@@ -165,6 +168,8 @@ def main(argv=None):
   ap.add_argument('--modes', default='', help='comma list of ' +
                   ', '.join(MODES))
   ap.add_argument('--optimizers', default='')
+  ap.add_argument('--budgets', default='',
+                  help='comma list of default, none, smallest (all)')
   ap.add_argument('--out', default=None, help='results directory')
   ap.add_argument('--scheduler', default='concurrency',
                   choices=('concurrency', 'memory'),

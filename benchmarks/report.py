@@ -28,8 +28,9 @@ import lm  # noqa: E402  (its summarize() is the one source of the LM table)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NAMES = ('step_time', 'lm', 'horizon', 'synthetic', 'state_bytes', 'memory',
-         'distributed', 'distributed_polar', 'gpu_suite')
+NAMES = ('step_time', 'lm', 'refresh_every', 'horizon', 'synthetic',
+         'state_bytes', 'memory', 'distributed', 'distributed_polar',
+         'gpu_suite')
 
 
 def _fmt(x, spec='.3g'):
@@ -578,6 +579,33 @@ def horizon_section(path, d):
   return '\n\n'.join(parts)
 
 
+def refresh_every_section(path, d):
+  """Final validation loss against the refresh interval k
+  (benchmarks/refresh_every.py)."""
+  st = d.get('settings', {})
+  rows = []
+  for r in d.get('summary', []):
+    spread = r.get('final_val_spread')
+    within = r.get('within_seed_spread')
+    rows.append([f'`{r["optimizer"]}`', r['every'],
+                 _fmt(r['peak_lr'], '.2g'), r['seeds'],
+                 f'{r["final_val_loss"]:.4f}',
+                 _fmt(spread, '.4f'), _fmt(r.get('minus_k1'), '+.4f'),
+                 '–' if within is None else ('yes' if within else 'no')])
+  commands = d.get('commands') or []
+  extra = ''.join(f' `{c}`;' for c in commands)
+  return (_head(path, d) + (f' (and{extra[:-1]})' if extra else '') +
+          f'\n\nModel `{st.get("model")}`, {st.get("steps")} steps of '
+          f'{st.get("batch")}×{st.get("seq_len")} bytes, cosine schedule, '
+          'the race\'s best peak LR per optimizer. k: `root_every` (FISMO) or '
+          '`filter_every` (Muon-LITE); k = 1 is the paper. Spread: max − '
+          'min over the seeds; "within": |mean − mean at k = 1| ≤ the larger '
+          'of the two spreads. Runs marked in the JSON as taken from the '
+          'race were not repeated.\n\n' +
+          _table(['optimizer', 'k', 'peak LR', 'seeds', 'final val loss',
+                  'spread', '− k=1', 'within'], rows))
+
+
 def gpu_suite_section(path, d):
   """The one-shot accelerator suite (tables built by gpu_suite.render)."""
   import gpu_suite  # noqa: E402  (imports jax/flax only when needed)
@@ -585,6 +613,7 @@ def gpu_suite_section(path, d):
 
 
 SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
+            'refresh_every': refresh_every_section,
             'gpu_suite': gpu_suite_section,
             'horizon': horizon_section,
             'synthetic': synthetic_section,

@@ -69,6 +69,7 @@ from optax_lite.linalg.budget import check_memory_budget  # noqa: F401
 from optax_lite.linalg.budget import chunk_size
 from optax_lite.linalg.budget import matrix_bytes
 from optax_lite.linalg.budget import sequential_calls  # noqa: F401
+from optax_lite.linalg.budget import wait_for  # noqa: F401
 from optax_lite.linalg.placement import check_polar_sharding
 from optax_lite.linalg.resident import Home
 from optax_lite.linalg.resident import OwnerStacks  # noqa: F401 (re-export)
@@ -201,8 +202,9 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
       ``N`` items whose item needs ``w`` bytes (``item_bytes``) runs in
       calls of ``max(1, memory_budget // w)`` items, one after another: a
       ``lax.map`` over the chunks of a stacked leaf (one compiled
-      kernel), and barrier-chained calls over packs
-      of separate leaves (no copy of the whole group into one stack).
+      kernel), and calls over packs of separate leaves, each waiting for
+      the previous one's outputs (no copy of the whole group into one
+      stack; :func:`optax_lite.linalg.budget.wait_for`).
     item_bytes: ``item_bytes(shapes, dtypes)`` of one item's per-slice
       inputs: its working set; default :func:`matrix_bytes`.
 
@@ -230,17 +232,24 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
     sizes.append([leaves[i][0].shape[0] for i in idx])
 
   if spec is None or spec.num_shards() == 1:
+    # With a budget, each group waits for the previous one (wait_for): the
+    # groups' temporaries then share memory, as the chunks' do.
+    prev = None
     for (gkey, idx), stack, sz in zip(glist, stacks, sizes):
       chunk = chunk_size(memory_budget, _item_bytes(item_bytes, gkey),
                          stack[0].shape[0])
+      if memory_budget is not None:
+        stack = wait_for(stack, prev)
       if _lapack_on_cpu_devices(call, gkey[1], stack):
         pieces = _split(_one_item_at_a_time(call, gkey[1], stack), sz)
       elif chunk < stack[0].shape[0]:
-        pieces = _budgeted(call, gkey[1], [leaves[i] for i in idx], chunk)
+        pieces = _budgeted(call, gkey[1], [leaves[i] for i in idx], chunk,
+                           prev)
       else:
         pieces = _split(call(gkey[1], *stack), sz)
       for i, piece in zip(idx, pieces):
         out[i] = piece
+      prev = pieces if memory_budget is not None else None
     return out
 
   plan = _plan(glist, sizes, cost, spec)

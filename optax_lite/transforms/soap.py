@@ -356,13 +356,13 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       together, as a fraction of the updates' bytes (``"auto"``: 0.1):
       the matrix leaves run in packs whose estimated working sets (every
       array twice, four copies of each factor for the ``eigh`` / QR) fit
-      it, one pack after another (barrier-chained). Same values;
-      ``None``: every leaf at once, as XLA schedules it. These leaves
-      already run one kernel each; on XLA:CPU the measured temporaries do
-      not change with the budget (they come from its default
-      concurrency-optimised scheduler and from the refresh conditionals'
-      copies of the kept bases; ``docs/benchmarks.md``, memory). With
-      ``distribute`` it is ignored (each device computes its own share).
+      it, one pack after another (each waits for the previous one's
+      outputs). Same values; ``None``: every leaf at once, as XLA
+      schedules it. One leaf's working set (an ``eigh`` of its larger
+      factor and the refresh conditional's copies of the kept bases)
+      stays: it is the floor of SOAP's temporaries
+      (``docs/benchmarks.md``, memory). With ``distribute`` it is ignored
+      (each device computes its own share).
     stack_by_shape: on one device, stack the matrices of each distinct
       shape (and state layout) into one kernel call (the engine's
       ``"stacked"`` placement, in calls that fit ``memory_budget``): one
