@@ -167,8 +167,15 @@ MULTIDEVICE_TIMEOUT_S = 600
 DEFAULT_COMPILER_MODULES = ('test_behaviour_fixture.py',)
 
 
+# Modules whose tests take longest (tens of seconds each on 2 cores): run
+# first, so that no worker is left finishing one of them alone at the end.
+LONGEST_FIRST = ('test_multiprocess.py', 'test_stack_by_shape.py',
+                 'test_multisteps.py')
+
+
 def pytest_collection_modifyitems(config, items):
   del config
+  items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
   for item in items:
     if item.path.name in DEFAULT_COMPILER_MODULES:
       item.add_marker(pytest.mark.default_compiler)

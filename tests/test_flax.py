@@ -102,9 +102,9 @@ def test_named_optimizers_default_to_the_flax_view_linen(name):
   outs = []
   for dims in (None, ol.MatrixDims(0, (1, 2)), ol.MatrixDims((0, 1), 2)):
     tx = getattr(ol, name)(0.1, dims=dims)
-    state = tx.init(params)
+    state, step = tx.init(params), jax.jit(tx.update)
     for _ in range(2):  # SOAP's first step is Adam in the identity basis
-      upd, state = tx.update(grads, state, params)
+      upd, state = step(grads, state, params)
     outs.append(upd['params']['query']['kernel'])
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)
   # ... and not the plain rule's (d·heads, head_dim).

@@ -583,11 +583,11 @@ def test_named_lite_passes_inner_keyword_through(name, kw, base):
 
   def run(extra):
     tx = getattr(ol, name)(0.01, **base, **extra)
-    state, k = tx.init(params), key
+    state, k, step = tx.init(params), key, jax.jit(tx.update)
     for _ in range(3):
       k, sub = jax.random.split(k)
       g = {'w': jax.random.normal(sub, params['w'].shape)}
-      u, state = tx.update(g, state, params)
+      u, state = step(g, state, params)
     return u['w']
 
   a, b = run({}), run(kw)
@@ -658,10 +658,10 @@ def test_lite_one_device_mesh_stacks(name):
 
   def run(**kw):
     tx = getattr(ol, name)(0.01, **kw)
-    p, state = params, tx.init(params)
+    p, state, step = params, tx.init(params), jax.jit(tx.update)
     for t in range(3):
       g = jax.tree.map(lambda x, t=t: jnp.sin(x * (t + 2.0)), p)
-      u, state = tx.update(g, state, p)
+      u, state = step(g, state, p)
       p = optax.apply_updates(p, u)
     return p
 
