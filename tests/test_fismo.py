@@ -504,8 +504,10 @@ def test_owner_inner_on_one_device_is_its_transform():
   for kw in ({}, {'distribute': mesh}):
     out_u, out_s = _run(fisher_whiten(own, **kw), grads, params)
     assert jax.tree.structure(out_s) == jax.tree.structure(ref_s)
-    assert_trees_close(out_u, ref_u, atol=1e-6, rtol=1e-6)
-    assert_trees_close(out_s, ref_s, atol=1e-6, rtol=1e-6)
+    # Two programs of the same float32 math (fused differently): 1.4e-6
+    # absolute measured on O(0.3) entries after two polar factors.
+    assert_trees_close(out_u, ref_u, atol=1e-5, rtol=1e-5)
+    assert_trees_close(out_s, ref_s, atol=1e-5, rtol=1e-5)
   with pytest.raises(TypeError, match='inner'):
     fisher_whiten(inner=lambda g: g)
 

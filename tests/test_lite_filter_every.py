@@ -313,9 +313,11 @@ def test_stack_by_shape_equals_per_leaf():
   params = _params()
   a, sa = _run(_boost(3), params, 4)
   b, sb = _run(_boost(3, stack_by_shape=True), params, 4)
+  # Batched and per-leaf float32 polar factors differ by round-off: 1.2e-6
+  # measured (fast-compile CI flags), 10 ulp of the O(1) entries.
   for k in range(4):
-    assert _max_gap(a[k], b[k]) <= 1e-6
-  assert _max_gap(sa[-1].geometry, sb[-1].geometry) <= 1e-6
+    assert _max_gap(a[k], b[k]) <= 1e-5
+  assert _max_gap(sa[-1].geometry, sb[-1].geometry) <= 1e-5
 
 
 def test_normuon_and_fismo_lite_carry_the_cache():

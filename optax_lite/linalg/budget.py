@@ -161,7 +161,9 @@ def _exact_minus_zero(prev):
   terms = []
   for x in jax.tree.leaves(prev):
     if getattr(x, 'size', 0) and jnp.issubdtype(x.dtype, jnp.floating):
-      s = jnp.abs(x.reshape(-1)[0].astype(jnp.float32))
+      # One element by index, not reshape(-1)[0]: under GSPMD a flattening
+      # reshape of a sharded array could move the whole array.
+      s = jnp.abs(x[(0,) * x.ndim].astype(jnp.float32))
       terms.append(-(jnp.where(jnp.isfinite(s), s, 0.0) * 0.0))
   if not terms:
     return None
