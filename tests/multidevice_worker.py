@@ -94,6 +94,22 @@ _COLLECTIVES = ('all-reduce', 'all-gather', 'all-to-all',
                 'collective-permute', 'reduce-scatter')
 
 
+def fsdp_mesh(n: int) -> Mesh:
+  """The first ``n`` devices as a one-axis ``('fsdp',)`` mesh."""
+  return Mesh(np.array(jax.devices()[:n]), ('fsdp',))
+
+
+def put_fsdp(tree, mesh):
+  """``tree`` on ``mesh``, FSDP on axis 0 where it divides (else
+  replicated); on the first device when ``mesh`` is None."""
+  if mesh is None:
+    return jax.device_put(tree, jax.devices()[0])
+  n = mesh.devices.size
+  return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(
+      mesh, P('fsdp') if x.ndim >= 2 and x.shape[0] % n == 0 else P())),
+      tree)
+
+
 def collectives_in_control_flow(hlo: str) -> int:
   """How many collectives of a compiled program sit in a while body or a
   conditional branch (``hlo``: ``compiled.as_text()``).

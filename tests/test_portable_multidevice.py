@@ -23,6 +23,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import optax_lite as ol
+import multidevice_worker
 from optimizer_zoo import NAMED, make
 
 pytestmark = pytest.mark.multidevice
@@ -48,17 +49,7 @@ def _tree():
   return params, grads
 
 
-def _mesh(n):
-  return Mesh(np.array(jax.devices()[:n]), ('fsdp',))
-
-
-def _put(tree, mesh):
-  if mesh is None:
-    return jax.device_put(tree, jax.devices()[0])
-  n = mesh.devices.size
-  return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(
-      mesh, P('fsdp') if x.ndim >= 2 and x.shape[0] % n == 0 else P())),
-      tree)
+_mesh, _put = multidevice_worker.fsdp_mesh, multidevice_worker.put_fsdp
 
 
 def _run(tx, mesh, params, state, grads):
