@@ -152,6 +152,10 @@ def _chunked(call, key, stack: Item, chunk: int):
   return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], ys)
 
 
+def _floating(x) -> bool:
+  return bool(getattr(x, 'size', 0)) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def _exact_minus_zero(prev):
   """``-0.0`` (float32) computed from an element of every floating array
   of ``prev``, or ``None`` if it has none. Each term is ``-(|s|·0)`` with
@@ -160,7 +164,7 @@ def _exact_minus_zero(prev):
   know that before run time."""
   terms = []
   for x in jax.tree.leaves(prev):
-    if getattr(x, 'size', 0) and jnp.issubdtype(x.dtype, jnp.floating):
+    if _floating(x):
       # One element by index, not reshape(-1)[0]: under GSPMD a flattening
       # reshape of a sharded array could move the whole array.
       s = jnp.abs(x[(0,) * x.ndim].astype(jnp.float32))
@@ -170,7 +174,7 @@ def _exact_minus_zero(prev):
   return functools.reduce(jnp.add, terms)
 
 
-def wait_for(args: tuple, prev, every: bool = False) -> tuple:
+def wait_for(args: tuple, prev) -> tuple:
   """``args`` with its first floating array made to depend on ``prev``.
 
   The array gains ``-0.0`` computed from every output of ``prev`` (see
@@ -185,10 +189,9 @@ def wait_for(args: tuple, prev, every: bool = False) -> tuple:
     return tuple(args)
   args = list(args)
   for i, x in enumerate(args):
-    if getattr(x, 'size', 0) and jnp.issubdtype(x.dtype, jnp.floating):
+    if _floating(x):
       args[i] = x + zero.astype(x.dtype)
-      if not every:
-        break
+      break
   return tuple(args)
 
 

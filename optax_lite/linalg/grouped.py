@@ -69,7 +69,7 @@ from optax_lite.linalg.budget import check_memory_budget  # noqa: F401
 from optax_lite.linalg.budget import chunk_size
 from optax_lite.linalg.budget import matrix_bytes
 from optax_lite.linalg.budget import sequential_calls  # noqa: F401
-from optax_lite.linalg.budget import wait_for  # noqa: F401
+from optax_lite.linalg.budget import wait_for
 from optax_lite.linalg.placement import check_polar_sharding
 from optax_lite.linalg.resident import Home
 from optax_lite.linalg.resident import OwnerStacks  # noqa: F401 (re-export)
@@ -238,15 +238,14 @@ def grouped_map(fn: Callable[..., Any], leaves: Sequence[Item], *,
     for (gkey, idx), stack, sz in zip(glist, stacks, sizes):
       chunk = chunk_size(memory_budget, _item_bytes(item_bytes, gkey),
                          stack[0].shape[0])
-      if memory_budget is not None:
-        stack = wait_for(stack, prev)
-      if _lapack_on_cpu_devices(call, gkey[1], stack):
-        pieces = _split(_one_item_at_a_time(call, gkey[1], stack), sz)
-      elif chunk < stack[0].shape[0]:
+      lapack = _lapack_on_cpu_devices(call, gkey[1], stack)
+      if not lapack and chunk < stack[0].shape[0]:
         pieces = _budgeted(call, gkey[1], [leaves[i] for i in idx], chunk,
                            prev)
-      else:
-        pieces = _split(call(gkey[1], *stack), sz)
+      else:  # prev is None without a budget: the stack is unchanged
+        stack = wait_for(stack, prev)
+        pieces = _split(_one_item_at_a_time(call, gkey[1], stack) if lapack
+                        else call(gkey[1], *stack), sz)
       for i, piece in zip(idx, pieces):
         out[i] = piece
       prev = pieces if memory_budget is not None else None
