@@ -430,3 +430,36 @@ def test_names_stay_importable_from_lite():
   assert lite_tx.FILTER_ROUTES == ('small_side', 'reference')
   assert lite_tx.sharp_dim(0.1, 64, 32, 'reference') == 4
   assert ol.transforms.Geometry is lite_tx.Geometry
+
+
+def test_bfloat16_leaves_keep_their_dtype_with_a_cached_filter():
+  """bfloat16 parameters, gradients and momentum (jitted, 4 steps with two
+  refreshes): updates stay bfloat16 and finite, and the cached filter is
+  what the geometry's init made (its dtype and shape), not recast."""
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
+  tx = _boost(3, mu_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  held = jax.tree.leaves(state.geometry)
+  update = jax.jit(tx.update)
+  for k in range(4):
+    g = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads(k, params))
+    u, state = update(g, state)
+    for leaf in jax.tree.leaves(u):
+      assert leaf.dtype == jnp.bfloat16
+      assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
+  for a, b in zip(jax.tree.leaves(state.geometry), held):
+    assert (a.dtype, a.shape) == (b.dtype, b.shape)
+
+
+def test_tree_map_params_runs_on_a_cached_filter_state():
+  """``optax.tree_utils.tree_map_params`` on a k > 1 state keeps its
+  structure and maps the momenta."""
+  tx = ol.muon_lite(0.01, filter_every=3)
+  params = _params()
+  state = tx.init(params)
+  mapped = optax.tree_utils.tree_map_params(
+      tx, lambda p: p + 1.0, state, transform_non_params=lambda x: x)
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  moved = [bool(jnp.any(a != b)) for a, b in
+           zip(jax.tree.leaves(mapped), jax.tree.leaves(state))]
+  assert sum(moved) >= len(jax.tree.leaves(params))  # the momenta at least
