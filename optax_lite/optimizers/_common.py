@@ -11,6 +11,7 @@ import optax
 from optax_lite import _checks
 from optax_lite import labels as labels_lib
 from optax_lite.linalg import distributed as distributed_lib
+from optax_lite.transforms import _tree
 from optax_lite.transforms.cautious import add_cautious_decayed_weights
 
 # Labels produced by ``label_params`` plus "adam", a catch-all a user may use
@@ -98,7 +99,9 @@ def decay_after_warmup(weight_decay, weight_decay_mask, warmup_fn,
   inner = weight_decay_tx(weight_decay, weight_decay_mask, cautious)
 
   def init_fn(params):
-    warm = jax.tree.map(jnp.asarray, warmup_fn(params))
+    # A per-leaf scalar: not like the parameters for tree_map_params.
+    warm = (_tree.not_params() if _tree.is_params_placeholder(params) else
+            jax.tree.map(jnp.asarray, warmup_fn(params)))
     return WarmupDecayState(jnp.zeros([], jnp.int32), warm,
                             inner.init(params))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from optax_lite import _checks
 from optax_lite.linalg import grouped as grouped_lib
@@ -108,3 +109,42 @@ def identity_placeholder(dtype, batch_shape: tuple[int, ...] = ()
 def is_identity_placeholder(x, batch_ndim: int = 0) -> bool:
   """True for a leaf made by :func:`identity_placeholder` (static: by rank)."""
   return x.ndim == batch_ndim + 1
+
+
+# ``optax.tree_utils.tree_map_params`` (the optax way to derive a state's
+# shardings from the parameters') calls ``init`` with a stand-in for the
+# parameters and maps its function over the state's subtrees that come back
+# as that stand-in. A per-leaf field that is not shaped like its parameter
+# (a Kronecker factor, a per-matrix scalar, a stacked array) must then come
+# back as something else: a leaf, which its non-params rule takes whole.
+_PROBE_SHAPE = (5, 3)
+
+
+def is_params_placeholder(tree) -> bool:
+  """True for ``tree_map_params``'s stand-in parameters (a leafless node)."""
+  return (type(tree).__name__ == '_ParamsPlaceholder'
+          and not jax.tree.leaves(tree))
+
+
+def not_params() -> jax.Array:
+  """The leaf standing, at init on the stand-in, for a field of per-leaf
+  entries not shaped like the parameter (see :func:`placeholder_fields`)."""
+  return jnp.zeros((), jnp.int32)
+
+
+def placeholder_fields(params, params_like):
+  """The fields an init returns on ``tree_map_params``'s stand-in ``params``:
+  ``params`` itself where ``params_like[i]`` (entries shaped like the
+  parameter), else :func:`not_params`."""
+  return tuple(params if like else not_params() for like in params_like)
+
+
+def params_like_outputs(init_leaf: Callable) -> tuple[bool, ...]:
+  """Which outputs of a per-leaf ``init_leaf(view, param)`` are shaped like
+  the parameter, read from its abstract trace on a probe matrix (static;
+  nothing is computed)."""
+  view = matrix_view(_PROBE_SHAPE, None)
+  out = jax.eval_shape(lambda p: init_leaf(view, p),
+                       jax.ShapeDtypeStruct(_PROBE_SHAPE, jnp.float32))
+  out = tuple(out) if isinstance(out, tuple) else (out,)
+  return tuple(getattr(x, 'shape', None) == _PROBE_SHAPE for x in out)

@@ -208,10 +208,15 @@ def _init(params, *, inner, cfg: _Config, dims, max_factor_size,
       'when the state is created (or do not jit init)',
       max_factor_size=max_factor_size, root_every=root_every)
   cache = root_every > 1 or cfg.root_method == 'newton_warm'
-  out = _tree.map_leaves(
-      functools.partial(_init_leaf, cfg=cfg, max_factor_size=max_factor_size,
-                        cache=cache), params, dims=dims, name='params')
-  p, q, p_cache, q_cache = _tree.unzip(out, 4, params)
+  if _tree.is_params_placeholder(params):
+    # tree_map_params's stand-in: no factor is shaped like its parameter.
+    p, q, p_cache, q_cache = _tree.placeholder_fields(params, [False] * 4)
+  else:
+    out = _tree.map_leaves(
+        functools.partial(_init_leaf, cfg=cfg,
+                          max_factor_size=max_factor_size, cache=cache),
+        params, dims=dims, name='params')
+    p, q, p_cache, q_cache = _tree.unzip(out, 4, params)
   multi = spec is not None and spec.num_shards() > 1
   state = FisherWhitenState(count=jnp.zeros([], jnp.int32), p=p, q=q,
                             inner_state=None if multi and fused is not None else

@@ -112,6 +112,8 @@ def hyperball_step(learning_rate: optax.ScalarOrSchedule, *,
     return radius
 
   def init_fn(params):
+    if _tree.is_params_placeholder(params):  # see _tree.placeholder_fields
+      return HyperballState(jnp.zeros([], jnp.int32), _tree.not_params())
     radius = _tree.map_leaves(init_leaf, params, dims=dims, name='params')
     return HyperballState(jnp.zeros([], jnp.int32), radius)
 

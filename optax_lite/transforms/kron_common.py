@@ -198,6 +198,9 @@ def _kron_transform(spec_of: _KronSpec, dims, spec, memory_budget,
   kind = spec_of.state_type
   n_fields = len(kind._fields) - 2  # without count and owned
   resident = spec is not None and spec.num_shards() > 1
+  method = spec_of.method
+  shaped = {method.active[k] for k in method.leaf_shaped}
+  params_like = [j in shaped for j in range(n_fields)]
 
   def static_sides(view, is_matrix):
     require_static('the owner of each matrix depends on it',
@@ -206,16 +209,17 @@ def _kron_transform(spec_of: _KronSpec, dims, spec, memory_budget,
 
   def init_fn(params):
     require_static(max_precond_dim=spec_of.max_precond_dim)
+    if _tree.is_params_placeholder(params):
+      # Only the momenta are like the parameters; a leaf (not a subtree)
+      # lets tree_map_params's non-params rule take OwnerStacks.
+      return kind(jnp.zeros([], jnp.int32),
+                  *_tree.placeholder_fields(params, params_like),
+                  _tree.not_params() if resident else None)
     resolved = _resolve_init_dims(dims, params)
     out = jax.tree.map(spec_of.init_leaf, params, resolved)
     fields = _tree.unzip(out, n_fields, params)
     if not resident:
       return kind(jnp.zeros([], jnp.int32), *fields)
-    if not jax.tree.leaves(params):
-      # optax.tree_utils.tree_map_params's placeholder params. A leaf here
-      # (not a subtree) lets its non-params rule take OwnerStacks.
-      return kind(jnp.zeros([], jnp.int32), *fields,
-                  jnp.zeros((), jnp.int32))
     leaves = _leaves(params, resolved, fields, static_sides)
     per_leaf, owned = engine.own_leaves(
         spec_of.method, engine.placement_for(spec, resident=True), leaves,

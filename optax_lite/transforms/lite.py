@@ -280,6 +280,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     # zeros_like keeps each parameter's sharding (jnp.zeros would not).
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype),
                       params)
+    if _tree.is_params_placeholder(params):
+      return _placeholder_state(geometry, params, spec, pack)
     per_leaf = _tree.map_leaves(lambda v, p: geometry.init(v, p), params,
                                 dims=leaf_dims, name='params')
     n = n_fields(per_leaf, params)
@@ -404,6 +406,17 @@ def _item_bytes(view, arrays) -> float:
   return 0.0 if view is None else _tree.view_bytes(view, *arrays)
 
 
+def _placeholder_state(geometry, params, spec, pack):
+  """``init`` on ``tree_map_params``'s stand-in ``params``: the momentum and
+  the geometry fields shaped like the parameter stand in for it, the other
+  fields and ``owned`` are leaves (:func:`_tree.placeholder_fields`)."""
+  like = _tree.params_like_outputs(geometry.init)
+  owned = _tree.not_params() if spec is not None and spec.num_shards() > 1 \
+      else None
+  return LiteState(jnp.zeros([], jnp.int32), params,
+                   pack(_tree.placeholder_fields(params, like)), owned)
+
+
 def _owner_init(state, params, spec, dims, use_wd, pack):
   """Moves the matrix leaves' momentum and geometry state to their owners.
 
@@ -411,8 +424,8 @@ def _owner_init(state, params, spec, dims, use_wd, pack):
   """
   p_leaves, treedef, views = _tree.matrix_views(params, dims, 'params')
   if not p_leaves:
-    # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
-    # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
+    # No leaves (every one masked: FISMO-LITE's fused step owns them). A
+    # leaf here, as for tree_map_params's stand-in.
     return state._replace(owned=jnp.zeros((), jnp.int32))
   mu = treedef.flatten_up_to(state.mu)
   geom = [treedef.flatten_up_to(t) for t in state.geometry]

@@ -51,7 +51,9 @@ class Geometry(NamedTuple):
       returns and ``directions`` receives. :class:`LiteState` then holds one
       instance of it whose fields are trees shaped like the params (as
       optax's ``ScaleByAdamState(mu, nu)``), so its layout does not depend on
-      the params' leaves and ``optax.tree_utils.tree_map_params`` works.
+      the params' leaves; ``optax.tree_utils.tree_map_params`` maps the
+      fields whose entries have their parameter's shape (read from ``init``
+      on a probe matrix) and leaves the others to ``transform_non_params``.
       ``None`` (custom geometries): a plain tuple, its length read from the
       first leaf's state.
   """

@@ -124,6 +124,8 @@ def neuron_normalize(beta2: float = 0.95, eps: float = 1e-8,
                      jnp.promote_types(p.dtype, jnp.float32))
 
   def init_fn(params):
+    if _tree.is_params_placeholder(params):  # see _tree.placeholder_fields
+      return NeuronNormalizeState(_tree.not_params())
     return NeuronNormalizeState(
         _tree.map_leaves(init_leaf, params, dims=dims, name='params'))
 
