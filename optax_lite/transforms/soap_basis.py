@@ -72,37 +72,35 @@ def _transport(q_old: jax.Array, q_new: jax.Array, keep_old: jax.Array
   return overlap * keep_old[..., None, :]
 
 
-def _refresh_side(stats, q, lam, threshold):
-  """One side's refresh: ``(q, lam, mix)`` where ``mix(nu, axis)`` carries
-  the rotated second moment over to the new basis along ``axis``."""
+def _refresh_side(stats, q, lam, threshold, nu, axis):
+  """One side's refresh: ``(q, lam, nu)``, the rotated second moment ``nu``
+  carried over to the new basis along ``axis``."""
   q_qr, perm = eig_lib.eigenbasis_refresh(stats, q)
   keep_old = energetic(lam, threshold)
   redo = ~jnp.all(keep_old, axis=-1)  # (B,): a null column to re-derive
+  lam_qr = eig_lib.rayleigh_eigenvalues(stats, q_qr)
+  if axis == -2:
+    permuted = jnp.take_along_axis(nu, perm[..., :, None], axis=-2)
+  else:
+    permuted = jnp.take_along_axis(nu, perm[..., None, :], axis=-1)
 
-  # Both bases, then a select, not a ``lax.cond`` on ``any(redo)``: the
-  # predicate compares round-off-level eigenvalues with τ·λ_max, so two
-  # devices (or processes) holding the "same" replicated statistics can
-  # disagree on it, and under SPMD partitioning the branches hold different
-  # collectives: each side waited in its own, a deadlock (seen with two
-  # processes × 4 CPU devices, FSDP-sharded SOAP; docs/multi_device.md).
-  # The price is an ``eigh`` at every refresh (every k steps).
-  q_e, lam_e = eig_lib.eigenbasis_init(stats)
-  w = jnp.where(redo[..., None, None],
-                _transport(q.astype(q_e.dtype), q_e, keep_old), 0.0)
-  q_new = jnp.where(redo[..., None, None], q_e, q_qr)
-  lam_new = jnp.where(redo[..., None], lam_e,
-                      eig_lib.rayleigh_eigenvalues(stats, q_qr))
+  def rederive():
+    # ``eigh`` and the carried ``V`` for the matrices with a null column.
+    q_e, lam_e = eig_lib.eigenbasis_init(stats)
+    w = _transport(q.astype(q_e.dtype), q_e, keep_old).astype(nu.dtype)
+    carried = (_mm(w, nu, None) if axis == -2 else _mm(nu, _t(w), None))
+    return (jnp.where(redo[..., None, None], q_e, q_qr),
+            jnp.where(redo[..., None], lam_e, lam_qr),
+            jnp.where(redo[..., None, None], carried, permuted))
 
-  def mix(nu, axis):
-    if axis == -2:
-      permuted = jnp.take_along_axis(nu, perm[..., :, None], axis=-2)
-      carried = _mm(w.astype(nu.dtype), nu, None)
-    else:
-      permuted = jnp.take_along_axis(nu, perm[..., None, :], axis=-1)
-      carried = _mm(nu, _t(w).astype(nu.dtype), None)
-    return jnp.where(redo[..., None, None], carried, permuted)
-
-  return q_new.astype(q.dtype), lam_new.astype(lam.dtype), mix
+  # ``eigh`` runs only at a refresh that has a null column to re-derive. The
+  # predicate reads the stored energies (state), not fresh round-off; with
+  # ``distribute=`` each owner decides alone, and without it every refresh
+  # is a conditional anyway (docs/multi_device.md: collectives in control
+  # flow with several CPU processes).
+  q_new, lam_new, nu = jax.lax.cond(jnp.any(redo), rederive,
+                                    lambda: (q_qr, lam_qr, permuted))
+  return q_new.astype(q.dtype), lam_new.astype(lam.dtype), nu
 
 
 def soap_refresh_bases(stats_l: jax.Array, stats_r: jax.Array,
@@ -132,12 +130,12 @@ def soap_refresh_bases(stats_l: jax.Array, stats_r: jax.Array,
   out_lam = [_no_energy(stats_l), _no_energy(stats_r)]
   if has_side(q_l):
     lam = _no_energy(stats_l) if lam_l is None else lam_l
-    q_l, out_lam[0], mix = _refresh_side(stats_l, q_l, lam, null_threshold)
-    nu = mix(nu, -2)
+    q_l, out_lam[0], nu = _refresh_side(stats_l, q_l, lam, null_threshold,
+                                        nu, -2)
   if has_side(q_r):
     lam = _no_energy(stats_r) if lam_r is None else lam_r
-    q_r, out_lam[1], mix = _refresh_side(stats_r, q_r, lam, null_threshold)
-    nu = mix(nu, -1)
+    q_r, out_lam[1], nu = _refresh_side(stats_r, q_r, lam, null_threshold,
+                                        nu, -1)
   # A column is null when neither the Gram factor (round-off ~ε·λ_max,
   # linear in ε) nor the rotated second moment carried over (amplitudes:
   # round-off ~ε·‖G‖, so energies ~ε²·‖G‖²) shows energy in it.
