@@ -126,6 +126,12 @@ class MatrixMethod(NamedTuple):
       reads any layout through the leaf's view, as LITE's geometries do):
       the program of a plain map over the leaves, whose fusions (and so
       round-off) a matrix-form call would change.
+    wait_state: under a ``"per_leaf"`` budget, a pack's state (not only its
+      gradient) waits for the previous pack
+      (:func:`~optax_lite.linalg.budget.sequential_calls`): for a kernel
+      with work that reads only the state, which XLA:CPU's scheduler would
+      otherwise run for every leaf at once (SOAP's and Shampoo's kept
+      bases). It costs a copy of the state of one pack.
   """
   names: tuple | None
   active: tuple[int, ...]
@@ -140,6 +146,7 @@ class MatrixMethod(NamedTuple):
   after_bytes: Callable | None = None
   carry_in_state: bool = False
   leaf_form: bool = False
+  wait_state: bool = False
 
 
 class Leaf(NamedTuple):
@@ -271,7 +278,8 @@ def step_leaves(method: MatrixMethod, kernel: Callable,
         lambda leaf: (_local(method, kernel, leaf)
                       if leaf.is_item and not method.leaf_form
                       else local(leaf)),
-        leaves, placement.memory_budget, method.item_bytes)
+        leaves, placement.memory_budget, method.item_bytes,
+        method.wait_state)
   out = [None] * len(leaves)
   items, todo = _items(method, leaves, local, out)
   results = grouped.grouped_map(
@@ -293,10 +301,11 @@ def _local(method: MatrixMethod, kernel: Callable, leaf: Leaf) -> tuple:
 
 
 def _leaf_calls(run: Callable[[Leaf], Any], leaves: Sequence[Leaf],
-                budget, item_bytes) -> list:
+                budget, item_bytes, wait_state: bool = False) -> list:
   """``run(leaf)`` leaf by leaf; with a budget in packs that fit it, one
   after another (every leaf's size is ``item_bytes(view, (g, *extras,
-  *state))``, and all of these wait for the previous pack)."""
+  *state))``; its gradient, and with ``wait_state`` its extras and state,
+  wait for the previous pack)."""
   if budget is None or item_bytes is None:
     return [run(leaf) for leaf in leaves]
 
@@ -309,7 +318,8 @@ def _leaf_calls(run: Callable[[Leaf], Any], leaves: Sequence[Leaf],
   calls = [call(leaf) for leaf in leaves]
   sizes = [item_bytes(leaf.view, args) for leaf, (_, args)
            in zip(leaves, calls)]
-  return budget_lib.sequential_calls(calls, sizes, budget)
+  return budget_lib.sequential_calls(calls, sizes, budget,
+                                    every=wait_state)
 
 
 def _step_resident(method, kernel, placement, leaves, owned, local):

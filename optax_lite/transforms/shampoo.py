@@ -305,7 +305,7 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999,
       cost=_shampoo_cost(precondition_frequency, 3 if graft_adam else 2),
       resident_cost=_resident_cost(precondition_frequency, max_precond_dim,
                                    10),
-      item_bytes=lambda view, arrays: _kron_bytes(*arrays))
+      item_bytes=lambda view, arrays: _kron_bytes(*arrays), wait_state=True)
   return _kron_transform(
       _KronSpec(ShampooState, method, init_leaf, kernel_at, max_precond_dim),
       dims, spec, memory_budget, check_stack_by_shape(stack_by_shape))

@@ -447,7 +447,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
       cost=_soap_cost(precondition_frequency),
       resident_cost=_resident_cost(precondition_frequency, max_precond_dim,
                                    4),
-      item_bytes=lambda view, arrays: _kron_bytes(*arrays))
+      item_bytes=lambda view, arrays: _kron_bytes(*arrays), wait_state=True)
   return _kron_transform(
       _KronSpec(SoapState, method, init_leaf, kernel_at, max_precond_dim),
       dims, spec, memory_budget, check_stack_by_shape(stack_by_shape))
