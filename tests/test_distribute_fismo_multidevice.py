@@ -228,8 +228,10 @@ def test_fused_moves_the_gradient_in_and_the_update_out(layout):
                   for x in jax.tree.leaves(params))
     assert got[True]['bytes'] <= pbytes + 8 * largest, (got, pbytes)
   assert got[True]['bytes'] * 2 <= got[False]['bytes'], got
+  # The single-device reference, jitted (eager, op by op, it compiled each
+  # operation of the whitening for each shape group separately).
   ref = fisher_whiten(_inner(dims=dims), dims=dims, root_method='eigh')
-  u_ref, _ = ref.update(g, ref.init(params))
+  u_ref, _ = jax.jit(ref.update)(g, ref.init(params))
   u, _ = jax.jit(tx.update)(g, tx.init(params))
   _close(u, u_ref, 1e-5)
 
@@ -252,11 +254,11 @@ def test_fismo_fused_with_injected_hyperparams():
       state, is_leaf=lambda x: isinstance(x, grouped.OwnerStacks))
            if isinstance(x, grouped.OwnerStacks)]
   assert len(found) == 1  # factors and momentum on the owners
-  update = jax.jit(tx.update)
+  update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
   ref_state = ref.init(params)
   for g in grads:
     u, state = update(_fsdp(g, mesh), state, _fsdp(params, mesh))
-    u_ref, ref_state = ref.update(g, ref_state, params)
+    u_ref, ref_state = ref_update(g, ref_state, params)
     _close(u, u_ref, 1e-5)
   # the momentum is a live hyperparameter of the owner-resident step
   other = state._replace(hyperparams={**state.hyperparams,

@@ -78,6 +78,32 @@ def _close(a, b, tol=1e-5):
                                np.asarray(y, np.float64), atol=tol, rtol=tol)
 
 
+@pytest.fixture(scope='module')
+def shared():
+  """Programs and runs shared by this module's tests (compiled once)."""
+  return {}
+
+
+def _reference(shared, name):
+  """Two single-device steps of ``name`` on :func:`_params`: the reference
+  of both layouts."""
+  if ('reference', name) not in shared:
+    params = _params()
+    tx = make(name)
+    shared['reference', name] = _run(
+        tx, params, grad_stream(params, 2, scale=0.3), tx.init(params))[0]
+  return shared['reference', name]
+
+
+def _distributed(shared, name, layout):
+  """``name`` with ``distribute=`` in ``layout`` and its jitted step: one
+  trace and compile for the equality and the collectives tests."""
+  if ('distributed', name, layout) not in shared:
+    dtx = make(name, distribute=ol.PolarSharding(_mesh(), layout=layout))
+    shared['distributed', name, layout] = dtx, _step(dtx)
+  return shared['distributed', name, layout]
+
+
 def _accepts(name):
   return 'distribute' in inspect.signature(getattr(ol, name)).parameters
 
@@ -89,17 +115,17 @@ OWNER_COMPUTES = tuple(n for n in NAMED
 
 @pytest.mark.parametrize('name', [n for n in NAMED if n in OWNER_COMPUTES])
 @pytest.mark.parametrize('layout', ['sharded', 'replicated'])
-def test_distribute_equals_single_device(name, layout):
+def test_distribute_equals_single_device(name, layout, shared):
   mesh = _mesh()
   params = _params()
   grads = grad_stream(params, 2, scale=0.3)
-  tx = make(name)
-  ref_p, _ = _run(tx, params, grads, tx.init(params))
+  ref_p = _reference(shared, name)
   put = fsdp_put if layout == 'sharded' else _replicated
   sp = put(params, mesh)
-  dtx = make(name, distribute=ol.PolarSharding(mesh, layout=layout))
-  out_p, _ = _run(dtx, sp, [put(g, mesh) for g in grads],
-                  ol.sharded_init(dtx.init, sp))
+  dtx, step = _distributed(shared, name, layout)
+  out_p, state = sp, ol.sharded_init(dtx.init, sp)
+  for g in grads:
+    out_p, state = step(out_p, state, put(g, mesh))
   _close(out_p, ref_p)
   for x, r in zip(jax.tree.leaves(out_p), jax.tree.leaves(sp)):
     assert x.sharding.is_equivalent_to(r.sharding, x.ndim)
@@ -115,16 +141,22 @@ POLAR_LOOPS = ('muon', 'muon_lite', 'normuon', 'normuon_lite', 'muonh')
 
 
 @pytest.mark.parametrize('name', [n for n in NAMED if n in OWNER_COMPUTES])
-def test_distribute_collectives(name):
-  """FSDP layout: no collective inside a loop, far fewer bytes."""
+def test_distribute_collectives(name, shared):
+  """FSDP layout: no collective inside a loop, far fewer bytes. (The
+  distributed step is the one test_distribute_equals_single_device runs,
+  ``layout='sharded'``, the default of ``distribute=mesh``.)"""
   mesh = _mesh()
   sp = fsdp_put(_params(), mesh)
   g = fsdp_put(grad_stream(_params(), 1)[0], mesh)
   counts, raw = {}, {}
-  for variant, kw in (('plain', {}), ('distribute', {'distribute': mesh})):
-    tx = make(name, **kw)
+  for variant in ('plain', 'distribute'):
+    if variant == 'plain':
+      tx = make(name)
+      step = _step(tx)
+    else:
+      tx, step = _distributed(shared, name, 'sharded')
     state = ol.sharded_init(tx.init, sp)
-    txt = _step(tx).lower(sp, state, g).compile().as_text()
+    txt = step.lower(sp, state, g).compile().as_text()
     counts[variant] = collectives(txt)
     raw[variant] = sum(
         1 for line in txt.splitlines()

@@ -52,6 +52,37 @@ def _tree():
 _mesh, _put = multidevice_worker.fsdp_mesh, multidevice_worker.put_fsdp
 
 
+@pytest.fixture(scope='module')
+def shared():
+  """Optimizers and first runs shared by this module's tests: one trace
+  and compile of each step, and the first ``SPLIT`` steps run once."""
+  return {}
+
+
+def _tx(shared, name, devices):
+  """``name`` with ``distribute=`` over the first ``devices`` devices (on
+  one device without it when ``devices`` is None)."""
+  if ('tx', name, devices) not in shared:
+    shared['tx', name, devices] = (
+        make(name) if devices is None
+        else make(name, distribute=_mesh(devices)))
+  return shared['tx', name, devices]
+
+
+def _first_steps(shared, name, devices):
+  """``(tx, mesh, params, init state, state after SPLIT steps, params
+  after them)`` from :func:`_tree` on ``devices`` devices (FSDP)."""
+  if ('first', name, devices) not in shared:
+    params0, grads = _tree()
+    tx = _tx(shared, name, devices)
+    mesh = None if devices is None else _mesh(devices)
+    p = _put(params0, mesh)
+    s = tx.init(p) if mesh is None else ol.sharded_init(tx.init, p)
+    shared['first', name, devices] = (tx, mesh, p, s) + _run(
+        tx, mesh, p, s, grads[:SPLIT])[::-1]
+  return shared['first', name, devices]
+
+
 def _run(tx, mesh, params, state, grads):
   update = jax.jit(tx.update)
   for g in grads:
@@ -80,20 +111,15 @@ def _save_restore(path, tx, state, params, target_tx, target_params):
 
 
 @pytest.mark.parametrize('name', NAMED)
-def test_checkpoint_moves_between_placements(name, tmp_path):
+def test_checkpoint_moves_between_placements(name, tmp_path, shared):
   params0, grads = _tree()
-  m8, m4 = _mesh(8), _mesh(4)
-  tx8 = make(name, distribute=m8)
-  tx4 = make(name, distribute=m4)
-  tx1 = make(name)
-
-  p8 = _put(params0, m8)
-  p8, s8 = _run(tx8, m8, p8, ol.sharded_init(tx8.init, p8), grads[:SPLIT])
+  tx4 = _tx(shared, name, 4)
+  tx8, m8, _, _, s8, p8 = _first_steps(shared, name, 8)
+  m4 = _mesh(4)
   end8, _ = _run(tx8, m8, p8, s8, grads[SPLIT:])
   travel8 = _distance(end8, params0)
 
-  p1 = _put(params0, None)
-  p1, s1 = _run(tx1, None, p1, tx1.init(p1), grads[:SPLIT])
+  tx1, _, _, _, s1, p1 = _first_steps(shared, name, None)
   end1, _ = _run(tx1, None, p1, s1, grads[SPLIT:])
   travel1 = _distance(end1, params0)
 
@@ -111,19 +137,15 @@ def test_checkpoint_moves_between_placements(name, tmp_path):
 
 
 @pytest.mark.parametrize('name', ['soap', 'fismo_lite', 'muon_lite'])
-def test_portable_form_does_not_depend_on_placement(name):
+def test_portable_form_does_not_depend_on_placement(name, shared):
   """The portable form of a state made on 8 devices, on 4 and on one has
   one tree structure, and the values agree (equal at init: the move is a
   permutation; ``SPLIT`` steps apart only by the steps' own round-off)."""
-  params0, grads = _tree()
   forms = []
-  for mesh in (_mesh(8), _mesh(4), None):
-    tx = make(name) if mesh is None else make(name, distribute=mesh)
-    p = _put(params0, mesh)
-    s = ol.sharded_init(tx.init, p) if mesh is not None else tx.init(p)
+  for devices in (8, 4, None):
+    tx, _, p, s, s_split, _ = _first_steps(shared, name, devices)
     forms.append((ol.portable_state(tx, s, p),
-                  ol.portable_state(tx, _run(tx, mesh, p, s,
-                                             grads[:SPLIT])[1], p)))
+                  ol.portable_state(tx, s_split, p)))
   (init8, step8), others = forms[0], forms[1:]
   for init, step in others:
     assert jax.tree.structure(init) == jax.tree.structure(init8)
