@@ -181,15 +181,15 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       orthogonalize(method, steps, dims, precision=precision,
                     ns_dtype=ns_dtype, distribute=distribute,
                     memory_budget=memory_budget))
-  if distribute is not None:
-    # Over several devices the whole per-matrix step runs on the owner.
-    inner = _momentum_polar(
-        inner, decay=momentum, nesterov=nesterov, ema=ema,
-        mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
-        polar=polar_kernel(method, steps, polar_lib.EPS,
-                           matmul_lib.check_precision('precision', precision),
-                           polar_lib.check_ns_dtype(ns_dtype)),
-        steps=steps)
+  # The whole per-matrix step in one kernel: on each matrix's owner over
+  # several devices, leaf by leaf (in packs of memory_budget) on one.
+  inner = _momentum_polar(
+      inner, decay=momentum, nesterov=nesterov, ema=ema,
+      mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
+      polar=polar_kernel(method, steps, polar_lib.EPS,
+                         matmul_lib.check_precision('precision', precision),
+                         polar_lib.check_ns_dtype(ns_dtype)),
+      steps=steps)
   whitening = _common.whitening_settings(locals())
   return _common.named_optimizer(
       locals(),

@@ -238,6 +238,10 @@ def _update(updates, state: FisherWhitenState, params=None, *, inner,
     return fisher_owner.update_fused(updates, state, fused=fused, cfg=cfg,
                                      dims=dims, root_every=root_every,
                                      spec=spec)
+  if fisher_owner.fuses_locally(fused, state, spec):
+    return fisher_owner.update_fused_local(
+        updates, state, fused=fused, cfg=cfg, dims=dims,
+        root_every=root_every, memory_budget=memory_budget)
   return fisher_owner.update_whiten(
       updates, state, inner=inner, cfg=cfg, dims=dims, root_every=root_every,
       max_factor_size=max_factor_size, spec=spec, memory_budget=memory_budget)
