@@ -480,11 +480,17 @@ def _set_path(node, path, value):
       items)
 
 
-def fuses_locally(fused, state: FisherWhitenState, spec) -> bool:
+def fuses_locally(fused, state: FisherWhitenState, spec, cfg: _Config
+                  ) -> bool:
   """Whether :func:`update_fused_local` steps ``state``: one device, an
-  ``OwnerInner`` whose per-matrix arrays it can find in the inner state."""
-  return (fused is not None and fused.locate is not None and spec is None
-          and not isinstance(state.owned, grouped_lib.OwnerStacks))
+  ``OwnerInner`` whose per-matrix arrays it finds in the inner state, each
+  the leaf in matrix form (FISMO's momentum; a LITE geometry's per-leaf
+  fields are not batched as its ``init``'s are)."""
+  if (fused is None or fused.locate is None or spec is not None
+      or isinstance(state.owned, grouped_lib.OwnerStacks)):
+    return False
+  ct = _compute_dtype(cfg)
+  return all(fused.locate(j)[1] for j in range(_n_inner(fused, 1, 1, ct)))
 
 
 def update_fused_local(updates, state: FisherWhitenState, *, fused,
