@@ -174,15 +174,16 @@ per matrix (``X``, ``G̃``, ``U``, ``Δ``) plus what the inner transform
 moves. No collective inside an iteration either way.
 
 **One device, fused** (``distribute=None`` with an
-:class:`optax_lite.transforms.OwnerInner` that ``locate``\ s its arrays;
-``fismo`` builds one). A plain inner transform runs on the whole whitened
-tree, so every matrix's ``G̃`` and inner intermediates (FISMO: the momentum
-output and the polar factor) are alive at once, and the map back waits
-for all of them (FISMO's temporaries: 1.84× the parameter bytes of the 34M
-tree of ``benchmarks/memory.py``, 2.10× at 118M). Fused, each matrix's
-factor update, roots, ``G̃``, inner ``step`` (on its arrays of the plain
-inner transform's state, read and written back where ``locate`` says)
-and map back are one kernel call of the engine's per-leaf placement, in
+:class:`optax_lite.transforms.OwnerInner` whose ``locate`` finds its
+arrays in the plain inner transform's state; ``fismo`` builds one). A
+plain inner transform runs on the whole whitened tree, so every matrix's
+``G̃`` and inner intermediates (FISMO: the momentum output and the polar
+factor) are alive at once, and the map back waits for all of them
+(FISMO's temporaries: 1.84× the parameter bytes of the 34M tree of
+``benchmarks/memory.py``, 2.10× at 118M). Fused, each matrix's factor
+update, roots, ``G̃``, inner ``step`` (on its arrays of the plain inner
+transform's state, read and written back where ``locate`` says) and map
+back are one kernel call of the engine's per-leaf placement, in
 ``memory_budget`` packs that wait for each other (0.35× and 0.40×). The
 leaves without a matrix view get the plain inner transform (the matrix
 leaves masked), which also advances its other state (e.g. a step count).
