@@ -483,9 +483,10 @@ def test_owner_inner_step_equals_its_transform(nesterov, ema, mu_dtype):
 
 
 def test_owner_inner_on_one_device_is_its_transform():
-  """Without ``distribute`` (or on one device) ``fisher_whiten`` uses an
-  ``OwnerInner``'s plain transform: same updates and state; a bad ``inner``
-  is a TypeError naming it."""
+  """Without ``distribute`` (the fused per-leaf step) or on a one-device
+  mesh (the plain transform, stacked) ``fisher_whiten`` with an
+  ``OwnerInner`` computes what its plain transform does: same updates and
+  state; a bad ``inner`` is a TypeError naming it."""
   from optax_lite.optimizers.fismo import _momentum_polar
   from optax_lite.transforms.orthogonalize import polar_kernel
   inner = optax.chain(momentum(0.9, ema=True, nesterov=False),
@@ -510,6 +511,43 @@ def test_owner_inner_on_one_device_is_its_transform():
     assert_trees_close(out_s, ref_s, atol=1e-5, rtol=1e-5)
   with pytest.raises(TypeError, match='inner'):
     fisher_whiten(inner=lambda g: g)
+
+
+@pytest.mark.parametrize('kw', [
+    {}, {'memory_budget': None},
+    {'root_method': 'newton_warm', 'root_every': 2, 'max_factor_size': 8}])
+def test_fused_one_device_step_equals_unfused(kw):
+  """On one device an ``OwnerInner`` runs fused, each matrix's whitening,
+  inner step and map back in one call: the updates and the state (same
+  structure, the momentum where the plain transform keeps it) equal those
+  of its plain transform around the whitening, over 3 steps, with a leaf
+  the whitening skips (``dims`` ``None``: plain inner step), a leaf with
+  both sides over ``max_factor_size`` and cached warm roots."""
+  from optax_lite.optimizers.fismo import _momentum_polar
+  from optax_lite.transforms.orthogonalize import polar_kernel
+  shapes = {'a': (6, 10), 'b': (10, 6), 'c': (2, 6, 10), 'e': (12, 10),
+            'v': (2, 5)}
+  dims = {'a': ol.MatrixDims(0, 1), 'b': ol.MatrixDims(0, 1),
+          'c': ol.MatrixDims(1, 2), 'e': ol.MatrixDims(0, 1), 'v': None}
+  inner = optax.chain(momentum(0.9, ema=True, nesterov=False),
+                      orthogonalize(dims=dims))
+  own = _momentum_polar(inner, decay=0.9, nesterov=False, ema=True,
+                        mu_dtype=None,
+                        polar=polar_kernel('polar_express', 6, 1e-7, None),
+                        steps=6)
+  rng = np.random.default_rng(7)
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32)
+            for k, s in shapes.items()} for _ in range(3)]
+  ref_u, ref_s = _run(fisher_whiten(inner, dims=dims, **kw), grads, params)
+  out_u, out_s = _run(fisher_whiten(own, dims=dims, **kw), grads, params)
+  assert jax.tree.structure(out_s) == jax.tree.structure(ref_s)
+  assert_trees_close(out_u, ref_u, atol=1e-5, rtol=1e-5)
+  assert_trees_close(out_s, ref_s, atol=1e-5, rtol=1e-5)
+  assert int(out_s.inner_state[0].count) == 3
+  # The skipped leaf got the plain momentum, unwhitened.
+  np.testing.assert_array_equal(out_s.inner_state[0].mu['v'],
+                                ref_s.inner_state[0].mu['v'])
 
 
 # ------------------------------------------------- amortised roots (root_every)

@@ -152,10 +152,17 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       ``distribute=None`` state still runs under it). With
       ``optax.inject_hyperparams`` pass a ``Mesh`` in ``static_args`` (it
       is callable, which would make it a schedule).
-    memory_budget: on one device, the working set of the matrices
-      whitened (and orthogonalised) together, as a fraction of their
-      bytes (``"auto"``: 0.1; ``None``: all at once); see
-      :func:`optax_lite.transforms.fisher_whiten`.
+    memory_budget: on one device (``distribute=None``) each matrix's whole
+      step (factor updates, roots, whitening, momentum, polar factor, map
+      back) is one kernel call, and the calls run leaf by leaf in packs
+      whose working sets fit this fraction of the matrices' bytes, one
+      pack after another (``"auto"``: 0.1; ``None``: every leaf at once,
+      as XLA schedules it); see
+      :func:`optax_lite.transforms.fisher_whiten`. Temporaries of one
+      update per parameter byte on the LLaMA-shaped trees of
+      ``benchmarks/memory.py`` (34M / 118M parameters): 0.35 / 0.40 at the
+      default (1.84 / 2.10 when the inner step ran on the whole whitened
+      tree), 2.30 / 2.63 with ``None``.
     adam_*: AdamW for the non-matrix leaves; ``adam_learning_rate=None`` uses
       ``learning_rate`` and ``adam_weight_decay=None`` uses ``weight_decay``.
 
@@ -181,15 +188,15 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
       orthogonalize(method, steps, dims, precision=precision,
                     ns_dtype=ns_dtype, distribute=distribute,
                     memory_budget=memory_budget))
-  if distribute is not None:
-    # Over several devices the whole per-matrix step runs on the owner.
-    inner = _momentum_polar(
-        inner, decay=momentum, nesterov=nesterov, ema=ema,
-        mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
-        polar=polar_kernel(method, steps, polar_lib.EPS,
-                           matmul_lib.check_precision('precision', precision),
-                           polar_lib.check_ns_dtype(ns_dtype)),
-        steps=steps)
+  # The whole per-matrix step in one kernel: on each matrix's owner over
+  # several devices, leaf by leaf (in packs of memory_budget) on one.
+  inner = _momentum_polar(
+      inner, decay=momentum, nesterov=nesterov, ema=ema,
+      mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
+      polar=polar_kernel(method, steps, polar_lib.EPS,
+                         matmul_lib.check_precision('precision', precision),
+                         polar_lib.check_ns_dtype(ns_dtype)),
+      steps=steps)
   whitening = _common.whitening_settings(locals())
   return _common.named_optimizer(
       locals(),

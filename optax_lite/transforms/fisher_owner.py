@@ -170,29 +170,35 @@ def _unwhiten_kernel(cfg: _Config):
 
 
 def _fused_kernel(step, refresh, cfg: _Config):
-  """Whitening, the inner ``step`` and the map back of stacked ``X`` (compute
-  dtype) next to the resident ``([P], [Q], [P cache], [Q cache], *inner
-  state)``; returns ``(Δ, *new resident arrays)``.
+  """Whitening, the inner ``step`` and the map back of stacked ``X`` next to
+  its ``([P], [Q], [P cache], [Q cache], *inner state)``; returns ``(Δ,
+  *new arrays)``.
 
-  The same arithmetic as the one-device path (:func:`_whiten_kernel`, the
+  The same arithmetic as the unfused path (:func:`_whiten_kernel`, the
   inner transform, :func:`_unwhiten_kernel`); the roots that map back are
-  rounded to ``factor_dtype`` as that path stores them.
+  rounded to ``factor_dtype`` as that path stores them, ``G̃`` and ``Δ`` to
+  ``X``'s dtype (the owners get ``X`` in the compute dtype).
   """
   ct = _compute_dtype(cfg)
   fd = cfg.factor_dtype
 
-  def fn(x, *res, key):
+  def fn(x_in, *res, key):
     has_p, has_q, cached_roots = key
     prev, cached, it = _read_factors(res, key, ct)
     inner_state = tuple(it)
+    x = x_in.astype(ct)
     if has_p or has_q:
       f = _step_factors(x, prev, cached, refresh, cfg)
     else:  # both sides identity: only the inner step
       f = _Factors(prev, prev)
-    y, new_inner = step(_sandwich(x, f.isqrt, cfg), *inner_state)
+    # G̃ and Δ in X's dtype, as the one-device path rounds them (no-ops
+    # for X in the compute dtype, as it comes to the owners).
+    y, new_inner = step(_sandwich(x, f.isqrt, cfg).astype(x_in.dtype),
+                        *inner_state)
     stored = lambda m: None if m is None else m.astype(fd).astype(ct)
     delta = _sandwich(y.astype(ct), _Pair(stored(f.isqrt.p),
-                                          stored(f.isqrt.q)), cfg)
+                                          stored(f.isqrt.q)), cfg
+                      ).astype(y.dtype)
     new = [m.astype(fd) for m, flag in zip((f.new.p, f.new.q),
                                            (has_p, has_q)) if flag]
     if cached_roots:
@@ -443,3 +449,97 @@ def update_fused(updates, state: FisherWhitenState, *, fused, cfg: _Config,
   return treedef.unflatten(new_u), state._replace(
       count=optax.safe_increment(state.count), inner_state=inner_state,
       owned=owned)
+
+
+# ----------------------------------------------------------------------------
+# Fused on one device: with an ``OwnerInner`` whose arrays are ``locate``d,
+# each matrix's whitening, inner step and map back run as one kernel call,
+# leaf by leaf in packs that fit the memory budget, so only a pack's
+# intermediates (G̃, the inner step's, Δ) are alive at a time instead of the
+# whole tree's. The state is the unfused path's: the inner arrays are read
+# from and written back to the plain inner transform's state.
+
+
+def _get_path(node, path):
+  for k in path:
+    node = getattr(node, k) if isinstance(k, str) else node[k]
+  return node
+
+
+def _set_path(node, path, value):
+  """``node`` with the subtree at ``path`` (field names of NamedTuples and
+  indices of tuples) replaced by ``value``."""
+  if not path:
+    return value
+  k, rest = path[0], path[1:]
+  if isinstance(k, str):
+    return node._replace(**{k: _set_path(getattr(node, k), rest, value)})
+  items = list(node)
+  items[k] = _set_path(items[k], rest, value)
+  return type(node)(*items) if hasattr(node, '_fields') else type(node)(
+      items)
+
+
+def fuses_locally(fused, state: FisherWhitenState, spec, cfg: _Config
+                  ) -> bool:
+  """Whether :func:`update_fused_local` steps ``state``: one device, an
+  ``OwnerInner`` whose per-matrix arrays it finds in the inner state, each
+  the leaf in matrix form (FISMO's momentum; a LITE geometry's per-leaf
+  fields are not batched as its ``init``'s are)."""
+  if (fused is None or fused.locate is None or spec is not None
+      or isinstance(state.owned, grouped_lib.OwnerStacks)):
+    return False
+  ct = _compute_dtype(cfg)
+  return all(fused.locate(j)[1] for j in range(_n_inner(fused, 1, 1, ct)))
+
+
+def update_fused_local(updates, state: FisherWhitenState, *, fused,
+                       cfg: _Config, dims, root_every, memory_budget):
+  """One device: every matrix's whole step (factor updates, roots, ``G̃``,
+  ``fused.step`` on its arrays of the inner state, the map back) in one
+  engine call per leaf, in packs that fit ``memory_budget``; the other
+  leaves get the plain inner transform (the matrix leaves masked). Values
+  and state those of :func:`update_whiten` with ``fused.transform``."""
+  refresh = state.count % root_every == 0
+  g_leaves, treedef, views = _tree.matrix_views(updates, dims, 'updates')
+  todo = [i for i, v in enumerate(views) if v is not None]
+  fields = _state_fields(state, treedef)
+  paths = [tuple(fused.locate(j)[0])
+           for j in range(_n_inner(fused, 1, 1, _compute_dtype(cfg)))]
+  inner = [treedef.flatten_up_to(_get_path(state.inner_state, path))
+           for path in paths]
+  leaves = []
+  for i, (g, v) in enumerate(zip(g_leaves, views)):
+    st = tuple(f[i] for f in fields) + tuple(a[i] for a in inner)
+    sides = _leaf_sides(v, *st[:2])
+    cache = not (_is_identity(st[2]) and _is_identity(st[3]))
+    leaves.append(engine.Leaf(
+        g, v, st, v is not None, key=sides + (cache,),
+        active=_fields(sides, cache) + tuple(
+            range(len(_NAMES), len(_NAMES) + len(paths)))))
+  out = engine.step_leaves(
+      _method(cfg, len(paths), fused),
+      _fused_kernel(fused.step_for(state.inner_state), refresh, cfg),
+      engine.placement_for(None, resident=False, memory_budget=(
+          grouped_lib.budget_bytes(memory_budget, updates))),
+      leaves, local=lambda leaf: (leaf.g,) + tuple(leaf.state))
+  # The other leaves: the plain inner transform, unwhitened; the matrix
+  # leaves' inner arrays go back where they were read.
+  masked_state = state.inner_state
+  for path, arrays in zip(paths, inner):
+    masked_state = _set_path(masked_state, path,
+                             _masked(treedef, arrays, todo))
+  inner_updates, inner_state = fused.transform.update(
+      _masked(treedef, g_leaves, todo), masked_state, None)
+  new_u = treedef.flatten_up_to(inner_updates)
+  for j, path in enumerate(paths):
+    arrays = treedef.flatten_up_to(_get_path(inner_state, path))
+    for i in todo:
+      arrays[i] = out[i][1 + len(_NAMES) + j]
+    inner_state = _set_path(inner_state, path, treedef.unflatten(arrays))
+  for i in todo:
+    new_u[i] = out[i][0]
+  p, q, pc, qc = _unflatten_fields(treedef, [o[1:] for o in out], 4)
+  return treedef.unflatten(new_u), state._replace(
+      count=optax.safe_increment(state.count), p=p, q=q, p_isqrt=pc,
+      q_isqrt=qc, inner_state=inner_state)

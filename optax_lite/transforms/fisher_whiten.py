@@ -173,6 +173,22 @@ between and (over several devices) the factors: about ``4·mn`` elements
 per matrix (``X``, ``G̃``, ``U``, ``Δ``) plus what the inner transform
 moves. No collective inside an iteration either way.
 
+**One device, fused** (``distribute=None`` with an
+:class:`optax_lite.transforms.OwnerInner` whose ``locate`` finds its
+arrays in the plain inner transform's state; ``fismo`` builds one). A
+plain inner transform runs on the whole whitened tree, so every matrix's
+``G̃`` and inner intermediates (FISMO: the momentum output and the polar
+factor) are alive at once, and the map back waits for all of them
+(FISMO's temporaries: 1.84× the parameter bytes of the 34M tree of
+``benchmarks/memory.py``, 2.10× at 118M). Fused, each matrix's factor
+update, roots, ``G̃``, inner ``step`` (on its arrays of the plain inner
+transform's state, read and written back where ``locate`` says) and map
+back are one kernel call of the engine's per-leaf placement, in
+``memory_budget`` packs that wait for each other (0.35× and 0.40×). The
+leaves without a matrix view get the plain inner transform (the matrix
+leaves masked), which also advances its other state (e.g. a step count).
+Same state and, up to round-off, values as the unfused path.
+
 State per matrix: ``m² + n²`` factor entries (in ``factor_dtype``, float32 by
 default; twice that with ``root_every > 1``, for the cached roots) plus the
 inner state (``mn`` for momentum).
@@ -243,6 +259,10 @@ def _update(updates, state: FisherWhitenState, params=None, *, inner,
     return fisher_owner.update_fused(updates, state, fused=fused, cfg=cfg,
                                      dims=dims, root_every=root_every,
                                      spec=spec)
+  if fisher_owner.fuses_locally(fused, state, spec, cfg):
+    return fisher_owner.update_fused_local(
+        updates, state, fused=fused, cfg=cfg, dims=dims,
+        root_every=root_every, memory_budget=memory_budget)
   return fisher_owner.update_whiten(
       updates, state, inner=inner, cfg=cfg, dims=dims, root_every=root_every,
       max_factor_size=max_factor_size, spec=spec, memory_budget=memory_budget)
@@ -265,11 +285,15 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   Args:
     inner: the transform applied in the whitened space (``None``: identity,
       which gives the Kronecker natural gradient ``P⁻¹ G Q⁻¹``). Called with
-      ``params=None``. Or an :class:`optax_lite.transforms.OwnerInner`: its
-      plain ``transform`` is used on one device (same results and state as
-      passing it directly), and with ``distribute`` over several devices
-      its slice-wise ``step`` runs on each matrix's owner inside the
-      whitening call (see ``distribute``).
+      ``params=None``. Or an :class:`optax_lite.transforms.OwnerInner`:
+      with ``distribute=None`` (and a ``locate``) its slice-wise ``step``
+      runs fused with the whitening, one call per matrix (see "One
+      device, fused" in the module doc); with ``distribute`` over several
+      devices it runs on each matrix's owner inside the whitening call
+      (see ``distribute``); on a one-device mesh its plain ``transform``
+      is used. The state is the plain ``transform``'s in the first and
+      last case and the results those of passing it directly, up to
+      round-off.
     gamma: factor EMA ``γ`` in ``[0, 1]`` (``1`` freezes ``P = Q = I``).
     damping: ``μ > 0``; absolute (gradient² units) in the exact algorithm,
       relative to the mean eigenvalue with ``scale_invariant=True``.
@@ -339,9 +363,12 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
       matrix leaves whitened together, as a fraction of the updates' bytes
       (``"auto"``: 0.1): they run in packs that fit it, one pack after
       another (:func:`optax_lite.linalg.grouped.sequential_calls`); same
-      values. ``None``: every leaf at once, as XLA schedules it. (FISMO's
-      inner ``orthogonalize`` takes its own budget, which is what bounds
-      its polar factors; see ``docs/benchmarks.md``, memory.)
+      values. ``None``: every leaf at once, as XLA schedules it. With an
+      ``OwnerInner`` a pack holds each of its matrices' whole step, inner
+      step included; with a plain inner transform only the whitening and
+      the map back are packed (the inner transform takes its own budget
+      and runs on the whole whitened tree; see ``docs/benchmarks.md``,
+      memory).
 
   ``gamma``, ``damping``, ``min_eig``, ``trace_damping``, ``root_eps``,
   ``root_iters`` and the value of ``root_every`` may be traced (e.g. by
