@@ -342,7 +342,7 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
         memory_budget=grouped.budget_bytes(
             memory_budget if geometry.needs_matrix else None, updates))
     return _engine_update(leaf, placement, updates, state, count,
-                          params_tree, leaf_dims, pack)
+                          params_tree, leaf_dims, pack, geometry.wait_state)
 
   transform = optax.GradientTransformation(
       init_fn, distributed_lib.layout_stable(update_fn))
@@ -391,13 +391,13 @@ def _compute_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _method(n_geom: int) -> engine.MatrixMethod:
+def _method(n_geom: int, wait_state: bool = False) -> engine.MatrixMethod:
   """The engine's view of a LITE leaf's state: the momentum (shaped like the
   parameter), then the geometry's fields (``LiteState.geometry[j]``)."""
   names = ('mu',) + tuple(('geometry', j) for j in range(n_geom))
   return engine.MatrixMethod(names=names, active=tuple(range(1 + n_geom)),
                              leaf_shaped=(0,), item_bytes=_item_bytes,
-                             leaf_form=True)
+                             leaf_form=True, wait_state=wait_state)
 
 
 def _item_bytes(view, arrays) -> float:
@@ -442,7 +442,7 @@ def _owner_init(state, params, spec, dims, use_wd, pack):
 
 
 def _engine_update(leaf, placement, updates, state, count, params_tree, dims,
-                   pack):
+                   pack, wait_state=False):
   """``lite_flat_boost``'s step on the matrix engine, under ``placement``.
 
   Leaf by leaf (``"per_leaf"``), ``leaf`` runs on every leaf as stored,
@@ -479,7 +479,8 @@ def _engine_update(leaf, placement, updates, state, count, params_tree, dims,
                         v is not None, (p_all[i],) if use_p else ())
             for i, (g, v) in enumerate(zip(g_leaves, views))]
   out = engine.step_leaves(
-      _method(len(geom)), kernel, placement, leaves, state.owned, local)
+      _method(len(geom), wait_state), kernel, placement, leaves,
+      state.owned, local)
   # ``owned`` as it came unless resident (None, or the int placeholder of a
   # params-less init), so that the state keeps its tree structure.
   out, owned = (out if placement.kind == 'owner_resident'

@@ -171,7 +171,7 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
                           keep_momentum=first)
 
   return Geometry(init, directions, needs_matrix=True, momentum_ema=True,
-                  state_type=SoapGeometryState)
+                  state_type=SoapGeometryState, wait_state=True)
 
 
 class RowNormGeometryState(NamedTuple):

@@ -56,12 +56,15 @@ class Geometry(NamedTuple):
       on a probe matrix) and leaves the others to ``transform_non_params``.
       ``None`` (custom geometries): a plain tuple, its length read from the
       first leaf's state.
+    wait_state: the one-device budget's packs wait with their state too
+      (:attr:`optax_lite.linalg.engine.MatrixMethod.wait_state`; SOAP's).
   """
   init: Callable
   directions: Callable
   needs_matrix: bool = True
   momentum_ema: bool = False
   state_type: type | None = None
+  wait_state: bool = False
 
 
 def sharp_dim(ratio: float, rows: int, cols: int, rule: str) -> int:
