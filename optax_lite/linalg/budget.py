@@ -183,7 +183,7 @@ def wait_for(args: tuple, prev, every: bool = False) -> tuple:
   ``x`` (signed zeros included), and everything computed from that array
   (a matrix kernel's whole work derives from its gradient) runs after all
   of ``prev``, so XLA can give both calls' temporaries the same memory.
-  Costs one elementwise pass over that array.
+  Costs one elementwise pass over that array (``every``: over each).
   """
   zero = None if prev is None else _exact_minus_zero(prev)
   if zero is None:

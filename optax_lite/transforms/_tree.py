@@ -111,6 +111,31 @@ def is_identity_placeholder(x, batch_ndim: int = 0) -> bool:
   return x.ndim == batch_ndim + 1
 
 
+def get_at(node, path):
+  """The subtree of ``node`` at ``path`` (NamedTuple field names, dict keys
+  and sequence indices)."""
+  for k in path:
+    node = getattr(node, k) if isinstance(k, str) and hasattr(
+        node, '_fields') else node[k]
+  return node
+
+
+def set_at(node, path, value):
+  """``node`` with the subtree at ``path`` (as :func:`get_at`) replaced by
+  ``value``."""
+  if not path:
+    return value
+  k, rest = path[0], path[1:]
+  if isinstance(k, str) and hasattr(node, '_fields'):
+    return node._replace(**{k: set_at(getattr(node, k), rest, value)})
+  if isinstance(node, dict):
+    return {**node, k: set_at(node[k], rest, value)}
+  items = list(node)
+  items[k] = set_at(items[k], rest, value)
+  return type(node)(*items) if hasattr(node, '_fields') else type(node)(
+      items)
+
+
 # ``optax.tree_utils.tree_map_params`` (the optax way to derive a state's
 # shardings from the parameters') calls ``init`` with a stand-in for the
 # parameters and maps its function over the state's subtrees that come back

@@ -10,7 +10,6 @@ resident there. See :mod:`optax_lite.transforms.fisher_whiten`.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_lite.linalg import engine
@@ -293,7 +292,7 @@ def owner_init(state: FisherWhitenState, params, *, cfg: _Config, dims,
   if not leaves:
     # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
     # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
-    return state._replace(owned=jnp.zeros((), jnp.int32))
+    return state._replace(owned=_tree.not_params())
   sides = [_static_sides(v, max_factor_size) for v in views]
   fields = _state_fields(state, treedef)
   per_leaf, owned = engine.own_leaves(
@@ -338,7 +337,7 @@ def fused_init(state: FisherWhitenState, params, *, fused, cfg: _Config,
     # No leaves: optax.tree_utils.tree_map_params's placeholder params. A
     # leaf here (not a subtree) lets its non-params rule take OwnerStacks.
     return state._replace(inner_state=fused.transform.init(params),
-                          owned=jnp.zeros((), jnp.int32))
+                          owned=_tree.not_params())
   todo = [i for i, v in enumerate(views) if v is not None]
   fields = _state_fields(state, treedef)
   n_inner = max((_n_inner(fused, views[i].rows, views[i].cols,
@@ -460,26 +459,6 @@ def update_fused(updates, state: FisherWhitenState, *, fused, cfg: _Config,
 # from and written back to the plain inner transform's state.
 
 
-def _get_path(node, path):
-  for k in path:
-    node = getattr(node, k) if isinstance(k, str) else node[k]
-  return node
-
-
-def _set_path(node, path, value):
-  """``node`` with the subtree at ``path`` (field names of NamedTuples and
-  indices of tuples) replaced by ``value``."""
-  if not path:
-    return value
-  k, rest = path[0], path[1:]
-  if isinstance(k, str):
-    return node._replace(**{k: _set_path(getattr(node, k), rest, value)})
-  items = list(node)
-  items[k] = _set_path(items[k], rest, value)
-  return type(node)(*items) if hasattr(node, '_fields') else type(node)(
-      items)
-
-
 def fuses_locally(fused, state: FisherWhitenState, spec, cfg: _Config
                   ) -> bool:
   """Whether :func:`update_fused_local` steps ``state``: one device, an
@@ -506,7 +485,7 @@ def update_fused_local(updates, state: FisherWhitenState, *, fused,
   fields = _state_fields(state, treedef)
   paths = [tuple(fused.locate(j)[0])
            for j in range(_n_inner(fused, 1, 1, _compute_dtype(cfg)))]
-  inner = [treedef.flatten_up_to(_get_path(state.inner_state, path))
+  inner = [treedef.flatten_up_to(_tree.get_at(state.inner_state, path))
            for path in paths]
   leaves = []
   for i, (g, v) in enumerate(zip(g_leaves, views)):
@@ -527,16 +506,16 @@ def update_fused_local(updates, state: FisherWhitenState, *, fused,
   # leaves' inner arrays go back where they were read.
   masked_state = state.inner_state
   for path, arrays in zip(paths, inner):
-    masked_state = _set_path(masked_state, path,
+    masked_state = _tree.set_at(masked_state, path,
                              _masked(treedef, arrays, todo))
   inner_updates, inner_state = fused.transform.update(
       _masked(treedef, g_leaves, todo), masked_state, None)
   new_u = treedef.flatten_up_to(inner_updates)
   for j, path in enumerate(paths):
-    arrays = treedef.flatten_up_to(_get_path(inner_state, path))
+    arrays = treedef.flatten_up_to(_tree.get_at(inner_state, path))
     for i in todo:
       arrays[i] = out[i][1 + len(_NAMES) + j]
-    inner_state = _set_path(inner_state, path, treedef.unflatten(arrays))
+    inner_state = _tree.set_at(inner_state, path, treedef.unflatten(arrays))
   for i in todo:
     new_u[i] = out[i][0]
   p, q, pc, qc = _unflatten_fields(treedef, [o[1:] for o in out], 4)

@@ -150,9 +150,8 @@ def _auto_exponent(exponent, n_sides: int):
 # On the matrix engine (one device, owner-computes, owner-resident).
 # --------------------------------------------------------------------------
 def _resolve_init_dims(dims, params):
-  """Resolved dims; params without leaves (the placeholder that
-  ``optax.tree_utils.tree_map_params`` passes to ``init``) match any dims
-  tree, and are their own."""
+  """Resolved dims; params without leaves (every one masked) match any
+  dims tree, and are their own."""
   if not jax.tree.leaves(params):
     return params
   return _tree.resolve_dims(dims, params)

@@ -277,11 +277,11 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     return state_type(*fields) if state_type is not None else tuple(fields)
 
   def init_fn(params):
+    if _tree.is_params_placeholder(params):
+      return _placeholder_state(geometry, params, spec, pack)
     # zeros_like keeps each parameter's sharding (jnp.zeros would not).
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype),
                       params)
-    if _tree.is_params_placeholder(params):
-      return _placeholder_state(geometry, params, spec, pack)
     per_leaf = _tree.map_leaves(lambda v, p: geometry.init(v, p), params,
                                 dims=leaf_dims, name='params')
     n = n_fields(per_leaf, params)
@@ -426,7 +426,7 @@ def _owner_init(state, params, spec, dims, use_wd, pack):
   if not p_leaves:
     # No leaves (every one masked: FISMO-LITE's fused step owns them). A
     # leaf here, as for tree_map_params's stand-in.
-    return state._replace(owned=jnp.zeros((), jnp.int32))
+    return state._replace(owned=_tree.not_params())
   mu = treedef.flatten_up_to(state.mu)
   geom = [treedef.flatten_up_to(t) for t in state.geometry]
   leaves = [engine.Leaf(p, v, (mu[i],) + tuple(t[i] for t in geom),

@@ -37,6 +37,7 @@ import optax
 
 from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import resident as resident_lib
+from optax_lite.transforms import _tree
 
 
 def _is_masked(x) -> bool:
@@ -57,34 +58,13 @@ def _children(node):
   return children, treedef.unflatten
 
 
-def _get(node, path):
-  for k in path:
-    node = getattr(node, k) if isinstance(k, str) and hasattr(
-        node, '_fields') else node[k]
-  return node
-
-
-def _set(node, path, value):
-  if not path:
-    return value
-  k, rest = path[0], path[1:]
-  if isinstance(k, str) and hasattr(node, '_fields'):
-    return node._replace(**{k: _set(getattr(node, k), rest, value)})
-  if isinstance(node, dict):
-    return {**node, k: _set(node[k], rest, value)}
-  items = list(node)
-  items[k] = _set(items[k], rest, value)
-  return type(node)(*items) if hasattr(node, '_fields') else type(node)(
-      items)
-
-
 def _set_homes(node, homes_values):
   """``node`` with each ``(home, value)`` written at its home."""
   by_path: dict[tuple, list] = {}
   for home, value in homes_values:
     by_path.setdefault(tuple(home.path), []).append((home.leaf, value))
   for path, entries in by_path.items():
-    sub = _get(node, path)
+    sub = _tree.get_at(node, path)
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         sub, is_leaf=_is_masked)
     position = {tuple(key): k for k, (key, _) in enumerate(flat)}
@@ -95,7 +75,7 @@ def _set_homes(node, homes_values):
                          f' under {path}; the owner-resident layout does '
                          'not fit this state.')
       leaves[position[key]] = value
-    node = _set(node, path, treedef.unflatten(leaves))
+    node = _tree.set_at(node, path, treedef.unflatten(leaves))
   return node
 
 
@@ -200,7 +180,7 @@ def _place_node(target, portable):
 
 
 def _get_leaf(node, home):
-  flat, _ = jax.tree_util.tree_flatten_with_path(_get(node, home.path),
+  flat, _ = jax.tree_util.tree_flatten_with_path(_tree.get_at(node, home.path),
                                                  is_leaf=_is_masked)
   for key, leaf in flat:
     if tuple(key) == home.leaf:
