@@ -78,19 +78,32 @@ def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
   how much of row ``i+d`` a basis vector computed with round-off ``τ``
   takes in (see :func:`roundoff_coordinates`)."""
   k = lam.shape[-1]
+  band = min(LEAK_BAND, k - 1)
+  if band < 1:
+    return jnp.zeros_like(amp)
   top = jnp.max(lam, axis=-1, keepdims=True)
   idx = jnp.arange(k)
+  # Neighbours are slices of one zero-padded copy (rolls would each be a
+  # buffer of amp's size; slices of one pad fuse into the sum).
+  pad = [(0, 0)] * amp.ndim
+  pad[axis] = (band, band)
+  amp_pad = jnp.pad(amp, pad)
+  lam_pad = jnp.pad(lam, [(0, 0)] * (lam.ndim - 1) + [(band, band)])
   out = jnp.zeros_like(amp)
-  for d in range(1, min(LEAK_BAND, k - 1) + 1):
+  for d in range(1, band + 1):
     for step in (d, -d):
-      gap = jnp.abs(lam - jnp.roll(lam, -step, axis=-1))
+      near = jax.lax.slice_in_dim(lam_pad, band + step, band + step + k,
+                                  axis=-1)
+      gap = jnp.abs(lam - near)
       theta = tau * top / jnp.maximum(gap, jnp.finfo(lam.dtype).tiny)
       # θ > c: the pair is not resolved (a degenerate cluster, whose basis
       # is arbitrary but whose coordinates carry signal): no leak counted.
       theta = jnp.where((idx + step >= 0) & (idx + step < k)
                         & (theta <= LEAK_CAP), theta, 0.0)
       theta = theta[..., :, None] if axis == -2 else theta[..., None, :]
-      out = out + theta.astype(amp.dtype) * jnp.roll(amp, -step, axis=axis)
+      shifted = jax.lax.slice_in_dim(amp_pad, band + step, band + step + k,
+                                     axis=axis % amp.ndim)
+      out = out + theta.astype(amp.dtype) * shifted
   return out
 
 
