@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optax_lite as ol  # noqa: E402
+from multidevice_worker import collectives_in_control_flow  # noqa: E402
 from optimizer_zoo import make  # noqa: E402
 
 STEPS = 3
@@ -139,7 +140,12 @@ def main(argv):
       # every leaf back with the sharding it started with).
       moved = sum(getattr(x, 'sharding', None) != s0 for x, s0 in
                   zip(jax.tree.leaves(state), init_shardings))
-      layout = {'compiles': step._cache_size(), 'moved_leaves': int(moved)}
+      # Every collective at the top level (none in a loop or a branch),
+      # plain and distribute= alike: XLA:CPU issues those in one order.
+      nested = collectives_in_control_flow(
+          step.lower(params, state, put(grads[0])).compile().as_text())
+      layout = {'compiles': step._cache_size(), 'moved_leaves': int(moved),
+                'nested_collectives': nested}
       full = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
               for x in jax.tree.leaves(params)]
       if pid == 0:

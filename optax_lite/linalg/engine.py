@@ -46,6 +46,7 @@ from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_lite.linalg import budget as budget_lib
 from optax_lite.linalg import grouped
@@ -282,15 +283,18 @@ def step_leaves(method: MatrixMethod, kernel: Callable,
         method.wait_state)
   out = [None] * len(leaves)
   items, todo = _items(method, leaves, local, out)
+  meshes = [_leaf_mesh(leaves[i]) for i, _ in todo]
+  items = [_whole(item, mesh) for item, mesh in zip(items, meshes)]
   results = grouped.grouped_map(
       lambda *xs, **key: tuple(kernel(*xs, **key)), items,
       spec=placement.spec, cost=method.cost,
       memory_budget=placement.memory_budget,
       keys=_keys(method, leaves, todo))
-  for (i, tall), res in zip(todo, results):
+  for (i, tall), res, mesh in zip(todo, results, meshes):
     res = (_transposed(tuple(res), _n_mats(method, leaves[i], 1)) if tall
            else tuple(res))
-    out[i] = _from_kernel(method, leaves[i], res[0], res[1:])
+    out[i] = _from_kernel(method, leaves[i], *_whole((res[0], res[1:]),
+                                                    mesh))
   return out
 
 
@@ -306,6 +310,7 @@ def _leaf_calls(run: Callable[[Leaf], Any], leaves: Sequence[Leaf],
   after another (every leaf's size is ``item_bytes(view, (g, *extras,
   *state))``; its gradient, and with ``wait_state`` its extras and state,
   wait for the previous pack)."""
+  run = _on_every_device(run)
   if budget is None or item_bytes is None:
     return [run(leaf) for leaf in leaves]
 
@@ -320,6 +325,57 @@ def _leaf_calls(run: Callable[[Leaf], Any], leaves: Sequence[Leaf],
            in zip(leaves, calls)]
   return budget_lib.sequential_calls(calls, sizes, budget,
                                     every=wait_state)
+
+
+def gathers_plain_kernels() -> bool:
+  """Whether one-device placements gather sharded matrices first (see
+  :func:`_on_every_device`): with several processes on XLA:CPU."""
+  return jax.process_count() > 1 and jax.default_backend() == 'cpu'
+
+
+def _leaf_mesh(leaf: Leaf):
+  """The (abstract) mesh of a leaf's arrays when its kernel must run on
+  whole copies (:func:`gathers_plain_kernels`), else ``None``."""
+  if not gathers_plain_kernels():
+    return None
+  for x in (leaf.g,) + tuple(leaf.extras) + tuple(leaf.state):
+    mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+      return mesh
+  return None
+
+
+def _whole(tree, mesh):
+  """Every array of ``tree`` whole on every device of ``mesh`` (``None``:
+  as it is)."""
+  if mesh is None:
+    return tree
+  whole = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
+
+
+def _on_every_device(run: Callable[[Leaf], Any]) -> Callable[[Leaf], Any]:
+  """``run(leaf)`` on whole copies of the leaf's arrays, its results whole
+  too (when :func:`gathers_plain_kernels`; else ``run``).
+
+  A one-device placement on sharded arrays (plain FSDP) leaves XLA's
+  partitioner to split the kernel's matrix products, with collectives
+  inside the kernel's loops and conditionals. XLA:CPU orders those against
+  the step's other collectives by a scheduling edge only, so two processes
+  can issue them in different orders and deadlock (docs/multi_device.md).
+  With the inputs and the results whole, each matrix's kernel runs one
+  device's arithmetic on every device, and every collective of the step is
+  a gather at its top level, where XLA:CPU issues them in one order.
+  """
+  def go(leaf):
+    mesh = _leaf_mesh(leaf)
+    if mesh is None:
+      return run(leaf)
+    return _whole(run(leaf._replace(
+        g=_whole(leaf.g, mesh), extras=_whole(tuple(leaf.extras), mesh),
+        state=_whole(tuple(leaf.state), mesh))), mesh)
+  return go
 
 
 def _step_resident(method, kernel, placement, leaves, owned, local):
