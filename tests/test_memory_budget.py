@@ -144,13 +144,14 @@ def test_soap_temporaries_do_not_grow_with_depth():
   """SOAP's per-leaf packs wait for the previous pack with their state as
   well as their gradient (``MatrixMethod.wait_state``): the work that reads
   only a leaf's state (the refresh conditional's copies of its kept bases)
-  no longer runs for every leaf at once, so 6 layers need about the
-  temporaries of 2 (d = 32, d_ff = 88, fast-compile flags: 1.13× with the
-  state waiting, 1.91× with only the gradient waiting)."""
+  no longer runs for every leaf at once, so 4 layers need about the
+  temporaries of 1 (d = 32, d_ff = 88, fast-compile flags: 1.10× with the
+  state waiting, 1.31× with only the gradient waiting; 6 vs 2 layers:
+  1.13× and 1.91×)."""
   layers = lambda n: {k: v for k, v in llama_tree(32, n, 88, 64).items()
                       if k.startswith('layer')}
   tx = zoo.make('soap')
-  assert _temp_bytes(tx, layers(6)) <= 1.4 * _temp_bytes(tx, layers(2))
+  assert _temp_bytes(tx, layers(4)) <= 1.2 * _temp_bytes(tx, layers(1))
 
 
 def test_wait_for_every_argument():
