@@ -24,6 +24,7 @@ import horizon  # noqa: E402
 import lm  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
+import step_ratio  # noqa: E402
 import step_time  # noqa: E402
 import synthetic  # noqa: E402
 
@@ -115,6 +116,19 @@ def test_step_time_smoke(out_dir):
   # Polar Express (6 steps) is closer to orthogonal than optax's presets.
   assert orth['ol.polar_express(6)'] < orth['optax.standard(5)']
   assert out['headline']
+
+
+def test_step_ratio_smoke(out_dir):
+  out = step_ratio.main(['--models', 'nano', '--variants',
+                         'muon_lite:filter_every=2', '--rounds', '2',
+                         '--steps', '2', '--out', out_dir])
+  rows = {r['variant']: r for r in out['rows']}
+  assert set(rows) == {'muon', 'muon_lite:filter_every=2'}
+  assert rows['muon']['ratio_to_muon'] == 1.0
+  assert rows['muon_lite:filter_every=2']['median_s'] > 0
+  assert _load(os.path.join(out_dir, 'step_ratio_cpu.json'))['base'] == 'muon'
+  with pytest.raises(ValueError, match='--variants'):
+    step_ratio.parse_variant('fismo:root_every')
 
 
 def test_step_time_polar_only_smoke(out_dir):
