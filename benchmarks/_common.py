@@ -330,6 +330,34 @@ def time_step(tx, params, grads, timing):
   return res
 
 
+def compiled_train_step(tx, params, grads):
+  """``(step, args)``: a jitted update + apply whose result is its next
+  ``args`` (the state carried), compiled and run once."""
+
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, g
+
+  state = jax.jit(tx.init)(params)
+  return step, block(step(params, state, grads))
+
+
+def interleaved_times(runs: dict, rounds: int, steps: int) -> dict:
+  """Seconds per step of each ``label: (step, args)`` of ``runs``, one entry
+  per round: every round runs ``steps`` steps of each in turn, so that the
+  machine's load falls on all alike (``runs`` carries the states on)."""
+  times = {label: [] for label in runs}
+  for _ in range(rounds):
+    for label, (step, args) in runs.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        args = block(step(*args))
+      times[label].append((time.perf_counter() - t0) / steps)
+      runs[label] = (step, args)
+  return times
+
+
 def require_devices(n: int = 8) -> list:
   """``jax.devices()``, or a SystemExit saying how to get ``n`` CPU devices."""
   devices = jax.devices()

@@ -19,31 +19,19 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
-from _common import (OL_OPTIMIZERS, block, metadata, progress,  # noqa: E402
-                     rand_like, registry, result_path, write_json)
+from _common import (OL_OPTIMIZERS, compiled_train_step,  # noqa: E402
+                     interleaved_times, metadata, progress, rand_like,
+                     registry, result_path, write_json)
 
 LR = 1e-3
-
-
-def compiled_step(tx, params, grads):
-  @jax.jit
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, g
-
-  state = jax.jit(tx.init)(params)
-  args = block(step(params, state, grads))  # compile + one step
-  return step, args
 
 
 def main(argv=None):
@@ -61,16 +49,10 @@ def main(argv=None):
   for model, name in progress(jobs, desc='budget step time'):
     params = nnx.state(models.make_model(model, 0), nnx.Param)
     grads = rand_like(jax.random.key(1), params, 0.01)
-    runs = {b: compiled_step(reg[name](LR, memory_budget=v), params, grads)
+    runs = {b: compiled_train_step(reg[name](LR, memory_budget=v), params,
+                                   grads)
             for b, v in (('none', None), ('default', 'auto'))}
-    times = {b: [] for b in runs}
-    for _ in range(args.rounds):
-      for b, (step, state_args) in runs.items():
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-          state_args = block(step(*state_args))
-        times[b].append((time.perf_counter() - t0) / args.steps)
-        runs[b] = (step, state_args)
+    times = interleaved_times(runs, args.rounds, args.steps)
     med = {b: statistics.median(t) for b, t in times.items()}
     row = {'model': model, 'optimizer': name,
            'none_median_s': med['none'], 'default_median_s': med['default'],

@@ -22,18 +22,17 @@ import ast
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
-from _common import (block, metadata, progress, rand_like,  # noqa: E402
-                     registry, result_path, write_json)
+from _common import (compiled_train_step, interleaved_times,  # noqa: E402
+                     metadata, progress, rand_like, registry, result_path,
+                     write_json)
 
 LR = 1e-3
 BASE = 'muon'
@@ -54,16 +53,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
   return name, kwargs
 
 
-def compiled_step(tx, params, grads):
-  @jax.jit
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, g
-
-  state = jax.jit(tx.init)(params)
-  return step, block(step(params, state, grads))  # compile + one step
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--models', default='small')
@@ -80,16 +69,9 @@ def main(argv=None):
   for model in progress(args.models.split(','), desc='step ratio'):
     params = nnx.state(models.make_model(model, 0), nnx.Param)
     grads = rand_like(jax.random.key(1), params, 0.01)
-    runs = {label: compiled_step(reg[name](LR, **kw), params, grads)
+    runs = {label: compiled_train_step(reg[name](LR, **kw), params, grads)
             for label, name, kw in variants}
-    times = {label: [] for label in runs}
-    for _ in range(args.rounds):
-      for label, (step, state_args) in runs.items():
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-          state_args = block(step(*state_args))
-        times[label].append((time.perf_counter() - t0) / args.steps)
-        runs[label] = (step, state_args)
+    times = interleaved_times(runs, args.rounds, args.steps)
     base = times[BASE]
     for label in runs:
       ratios = [t / b for t, b in zip(times[label], base)]
