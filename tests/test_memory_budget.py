@@ -17,7 +17,7 @@ import pytest
 
 import optimizer_zoo as zoo
 from conftest import assert_trees_close
-from optax_lite.linalg import grouped
+from optax_lite.linalg import grouped, subspace
 
 
 def llama_tree(d, depth, d_ff, vocab):
@@ -251,3 +251,20 @@ def test_bounds_under_memory_scheduler():
   assert got['muon'] <= 0.5
   assert got['muon_smallest'] <= 0.1
   assert got['muon_unbounded'] > 4 * got['muon_smallest']
+
+
+def test_mask_counts_in_chunks_are_the_sums_with_fewer_temporaries():
+  """LITE's mask counts (``subspace.counts_above``) over a 2048 × 1024 leaf:
+  the integers of ``jnp.sum(v > t)``, with a fraction of the temporaries
+  (XLA:CPU materialised each comparison's int32 conversion, a buffer of the
+  leaf's size per threshold: the floor of a LITE step on an embedding)."""
+  v = jnp.asarray(np.random.default_rng(0).standard_normal((2048, 1024)) ** 2,
+                  jnp.float32)
+  ts = (jnp.float32(0.5), jnp.float32(2.0))
+  chunked = jax.jit(lambda v, a, b: subspace.counts_above(v, (a, b), (0, 1)))
+  plain = jax.jit(lambda v, a, b: (jnp.sum(v > a), jnp.sum(v > b)))
+  for got, want in zip(chunked(v, *ts), plain(v, *ts)):
+    assert int(got) == int(want)
+  temps = [f.lower(v, *ts).compile().memory_analysis().temp_size_in_bytes
+           for f in (chunked, plain)]
+  assert temps[0] < 0.25 * temps[1], temps

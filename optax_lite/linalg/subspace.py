@@ -35,6 +35,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -190,6 +192,46 @@ def soft_mask(v: jax.Array, l_sharp: jax.Array, l_smooth: jax.Array,
   return jnp.clip((v - tm) / width, 0.0, 1.0)
 
 
+# counts_above: leaves of at least this many elements are counted in chunks
+# of about COUNT_CHUNK elements.
+COUNT_CHUNKED_FROM = 1 << 20
+COUNT_CHUNK = 1 << 18
+
+
+def counts_above(v: jax.Array, thresholds, axes) -> tuple:
+  """``jnp.sum(v > t, axis=axes)`` for each ``t`` of ``thresholds``
+  (broadcastable against ``v``, size 1 along ``axes``).
+
+  XLA:CPU materialises a reduction's elementwise input, so the plain sum
+  costs a buffer of ``v``'s size per threshold (for LITE's mask on an
+  embedding, twice its bytes: the floor of a LITE step's temporaries under
+  the smallest memory budget). When ``axes`` are ``v``'s trailing axes and
+  hold at least ``COUNT_CHUNKED_FROM`` elements, the count runs over
+  ``COUNT_CHUNK``-sized slices in a ``fori_loop``: the same integers.
+  """
+  axes = tuple(sorted(a % v.ndim for a in axes))
+  size = math.prod(v.shape[a] for a in axes)
+  trailing = axes == tuple(range(v.ndim - len(axes), v.ndim))
+  chunks = next((d for d in range(-(-size // COUNT_CHUNK), 4097)
+                 if size % d == 0), 1) if size >= COUNT_CHUNKED_FROM else 1
+  if not trailing or chunks <= 1:
+    return tuple(jnp.sum(v > t, axis=axes) for t in thresholds)
+  lead = v.shape[:v.ndim - len(axes)]
+  batch = math.prod(lead)
+  flat = v.reshape(batch, chunks, size // chunks)
+  ts = [jnp.broadcast_to(t, lead + (1,) * len(axes)).reshape(batch, 1, 1)
+        for t in thresholds]
+
+  def body(i, acc):
+    part = jax.lax.dynamic_slice_in_dim(flat, i, 1, axis=1)
+    return tuple(a + jnp.sum(part > t, axis=(1, 2), dtype=jnp.int32)
+                 for a, t in zip(acc, ts))
+
+  zero = jnp.zeros((batch,), jnp.int32)
+  counts = jax.lax.fori_loop(0, chunks, body, (zero,) * len(ts))
+  return tuple(c.reshape(lead) for c in counts)
+
+
 def adapt_mask_thresholds(v, l_sharp, l_smooth, d_sharp, d_smooth, axes=None,
                           rate: float = 1.05):
   """Eq. (17–18) and the ``l_smooth ≤ 0.95·l_s`` constraint.
@@ -201,8 +243,9 @@ def adapt_mask_thresholds(v, l_sharp, l_smooth, d_sharp, d_smooth, axes=None,
   mean = jnp.mean(v, axis=axes, keepdims=True)
   keep = [i for i in range(v.ndim) if i not in tuple(a % v.ndim for a in axes)]
   shape = [v.shape[i] if i in keep else 1 for i in range(v.ndim)]
-  n_sharp = jnp.sum(v > jnp.reshape(l_sharp, shape) * mean, axis=axes)
-  n_smooth = jnp.sum(v > jnp.reshape(l_smooth, shape) * mean, axis=axes)
+  n_sharp, n_smooth = counts_above(
+      v, (jnp.reshape(l_sharp, shape) * mean,
+          jnp.reshape(l_smooth, shape) * mean), axes)
   new_s = jnp.where(n_sharp >= d_sharp, l_sharp * rate, l_sharp * (2 - rate))
   new_m = jnp.where(n_smooth >= d_sharp + d_smooth, l_smooth * rate,
                     l_smooth * (2 - rate))
