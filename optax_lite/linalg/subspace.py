@@ -192,10 +192,21 @@ def soft_mask(v: jax.Array, l_sharp: jax.Array, l_smooth: jax.Array,
   return jnp.clip((v - tm) / width, 0.0, 1.0)
 
 
-# counts_above: leaves of at least this many elements are counted in chunks
-# of about COUNT_CHUNK elements.
+# counts_above: leaves of at least this many elements are counted in at
+# most COUNT_MAX_CHUNKS equal chunks of about COUNT_CHUNK elements.
 COUNT_CHUNKED_FROM = 1 << 20
 COUNT_CHUNK = 1 << 18
+COUNT_MAX_CHUNKS = 4096
+
+
+def _count_chunks(size: int) -> int:
+  """How many equal chunks ``counts_above`` splits ``size`` elements into
+  (the first divisor of ``size`` that makes them at most ``COUNT_CHUNK``;
+  1: count in one piece)."""
+  if size < COUNT_CHUNKED_FROM:
+    return 1
+  return next((d for d in range(-(-size // COUNT_CHUNK), COUNT_MAX_CHUNKS + 1)
+               if size % d == 0), 1)
 
 
 def counts_above(v: jax.Array, thresholds, axes) -> tuple:
@@ -212,8 +223,7 @@ def counts_above(v: jax.Array, thresholds, axes) -> tuple:
   axes = tuple(sorted(a % v.ndim for a in axes))
   size = math.prod(v.shape[a] for a in axes)
   trailing = axes == tuple(range(v.ndim - len(axes), v.ndim))
-  chunks = next((d for d in range(-(-size // COUNT_CHUNK), 4097)
-                 if size % d == 0), 1) if size >= COUNT_CHUNKED_FROM else 1
+  chunks = _count_chunks(size)
   if not trailing or chunks <= 1:
     return tuple(jnp.sum(v > t, axis=axes) for t in thresholds)
   lead = v.shape[:v.ndim - len(axes)]
