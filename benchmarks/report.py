@@ -390,7 +390,11 @@ def memory_section(path, d):
     cells.setdefault(r['optimizer'], {}).setdefault(col, {})[
         r['budget']] = r['temp_per_param']
     if r['mode'] == 'one_device':
-      state[r['optimizer']] = r['state_per_param']
+      # The state per parameter byte depends on the tree (e.g. SOAP's
+      # factors stop at max_precond_dim): one figure per model.
+      state.setdefault(r['optimizer'], {})[r['model']] = r['state_per_param']
+  state_models = [c[1] for c in cols if c[0] == 'one_device'
+                  and c[2] == 'concurrency']
 
   def cell(budgets):
     if set(budgets) == {'default'}:
@@ -404,15 +408,17 @@ def memory_section(path, d):
     sched = '' if c[2] == 'concurrency' else ', memory scheduler'
     return f'{c[0]} {c[1]} ({size}{sched})'
 
-  header = ['optimizer', 'state'] + [label(c) for c in cols]
-  rows = [[f'`{name}`', _fmt(state.get(name), '.2f')]
+  header = (['optimizer', 'state ' + ' / '.join(state_models)]
+            + [label(c) for c in cols])
+  rows = [[f'`{name}`', ' / '.join(_fmt(state.get(name, {}).get(m), '.2f')
+                                   for m in state_models)]
           + [cell(cells[name][c]) if c in cells[name] else '–'
              for c in cols] for name in cells]
   return (_head(path, d) + '\n\nXLA temporaries of one jitted update '
           '(`memory_analysis().temp_size_in_bytes`) per parameter byte, at '
           '`memory_budget` default / `None` / `0` (`adamw`, `optax_muon`: '
           'their one setting); `state`: optimizer-state bytes per parameter '
-          'byte. `distribute8`: per device, over the per-device parameter '
+          'byte on each one-device tree. `distribute8`: per device, over the per-device parameter '
           'bytes (FSDP on 8 host devices). "memory scheduler": XLA:CPU '
           'with `--xla_cpu_enable_concurrency_optimized_scheduler=false`.'
           '\n\n' + _table(header, rows))
