@@ -418,9 +418,10 @@ def memory_section(path, d):
           '(`memory_analysis().temp_size_in_bytes`) per parameter byte, at '
           '`memory_budget` default / `None` / `0` (`adamw`, `optax_muon`: '
           'their one setting); `state`: optimizer-state bytes per parameter '
-          'byte on each one-device tree. `distribute8`: per device, over the per-device parameter '
-          'bytes (FSDP on 8 host devices). "memory scheduler": XLA:CPU '
-          'with `--xla_cpu_enable_concurrency_optimized_scheduler=false`.'
+          'byte on each one-device tree. `distribute8`: per device, over '
+          'the per-device parameter bytes (FSDP on 8 host devices). '
+          '"memory scheduler": XLA:CPU with '
+          '`--xla_cpu_enable_concurrency_optimized_scheduler=false`.'
           '\n\n' + _table(header, rows))
 
 
