@@ -7,6 +7,9 @@ the page under a ``## Generated tables`` heading. Nothing is typed by hand:
 every number comes from a results file, and every table names the file it
 came from (links relative to the page). The same text is also written to
 ``benchmarks/results/SUMMARY.md`` (links relative to the repository root).
+The README's "Which optimizer should I use?" table (marker ``choice``) is
+built here too, from the LM race, the refresh race, the model step times
+and the state bytes (:func:`choice_table`).
 
   python benchmarks/report.py [--doc docs/benchmarks.md] [--results DIR]
 """
@@ -619,6 +622,76 @@ def gpu_suite_section(path, d):
   return _head(path, d) + '\n\n' + gpu_suite.render(d)
 
 
+# The README's choice table: (label, quality, step time, state). Quality is
+# ('lm', name) from the LM race or ('refresh', name, k) from the refresh
+# race; step time a key of step_time_models' medium tree; state
+# (state_bytes optimizer, text after it) or a text.
+CHOICE_ROWS = (
+    ('`optax.adamw`', ('lm', 'adamw'), 'adamw', ('adamw', '')),
+    ('`muon`', ('lm', 'muon'), 'muon', ('muon', '')),
+    ('`muon_lite`', ('lm', 'muon_lite'), 'muon_lite', ('muon_lite', '')),
+    ('`muon_lite`, `filter_every=5`', ('refresh', 'muon_lite', 5),
+     'muon_lite+k5', ('muon_lite', ' + the filters')),
+    ('`soap`', ('lm', 'soap'), 'soap', ('soap', '')),
+    ('`soap_lite`', ('lm', 'soap_lite'), 'soap_lite', ('soap_lite', '')),
+    ('`shampoo`', ('lm', 'shampoo'), 'shampoo', ('shampoo', '')),
+    ('`fismo`', ('refresh', 'fismo', 1), 'fismo', ('fismo', '')),
+    ('`fismo`, `root_every=10`', ('refresh', 'fismo', 10), 'fismo+k10',
+     ('fismo', ' + the roots')),
+    ('`fismo_lite`', ('lm', 'fismo_lite'), 'fismo_lite', ('fismo_lite', '')),
+    ('`rmnp`', ('lm', 'rmnp'), 'rmnp', ('rmnp', '')),
+    ('`rmnp_lite`', ('lm', 'rmnp_lite'), 'rmnp_lite', ('rmnp_lite', '')),
+    ('`normuon`', ('lm', 'normuon'), 'normuon',
+     ('muon', ' + one float per neuron')),
+    ('`normuon_lite`', ('lm', 'normuon_lite'), 'normuon_lite',
+     'as `normuon`'),
+    ('`muon`, `cautious_weight_decay=True`', ('lm', 'muon_cautious'),
+     'muon_cautious', ('muon', '')),
+)
+CHOICE_FILES = ('lm_tiny1000_stdlib_cpu.json', 'refresh_every_cpu.json',
+                'step_time_models_cpu.json', 'state_bytes.json')
+
+
+def choice_table(results_dir) -> str:
+  """The README's table: final validation loss (LM race, mean of its
+  seeds), step time × ``muon`` on the medium tree (median / mean) and state
+  bytes per parameter of a transformer block (float32); the lowest loss in
+  bold. A run made with overrides says so beside its loss."""
+  def load(name):
+    with open(os.path.join(results_dir, name)) as f:
+      return json.load(f)
+
+  lm_d, refresh_d, steps_d, state_d = map(load, CHOICE_FILES)
+  lm_rows = {r['optimizer']: r for r in lm_d['summary']}
+  refresh = {(r['optimizer'], r['every']): r['final_val_loss']
+             for r in refresh_d['summary']}
+  medium = next(m for m in steps_d['models'] if m['name'] == 'medium')
+  state = {r['optimizer']: r['bytes_per_param'] for r in state_d['rows']
+           if r['model'] == 'transformer_block'
+           and r['state_dtype'] == 'float32'}
+
+  def quality(src):
+    if src[0] == 'refresh':
+      return refresh[src[1:]], ''
+    row = lm_rows[src[1]]
+    over = ', '.join(f'`{k}={v}`' for k, v in (row['overrides'] or {}).items())
+    return row['final_val_loss'], f' (run with {over})' if over else ''
+
+  losses = [quality(q) for _, q, _, _ in CHOICE_ROWS]
+  best = min(loss for loss, _ in losses)
+  rows = []
+  for (label, _, step, mem), (loss, note) in zip(CHOICE_ROWS, losses):
+    t = medium['optimizers'][step]
+    cell = f'{loss:.3f}'
+    rows.append([label, (f'**{cell}**' if round(loss, 3) == round(best, 3)
+                         else cell) + note,
+                 f'{t["ratio_to_muon"]:.2f} / {t["ratio_to_muon_mean"]:.2f}',
+                 mem if isinstance(mem, str)
+                 else f'{state[mem[0]]:.2f}{mem[1]}'])
+  return _table(['optimizer', 'val loss (nats/byte)',
+                 'step time × muon, median / mean', 'state B/param'], rows)
+
+
 SECTIONS = {'step_time': step_time_section, 'lm': lm_section,
             'refresh_every': refresh_every_section,
             'gpu_suite': gpu_suite_section,
@@ -668,13 +741,17 @@ def update_doc(doc, text):
               f'<!-- END GENERATED:{n} -->\n')
     src = src.rstrip('\n') + add
   for n in NAMES:
-    pat = re.compile(rf'(<!-- BEGIN GENERATED:{n} -->)(.*?)'
-                     rf'(<!-- END GENERATED:{n} -->)', re.S)
-    body = relink(text[n], doc)
-    src = pat.sub(lambda m, body=body: m.group(1) + '\n' + body + '\n'
-                  + m.group(3), src)
+    src = fill_marker(src, n, relink(text[n], doc))
   with open(doc, 'w') as f:
     f.write(src if src.endswith('\n') else src + '\n')
+
+
+def fill_marker(src: str, name: str, body: str) -> str:
+  """``src`` with the text between marker pair ``name`` set to ``body``."""
+  pat = re.compile(rf'(<!-- BEGIN GENERATED:{name} -->)(.*?)'
+                   rf'(<!-- END GENERATED:{name} -->)', re.S)
+  return pat.sub(lambda m: m.group(1) + '\n' + body + '\n' + m.group(3),
+                 src)
 
 
 def main(argv=None):
@@ -682,6 +759,10 @@ def main(argv=None):
   p.add_argument('--doc', default=os.path.join(ROOT, 'docs', 'benchmarks.md'),
                  help='the page whose markers get the tables')
   p.add_argument('--results', default=os.path.join(HERE, 'results'))
+  p.add_argument('--readme', default=None,
+                 help='the README whose "choice" markers get the table '
+                      "(default: the repository's, with the default "
+                      '--results only)')
   p.add_argument('--summary', default=None,
                  help='also write this markdown file (default: '
                       '<results>/SUMMARY.md)')
@@ -699,6 +780,17 @@ def main(argv=None):
     print(f'updated {args.doc}')
   else:
     print(f'[note] {args.doc} does not exist: not touched.')
+  readme = args.readme or (
+      os.path.join(ROOT, 'README.md')
+      if os.path.abspath(args.results) == os.path.join(HERE, 'results')
+      else None)
+  if readme and all(os.path.exists(os.path.join(args.results, f))
+                    for f in CHOICE_FILES):
+    with open(readme) as f:
+      src = f.read()
+    with open(readme, 'w') as f:
+      f.write(fill_marker(src, 'choice', choice_table(args.results)))
+    print(f'updated {readme}')
   return text
 
 

@@ -421,6 +421,19 @@ def test_report_fills_markers(out_dir, tmp_path):
   assert '| `muon` |' in text
 
 
+def test_readme_choice_table_is_the_generated_one():
+  """The README's "Which optimizer" table is ``report.choice_table`` of the
+  committed results, as ``python benchmarks/report.py`` writes it (no
+  number typed by hand)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(report.__file__)))
+  with open(os.path.join(root, 'README.md')) as f:
+    readme = f.read()
+  want = report.choice_table(os.path.join(root, 'benchmarks', 'results'))
+  assert report.fill_marker(readme, 'choice', want) == readme
+  assert '<!-- BEGIN GENERATED:choice -->\n' + want in readme
+  assert '| `muon` | 1.374 |' in want  # the LM race's mean over seeds
+
+
 def test_report_links_are_relative_to_the_page(tmp_path):
   body = ('*Source: [`benchmarks/results/a.json`](benchmarks/results/a.json)*'
           '\n![plot](benchmarks/results/a.png)')
