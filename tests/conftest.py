@@ -172,9 +172,13 @@ DEFAULT_COMPILER_MODULES = ('test_behaviour_fixture.py',)
 
 
 # Modules whose tests take longest (tens of seconds each on 2 cores): run
-# first, so that no worker is left finishing one of them alone at the end.
+# first, so that no worker is left finishing one of them alone at the end
+# (test_memory_budget's SOAP depth test, 16 s, ran alone as the last test of
+# the single-device run: 17 s of one idle core).
 LONGEST_FIRST = ('test_multiprocess.py', 'test_stack_by_shape.py',
-                 'test_multisteps.py')
+                 'test_multisteps.py', 'test_memory_budget.py',
+                 'test_benchmarks_smoke.py', 'test_no_hang_multidevice.py',
+                 'test_multidevice.py')
 
 
 def pytest_collection_modifyitems(config, items):
