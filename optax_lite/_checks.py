@@ -129,6 +129,16 @@ def dtype_argument(name: str, x: Any, *, allow_none: bool = False):
     raise TypeError(f'{name} must be a dtype, got {x!r}.') from e
 
 
+def check_flag(name: str, x: Any) -> bool:
+  """A structural on/off switch: a Python bool (not an array or tracer;
+  a string such as ``"false"`` would read as true)."""
+  if not isinstance(x, bool):
+    raise TypeError(
+        f'{name} must be a Python bool, got {type(x).__name__} {x!r} (with '
+        f'optax.inject_hyperparams pass static_args=({name!r},)).')
+  return x
+
+
 def check_choice(name: str, x: Any, choices: Sequence[str]):
   if x not in choices:
     raise ValueError(f'{name} must be one of {tuple(choices)}, got {x!r}.')

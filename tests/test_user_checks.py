@@ -133,3 +133,88 @@ def test_integer_and_boolean_leaves_are_refused_by_path(name, kind):
   state = tx.init(floats)
   with pytest.raises(TypeError, match=rf"updates\['extra'\]\['{kind}'\]"):
     tx.update(params, state, floats)
+
+
+# The public transforms with what each needs besides its keywords
+# (``kron_precondition`` forwards its keywords to the two below).
+_TRANSFORMS = {
+    'orthogonalize': lambda **kw: ol.orthogonalize(**kw),
+    'row_normalize': lambda **kw: ol.row_normalize(**kw),
+    'fisher_whiten': lambda **kw: ol.fisher_whiten(ol.orthogonalize(), **kw),
+    'scale_by_soap': lambda **kw: ol.scale_by_soap(**kw),
+    'scale_by_shampoo': lambda **kw: ol.scale_by_shampoo(**kw),
+    'momentum': lambda **kw: ol.momentum(**kw),
+    'neuron_normalize': lambda **kw: ol.neuron_normalize(**kw),
+    'scale_by_shape': lambda **kw: ol.scale_by_shape(**kw),
+    'lite_flat_boost': lambda **kw: ol.lite_flat_boost(ol.muon_geometry(),
+                                                       **kw),
+    'muon_geometry': lambda **kw: ol.muon_geometry(**kw),
+    'normuon_geometry': lambda **kw: ol.normuon_geometry(**kw),
+    'soap_geometry': lambda **kw: ol.soap_geometry(**kw),
+    'row_norm_geometry': lambda **kw: ol.row_norm_geometry(**kw),
+    'diagonal_geometry': lambda **kw: ol.diagonal_geometry(**kw),
+}
+
+
+def _switches_and_numbers(fn):
+  """The keyword parameters of ``fn`` whose defaults are a bool (a switch)
+  or a number, by name."""
+  import inspect
+  switches, numbers = [], []
+  for name, p in inspect.signature(fn).parameters.items():
+    if isinstance(p.default, bool):
+      switches.append(name)
+    elif isinstance(p.default, (int, float)):
+      numbers.append(name)
+  return switches, numbers
+
+
+def _assert_refused(build, fn, name):
+  """Every switch of ``fn`` refuses a string (``"false"`` reads as true),
+  every number refuses NaN, each with an error naming the parameter."""
+  switches, numbers = _switches_and_numbers(fn)
+  for p in switches:
+    with pytest.raises(TypeError, match=rf'\b{p}\b'):
+      build(**{p: 'false'})
+  for p in numbers:
+    with pytest.raises((ValueError, TypeError), match=rf'\b{p}\b'):
+      build(**{p: float('nan')})
+  assert switches or numbers, name
+
+
+@pytest.mark.parametrize('name', NAMED + ['adamw_lite'])
+def test_named_optimizers_refuse_string_switches_and_nan_numbers(name):
+  fn = getattr(ol, name)
+  _assert_refused(lambda **kw: fn(1e-2, **kw), fn, name)
+
+
+@pytest.mark.parametrize('name', sorted(_TRANSFORMS))
+def test_transforms_refuse_string_switches_and_nan_numbers(name):
+  _assert_refused(_TRANSFORMS[name], getattr(ol, name), name)
+
+
+@pytest.mark.parametrize('name, kw, match', [
+    ('muon_lite', {'rms': -0.2}, r'\brms\b'),
+    ('normuon_lite', {'rms': 0.0}, r'\brms\b'),
+    ('fismo_lite', {'rms': -1.0}, r'\brms\b'),
+    ('muon_lite', {'threshold_cap': -1.0}, r'\bthreshold_cap\b'),
+    ('normuon_lite', {'threshold_cap': 0.0}, r'\bthreshold_cap\b'),
+    ('soap_lite', {'emb_sharp_ratio': 1.5}, r'\bemb_sharp_ratio\b'),
+    ('muon_lite', {'emb_smooth_ratio': -0.1}, r'\bemb_smooth_ratio\b'),
+    ('fismo_lite', {'scaling': 'bogus'}, r'\bscaling\b'),
+])
+def test_lite_settings_out_of_range_name_themselves(name, kw, match):
+  """Refused when built, not turned into a NaN update or an error that
+  names another function's parameter."""
+  with pytest.raises((ValueError, TypeError), match=match):
+    getattr(ol, name)(1e-2, **kw)
+
+
+@pytest.mark.parametrize('eps', [-1e-7, 0.0])
+def test_polar_eps_must_be_positive(eps):
+  """``eps`` keeps a zero matrix at zero (0 / (0 + eps)); zero or negative
+  would divide by zero or flip the sign."""
+  with pytest.raises(ValueError, match=r'\beps\b'):
+    ol.orthogonalize(eps=eps)
+  with pytest.raises(ValueError, match=r'\beps\b'):
+    ol.polar_factor(jnp.ones((3, 4)), eps=eps)

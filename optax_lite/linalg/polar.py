@@ -382,6 +382,7 @@ def polar_factor(x: jax.Array, method: str = 'polar_express',
   if x.ndim < 2:
     raise ValueError(f'x must have rank >= 2, got shape {x.shape}.')
   _checks.check_float_leaf('x', x)
+  _checks.check_positive('eps', eps)
   precision = matmul_lib.check_precision('precision', precision)
   ns_dtype = check_ns_dtype(ns_dtype)
   return _polar_factor_jit(x, method, steps, eps, precision, ns_dtype)

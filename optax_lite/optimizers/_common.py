@@ -19,13 +19,7 @@ from optax_lite.transforms.cautious import add_cautious_decayed_weights
 ALL_LABELS = labels_lib.LABELS + ('adam',)
 
 
-def check_flag(name: str, x) -> bool:
-  """A structural on/off switch: a Python bool (not an array or tracer)."""
-  if not isinstance(x, bool):
-    raise TypeError(
-        f'{name} must be a Python bool, got {type(x).__name__} {x!r} (with '
-        f'optax.inject_hyperparams pass static_args=({name!r},)).')
-  return x
+check_flag = _checks.check_flag
 
 
 def weight_decay_tx(weight_decay, mask=None, cautious: bool = False
@@ -221,9 +215,19 @@ def whitening_settings(args: Mapping[str, Any]) -> dict[str, Any]:
   return {k: args[k] for k in WHITENING_ARGS}
 
 
+# The on/off switches of the named optimizers, under the same names in each.
+FLAGS = ('nesterov', 'ema', 'adam_nesterov', 'scale_invariant',
+         'skip_first_update', 'reference_schedules')
+
+
 def adam_rest(args: Mapping[str, Any]) -> AdamRest:
   """The ``adam_*`` settings, read by name from a named optimizer's
-  arguments (``adam_nesterov`` where it has one)."""
+  arguments (``adam_nesterov`` where it has one). Every named optimizer
+  passes its arguments here, so its switches (:data:`FLAGS`) are checked
+  here too: a string such as ``"false"`` would otherwise read as true."""
+  for name in FLAGS:
+    if name in args:
+      check_flag(name, args[name])
   return AdamRest(args['adam_learning_rate'], args['adam_b1'],
                   args['adam_b2'], args['adam_eps'], args['adam_weight_decay'],
                   bool(args.get('adam_nesterov', False)))

@@ -403,6 +403,7 @@ def fisher_whiten(inner: optax.GradientTransformation | None = None, *,
   memory_budget = grouped_lib.check_memory_budget(memory_budget)
   _checks.check_decay('gamma', gamma, allow_one=True)
   _checks.check_positive('damping', damping)
+  _checks.check_flag('scale_invariant', scale_invariant)
   _checks.check_choice('root_method', root_method, _ROOT_METHODS)
   if root_method == 'auto':
     root_method = auto_root_method()

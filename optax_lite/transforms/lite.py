@@ -248,6 +248,9 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                      f'beta1={beta1}.')
   _checks.check_decay('momentum', momentum)
   _checks.check_choice('scaling', scaling, SCALING_MODES)
+  _checks.check_positive('rms', rms)
+  _checks.check_flag('nesterov', nesterov)
+  _checks.check_flag('owner_inner', owner_inner)
   if not isinstance(stack_by_shape, bool):
     raise TypeError('stack_by_shape must be a bool (static), got '
                     f'{type(stack_by_shape).__name__}.')

@@ -102,6 +102,7 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
   precondition_frequency, max_precond_dim = check_soap_args(
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
   _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
+  _checks.check_flag('skip_first_update', skip_first_update)
   smooth = smooth_fraction(sharp_ratio, smooth_ratio)
   pdt = _checks.dtype_argument('precond_dtype', precond_dtype)
 

@@ -178,6 +178,8 @@ def muon_geometry(*, sharp_ratio: float = 0.1, method: str = 'polar_express',
                        low_open=True, high_open=True)
   _checks.check_number('threshold_rate', threshold_rate, low=1.0,
                        low_open=True, high=2.0, high_open=True)
+  if threshold_cap is not None:
+    _checks.check_positive('threshold_cap', threshold_cap)
   _checks.check_choice('sharp_dim_rule', sharp_dim_rule,
                        ('reference', 'paper'))
   _checks.check_positive('threshold_deadband', threshold_deadband,

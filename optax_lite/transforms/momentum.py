@@ -97,6 +97,9 @@ def momentum(decay: float = 0.95, *, nesterov: bool = True,
     An ``optax.GradientTransformation`` with state :class:`MomentumState`.
   """
   _checks.check_decay('decay', decay)
+  for name, flag in (('nesterov', nesterov), ('ema', ema),
+                     ('bias_correction', bias_correction)):
+    _checks.check_flag(name, flag)
   if nesterov_coeff is not None:
     _checks.check_number('nesterov_coeff', nesterov_coeff)
   if bias_correction and not ema:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import optax
 
+from optax_lite import _checks
 from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.linalg import engine
 from optax_lite.linalg import grouped as grouped_lib
@@ -110,6 +111,7 @@ def orthogonalize(method: str = 'polar_express', steps: int | None = None,
   spec = distributed_lib.check_distribute(distribute, shard_polar)
   precision = matmul_lib.check_precision('precision', precision)
   ns_dtype = polar_lib.check_ns_dtype(ns_dtype)
+  _checks.check_positive('eps', eps)
   fn = polar_kernel(method, steps, eps, precision, ns_dtype)
   memory_budget = grouped_lib.check_memory_budget(memory_budget)
 

@@ -410,6 +410,7 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
   """
   precondition_frequency, max_precond_dim = check_soap_args(
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
+  _checks.check_flag('skip_first_update', skip_first_update)
   if null_threshold is not None:
     _checks.check_positive('null_threshold', null_threshold, allow_zero=True)
   spec, memory_budget, precond_dtype, mu_dtype = placement_and_dtypes(
