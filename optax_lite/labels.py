@@ -9,7 +9,8 @@ LM head to Muon; :func:`label_params` does not.
 
 Labels:
 
-``"matrix"``     hidden weight matrices (rank >= 2): the matrix method.
+``"matrix"``     hidden weight matrices (rank >= 2, not empty): the matrix
+                 method.
 ``"embedding"``  embedding tables (path contains ``embed``).
 ``"head"``       the output projection (path component ``head``, ``lm_head``,
                  ``unembed``, ``output_head``, ``logits``; or, if no such
@@ -20,7 +21,8 @@ Labels:
 ``"other"``      everything else: biases (a leaf named ``bias`` or ``*_bias``,
                  whatever its rank: the ``(heads, head_dim)`` query/key/value
                  biases of Flax attention are never matrices), scalars,
-                 other vectors.
+                 other vectors, and matrices with no entries (a zero-sized
+                 axis: no direction to orthogonalise; AdamW's no-op).
 
 Works on plain dicts, Flax Linen ``params`` and ``flax.nnx`` ``State`` trees.
 
@@ -84,8 +86,8 @@ def _default_label(path: str, leaf, head_names, n_stacked: int = 0) -> str:
     return 'head'
   if _is_bias(comps[-1]):
     return 'other'
-  if ndim >= 2:
-    return 'matrix'
+  if ndim >= 2 and getattr(leaf, 'size', 1):
+    return 'matrix'  # (an empty one has no direction: AdamW's no-op)
   if any('norm' in c or c.startswith('ln') for c in comps):
     return 'norm'
   return 'other'

@@ -16,7 +16,9 @@ Documented behaviour (checked below):
   leaves** give finite updates of the right shape and dtype.
 * **bfloat16 parameters and gradients with float32 state** (``mu_dtype``):
   updates are bfloat16 and finite, the momentum is float32.
-* **Empty pytrees** init and update to empty trees.
+* **Empty pytrees** init and update to empty trees; **empty leaves** (a
+  0 × n matrix, an empty embedding or gain) step as AdamW's no-op beside
+  the others.
 * **A gradient tree that does not match the state** raises ``ValueError``
   (structure) or ``TypeError`` (shape) naming the mismatch.
 
@@ -304,6 +306,49 @@ def test_empty_pytrees(name):
     assert jax.tree.structure(u) == jax.tree.structure(empty)
     u, _ = cached(name)[2](empty, s2, empty)
     assert jax.tree.leaves(u) == []
+
+
+def _with_empty_leaves():
+  """A tree with leaves that have no entries: a 0 × 4 and a 4 × 0 hidden
+  matrix, an empty embedding and an empty norm gain, beside a real one."""
+  return {'a': {'kernel': jnp.zeros((0, 4))},
+          'b': {'kernel': jnp.zeros((4, 0))},
+          'embed': {'embedding': jnp.zeros((0, 8))},
+          'norm': {'scale': jnp.zeros((0,))},
+          'dense': {'kernel': jnp.ones((8, 6)) * 0.1}}
+
+
+@pytest.mark.parametrize('name', NAMED + ['adamw_lite'])
+def test_empty_leaves_step_beside_the_others(name):
+  """An empty matrix has no direction: the labels send it to AdamW (no
+  division by its zero side, no reduction over nothing), and the other
+  leaves step as they would without it."""
+  import optax_lite as ol
+  tx = ol.adamw_lite(1e-2) if name == 'adamw_lite' else make(name)
+  p = _with_empty_leaves()
+  s = tx.init(p)
+  step = _step(tx)
+  for i in range(2):
+    p, s, u = step(p, s, grads_like(p, key=i))
+    assert _finite(u) and _finite(s), name
+  assert u['a']['kernel'].shape == (0, 4) and u['norm']['scale'].shape == (0,)
+  assert float(jnp.abs(u['dense']['kernel']).max()) > 0
+
+
+def test_transforms_step_empty_matrices():
+  """Used directly, the matrix transforms pass an empty leaf through as a
+  non-matrix leaf; LITE's matrix geometries refuse it by path."""
+  import optax_lite as ol
+  p = {'a': jnp.zeros((0, 4)), 'b': jnp.ones((3, 5))}
+  for tx in (ol.orthogonalize(), ol.row_normalize(), ol.scale_by_soap(),
+             ol.scale_by_shampoo(), ol.fisher_whiten(ol.orthogonalize()),
+             ol.lite_flat_boost(ol.diagonal_geometry())):
+    s = tx.init(p)
+    for _ in range(2):
+      u, s = jax.jit(tx.update)(p, s, p)
+    assert _finite(u) and u['a'].shape == (0, 4)
+  with pytest.raises(ValueError, match=r"params\['a'\]: shape \(0, 4\)"):
+    ol.lite_flat_boost(ol.muon_geometry()).init(p)
 
 
 @pytest.mark.parametrize('name', NAMED)

@@ -220,6 +220,17 @@ FLAGS = ('nesterov', 'ema', 'adam_nesterov', 'scale_invariant',
          'skip_first_update', 'reference_schedules')
 
 
+def check_emb_ratios(args: Mapping[str, Any], smooth: str) -> None:
+  """A LITE optimizer's AdamW-LITE ratios (and its ``flat_weight_decay``
+  switch), checked under the names the user gave them (AdamW-LITE's own
+  checks would name ``sharp_ratio`` / ``smooth_ratio``). ``smooth``: the
+  argument holding the smooth ratio."""
+  _checks.check_number('emb_sharp_ratio', args['emb_sharp_ratio'], low=0.0,
+                       high=1.0, low_open=True, high_open=True)
+  _checks.check_number(smooth, args[smooth], low=0.0, high=1.0)
+  check_flag('flat_weight_decay', args['flat_weight_decay'])
+
+
 def adam_rest(args: Mapping[str, Any]) -> AdamRest:
   """The ``adam_*`` settings, read by name from a named optimizer's
   arguments (``adam_nesterov`` where it has one). Every named optimizer

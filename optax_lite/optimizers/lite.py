@@ -246,12 +246,7 @@ def lite_settings(args: Mapping[str, Any], *, h_betas: tuple[float, float],
   once. ``emb_smooth_ratio``: the argument holding the emb/norm leaves'
   smooth ratio (SOAP-LITE and RMNP-LITE share their ``smooth_ratio``).
   """
-  # Checked here under their own names (AdamW-LITE would name its own).
-  _checks.check_number('emb_sharp_ratio', args['emb_sharp_ratio'], low=0.0,
-                       high=1.0, low_open=True, high_open=True)
-  _checks.check_number(emb_smooth_ratio, args[emb_smooth_ratio], low=0.0,
-                       high=1.0)
-  _common.check_flag('flat_weight_decay', args['flat_weight_decay'])
+  _common.check_emb_ratios(args, emb_smooth_ratio)
   mix = LiteMix(args['variant'], args['chi'], args['beta1'], args['beta2'],
                 h_betas, args['emb_chi'], args['emb_sharp_ratio'],
                 args[emb_smooth_ratio], args['threshold_rate'])
@@ -452,15 +447,14 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
   and the weight agree in sign (the flat-direction decay stays plain).
   """
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
-  _common.check_flag('flat_weight_decay', flat_weight_decay)
   return _common.refuse_non_float(optax.chain(
       lite_flat_boost(
           diagonal_geometry(b1=b1, b2=b2, eps=eps, sharp_ratio=sharp_ratio,
                             smooth_ratio=smooth_ratio,
                             threshold_rate=threshold_rate),
           chi=chi, momentum=b1, nesterov=False, mu_dtype=mu_dtype,
-          scaling='none',
-          flat_weight_decay=weight_decay if flat_weight_decay else 0.0),
+          scaling='none', flat_weight_decay=(weight_decay if _common.check_flag(
+              'flat_weight_decay', flat_weight_decay) else 0.0)),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        cautious=cautious_weight_decay)))
 
@@ -686,8 +680,7 @@ def fismo_lite(learning_rate: optax.ScalarOrSchedule, *,
                            filter_every=filter_every)
   polar_lib.check_method(method, steps)
   _checks.check_decay('momentum', momentum)
-  _checks.check_choice('scaling', scaling, SCALING_MODES)
-  _checks.check_positive('rms', rms)
+  _checks.check_choice('scaling', scaling, SCALING_MODES)  # (rms: its own)
   distribute = distributed.check_distribute(distribute)
 
   geometry = muon_geometry(**muon_geometry_settings(locals()))

@@ -49,7 +49,9 @@ def resolve_dims(dims: DimsSpec, tree) -> Any:
 def leaf_view(x, d, name: str) -> MatrixView | None:
   """The MatrixView of leaf ``x`` under resolved dims ``d`` (None: skip)."""
   _checks.check_float_leaf(name, x)
-  if d is None:
+  if d is None or not x.size:
+    # An empty matrix has no direction to orthogonalise or precondition
+    # (and its shape would divide by zero): it steps as a non-matrix leaf.
     return None
   return matrix_view(x.shape, None if d is _DEFAULT else d)
 

@@ -115,8 +115,8 @@ def _vector_view(shape) -> MatrixView:
 def _leaf_view(x, d) -> tuple[MatrixView, bool]:
   """``(view, is_matrix)`` of a leaf under resolved dims ``d``."""
   _checks.check_float_leaf('updates', x)
-  if d is None or (d is _tree._DEFAULT and x.ndim < 2):
-    return _vector_view(x.shape), False
+  if d is None or not x.size or (d is _tree._DEFAULT and x.ndim < 2):
+    return _vector_view(x.shape), False  # (an empty matrix: element-wise)
   return matrix_view(x.shape, None if d is _tree._DEFAULT else d), True
 
 

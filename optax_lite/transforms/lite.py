@@ -285,6 +285,8 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
     # zeros_like keeps each parameter's sharding (jnp.zeros would not).
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype),
                       params)
+    if geometry.needs_matrix:
+      _require_matrix_views(params, leaf_dims)
     per_leaf = _tree.map_leaves(lambda v, p: geometry.init(v, p), params,
                                 dims=leaf_dims, name='params')
     n = n_fields(per_leaf, params)
@@ -357,6 +359,21 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                      'parameters).')
 
   return _lite_owner_inner(transform, geometry, make_leaf, mu_dtype)
+
+
+def _require_matrix_views(params, dims):
+  """A matrix geometry needs every leaf as a matrix: a leaf without a view
+  (``dims`` ``None`` for it, or no entries) gets an error naming it, not an
+  ``AttributeError`` from inside the geometry."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  _, _, views = _tree.matrix_views(params, dims, 'params')
+  for (path, x), view in zip(flat, views):
+    if view is None:
+      raise ValueError(
+          f'params{jax.tree_util.keystr(path)}: shape {tuple(x.shape)} has '
+          'no matrix view (its dims are None, or it has no entries), but '
+          "this LITE geometry needs one; send it to another transform (the "
+          "named optimizers label empty leaves 'other', for AdamW).")
 
 
 def _stack_view(x):
