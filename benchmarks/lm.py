@@ -108,11 +108,14 @@ def lite_run_length(name: str, steps: int, warmup: int, schedule: str):
   """Keywords that give a LITE optimizer its reference χ/β₂ ramps.
 
   The ramps of ``ol.*_lite`` need the run length and the schedule kind
-  (``optax_lite.optimizers.lite``); other optimizers get ``{}``.
+  (``optax_lite.optimizers.lite``); other optimizers get ``{}``. A run
+  shorter than its warmup (a smoke run) ramps from its last step, since
+  the optimizers refuse ``warmup_steps >= total_steps``.
   """
   if not name.endswith('_lite') or schedule not in ('cos', 'wsd'):
     return {}
-  return dict(total_steps=int(steps), warmup_steps=int(warmup),
+  return dict(total_steps=int(steps),
+              warmup_steps=min(int(warmup), int(steps) - 1),
               schedule='cosine' if schedule == 'cos' else 'wsd')
 
 

@@ -124,9 +124,14 @@ def dtype_argument(name: str, x: Any, *, allow_none: bool = False):
         f"as a string (e.g. 'bfloat16': a dtype class is callable and is "
         f'taken for a schedule) or static_args=({name!r},).')
   try:
-    return jnp.dtype(x)
+    dt = jnp.dtype(x)
   except TypeError as e:
     raise TypeError(f'{name} must be a dtype, got {x!r}.') from e
+  # Every dtype argument is a state's or an iterate's: an integer one would
+  # truncate the optimizer's statistics without a word.
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f'{name} must be a floating dtype, got {dt}.')
+  return dt
 
 
 def check_flag(name: str, x: Any) -> bool:

@@ -218,3 +218,31 @@ def test_polar_eps_must_be_positive(eps):
     ol.orthogonalize(eps=eps)
   with pytest.raises(ValueError, match=r'\beps\b'):
     ol.polar_factor(jnp.ones((3, 4)), eps=eps)
+
+
+@pytest.mark.parametrize('name', NAMED + ['adamw_lite'])
+def test_integer_mu_dtype_is_refused(name):
+  """An integer momentum would truncate the statistics without a word."""
+  with pytest.raises(TypeError, match=r'mu_dtype must be a floating dtype'):
+    getattr(ol, name)(1e-2, mu_dtype=jnp.int32)
+
+
+@pytest.mark.parametrize('build, match', [
+    (lambda: ol.chi_schedule(0.5, mode='ramp', total_steps=10), r'\bchi\b'),
+    (lambda: ol.chi_schedule(float('nan'), mode='decay', total_steps=10),
+     r'\bchi\b'),
+    (lambda: ol.chi_schedule(2.0, mode='ramp', total_steps=0),
+     r'\btotal_steps\b'),
+    (lambda: ol.chi_schedule(2.0, mode='ramp', total_steps=10,
+                             warmup_steps=10), r'\bwarmup_steps\b'),
+    (lambda: ol.chi_schedule(2.0, mode='ramp', total_steps=10,
+                             flat_warmup=0.0), r'\bflat_warmup\b'),
+    (lambda: ol.beta2_ramp(1.0, 0.5, total_steps=10), r'\bbeta2\b'),
+    (lambda: ol.beta2_ramp(float('nan'), 1.0, total_steps=10), r'\bbeta1\b'),
+    (lambda: ol.beta2_ramp(0.0, 1.0, total_steps=0), r'\btotal_steps\b'),
+])
+def test_ramp_schedules_refuse_bad_arguments(build, match):
+  """Built with bad arguments the ramps gave χ < 1, NaN or a β₂ falling
+  below β₁, which ``lite_flat_boost`` refuses as plain numbers."""
+  with pytest.raises((ValueError, TypeError), match=match):
+    build()

@@ -46,6 +46,7 @@ def adamw(learning_rate, *, b1: float, b2: float, eps: float,
   _checks.check_decay('adam_b2', b2)
   _checks.check_positive('adam_eps', eps)
   _checks.check_positive('adam_weight_decay', weight_decay, allow_zero=True)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   if not check_flag('cautious_weight_decay', cautious):
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                        weight_decay=weight_decay, mu_dtype=mu_dtype,

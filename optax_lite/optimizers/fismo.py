@@ -192,7 +192,7 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.95,
   # several devices, leaf by leaf (in packs of memory_budget) on one.
   inner = _momentum_polar(
       inner, decay=momentum, nesterov=nesterov, ema=ema,
-      mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype),
+      mu_dtype=_checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True),
       polar=polar_kernel(method, steps, polar_lib.EPS,
                          matmul_lib.check_precision('precision', precision),
                          polar_lib.check_ns_dtype(ns_dtype)),

@@ -27,7 +27,6 @@ import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_lite import _checks
@@ -36,6 +35,8 @@ from optax_lite.linalg import grouped
 from optax_lite.linalg import polar as polar_lib
 from optax_lite.optimizers import _common
 from optax_lite.optimizers import lite_schedule as lite_schedule_lib
+from optax_lite.optimizers.lite_schedule import (beta2_ramp, chi_schedule,
+                                                 flat_warmup_fraction)
 from optax_lite.transforms.fisher_whiten import fisher_whiten
 from optax_lite.transforms.kron_precondition import soap_warmup_leaves
 from optax_lite.transforms.lite import (diagonal_geometry, lite_flat_boost,
@@ -45,89 +46,6 @@ from optax_lite.transforms.lite_geometries import (row_norm_geometry,
 from optax_lite.transforms.scaling import SCALING_MODES, scale_by_shape
 
 VARIANTS = ('lite', 'lite_l', 'lite_h')
-
-
-def _float(count):
-  """A step count as a float array (float64 when x64 is enabled)."""
-  return jnp.asarray(count, dtype=float)
-
-
-def _cosine(step, warmup, total, peak, min_ratio):
-  """The reference's ``cosine_lr_schedule`` at the 0-based ``step``.
-
-  Linear warmup ``peak·(step + 1)/warmup`` for ``step < warmup``, then a
-  cosine from ``peak`` to ``min_ratio·peak``.
-  """
-  step = _float(step)
-  warm = peak * (step + 1) / max(1, warmup)
-  frac = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
-  cos = min_ratio * peak + (peak - min_ratio * peak) * 0.5 * (
-      1 + jnp.cos(jnp.pi * frac))
-  return jnp.where(step < warmup, warm, cos)
-
-
-def flat_warmup_fraction(schedule: str, total_steps: int, warmup_steps: int
-                         ) -> float:
-  """The reference's ``T_flat_warmup`` default: 0.5 (cosine), 2·W/T (wsd)."""
-  if schedule == 'cosine':
-    return 0.5
-  return 2.0 * warmup_steps / max(1, total_steps)
-
-
-def beta2_ramp(beta1: float, beta2: float, *, total_steps: int,
-               warmup_steps: int = 0, flat_warmup: float = 0.5
-               ) -> optax.Schedule:
-  """β₂ ramps linearly from β₁ (t ≤ warmup) to β₂ (t ≥ T_β) (reference).
-
-  ``T_β = ⌊flat_warmup·(total − warmup)⌋ + warmup``; ``t`` is the 0-based
-  step (the count before the update, as optax's schedules and the
-  reference's iteration counter).
-  """
-  t_beta = int(flat_warmup * (total_steps - warmup_steps)) + warmup_steps
-
-  def schedule(count):
-    t = _float(count)
-    if t_beta <= 0:
-      return beta2 + 0.0 * t
-    frac = jnp.clip((t - warmup_steps) / max(1, t_beta - warmup_steps), 0, 1)
-    # Reference order: t ≥ T_β gives β₂ before t ≤ warmup gives β₁.
-    frac = jnp.where(t >= t_beta, 1.0, frac)
-    return beta1 + (beta2 - beta1) * frac
-
-  return schedule
-
-
-def chi_schedule(chi: float, *, mode: str, total_steps: int,
-                 warmup_steps: int = 0, min_lr_ratio: float = 0.1,
-                 flat_warmup: float = 0.5) -> optax.Schedule:
-  """The reference's ``get_lr_ratio`` under a cosine learning rate.
-
-  Evaluated at the 0-based step (the count before the update).
-
-  ``mode="ramp"`` (matrix leaves, ``flat_mode=1``): 1 during warmup, then
-  ``min(lr_f/lr_s, 1 + (t − W)/(T − W)·(χ − 1)/T_f)``.
-  ``mode="decay"`` (emb/norm, ``flat_mode=2``): ``lr_f/lr_s``, which starts
-  at χ and decays to 1 as both cosines reach the same floor.
-  """
-  if mode not in ('ramp', 'decay'):
-    raise ValueError(f'mode must be "ramp" or "decay", got {mode!r}.')
-
-  def ratio(t):
-    lr_f = _cosine(t, warmup_steps, total_steps, chi, min_lr_ratio / chi)
-    lr_s = _cosine(t, warmup_steps, total_steps, 1.0, min_lr_ratio) + 1e-9
-    return lr_f / lr_s
-
-  def schedule(count):
-    t = _float(count)
-    r = ratio(t)
-    if mode == 'decay':
-      return jnp.maximum(r, 1.0)
-    ramp = 1 + (t - warmup_steps) / max(1, total_steps - warmup_steps) * (
-        chi - 1) / flat_warmup
-    return jnp.where(t <= warmup_steps, 1.0, jnp.maximum(1.0, jnp.minimum(
-        r, ramp)))
-
-  return schedule
 
 
 def _variant(variant, chi, beta1, beta2, h_beta):
@@ -280,6 +198,9 @@ def assemble(matrix_lite, learning_rate, settings: LiteSettings, *,
       lite_schedule_lib.resolve_run(learning_rate, run.total_steps,
                                     run.warmup_steps, run.schedule))
   warmup_steps = structural_int('warmup_steps', warmup_steps, 0)
+  if total_steps is not None and warmup_steps >= total_steps:
+    raise ValueError(f'warmup_steps must be < total_steps, got '
+                     f'{warmup_steps} >= {total_steps}.')
   emb_chi = 1.0 if mix.variant == 'lite_h' else mix.emb_chi
   _checks.check_choice('schedule', schedule, lite_schedule_lib.KINDS)
   _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)

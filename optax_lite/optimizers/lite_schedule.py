@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import optax
 
 from optax_lite import _checks
 
@@ -110,3 +111,108 @@ def resolve_run(learning_rate, total_steps, warmup_steps, schedule):
         '. Leave them out (None) or build the schedule with the same values.')
   return (learning_rate.total_steps, learning_rate.warmup_steps,
           learning_rate.kind, learning_rate.min_lr_ratio)
+
+
+def _float(count):
+  """A step count as a float array (float64 when x64 is enabled)."""
+  return jnp.asarray(count, dtype=float)
+
+
+def _cosine(step, warmup, total, peak, min_ratio):
+  """The reference's ``cosine_lr_schedule`` at the 0-based ``step``.
+
+  Linear warmup ``peak·(step + 1)/warmup`` for ``step < warmup``, then a
+  cosine from ``peak`` to ``min_ratio·peak``.
+  """
+  step = _float(step)
+  warm = peak * (step + 1) / max(1, warmup)
+  frac = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
+  cos = min_ratio * peak + (peak - min_ratio * peak) * 0.5 * (
+      1 + jnp.cos(jnp.pi * frac))
+  return jnp.where(step < warmup, warm, cos)
+
+
+def flat_warmup_fraction(schedule: str, total_steps: int, warmup_steps: int
+                         ) -> float:
+  """The reference's ``T_flat_warmup`` default: 0.5 (cosine), 2·W/T (wsd)."""
+  if schedule == 'cosine':
+    return 0.5
+  return 2.0 * warmup_steps / max(1, total_steps)
+
+
+def _check_run(fn: str, total_steps, warmup_steps, flat_warmup, *,
+               allow_zero: bool = False) -> None:
+  """A schedule's run length (ints, warmup before the end) and the
+  fraction ``T_f`` of the run its ramp takes (0 for β₂: no ramp)."""
+  _checks.check_int('total_steps', total_steps, low=1)
+  _checks.check_int('warmup_steps', warmup_steps, low=0)
+  if warmup_steps >= total_steps:
+    raise ValueError(f'{fn}: warmup_steps must be < total_steps, got '
+                     f'{warmup_steps} >= {total_steps}.')
+  _checks.check_positive('flat_warmup', flat_warmup, allow_zero=allow_zero)
+
+
+def beta2_ramp(beta1: float, beta2: float, *, total_steps: int,
+               warmup_steps: int = 0, flat_warmup: float = 0.5
+               ) -> optax.Schedule:
+  """β₂ ramps linearly from β₁ (t ≤ warmup) to β₂ (t ≥ T_β) (reference).
+
+  ``T_β = ⌊flat_warmup·(total − warmup)⌋ + warmup``; ``t`` is the 0-based
+  step (the count before the update, as optax's schedules and the
+  reference's iteration counter).
+  """
+  _check_run('beta2_ramp', total_steps, warmup_steps, flat_warmup,
+             allow_zero=True)
+  _checks.check_number('beta1', beta1)
+  _checks.check_number('beta2', beta2)
+  if (_checks.is_static_number(beta1) and _checks.is_static_number(beta2)
+      and float(beta2) < float(beta1)):
+    raise ValueError(f'beta2 must be >= beta1, got {beta2} < {beta1}.')
+  t_beta = int(flat_warmup * (total_steps - warmup_steps)) + warmup_steps
+
+  def schedule(count):
+    t = _float(count)
+    if t_beta <= 0:
+      return beta2 + 0.0 * t
+    frac = jnp.clip((t - warmup_steps) / max(1, t_beta - warmup_steps), 0, 1)
+    # Reference order: t ≥ T_β gives β₂ before t ≤ warmup gives β₁.
+    frac = jnp.where(t >= t_beta, 1.0, frac)
+    return beta1 + (beta2 - beta1) * frac
+
+  return schedule
+
+
+def chi_schedule(chi: float, *, mode: str, total_steps: int,
+                 warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                 flat_warmup: float = 0.5) -> optax.Schedule:
+  """The reference's ``get_lr_ratio`` under a cosine learning rate.
+
+  Evaluated at the 0-based step (the count before the update).
+
+  ``mode="ramp"`` (matrix leaves, ``flat_mode=1``): 1 during warmup, then
+  ``min(lr_f/lr_s, 1 + (t − W)/(T − W)·(χ − 1)/T_f)``.
+  ``mode="decay"`` (emb/norm, ``flat_mode=2``): ``lr_f/lr_s``, which starts
+  at χ and decays to 1 as both cosines reach the same floor.
+  """
+  if mode not in ('ramp', 'decay'):
+    raise ValueError(f'mode must be "ramp" or "decay", got {mode!r}.')
+  _check_run('chi_schedule', total_steps, warmup_steps, flat_warmup)
+  _checks.check_number('chi', chi, low=1.0)
+  _checks.check_number('min_lr_ratio', min_lr_ratio, low=0.0, high=1.0)
+
+  def ratio(t):
+    lr_f = _cosine(t, warmup_steps, total_steps, chi, min_lr_ratio / chi)
+    lr_s = _cosine(t, warmup_steps, total_steps, 1.0, min_lr_ratio) + 1e-9
+    return lr_f / lr_s
+
+  def schedule(count):
+    t = _float(count)
+    r = ratio(t)
+    if mode == 'decay':
+      return jnp.maximum(r, 1.0)
+    ramp = 1 + (t - warmup_steps) / max(1, total_steps - warmup_steps) * (
+        chi - 1) / flat_warmup
+    return jnp.where(t <= warmup_steps, 1.0, jnp.maximum(1.0, jnp.minimum(
+        r, ramp)))
+
+  return schedule

@@ -256,7 +256,7 @@ def lite_flat_boost(geometry: Geometry, *, chi: optax.ScalarOrSchedule = 2.0,
                     f'{type(stack_by_shape).__name__}.')
   _checks.check_number('flat_weight_decay', flat_weight_decay, low=0.0,
                        allow_schedule=True)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
   spec = distributed_lib.check_distribute(distribute)
   memory_budget = grouped.check_memory_budget(memory_budget)
   if not geometry.needs_matrix:

@@ -105,7 +105,7 @@ def momentum(decay: float = 0.95, *, nesterov: bool = True,
   if bias_correction and not ema:
     raise ValueError('bias_correction: only defined for the EMA form '
                      '(ema=True).')
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
 
   def init_fn(params):
     for leaf in jax.tree.leaves(params):
