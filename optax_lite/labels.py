@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 
+from optax_lite import _checks
 from optax_lite.linalg.matrices import (ATTENTION_INPUT_NAMES,
                                         ATTENTION_OUTPUT_NAMES, MatrixDims,
                                         default_dims, path_dims, path_names,
@@ -119,6 +120,7 @@ def label_params(params, *, head_names=DEFAULT_HEAD_NAMES,
     ValueError: an override returns a label outside :data:`LABELS`, or
       ``stacked`` is not a valid regex.
   """
+  _checks.check_flag('detect_head_by_shape', detect_head_by_shape)
   n_stacked = _stacked_fn(stacked)
   head_names = tuple(h.lower() for h in head_names)
   if isinstance(overrides, Mapping):

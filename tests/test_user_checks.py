@@ -246,3 +246,10 @@ def test_ramp_schedules_refuse_bad_arguments(build, match):
   below β₁, which ``lite_flat_boost`` refuses as plain numbers."""
   with pytest.raises((ValueError, TypeError), match=match):
     build()
+
+
+def test_helpers_refuse_a_string_switch_and_a_nan_eps():
+  with pytest.raises(TypeError, match=r'\bdetect_head_by_shape\b'):
+    ol.label_params({'w': jnp.ones((4, 4))}, detect_head_by_shape='no')
+  with pytest.raises(ValueError, match=r'\beps\b'):
+    ol.diagonal_dominance(jnp.ones((3, 3)), eps=float('nan'))

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_lite import _checks
 from optax_lite.linalg import matmul as matmul_lib
 from optax_lite.linalg.matrices import MatrixDims, matrix_view
 
@@ -67,6 +68,7 @@ def dominance_ratios(v: jax.Array, *, eps: float = 1e-30) -> jax.Array:
   Raises:
     ValueError: if ``m < 2`` (the off-diagonal mean is undefined).
   """
+  _checks.check_positive('eps', eps)
   v = jnp.asarray(v)
   if v.ndim < 2:
     raise ValueError(f'v must have rank >= 2, got shape {v.shape}.')
