@@ -13,6 +13,7 @@ from optax_lite import labels as labels_lib
 from optax_lite.linalg import distributed as distributed_lib
 from optax_lite.transforms import _tree
 from optax_lite.transforms.cautious import add_cautious_decayed_weights
+from optax_lite.transforms.lite import check_mask_args
 
 # Labels produced by ``label_params`` plus "adam", a catch-all a user may use
 # in a hand-written label tree.
@@ -226,9 +227,8 @@ def check_emb_ratios(args: Mapping[str, Any], smooth: str) -> None:
   switch), checked under the names the user gave them (AdamW-LITE's own
   checks would name ``sharp_ratio`` / ``smooth_ratio``). ``smooth``: the
   argument holding the smooth ratio."""
-  _checks.check_number('emb_sharp_ratio', args['emb_sharp_ratio'], low=0.0,
-                       high=1.0, low_open=True, high_open=True)
-  _checks.check_number(smooth, args[smooth], low=0.0, high=1.0)
+  check_mask_args(args['emb_sharp_ratio'], args[smooth],
+                  names=('emb_sharp_ratio', smooth))
   check_flag('flat_weight_decay', args['flat_weight_decay'])
 
 

@@ -104,6 +104,19 @@ def smooth_fraction(sharp_ratio, smooth_ratio):
   return jnp.minimum(1.0 - sharp_ratio, smooth_ratio)
 
 
+def check_mask_args(sharp_ratio, smooth_ratio, threshold_rate=None, *,
+                    names=('sharp_ratio', 'smooth_ratio')) -> None:
+  """The soft mask's ratios, ``r_s`` in (0, 1) and ``smooth`` in [0, 1],
+  and its controller's rate in (1, 2), checked under ``names`` (the LITE
+  optimizers pass the names their users gave, e.g. ``emb_sharp_ratio``)."""
+  _checks.check_number(names[0], sharp_ratio, low=0.0, high=1.0,
+                       low_open=True, high_open=True)
+  _checks.check_number(names[1], smooth_ratio, low=0.0, high=1.0)
+  if threshold_rate is not None:
+    _checks.check_number('threshold_rate', threshold_rate, low=1.0,
+                         low_open=True, high=2.0, high_open=True)
+
+
 def diagonal_geometry(*, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                       sharp_ratio: float = 0.1, smooth_ratio: float = 0.1,
                       threshold_rate: float = 1.05) -> Geometry:
@@ -120,11 +133,7 @@ def diagonal_geometry(*, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
   _checks.check_decay('b1', b1)
   _checks.check_decay('b2', b2)
   _checks.check_positive('eps', eps)
-  _checks.check_number('sharp_ratio', sharp_ratio, low=0.0, high=1.0,
-                       low_open=True, high_open=True)
-  _checks.check_number('smooth_ratio', smooth_ratio, low=0.0, high=1.0)
-  _checks.check_number('threshold_rate', threshold_rate, low=1.0,
-                       low_open=True, high=2.0, high_open=True)
+  check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
   smooth = smooth_fraction(sharp_ratio, smooth_ratio)
 
   def init(view, param):

@@ -39,21 +39,13 @@ import jax.numpy as jnp
 from optax_lite import _checks
 from optax_lite.linalg import subspace
 from optax_lite.transforms.lite import (Geometry, LeafDirections,
-                                        smooth_fraction)
+                                        check_mask_args, smooth_fraction)
 from optax_lite.transforms.kron_precondition import (
     NULL_THRESHOLD, SoapBasis, check_soap_args, rotate, rotate_back,
     soap_basis_init, soap_basis_refresh, soap_basis_update, soap_keep,
     soap_second_moment, soap_step_index)
 from optax_lite.transforms.row_normalize import AXES, normalize_matrix
 
-
-
-def _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate):
-  _checks.check_number('sharp_ratio', sharp_ratio, low=0.0, high=1.0,
-                       low_open=True, high_open=True)
-  _checks.check_number('smooth_ratio', smooth_ratio, low=0.0, high=1.0)
-  _checks.check_number('threshold_rate', threshold_rate, low=1.0,
-                       low_open=True, high=2.0, high_open=True)
 
 
 def _mask_state(batch):
@@ -101,7 +93,7 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
   """
   precondition_frequency, max_precond_dim = check_soap_args(
       b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim)
-  _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
+  check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
   _checks.check_flag('skip_first_update', skip_first_update)
   smooth = smooth_fraction(sharp_ratio, smooth_ratio)
   pdt = _checks.dtype_argument('precond_dtype', precond_dtype)
@@ -193,7 +185,7 @@ def row_norm_geometry(*, axis: str = 'input', eps: float = 1e-12,
   """
   _checks.check_choice('axis', axis, AXES)
   _checks.check_positive('eps', eps)
-  _check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
+  check_mask_args(sharp_ratio, smooth_ratio, threshold_rate)
   smooth = smooth_fraction(sharp_ratio, smooth_ratio)
   red = -2 if axis == 'input' else -1
 
