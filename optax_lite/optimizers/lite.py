@@ -198,9 +198,8 @@ def assemble(matrix_lite, learning_rate, settings: LiteSettings, *,
       lite_schedule_lib.resolve_run(learning_rate, run.total_steps,
                                     run.warmup_steps, run.schedule))
   warmup_steps = structural_int('warmup_steps', warmup_steps, 0)
-  if total_steps is not None and warmup_steps >= total_steps:
-    raise ValueError(f'warmup_steps must be < total_steps, got '
-                     f'{warmup_steps} >= {total_steps}.')
+  if total_steps is not None:
+    lite_schedule_lib.check_run_length(total_steps, warmup_steps)
   emb_chi = 1.0 if mix.variant == 'lite_h' else mix.emb_chi
   _checks.check_choice('schedule', schedule, lite_schedule_lib.KINDS)
   _checks.check_number('emb_chi', emb_chi, low=1.0, allow_schedule=True)

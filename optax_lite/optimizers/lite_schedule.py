@@ -62,6 +62,16 @@ class LiteSchedule:
     return self.peak_value * jnp.where(t < w, warm, rest)
 
 
+def check_run_length(total_steps, warmup_steps) -> None:
+  """A run length: ints ``T >= 1`` and ``0 <= W < T`` (the warmup ends
+  before the run does, or no ramp ever starts)."""
+  _checks.check_int('total_steps', total_steps, low=1)
+  _checks.check_int('warmup_steps', warmup_steps, low=0)
+  if warmup_steps >= total_steps:
+    raise ValueError(f'warmup_steps must be < total_steps, got '
+                     f'{warmup_steps} >= {total_steps}.')
+
+
 def lite_schedule(peak_value: float, *, total_steps: int,
                   warmup_steps: int = 0, kind: str = 'cosine',
                   min_lr_ratio: float = 0.1, stable_ratio: float = 0.8
@@ -77,11 +87,7 @@ def lite_schedule(peak_value: float, *, total_steps: int,
     stable_ratio: ``wsd`` only: the decay starts at ``⌊stable_ratio·T⌋``.
   """
   _checks.check_number('peak_value', peak_value, low=0.0)
-  _checks.check_int('total_steps', total_steps, low=1)
-  _checks.check_int('warmup_steps', warmup_steps, low=0)
-  if warmup_steps >= total_steps:
-    raise ValueError(f'warmup_steps ({warmup_steps}) must be less than '
-                     f'total_steps ({total_steps}).')
+  check_run_length(total_steps, warmup_steps)
   _checks.check_choice('kind', kind, KINDS)
   _checks.check_number('min_lr_ratio', min_lr_ratio, low=0.0, high=1.0)
   _checks.check_number('stable_ratio', stable_ratio, low=0.0, high=1.0)
@@ -140,18 +146,6 @@ def flat_warmup_fraction(schedule: str, total_steps: int, warmup_steps: int
   return 2.0 * warmup_steps / max(1, total_steps)
 
 
-def _check_run(fn: str, total_steps, warmup_steps, flat_warmup, *,
-               allow_zero: bool = False) -> None:
-  """A schedule's run length (ints, warmup before the end) and the
-  fraction ``T_f`` of the run its ramp takes (0 for β₂: no ramp)."""
-  _checks.check_int('total_steps', total_steps, low=1)
-  _checks.check_int('warmup_steps', warmup_steps, low=0)
-  if warmup_steps >= total_steps:
-    raise ValueError(f'{fn}: warmup_steps must be < total_steps, got '
-                     f'{warmup_steps} >= {total_steps}.')
-  _checks.check_positive('flat_warmup', flat_warmup, allow_zero=allow_zero)
-
-
 def beta2_ramp(beta1: float, beta2: float, *, total_steps: int,
                warmup_steps: int = 0, flat_warmup: float = 0.5
                ) -> optax.Schedule:
@@ -161,8 +155,9 @@ def beta2_ramp(beta1: float, beta2: float, *, total_steps: int,
   step (the count before the update, as optax's schedules and the
   reference's iteration counter).
   """
-  _check_run('beta2_ramp', total_steps, warmup_steps, flat_warmup,
-             allow_zero=True)
+  check_run_length(total_steps, warmup_steps)
+  # 0 (wsd with no warmup: T_f = 2·W/T): β₂ from the first step, no ramp.
+  _checks.check_positive('flat_warmup', flat_warmup, allow_zero=True)
   _checks.check_number('beta1', beta1)
   _checks.check_number('beta2', beta2)
   if (_checks.is_static_number(beta1) and _checks.is_static_number(beta2)
@@ -196,7 +191,8 @@ def chi_schedule(chi: float, *, mode: str, total_steps: int,
   """
   if mode not in ('ramp', 'decay'):
     raise ValueError(f'mode must be "ramp" or "decay", got {mode!r}.')
-  _check_run('chi_schedule', total_steps, warmup_steps, flat_warmup)
+  check_run_length(total_steps, warmup_steps)
+  _checks.check_positive('flat_warmup', flat_warmup)
   _checks.check_number('chi', chi, low=1.0)
   _checks.check_number('min_lr_ratio', min_lr_ratio, low=0.0, high=1.0)
 
