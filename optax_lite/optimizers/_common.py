@@ -20,9 +20,6 @@ from optax_lite.transforms.lite import check_mask_args
 ALL_LABELS = labels_lib.LABELS + ('adam',)
 
 
-check_flag = _checks.check_flag
-
-
 def weight_decay_tx(weight_decay, mask=None, cautious: bool = False
                     ) -> optax.GradientTransformation:
   """``optax.add_decayed_weights`` or its cautious form (``cautious``)."""
@@ -48,7 +45,8 @@ def adamw(learning_rate, *, b1: float, b2: float, eps: float,
   _checks.check_positive('adam_eps', eps)
   _checks.check_positive('adam_weight_decay', weight_decay, allow_zero=True)
   mu_dtype = _checks.dtype_argument('mu_dtype', mu_dtype, allow_none=True)
-  if not check_flag('cautious_weight_decay', cautious):
+  _checks.check_flag('adam_nesterov', nesterov)
+  if not _checks.check_flag('cautious_weight_decay', cautious):
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                        weight_decay=weight_decay, mu_dtype=mu_dtype,
                        nesterov=nesterov, mask=weight_decay_mask)
@@ -124,7 +122,7 @@ def decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask=None,
   """
   _checks.check_learning_rate('learning_rate', learning_rate)
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
-  check_flag('cautious_weight_decay', cautious)
+  _checks.check_flag('cautious_weight_decay', cautious)
   out = []
   if not (_checks.is_static_number(weight_decay) and float(weight_decay) == 0):
     if warmup_fn is None:
@@ -218,8 +216,9 @@ def whitening_settings(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # The on/off switches of the named optimizers, under the same names in each.
-FLAGS = ('nesterov', 'ema', 'adam_nesterov', 'scale_invariant',
-         'skip_first_update', 'reference_schedules')
+# (``adam_nesterov`` is checked where AdamW is built, :func:`adamw`.)
+FLAGS = ('nesterov', 'ema', 'scale_invariant', 'skip_first_update',
+         'reference_schedules')
 
 
 def check_emb_ratios(args: Mapping[str, Any], smooth: str) -> None:
@@ -229,7 +228,7 @@ def check_emb_ratios(args: Mapping[str, Any], smooth: str) -> None:
   argument holding the smooth ratio."""
   check_mask_args(args['emb_sharp_ratio'], args[smooth],
                   names=('emb_sharp_ratio', smooth))
-  check_flag('flat_weight_decay', args['flat_weight_decay'])
+  _checks.check_flag('flat_weight_decay', args['flat_weight_decay'])
 
 
 def adam_rest(args: Mapping[str, Any]) -> AdamRest:
@@ -239,10 +238,10 @@ def adam_rest(args: Mapping[str, Any]) -> AdamRest:
   here too: a string such as ``"false"`` would otherwise read as true."""
   for name in FLAGS:
     if name in args:
-      check_flag(name, args[name])
+      _checks.check_flag(name, args[name])
   return AdamRest(args['adam_learning_rate'], args['adam_b1'],
                   args['adam_b2'], args['adam_eps'], args['adam_weight_decay'],
-                  bool(args.get('adam_nesterov', False)))
+                  args.get('adam_nesterov', False))
 
 
 def matrix_and_adamw(labels, rest: AdamRest, learning_rate, weight_decay,

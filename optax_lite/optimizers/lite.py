@@ -373,7 +373,7 @@ def adamw_lite(learning_rate: optax.ScalarOrSchedule, *,
                             smooth_ratio=smooth_ratio,
                             threshold_rate=threshold_rate),
           chi=chi, momentum=b1, nesterov=False, mu_dtype=mu_dtype,
-          scaling='none', flat_weight_decay=(weight_decay if _common.check_flag(
+          scaling='none', flat_weight_decay=(weight_decay if _checks.check_flag(
               'flat_weight_decay', flat_weight_decay) else 0.0)),
       *_common.decay_and_learning_rate(learning_rate, weight_decay,
                                        cautious=cautious_weight_decay)))

@@ -84,8 +84,6 @@ def muonh(learning_rate: optax.ScalarOrSchedule, *,
     _checks.check_choice('normalization', normalization, NORMALIZATION_AXES)
   _checks.check_decay('beta2', beta2)
   _checks.check_positive('weight_decay', weight_decay, allow_zero=True)
-  _common.check_flag('nesterov', nesterov)
-  _common.check_flag('adam_nesterov', adam_nesterov)
   matrix_txs = [
       momentum_tx(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
       orthogonalize(method, steps, dims, precision=precision,
