@@ -138,21 +138,21 @@ def test_integer_and_boolean_leaves_are_refused_by_path(name, kind):
 # The public transforms with what each needs besides its keywords
 # (``kron_precondition`` forwards its keywords to the two below).
 _TRANSFORMS = {
-    'orthogonalize': lambda **kw: ol.orthogonalize(**kw),
-    'row_normalize': lambda **kw: ol.row_normalize(**kw),
+    'orthogonalize': ol.orthogonalize,
+    'row_normalize': ol.row_normalize,
     'fisher_whiten': lambda **kw: ol.fisher_whiten(ol.orthogonalize(), **kw),
-    'scale_by_soap': lambda **kw: ol.scale_by_soap(**kw),
-    'scale_by_shampoo': lambda **kw: ol.scale_by_shampoo(**kw),
-    'momentum': lambda **kw: ol.momentum(**kw),
-    'neuron_normalize': lambda **kw: ol.neuron_normalize(**kw),
-    'scale_by_shape': lambda **kw: ol.scale_by_shape(**kw),
+    'scale_by_soap': ol.scale_by_soap,
+    'scale_by_shampoo': ol.scale_by_shampoo,
+    'momentum': ol.momentum,
+    'neuron_normalize': ol.neuron_normalize,
+    'scale_by_shape': ol.scale_by_shape,
     'lite_flat_boost': lambda **kw: ol.lite_flat_boost(ol.muon_geometry(),
                                                        **kw),
-    'muon_geometry': lambda **kw: ol.muon_geometry(**kw),
-    'normuon_geometry': lambda **kw: ol.normuon_geometry(**kw),
-    'soap_geometry': lambda **kw: ol.soap_geometry(**kw),
-    'row_norm_geometry': lambda **kw: ol.row_norm_geometry(**kw),
-    'diagonal_geometry': lambda **kw: ol.diagonal_geometry(**kw),
+    'muon_geometry': ol.muon_geometry,
+    'normuon_geometry': ol.normuon_geometry,
+    'soap_geometry': ol.soap_geometry,
+    'row_norm_geometry': ol.row_norm_geometry,
+    'diagonal_geometry': ol.diagonal_geometry,
 }
 
 
