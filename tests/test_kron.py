@@ -776,6 +776,29 @@ def test_soap_null_coordinates_get_zero_update():
   assert np.abs(np.asarray(u0['w']) @ q)[0, 1:].max() > 0.1
 
 
+@pytest.mark.parametrize('null', [4, 7])  # within the band of 4, wider
+def test_roundoff_weight_ignores_how_a_null_cluster_is_turned(null):
+  """The round-off weights of the non-null coordinates are a function of the
+  null cluster as a subspace: any basis of it (``eigh`` on another CPU, or
+  batched, picks another) gives the same weights, here with a coordinate on
+  the guard's ramp next to the cluster (a sum of |θ·A| over the cluster's
+  columns, the bound before, moved its weight by 1.6e-2)."""
+  rng = np.random.default_rng(5)
+  m, live = 6, 5
+  lam = np.concatenate([np.geomspace(3.0, 0.05, live), np.zeros(null)])
+  x = rng.standard_normal((m, live + null))
+  x[:, live - 1] = 3e-3 * rng.choice([-1.0, 1.0], m)  # on the ramp
+  turn, _ = np.linalg.qr(rng.standard_normal((null, null)))
+  y = x.copy()
+  y[:, live:] = x[:, live:] @ turn
+  weight = lambda z: np.asarray(kp.roundoff_weight(
+      jnp.asarray(z[None] ** 2, jnp.float32), None, None,
+      jnp.asarray(lam[None], jnp.float32)))[0]
+  wx, wy = weight(x), weight(y)
+  assert 0.05 < wx[:, live - 1].min() and wx[:, live - 1].max() < 0.95
+  np.testing.assert_allclose(wx[:, :live], wy[:, :live], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------- optax.inject_hyperparams ---
 @pytest.mark.parametrize('name,kw', [
     ('soap', {}), ('soap', dict(b1=0, precondition_frequency=2)),

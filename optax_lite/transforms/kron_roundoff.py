@@ -72,39 +72,59 @@ def energetic(lam: jax.Array, threshold=NULL_THRESHOLD) -> jax.Array:
 
 def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
                     ) -> jax.Array:
-  """``Σ_d θᵢ,ᵢ₊d · amp[i+d]`` along ``axis`` over the ``LEAK_BAND`` nearest
-  columns on each side (columns are sorted by energy), with
-  ``θ = τ·λ_max / |λᵢ − λᵢ₊d|`` where at most ``LEAK_CAP`` (0 beyond):
-  how much of row ``i+d`` a basis vector computed with round-off ``τ``
-  takes in (see :func:`roundoff_coordinates`)."""
+  """How much of its neighbours a basis vector computed with round-off
+  ``τ`` takes in, along ``axis`` (see :func:`roundoff_coordinates`)::
+
+    sqrt(Σ_d (θᵢ,ᵢ₊d · amp[i+d])² + θ₀ᵢ² · Σ_{k null} amp[k]²)
+
+  over the ``LEAK_BAND`` nearest non-null columns on each side (columns
+  are sorted by energy), with ``θ = τ·λ_max / |λᵢ − λᵢ₊d|`` where at most
+  ``LEAK_CAP`` (0 beyond), and the null columns (``lam`` exactly 0) as
+  one cluster, ``θ₀ᵢ = τ·λ_max / λᵢ``. A root sum of squares, not a sum:
+  the leak is ``Σₖ Eᵢₖ amp[k] / (λᵢ − λₖ)`` with a round-off row ``‖Eᵢ‖
+  <= τ·λ_max``, bounded by Cauchy–Schwarz; so it does not change when the
+  basis of a degenerate cluster turns, and the null cluster's basis is
+  arbitrary (``eigh`` on another CPU, or batched, picks another)."""
   k = lam.shape[-1]
   band = min(LEAK_BAND, k - 1)
   if band < 1:
     return jnp.zeros_like(amp)
   top = jnp.max(lam, axis=-1, keepdims=True)
+  tiny = jnp.finfo(lam.dtype).tiny
+  null = lam <= 0
   idx = jnp.arange(k)
+
+  def expand(v):  # a per-column (B, k) quantity along ``axis`` of amp
+    return (v[..., :, None] if axis == -2 else v[..., None, :]).astype(
+        amp.dtype)
+
+  # The null cluster: θ₀ times the RSS of its coordinates (a reduction, so
+  # any basis of the cluster gives the same leak).
+  theta0 = tau * top / jnp.maximum(lam, tiny)
+  theta0 = jnp.where(~null & (theta0 <= LEAK_CAP), theta0, 0.0)
+  null_energy = jnp.sum(jnp.where(expand(null), amp * amp, 0.0), axis=axis,
+                        keepdims=True)
+  out = expand(theta0 * theta0) * null_energy
   # Neighbours are slices of one zero-padded copy (rolls would each be a
   # buffer of amp's size; slices of one pad fuse into the sum).
   pad = [(0, 0)] * amp.ndim
   pad[axis] = (band, band)
   amp_pad = jnp.pad(amp, pad)
   lam_pad = jnp.pad(lam, [(0, 0)] * (lam.ndim - 1) + [(band, band)])
-  out = jnp.zeros_like(amp)
   for d in range(1, band + 1):
     for step in (d, -d):
       near = jax.lax.slice_in_dim(lam_pad, band + step, band + step + k,
                                   axis=-1)
       gap = jnp.abs(lam - near)
-      theta = tau * top / jnp.maximum(gap, jnp.finfo(lam.dtype).tiny)
+      theta = tau * top / jnp.maximum(gap, tiny)
       # θ > c: the pair is not resolved (a degenerate cluster, whose basis
       # is arbitrary but whose coordinates carry signal): no leak counted.
-      theta = jnp.where((idx + step >= 0) & (idx + step < k)
+      theta = jnp.where((idx + step >= 0) & (idx + step < k) & (near > 0)
                         & (theta <= LEAK_CAP), theta, 0.0)
-      theta = theta[..., :, None] if axis == -2 else theta[..., None, :]
       shifted = jax.lax.slice_in_dim(amp_pad, band + step, band + step + k,
                                      axis=axis % amp.ndim)
-      out = out + theta.astype(amp.dtype) * shifted
-  return out
+      out = out + expand(theta * theta) * (shifted * shifted)
+  return jnp.sqrt(out)
 
 
 def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
@@ -116,18 +136,22 @@ def roundoff_coordinates(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
   ``sqrt(Σᵢⱼ V̂ᵢⱼ)`` the RMS of ``‖G‖_F`` (the rotation is orthogonal).
   Coordinate ``(i, j)`` is round-off when ``Aᵢⱼ <= δᵢⱼ`` with::
 
-    δᵢⱼ = τ·sqrt(Σ V̂) + Σ_d θˡᵢ,ᵢ₊d Aᵢ₊d,ⱼ + Σ_d θʳⱼ,ⱼ₊d Aᵢ,ⱼ₊d,
-    θᵢ,ₖ = τ·λ_max / |λᵢ − λₖ|   (0 where above c)
+    δᵢⱼ = τ·sqrt(Σ V̂) + sqrt(Σₖ (θˡᵢₖ Aₖⱼ)²) + sqrt(Σₖ (θʳⱼₖ Aᵢₖ)²),
+    θᵢₖ = τ·λ_max / |λᵢ − λₖ|   (0 where above c)
 
   The first term is the rotation's own round-off (``~ε‖G‖`` per entry);
   the others are what a basis vector computed with relative round-off
   ``τ`` takes in from its neighbours (first-order perturbation:
-  ``δqᵢ ≈ Σₖ τλ_max/(λᵢ−λₖ) qₖ``), over the ``LEAK_BAND`` nearest columns
-  on each side. A pair with ``θ > c = LEAK_CAP`` is not resolved by the
-  arithmetic at all (a degenerate cluster: its basis is arbitrary, but its
-  coordinates carry the gradient's energy in that subspace), so it counts
-  no leak: the guard never freezes a cluster. ``lam_*``: the column
-  energies (``None``: identity side). All True when ``τ <= 0``.
+  ``δqᵢ ≈ Σₖ Eᵢₖ/(λᵢ−λₖ) qₖ`` with ``‖Eᵢ‖ <= τλ_max``, bounded by
+  Cauchy–Schwarz), over the ``LEAK_BAND`` nearest non-null columns on
+  each side and the null columns as one cluster (see
+  :func:`_neighbour_leak`): a bound that no turn of a degenerate
+  cluster's basis changes. A pair with ``θ > c = LEAK_CAP`` is not
+  resolved by the arithmetic at all (a degenerate cluster: its basis is
+  arbitrary, but its coordinates carry the gradient's energy in that
+  subspace), so it counts no leak: the guard never freezes a cluster.
+  ``lam_*``: the column energies (``None``: identity side). All True when
+  ``τ <= 0``.
   """
   return roundoff_weight(nu_hat, threshold, lam_l, lam_r) > 0
 

@@ -284,15 +284,17 @@ def scale_by_soap(b1: float = 0.95, b2: float = 0.99,
         orthogonal), and a basis vector computed with relative round-off
         ``τ`` takes in ``θᵢₖ = τλ_max/|λᵢ − λₖ|`` of its neighbour ``k``
         (first-order eigenvector perturbation). Coordinate ``(i, j)`` is
-        round-off when ``sqrt(V̂ᵢⱼ) <= τ·sqrt(Σ V̂) + Σₖ θˡᵢₖ sqrt(V̂ₖⱼ) +
-        Σₖ θʳⱼₖ sqrt(V̂ᵢₖ)`` (``Σ V̂`` is the second moment of ``‖G‖_F²``;
-        ``k`` over the 4 nearest columns; pairs with ``θ > 0.1`` are not
-        resolved at all, a degenerate cluster whose coordinates carry
-        signal, and count no leak): see :func:`roundoff_coordinates`. This
-        is what removes the full-batch round-off: with the same gradient
-        twice the rotated gradient is diagonal and its off-diagonal entries
-        are round-off. Above that bound the update is weighted, from 0 to
-        1 over ``(ρ − 1)·τ·sqrt(Σ V̂)`` (``ρ = ROUNDOFF_RAMP = 512``:
+        round-off when ``sqrt(V̂ᵢⱼ) <= τ·sqrt(Σ V̂) + sqrt(Σₖ θˡᵢₖ² V̂ₖⱼ) +
+        sqrt(Σₖ θʳⱼₖ² V̂ᵢₖ)`` (``Σ V̂`` is the second moment of ``‖G‖_F²``;
+        ``k`` over the 4 nearest non-null columns and, as one cluster
+        whose basis is arbitrary, the null columns; pairs with
+        ``θ > 0.1`` are not resolved at all, a degenerate cluster whose
+        coordinates carry signal, and count no leak): see
+        :func:`roundoff_coordinates`. This is what removes the full-batch
+        round-off: with the same gradient twice the rotated gradient is
+        diagonal and its off-diagonal entries are round-off. Above that
+        bound the update is weighted, from 0 to 1 over
+        ``(ρ − 1)·τ·sqrt(Σ V̂)`` (``ρ = ROUNDOFF_RAMP = 512``:
         full weight from about ``1e-3‖G‖_F`` in float32), not switched on:
         see :func:`roundoff_weight`.
       * *Null columns when the basis is first computed* (step 1, from one
