@@ -31,10 +31,14 @@ What is recorded, per optimizer:
   values.
 
 Recording (``python tests/behaviour_recording.py``) overwrites the fixtures.
-Run it ONLY when a change of behaviour is intended and explained in the
-commit (and CHANGELOG); never to make a failing comparison pass: a refactor
-that should not change behaviour must pass the comparison as recorded. It
-records ``one`` in this process (which must see exactly one device, as the
+Run it ONLY when a change of behaviour is intended and explained in the commit
+(and CHANGELOG), or on a new CI machine (after checking, at the recorded
+commit, that the old recording's machine and the new one differ only by that
+machine's round-off); never to make a failing comparison pass: a refactor that
+should not change behaviour must pass the comparison as recorded. The script
+compiles with XLA's default settings, as the comparison runs
+(``OPTAX_LITE_FAST_COMPILE=0``); the fixtures keep :func:`machine`. It records
+``one`` in this process (which must see exactly one device, as the
 single-device tests do) and ``distribute8`` in a child process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; the ``distribute8``
 fixture stores its final parameters as the exact float32 difference from
@@ -71,6 +75,35 @@ UPDATE_PROJ_SEED, STATE_PROJ_SEED = 2214, 2215
 UPDATE_PROJECTIONS, STATE_PROJECTIONS = 4, 2
 QUANTILES = np.linspace(0.0, 1.0, 11)
 TINY = 1e-30
+
+
+# The CPU features that pick XLA's code and OpenBLAS's (LAPACK) kernels.
+ISA_FLAGS = ('sse4_2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512dq',
+             'avx512bw', 'avx512vl', 'avx512_vnni', 'avx512_bf16',
+             'avx512vbmi', 'amx_tile')
+
+
+def machine() -> str:
+  """What decides this machine's bits: the CPU (vendor, family, model,
+  ISA), jaxlib (XLA) and SciPy (the OpenBLAS that jaxlib's LAPACK calls).
+  Another CPU gives other bytes, and other round-off wherever ``eigh`` or
+  QR decide a basis (``tests/test_behaviour_fixture.py``)."""
+  import platform  # noqa: PLC0415
+  import scipy  # noqa: PLC0415
+  info = {}
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  flags = set(info.get('flags', '').split())
+  cpu = ' '.join(info.get(k, '?') for k in ('vendor_id', 'cpu family',
+                                             'model'))
+  return (f'{platform.machine()} {cpu} {info.get("model name", "?")!r} '
+          f'isa={",".join(f for f in ISA_FLAGS if f in flags)} '
+          f'jaxlib={jax.lib.__version__} scipy={scipy.__version__}')
 
 
 def fixture_path(placement: str) -> str:
@@ -396,7 +429,8 @@ def save(placement: str, records: dict, paths: list[str],
   params as the exact float32 difference from ``base_params`` (``one``'s)."""
   arrays = {'meta/paths': np.asarray(paths),
             'meta/names': np.asarray(list(records)),
-            'meta/versions': np.asarray([jax.__version__, np.__version__])}
+            'meta/versions': np.asarray([jax.__version__, np.__version__]),
+            'meta/machine': np.asarray(machine())}
   for name, rec in records.items():
     for key, value in rec.items():
       if key != 'params':
@@ -414,6 +448,13 @@ def save(placement: str, records: dict, paths: list[str],
       arrays[f'{name}/params/{i}'] = _planes(p)
   os.makedirs(FIXTURES, exist_ok=True)
   np.savez_compressed(fixture_path(placement), **arrays)
+
+
+def recorded_machine(placement: str) -> str:
+  """:func:`machine` where the fixture was recorded."""
+  with np.load(fixture_path(placement), allow_pickle=False) as f:
+    return (str(f['meta/machine']) if 'meta/machine' in f.files
+            else 'a machine that was not written down')
 
 
 def load(placement: str) -> tuple[dict, list[str]]:
