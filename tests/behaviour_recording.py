@@ -101,9 +101,15 @@ def machine() -> str:
   flags = set(info.get('flags', '').split())
   cpu = ' '.join(info.get(k, '?') for k in ('vendor_id', 'cpu family',
                                              'model'))
+  # What stands in for another CPU here (XLA's ISA, OpenBLAS's kernels).
+  chosen = [f for f in os.environ.get('XLA_FLAGS', '').split()
+            if f.startswith('--xla_cpu_max_isa')]
+  if os.environ.get('OPENBLAS_CORETYPE'):
+    chosen.append(f'OPENBLAS_CORETYPE={os.environ["OPENBLAS_CORETYPE"]}')
   return (f'{platform.machine()} {cpu} {info.get("model name", "?")!r} '
           f'isa={",".join(f for f in ISA_FLAGS if f in flags)} '
-          f'jaxlib={jax.lib.__version__} scipy={scipy.__version__}')
+          f'jaxlib={jax.lib.__version__} scipy={scipy.__version__}'
+          + ''.join(f' {c}' for c in chosen))
 
 
 def fixture_path(placement: str) -> str:
