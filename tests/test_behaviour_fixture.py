@@ -35,9 +35,9 @@ would (37 passed, the 12 bit tests skipped). A failure message lists the
 largest differences first.
 
 A failure means the behaviour changed. Re-record (``python
-tests/behaviour_recording.py``, with ``OPTAX_LITE_FAST_COMPILE=0``, on the
-machine CI runs on) for a change of behaviour that is intended and
-explained, or for a new CI machine, never to make these tests pass.
+tests/behaviour_recording.py``, on the machine CI runs on) for a change of
+behaviour that is intended and explained, or for a new CI machine, never to
+make these tests pass.
 """
 
 import warnings
