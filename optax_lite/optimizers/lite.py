@@ -412,9 +412,8 @@ def soap_lite(learning_rate: optax.ScalarOrSchedule, *,
   ``χ = 2`` (matrix) and 4 (emb/norm), ``d_smooth = 0.1·mn``; SOAP's own
   defaults as ``ol.soap``. The head and other leaves use AdamW.
   ``null_threshold``: see
-  :func:`optax_lite.transforms.kron_precondition.scale_by_soap` (coordinates
-  without gradient energy get a zero update and count as ``V = 0`` in the
-  mask).
+  :func:`optax_lite.transforms.kron_precondition.scale_by_soap` (round-off
+  coordinates get a zero update and count as ``V = 0`` in the mask).
   ``variant="lite_l"``: only χ; ``"lite_h"``: ``χ = 1``, ``(β₁, β₂) = (0,
   0.5)``. With ``chi=1, beta2=0, emb_chi=1`` this is exactly ``ol.soap``.
 

@@ -101,11 +101,11 @@ from optax_lite.transforms.kron_common import (  # noqa: F401 (the facade)
 from optax_lite.transforms.kron_roundoff import (  # noqa: F401 (the facade)
     LEAK_BAND, LEAK_CAP, NULL_THRESHOLD, ROUNDOFF_RAMP, ROUNDOFF_ULPS,
     energetic, null_coordinates, roundoff_coordinates, roundoff_level,
-    roundoff_weight)
+    roundoff_weight, shared_moment)
 from optax_lite.transforms.soap_basis import (  # noqa: F401 (the facade)
     SoapBasis, soap_basis_init, soap_basis_refresh, soap_basis_sides,
     soap_basis_update, soap_init_bases, soap_keep, soap_refresh_bases,
-    soap_step_index)
+    soap_shared_moment, soap_step_index)
 from optax_lite.transforms.soap import (  # noqa: F401 (the facade)
     SoapDirection, SoapLeaf, SoapState, scale_by_soap, soap_direction,
     soap_leaf_update, soap_rotated_adam, soap_second_moment, soap_warmup_leaves)

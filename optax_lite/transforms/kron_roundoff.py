@@ -6,8 +6,11 @@ rotated coordinate's amplitude below about ``ε·‖G‖_F`` are round-off, and
 Adam's ratio (or an inverse root) would turn them into full-size steps.
 Amplitudes are compared with ``τ = ROUNDOFF_ULPS·ε`` of the computing dtype
 (energies with ``τ²``); coordinates near the bound get an update weight
-that ramps to 1 instead of a hard switch (:func:`roundoff_weight`).
-Pure functions on ``(B, m, n)`` stacks, shared by SOAP, Shampoo and
+that ramps to 1 instead of a hard switch (:func:`roundoff_weight`). The
+columns found null when a basis was computed form one cluster whose basis
+is arbitrary: its coordinates share one second moment
+(:func:`shared_moment`) and count as one in the neighbour leak. Pure
+functions on ``(B, m, n)`` stacks, shared by SOAP, Shampoo and
 SOAP-LITE.
 """
 
@@ -129,8 +132,10 @@ def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
       theta = tau * top / jnp.maximum(gap, tiny)
       # θ > c: the pair is not resolved (a degenerate cluster, whose basis
       # is arbitrary but whose coordinates carry signal): no leak counted.
+      # A null coordinate's own amplitude is its cluster's (shared_moment):
+      # none of its neighbours' leak, which would depend on its index.
       theta = jnp.where((idx + step >= 0) & (idx + step < k) & (near > 0)
-                        & (theta <= LEAK_CAP), theta, 0.0)
+                        & ~null & (theta <= LEAK_CAP), theta, 0.0)
       shifted = jax.lax.slice_in_dim(energy_pad, band + step,
                                      band + step + k, axis=axis % amp.ndim)
       out = out + expand(theta * theta) * shifted
@@ -208,6 +213,43 @@ def roundoff_weight(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
   w = jnp.where(amp > delta + width, 1.0,
                 jnp.where(amp > delta, jnp.clip(ramp, 0.0, 1.0), 0.0))
   return jnp.where(tau <= 0, 1.0, w).astype(nu_hat.dtype)
+
+
+def _cluster_mean(x: jax.Array, null: jax.Array, axis: int) -> jax.Array:
+  """``x`` with its entries in the ``null`` columns (``axis``) replaced by
+  their mean over those columns (a product with the mask: see
+  :func:`_neighbour_leak`)."""
+  mask = null.astype(x.dtype)
+  count = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  if axis == -1:
+    mean = jnp.einsum('...mn,...n->...m', x, mask, precision=_HIGHEST)
+    return jnp.where(null[..., None, :], (mean / count[..., None])[..., None],
+                     x)
+  mean = jnp.einsum('...mn,...m->...n', x, mask, precision=_HIGHEST)
+  return jnp.where(null[..., :, None],
+                   (mean / count[..., None])[..., None, :], x)
+
+
+def shared_moment(nu: jax.Array, lam_l: jax.Array | None,
+                  lam_r: jax.Array | None, threshold=NULL_THRESHOLD
+                  ) -> jax.Array:
+  """``(B, m, n)`` second moment with each null cluster's coordinates
+  sharing their mean (per row over the null columns, per column over the
+  null rows; both: the block's mean).
+
+  The basis of a null cluster is whatever ``eigh`` picked from rounding, so
+  a coordinate of it means nothing alone; the cluster as a subspace is
+  well defined. Adam with one second moment over the cluster steps along
+  the projection of the momentum onto that subspace, the same for any basis
+  of it, so the step stays continuous in the gradient while the cluster
+  moves as soon as a gradient reaches it (instead of staying frozen until
+  the next refresh). ``lam_*``: column energies (``None``: identity side).
+  """
+  if lam_r is not None:
+    nu = _cluster_mean(nu, ~energetic(lam_r, threshold), -1)
+  if lam_l is not None:
+    nu = _cluster_mean(nu, ~energetic(lam_l, threshold), -2)
+  return nu
 
 
 def null_coordinates(lam_l: jax.Array, lam_r: jax.Array, threshold, *,

@@ -43,7 +43,7 @@ from optax_lite.transforms.lite import (Geometry, LeafDirections,
 from optax_lite.transforms.kron_precondition import (
     NULL_THRESHOLD, SoapBasis, check_soap_args, rotate, rotate_back,
     soap_basis_init, soap_basis_refresh, soap_basis_update, soap_keep,
-    soap_second_moment, soap_step_index)
+    soap_second_moment, soap_shared_moment, soap_step_index)
 from optax_lite.transforms.row_normalize import AXES, normalize_matrix
 
 
@@ -117,7 +117,8 @@ def soap_geometry(*, b1: float = 0.95, b2: float = 0.99,
     g_rot = rotate(view.to_matrix(g).astype(ct), basis.q_l, basis.q_r,
                    precision=precision)
     nu, v_hat = soap_second_moment(st.nu.astype(ct), g_rot, t, first, b2=b2)
-    # Weights in [0, 1]: 0 on null and round-off coordinates.
+    v_hat = soap_shared_moment(basis, v_hat, null_threshold)
+    # Weights in [0, 1]: 0 on round-off coordinates.
     keep = soap_keep(basis, null_threshold, v_hat)
     if first is not None:  # zero update on the statistics-only step
       keep = jnp.where(first, 0.0, keep)

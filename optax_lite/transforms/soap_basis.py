@@ -17,7 +17,7 @@ from optax_lite.transforms.kron_common import (
     _HIGHEST, _energies, _factor, _mm, _t, has_side, rotate, update_factors)
 from optax_lite.transforms.kron_roundoff import (
     NULL_THRESHOLD, _above_floor, _mark_null, _no_energy, energetic,
-    null_coordinates, roundoff_level, roundoff_weight)
+    null_coordinates, roundoff_level, roundoff_weight, shared_moment)
 
 
 def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array,
@@ -243,17 +243,28 @@ def soap_basis_refresh(basis: SoapBasis, nu: jax.Array, t: jax.Array, *,
   return basis._replace(q_l=q_l, q_r=q_r, lam_l=lam_l, lam_r=lam_r), nu
 
 
+def _side_energies(basis: SoapBasis):
+  left, right = soap_basis_sides(basis)
+  return (basis.lam_l if left else None), (basis.lam_r if right else None)
+
+
+def soap_shared_moment(basis: SoapBasis, nu_hat: jax.Array,
+                       null_threshold=NULL_THRESHOLD) -> jax.Array:
+  """``V̂`` with each null cluster sharing its mean
+  (``kron_roundoff.shared_moment``)."""
+  return shared_moment(nu_hat, *_side_energies(basis), null_threshold)
+
+
 def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD,
               nu_hat: jax.Array | None = None) -> jax.Array:
-  """Weights in ``[0, 1]`` of the rotated basis's coordinates: 0 in a null
-  column of the basis and, given ``nu_hat`` (``V̂``), the round-off weight
-  (:func:`roundoff_weight`; 0 on round-off)."""
+  """Weights in ``[0, 1]`` of the rotated basis's coordinates. Given
+  ``nu_hat`` (``V̂``, null clusters shared: :func:`soap_shared_moment`), the
+  round-off weight (:func:`roundoff_weight`; 0 on round-off, in a null
+  cluster too until a gradient reaches it); without it, 0 in a null column
+  of the basis."""
+  if nu_hat is not None:
+    return roundoff_weight(nu_hat, null_threshold, *_side_energies(basis)
+                           ).astype(basis.lam_l.dtype)
   keep = null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
                           sides=soap_basis_sides(basis))
-  keep = keep.astype(basis.lam_l.dtype)
-  if nu_hat is not None:
-    left, right = soap_basis_sides(basis)
-    keep = keep * roundoff_weight(
-        nu_hat, null_threshold, basis.lam_l if left else None,
-        basis.lam_r if right else None).astype(keep.dtype)
-  return keep
+  return keep.astype(basis.lam_l.dtype)
