@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+from optax_lite.transforms.kron_common import _HIGHEST
 
 # ``null_threshold`` default: ``None`` is ROUNDOFF_ULPS·ε of the computing
 # dtype (see :func:`roundoff_level` and scale_by_soap's ``null_threshold``).
@@ -75,6 +75,20 @@ def energetic(lam: jax.Array, threshold=NULL_THRESHOLD) -> jax.Array:
   return (lam > 0) | (top <= 0) | (tau <= 0)
 
 
+def _masked_sum(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+  """``Σ`` of ``x`` over the ``mask``ed columns along ``axis`` (keeping the
+  axis), as a product with the mask: a masked sum (a reduction) split
+  XLA:CPU's fusion of :func:`_neighbour_leak`'s neighbour slices into a
+  buffer per slice (5.96 -> 9.59 d_ff² floats on a 1024 × 2816 SOAP
+  leaf)."""
+  m = mask.astype(x.dtype)
+  if axis == -1:
+    return jnp.einsum('...mn,...n->...m', x, m, precision=_HIGHEST)[
+        ..., :, None]
+  return jnp.einsum('...mn,...m->...n', x, m, precision=_HIGHEST)[
+      ..., None, :]
+
+
 def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
                     ) -> jax.Array:
   """How much of its neighbours a basis vector computed with round-off
@@ -105,19 +119,10 @@ def _neighbour_leak(amp: jax.Array, lam: jax.Array, tau, axis: int
 
   energy = amp * amp
   # The null cluster: θ₀ times the RSS of its coordinates, so that any
-  # basis of the cluster gives the same leak. (A product with the mask, not
-  # a masked sum: XLA:CPU's reduction split the neighbours' fusion below
-  # into a buffer per slice, 5.96 -> 9.59 d_ff² floats on a 1024 × 2816
-  # SOAP leaf.)
+  # basis of the cluster gives the same leak.
   theta0 = tau * top / jnp.maximum(lam, tiny)
   theta0 = jnp.where(~null & (theta0 <= LEAK_CAP), theta0, 0.0)
-  mask = null.astype(amp.dtype)
-  null_energy = (
-      jnp.einsum('...mn,...n->...m', energy, mask, precision=_HIGHEST)[
-          ..., :, None] if axis == -1 else
-      jnp.einsum('...mn,...m->...n', energy, mask, precision=_HIGHEST)[
-          ..., None, :])
-  out = expand(theta0 * theta0) * null_energy
+  out = expand(theta0 * theta0) * _masked_sum(energy, null, axis)
   # Neighbours are slices of one zero-padded copy (rolls would each be a
   # buffer of amp's size; slices of one pad fuse into the sum).
   pad = [(0, 0)] * amp.ndim
@@ -217,17 +222,11 @@ def roundoff_weight(nu_hat: jax.Array, threshold=NULL_THRESHOLD,
 
 def _cluster_mean(x: jax.Array, null: jax.Array, axis: int) -> jax.Array:
   """``x`` with its entries in the ``null`` columns (``axis``) replaced by
-  their mean over those columns (a product with the mask: see
-  :func:`_neighbour_leak`)."""
-  mask = null.astype(x.dtype)
-  count = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-  if axis == -1:
-    mean = jnp.einsum('...mn,...n->...m', x, mask, precision=_HIGHEST)
-    return jnp.where(null[..., None, :], (mean / count[..., None])[..., None],
-                     x)
-  mean = jnp.einsum('...mn,...m->...n', x, mask, precision=_HIGHEST)
-  return jnp.where(null[..., :, None],
-                   (mean / count[..., None])[..., None, :], x)
+  their mean over those columns."""
+  count = jnp.maximum(jnp.sum(null.astype(x.dtype), axis=-1), 1.0)
+  inside = null[..., None, :] if axis == -1 else null[..., :, None]
+  return jnp.where(inside, _masked_sum(x, null, axis)
+                   / count[..., None, None], x)
 
 
 def shared_moment(nu: jax.Array, lam_l: jax.Array | None,

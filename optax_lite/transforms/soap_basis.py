@@ -17,7 +17,7 @@ from optax_lite.transforms.kron_common import (
     _HIGHEST, _energies, _factor, _mm, _t, has_side, rotate, update_factors)
 from optax_lite.transforms.kron_roundoff import (
     NULL_THRESHOLD, _above_floor, _mark_null, _no_energy, energetic,
-    null_coordinates, roundoff_level, roundoff_weight, shared_moment)
+    roundoff_level, roundoff_weight, shared_moment)
 
 
 def soap_init_bases(stats_l: jax.Array, stats_r: jax.Array,
@@ -255,16 +255,11 @@ def soap_shared_moment(basis: SoapBasis, nu_hat: jax.Array,
   return shared_moment(nu_hat, *_side_energies(basis), null_threshold)
 
 
-def soap_keep(basis: SoapBasis, null_threshold=NULL_THRESHOLD,
-              nu_hat: jax.Array | None = None) -> jax.Array:
-  """Weights in ``[0, 1]`` of the rotated basis's coordinates. Given
-  ``nu_hat`` (``V̂``, null clusters shared: :func:`soap_shared_moment`), the
-  round-off weight (:func:`roundoff_weight`; 0 on round-off, in a null
-  cluster too until a gradient reaches it); without it, 0 in a null column
-  of the basis."""
-  if nu_hat is not None:
-    return roundoff_weight(nu_hat, null_threshold, *_side_energies(basis)
-                           ).astype(basis.lam_l.dtype)
-  keep = null_coordinates(basis.lam_l, basis.lam_r, null_threshold,
-                          sides=soap_basis_sides(basis))
-  return keep.astype(basis.lam_l.dtype)
+def soap_keep(basis: SoapBasis, null_threshold, nu_hat: jax.Array
+              ) -> jax.Array:
+  """Weights in ``[0, 1]`` of the rotated basis's coordinates from ``nu_hat``
+  (``V̂``, null clusters shared: :func:`soap_shared_moment`): the round-off
+  weight (:func:`roundoff_weight`; 0 on round-off, in a null cluster too
+  until a gradient reaches it)."""
+  return roundoff_weight(nu_hat, null_threshold, *_side_energies(basis)
+                         ).astype(basis.lam_l.dtype)
